@@ -1,0 +1,482 @@
+"""``ChatSpecGuard``: a LangChain chat model over the SpecGuard engine.
+
+The engine (``langchain_specguard.engine``) does the decoding; this layer renders messages with the
+tokenizer's chat template, turns verified steps into message chunks, and reports every step's
+verification as a ``specguard_step`` custom event so LangSmith traces and ``astream_events`` show it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig, ensure_config
+from pydantic import Field, PrivateAttr, model_validator
+
+from .engine.decoding import StepEvent, generate_steps, summarize
+from .engine.loading import ModelPair, load_embedded_pair, load_pair
+from .engine.params import PARAM_FIELDS, SpecGuardParams
+
+STEP_EVENT = "specguard_step"
+SUMMARY_EVENT = "specguard_summary"
+EMBEDDED_DRAFT_LAYERS = 12
+_DONE = object()
+
+
+class ChatSpecGuard(BaseChatModel, SpecGuardParams):
+    """Chat model that decodes with SpecGuard step-level speculative decoding on local HF models.
+
+    A small draft proposes each reasoning step, the step is verified with attention grounding and
+    log-probability confidence, and the target rewrites rejected steps. With no model given it runs
+    the embedded Gemma 3 270M (PyPI ``embedded`` extra) with a self-speculative draft, offline.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_specguard import ChatSpecGuard
+
+            llm = ChatSpecGuard(target_model="Qwen/Qwen2.5-7B-Instruct",
+                                draft_model="Qwen/Qwen2.5-0.5B-Instruct",
+                                acceptance_threshold=0.5)
+            llm.invoke("What is 17 * 3? Think step by step.")
+    """
+
+    target_model: Any = Field(
+        default=None,
+        description="Hub id, local path or loaded PreTrainedModel of the target; None = embedded Gemma 3 270M.",
+    )
+    draft_model: Any = Field(default=None, description="Hub id, local path or model object of the draft.")
+    draft_layers: int | None = Field(
+        default=None, ge=1, description="Draft with the target's first k layers (self-speculative) instead."
+    )
+    tokenizer: Any = Field(default=None, description="Tokenizer id/path/object; default: the target's.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside target_model's directory.")
+    device: str | None = Field(default=None, description="'cuda', 'cuda:1', 'cpu'...; None = CUDA if available.")
+    torch_dtype: str | None = Field(
+        default=None, description="'bfloat16', 'float32'...; None = bf16 on GPU, fp32 on CPU."
+    )
+    device_map: str | dict[str, Any] | None = Field(
+        default=None, description="Passed to accelerate for a target sharded over devices, e.g. 'auto'."
+    )
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(default=None, description="Jinja chat template overriding the tokenizer's.")
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+
+    _pair: ModelPair | None = PrivateAttr(default=None)
+    _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _generate_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    model_config = {"populate_by_name": True, "arbitrary_types_allowed": True, "protected_namespaces": ()}
+
+    @model_validator(mode="after")
+    def _check_pair_spec(self) -> ChatSpecGuard:
+        if self.draft_model is not None and self.draft_layers is not None:
+            raise ValueError("give either draft_model or draft_layers, not both")
+        if self.target_model is not None and self.draft_model is None and self.draft_layers is None:
+            raise ValueError("a target_model needs a draft: set draft_model=... or draft_layers=k")
+        if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop sequences must be non-empty strings")
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # LangChain plumbing
+
+    @property
+    def _llm_type(self) -> str:
+        return "specguard"
+
+    @property
+    def model_name(self) -> str:
+        if self.target_model is None:
+            return "gemma-3-270m-q4_k_m.gguf"
+        if isinstance(self.target_model, str):
+            return self.target_model
+        return str(getattr(self.target_model, "name_or_path", "") or type(self.target_model).__name__)
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "draft": self.draft_model if isinstance(self.draft_model, str) else self.draft_layers,
+            **self.engine_params().model_dump(),
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "specguard"
+        params["ls_model_name"] = kwargs.get("model", self.model_name)
+        return params
+
+    # ------------------------------------------------------------------------------------------
+    # models, prompt, params
+
+    def load(self) -> ModelPair:
+        """Load the pair once (thread-safe) and reuse it for every later call."""
+        if self._pair is not None:
+            return self._pair
+        with self._load_lock:
+            if self._pair is None:
+                if self.target_model is None:
+                    pair = load_embedded_pair(
+                        draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS,
+                        device=self.device,
+                        dtype=self.torch_dtype,
+                    )
+                else:
+                    pair = load_pair(
+                        self.target_model,
+                        self.draft_model,
+                        draft_layers=self.draft_layers,
+                        tokenizer=self.tokenizer,
+                        device=self.device,
+                        dtype=self.torch_dtype,
+                        device_map=self.device_map,
+                        gguf_file=self.gguf_file,
+                        trust_remote_code=self.trust_remote_code,
+                    )
+                if self.chat_template is not None:
+                    pair.tokenizer.chat_template = self.chat_template
+                self._pair = pair
+        return self._pair
+
+    def engine_params(self, **overrides: Any) -> SpecGuardParams:
+        """This model's decoding parameters with per-call overrides, validated."""
+        unknown = sorted(set(overrides) - set(PARAM_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword argument(s) {unknown}; per-call options are the decoding fields {list(PARAM_FIELDS)}"
+            )
+        values = {name: getattr(self, name) for name in PARAM_FIELDS}
+        values.update(overrides)
+        return SpecGuardParams(**values)
+
+    def render_prompt(self, messages: Sequence[BaseMessage]) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template, ready for the assistant turn."""
+        if not messages:
+            raise ValueError("messages is empty: give at least one message")
+        for message in messages:
+            if not isinstance(message, BaseMessage):
+                raise TypeError(f"messages must be LangChain BaseMessage objects, got {type(message).__name__}")
+        pair = self.load()
+        tokenizer = pair.tokenizer
+        if tokenizer.chat_template is None:
+            raise ValueError(
+                f"the tokenizer of {self.model_name!r} has no chat template: pass chat_template='...' (a Jinja "
+                "template) to ChatSpecGuard"
+            )
+        rendered = []
+        for message in convert_to_openai_messages(list(messages), text_format="string"):
+            content = message.get("content")
+            if content is None:
+                message["content"] = ""
+            elif not isinstance(content, str):
+                kinds = sorted({str(part.get("type", "?")) for part in content if isinstance(part, dict)})
+                raise ValueError(
+                    f"a {message['role']} message has content parts of type {kinds}: this model reads text only"
+                )
+            rendered.append(message)
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("the chat template rendered the messages to an empty prompt")
+        return ids
+
+    def _prepare(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[ModelPair, list[int], SpecGuardParams, list[str]]:
+        params = self.engine_params(**kwargs)
+        stops = [*(self.stop or []), *(stop or [])]
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        pair = self.load()
+        return pair, self.render_prompt(messages), params, stops
+
+    def _locked_steps(
+        self, pair: ModelPair, prompt: list[int], params: SpecGuardParams, stops: list[str]
+    ) -> Iterator[StepEvent]:
+        """Steps of one generation; one generation at a time per instance keeps memory bounded."""
+        with self._generate_lock:
+            yield from generate_steps(pair, prompt, params, stops)
+
+    def _final_metadata(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> dict[str, Any]:
+        seconds = sum(s.seconds for s in steps)
+        return {
+            "model_name": pair.name,
+            "model_provider": "specguard",
+            "finish_reason": (steps[-1].finish_reason if steps else None) or "length",
+            "specguard": summarize(steps, seconds, len(prompt)),
+        }
+
+    @staticmethod
+    def _usage(prompt: list[int], steps: list[StepEvent]) -> UsageMetadata:
+        out = sum(s.num_tokens for s in steps)
+        return UsageMetadata(input_tokens=len(prompt), output_tokens=out, total_tokens=len(prompt) + out)
+
+    # ------------------------------------------------------------------------------------------
+    # sync
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        pair, prompt, params, stops = self._prepare(messages, stop, kwargs)
+        emitter = _Emitter.for_run(run_manager)
+        steps: list[StepEvent] = []
+        for event in self._locked_steps(pair, prompt, params, stops):
+            steps.append(event)
+            emitter.emit(STEP_EVENT, event.to_dict())
+            if run_manager is not None and event.text:
+                run_manager.on_llm_new_token(event.text)
+        metadata = self._final_metadata(pair, prompt, steps)
+        emitter.emit(SUMMARY_EVENT, metadata["specguard"])
+        message = AIMessage(
+            content="".join(s.text for s in steps),
+            response_metadata=metadata,
+            usage_metadata=self._usage(prompt, steps),
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get()
+        pair, prompt, params, stops = self._prepare(messages, stop, kwargs)
+        steps: list[StepEvent] = []
+        for event in self._locked_steps(pair, prompt, params, stops):
+            steps.append(event)
+            emitter.emit(STEP_EVENT, event.to_dict())
+            yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+        last = self._last_chunk(pair, prompt, steps)
+        emitter.emit(SUMMARY_EVENT, last.message.response_metadata["specguard"])
+        yield last
+
+    def _last_chunk(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> ChatGenerationChunk:
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                response_metadata=self._final_metadata(pair, prompt, steps),
+                usage_metadata=self._usage(prompt, steps),
+                chunk_position="last",
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # async: the decoding runs in a worker thread, one step per hop, so the event loop stays free
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get()
+        pair, prompt, params, stops = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+        steps: list[StepEvent] = []
+        async for event in _iterate_in_thread(self._locked_steps(pair, prompt, params, stops)):
+            steps.append(event)
+            await emitter.aemit(STEP_EVENT, event.to_dict())
+            yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+        last = self._last_chunk(pair, prompt, steps)
+        await emitter.aemit(SUMMARY_EVENT, last.message.response_metadata["specguard"])
+        yield last
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        pair, prompt, params, stops = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+        emitter = _Emitter.for_run(run_manager)
+        steps: list[StepEvent] = []
+        async for event in _iterate_in_thread(self._locked_steps(pair, prompt, params, stops)):
+            steps.append(event)
+            await emitter.aemit(STEP_EVENT, event.to_dict())
+            if run_manager is not None and event.text:
+                await run_manager.on_llm_new_token(event.text)
+        metadata = self._final_metadata(pair, prompt, steps)
+        await emitter.aemit(SUMMARY_EVENT, metadata["specguard"])
+        message = AIMessage(
+            content="".join(s.text for s in steps),
+            response_metadata=metadata,
+            usage_metadata=self._usage(prompt, steps),
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    # ------------------------------------------------------------------------------------------
+    # step events while streaming
+    #
+    # langchain-core's ``stream``/``astream`` open the chat-model run but do not hand its run manager
+    # to ``_stream``/``_astream``. To attribute step events to that run, these overrides configure
+    # the callback manager once themselves (so LangChain reuses the same handler objects, tracer
+    # included), add a handler that learns the run id at ``on_chat_model_start``, and leave the
+    # emitter in a context variable that ``_stream``/``_astream`` read when they start.
+
+    def _should_stream(
+        self,
+        *,
+        async_api: bool,
+        run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> bool:
+        if run_manager is not None:
+            # invoke/ainvoke: _generate/_agenerate hold the run manager, emit the step events and
+            # report each step to streaming handlers through on_llm_new_token themselves.
+            return False
+        return super()._should_stream(async_api=async_api, **kwargs)
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        config, emitter = self._streaming_config(config, CallbackManager)
+        token = _STREAM_EMITTER.set(emitter)
+        try:
+            yield from super().stream(input, config, stop=stop, **kwargs)
+        finally:
+            with contextlib.suppress(ValueError):  # resumed from another context: nothing to restore
+                _STREAM_EMITTER.reset(token)
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        config, emitter = self._streaming_config(config, AsyncCallbackManager)
+        token = _STREAM_EMITTER.set(emitter)
+        try:
+            async for chunk in super().astream(input, config, stop=stop, **kwargs):
+                yield chunk
+        finally:
+            with contextlib.suppress(ValueError):
+                _STREAM_EMITTER.reset(token)
+
+    def _streaming_config(
+        self, config: RunnableConfig | None, manager_class: type[CallbackManager] | type[AsyncCallbackManager]
+    ) -> tuple[RunnableConfig, _Emitter]:
+        config = ensure_config(config)
+        manager = manager_class.configure(
+            config.get("callbacks"),
+            self.callbacks,
+            self.verbose,
+            config.get("tags"),
+            self.tags,
+            config.get("metadata"),
+            self.metadata,
+        )
+        catcher = _RunCatcher()
+        manager.add_handler(catcher, inherit=False)
+        return {**config, "callbacks": manager}, _Emitter(manager.handlers, catcher, manager.tags, manager.metadata)
+
+
+class _RunCatcher(BaseCallbackHandler):
+    """Learns the id of the chat-model run that a streaming call opens."""
+
+    run_id: UUID | None = None
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.run_id is None:
+            self.run_id = run_id
+
+
+class _Emitter:
+    """Sends ``specguard_*`` custom events to a run's handlers, attributed to that run."""
+
+    def __init__(
+        self,
+        handlers: Sequence[BaseCallbackHandler],
+        run: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | _RunCatcher | None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.handlers = [h for h in handlers if not isinstance(h, _RunCatcher)]
+        self.run = run
+        self.tags = tags
+        self.metadata = metadata
+
+    @classmethod
+    def for_run(cls, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> _Emitter:
+        if run_manager is None:
+            return cls([], None)
+        return cls(run_manager.handlers, run_manager, run_manager.tags, run_manager.metadata)
+
+    def _run_id(self) -> UUID | None:
+        return None if self.run is None else self.run.run_id
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        run_id = self._run_id()
+        if run_id is not None and self.handlers:
+            CallbackManager(self.handlers, tags=self.tags, metadata=self.metadata).on_custom_event(
+                name, data, run_id=run_id
+            )
+
+    async def aemit(self, name: str, data: dict[str, Any]) -> None:
+        run_id = self._run_id()
+        if run_id is not None and self.handlers:
+            await AsyncCallbackManager(self.handlers, tags=self.tags, metadata=self.metadata).on_custom_event(
+                name, data, run_id=run_id
+            )
+
+
+_STREAM_EMITTER: ContextVar[_Emitter] = ContextVar("specguard_stream_emitter", default=_Emitter([], None))
+
+
+def _next_or_done(iterator: Iterator[Any]) -> Any:
+    return next(iterator, _DONE)
+
+
+async def _iterate_in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:
+    """Drive a blocking iterator from a worker thread, one item per hop.
+
+    If the consumer stops early (cancellation, ``break``), the iterator is closed once its item in
+    flight is done, so its ``finally`` blocks (the generation lock) always run.
+    """
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            pending = loop.run_in_executor(None, _next_or_done, iterator)
+            item = await asyncio.shield(pending)  # cancelling us must not hide that the thread still runs
+            pending = None
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            if pending is not None and not pending.done():
+                pending.add_done_callback(lambda _f: close())
+            else:
+                close()

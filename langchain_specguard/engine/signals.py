@@ -1,0 +1,135 @@
+"""Verification signals and consistency selection: plain functions of tensors.
+
+Shapes, for a step of ``k`` tokens scored on ``m`` layers (ordered bottom to top):
+
+- ``sink [m, k]``: attention mass each generating query pays to position 0 (the attention sink);
+- ``context [m, k]``: mass on the prompt and the verified steps;
+- ``step [m, k, k]``: ``step[l, q, r]`` is the mass query ``q`` pays to the input of query ``r``
+  (so ``r <= q``; column 0 is always 0 because query 0's input is the last verified token).
+
+The generating queries of a step are the positions whose outputs predicted the step's tokens:
+the last verified token and the step's own tokens but the last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+_EPS = 1e-9
+
+
+def grounding_mean(sink: torch.Tensor, context: torch.Tensor, step: torch.Tensor) -> float:
+    """Share of the non-sink attention that lands on the context, averaged over layers and queries.
+
+    The sink is left out of the denominator: many models park most of their attention on the first
+    token as a no-op, and how much they park says nothing about what the step builds on.
+    """
+    del sink
+    own = step.sum(-1)
+    share = context / (context + own).clamp_min(_EPS)
+    return float(share.mean())
+
+
+def grounding_rollout(sink: torch.Tensor, context: torch.Tensor, step: torch.Tensor) -> float:
+    """Grounding by attention rollout through the step (Abnar & Zuidema style, residual = 0.5 I).
+
+    Starting from the top scored layer, attention that lands on the step's own tokens is followed
+    down through those tokens' rows of the next lower layer, until it reaches the context, the sink
+    or the bottom layer. Context tokens are terminal: once information comes from outside the step it
+    counts as grounded, so only the step's own rows are needed and the cost is ``O(m k^2)``.
+    Returns the context share of the non-sink mass.
+    """
+    m, k = context.shape
+    dtype = context.dtype
+    eye = torch.eye(k, dtype=dtype, device=context.device)
+    own_eye = eye.clone()
+    own_eye[0, 0] = 0.0  # query 0's residual points at the last verified token: context
+    residual_ctx = torch.zeros(k, dtype=dtype, device=context.device)
+    residual_ctx[0] = 1.0
+
+    top = m - 1
+    ctx = 0.5 * context[top] + 0.5 * residual_ctx
+    snk = 0.5 * sink[top]
+    flow = 0.5 * step[top] + 0.5 * own_eye  # [k (from query), k (to step query)]
+    for layer in range(top - 1, -1, -1):
+        ctx = ctx + flow @ (0.5 * context[layer] + 0.5 * residual_ctx)
+        snk = snk + flow @ (0.5 * sink[layer])
+        flow = flow @ (0.5 * step[layer] + 0.5 * own_eye)
+    own = flow.sum(-1)
+    share = ctx / (ctx + own).clamp_min(_EPS)
+    return float(share.mean())
+
+
+def grounding_score(
+    sink: torch.Tensor,
+    context: torch.Tensor,
+    step: torch.Tensor,
+    method: Literal["rollout", "mean"] = "rollout",
+) -> float:
+    """Grounding in [0, 1] with the chosen method; see :func:`grounding_rollout` and :func:`grounding_mean`."""
+    if context.numel() == 0:
+        return float("nan")
+    if method == "rollout":
+        return grounding_rollout(sink, context, step)
+    return grounding_mean(sink, context, step)
+
+
+def confidence_score(logprobs: torch.Tensor) -> float:
+    """Geometric-mean probability of the step's tokens, ``exp(mean log p)``, in [0, 1]."""
+    if logprobs.numel() == 0:
+        return float("nan")
+    return float(torch.exp(logprobs.float().mean()))
+
+
+def combine_scores(
+    grounding: float,
+    confidence: float,
+    decision: Literal["both", "weighted"] = "both",
+    grounding_weight: float = 0.5,
+) -> float:
+    """One score in [0, 1]: ``min`` of the two ("both must be strong") or their weighted sum.
+
+    NaN (a signal that could not be computed) propagates, and a NaN score is never accepted.
+    """
+    if math.isnan(grounding) or math.isnan(confidence):
+        return float("nan")
+    if decision == "both":
+        return min(grounding, confidence)
+    return grounding_weight * grounding + (1.0 - grounding_weight) * confidence
+
+
+def _ngrams(tokens: Sequence[int], n: int) -> set[tuple[int, ...]]:
+    if len(tokens) < n:
+        return {tuple(tokens)}
+    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def consistency_matrix(candidates: Sequence[Sequence[int]], n: int = 2) -> torch.Tensor:
+    """Pairwise Jaccard similarity of the candidates' token n-gram sets, ``[c, c]``."""
+    grams = [_ngrams(c, n) for c in candidates]
+    size = len(grams)
+    sim = torch.ones(size, size)
+    for i in range(size):
+        for j in range(i + 1, size):
+            union = len(grams[i] | grams[j])
+            value = len(grams[i] & grams[j]) / union if union else 1.0
+            sim[i, j] = sim[j, i] = value
+    return sim
+
+
+def select_consistent(candidates: Sequence[Sequence[int]], n: int = 2) -> int:
+    """Index of the medoid candidate: the one most similar, in total, to all the others.
+
+    Ties go to the lowest index, so with a greedy candidate first, the greedy one wins ties.
+    """
+    if not candidates:
+        raise ValueError("select_consistent needs at least one candidate")
+    if len(candidates) == 1:
+        return 0
+    totals = consistency_matrix(candidates, n).sum(dim=1)
+    best = float(totals.max())
+    return int(torch.nonzero(totals >= best - 1e-9)[0])

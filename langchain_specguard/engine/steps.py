@@ -1,0 +1,46 @@
+"""Where a reasoning step ends, and where a stop sequence cuts the output.
+
+Steps are found in decoded text, not in token ids: tokenizers merge a delimiter such as a blank
+line into many different tokens (``".\\n\\n"``, ``"\\n\\n\\n"``...), so matching ids would miss most of
+them. Tokens are atomic, so a step ends *with* the token that completes its delimiter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def step_complete(text: str, delimiters: Sequence[str]) -> bool:
+    """True once ``text`` (the step so far) holds a delimiter after some non-blank content.
+
+    Whitespace before the first visible character belongs to the step, so a step never consists of
+    a lone delimiter (models often emit the blank line that ends one step at the start of the next).
+    """
+    body = text.lstrip()
+    if not body:
+        return False
+    return any(delimiter in body for delimiter in delimiters)
+
+
+def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Index in ``text`` where the earliest stop sequence begins, searching from ``start``; else None."""
+    hits = [i for i in (text.find(stop, start) for stop in stops if stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def new_text(previous: str, current: str) -> str:
+    """Text added by the tokens decoded since ``previous``.
+
+    Steps are decoded as part of the whole output (``decode(all) - decode(before)``) because
+    decoding a step alone can drop or add a leading space (SentencePiece) or split a multi-byte
+    character. When a split character is completed later the earlier text changes; then the new
+    text is what follows the common prefix.
+    """
+    if current.startswith(previous):
+        return current[len(previous) :]
+    common = 0
+    for a, b in zip(previous, current):
+        if a != b:
+            break
+        common += 1
+    return current[common:]

@@ -1,0 +1,119 @@
+"""Tiny random-weight model pairs, saved to a temp dir and loaded back through ``from_pretrained``.
+
+A character-level tokenizer keeps them small and makes step boundaries (``\\n``, ``\\n\\n``) real
+tokens. Weights are random, so the text is gibberish, but greedy decoding is deterministic, which
+is all the invariants need.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()+-*/=<>[]{}_#\n")
+
+
+def make_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for piece in [*CHARS, "\n\n", *extra]:
+        vocab.setdefault(piece, len(vocab))
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    inner.pre_tokenizer = pre_tokenizers.Split(
+        pattern=Regex(r"<\|im_(?:start|end)\|>|</?s>|\n\n|\n|."), behavior="isolated"
+    )
+    inner.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: Path) -> str:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _llama(vocab: int, layers: int, seed: int, hidden: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=[2, 4],
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _qwen(vocab: int, layers: int, seed: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=[2, 4],
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+@functools.cache
+def tiny_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="specguard-tiny-"))
+
+
+@functools.cache
+def llama_pair() -> tuple[str, str]:
+    """(target, draft) directories: a 4-layer and a 2-layer Llama with different random weights."""
+    tok = make_tokenizer()
+    root = tiny_dir()
+    return (
+        _save(_llama(len(tok), 4, seed=0), tok, root / "llama-target"),
+        _save(_llama(len(tok), 2, seed=1), tok, root / "llama-draft"),
+    )
+
+
+@functools.cache
+def qwen_pair() -> tuple[str, str]:
+    tok = make_tokenizer()
+    root = tiny_dir()
+    return (
+        _save(_qwen(len(tok), 3, seed=2), tok, root / "qwen-target"),
+        _save(_qwen(len(tok), 1, seed=3), tok, root / "qwen-draft"),
+    )
+
+
+@functools.cache
+def mismatched_draft() -> str:
+    """A draft whose tokenizer numbers the same characters differently."""
+    tok = make_tokenizer(extra="é")
+    vocab = tok.get_vocab()
+    assert len(vocab) > len(make_tokenizer().get_vocab())
+    return _save(_llama(len(tok), 2, seed=4), tok, tiny_dir() / "llama-mismatch")
