@@ -85,9 +85,10 @@ def _attention_probs(
     scaling: float | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Head-averaged softmax(QK^T) for the query rows: ``[B, q, kv]`` in float32."""
-    q = query.float()
-    k = key.float()
+    """Head-averaged softmax(QK^T) for the query rows: ``[B, q, kv]``, at least in float32."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype)
+    k = key.to(dtype)
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
@@ -106,7 +107,7 @@ def _attention_probs(
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.float()
+            scores = scores + mask.to(dtype)
     return torch.softmax(scores, dim=-1).mean(dim=1)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -75,6 +77,40 @@ def _is_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str) -> Any:
+    """``loader.from_pretrained`` that fails in seconds, with a clear message, when the files can't be had.
+
+    Local directories and models already in the HF cache load without the network. Otherwise the Hub
+    is probed first: huggingface_hub's own retries take half a minute to give up when it is
+    unreachable, which reads as a hang.
+    """
+    if not Path(name).exists():
+        try:
+            return loader.from_pretrained(name, local_files_only=True, **kwargs)
+        except OSError:
+            if not hub_reachable():
+                raise OSError(
+                    f"could not load {what} {name!r}: it is not a local directory, not in the Hugging Face cache, "
+                    "and the Hub is unreachable (offline or HF_HUB_OFFLINE set)"
+                ) from None
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        raise OSError(f"could not load {what} {name!r}: {exc}") from exc
+
+
 def load_model(
     spec: ModelSpec,
     *,
@@ -103,13 +139,7 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as exc:
-        raise OSError(
-            f"could not load {role}_model {name!r}: it is not a local model directory and could not be fetched "
-            f"from the Hugging Face Hub (offline, or no such repository). Original error: {exc}"
-        ) from exc
+    model = _from_pretrained(AutoModelForCausalLM, name, kwargs, f"{role}_model")
     if device_map is None:
         model = model.to(device)
     return model.eval()
@@ -131,10 +161,7 @@ def load_tokenizer(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    try:
-        return AutoTokenizer.from_pretrained(os.fspath(source), **kwargs)
-    except OSError as exc:
-        raise OSError(f"could not load a tokenizer from {source!r}: {exc}") from exc
+    return _from_pretrained(AutoTokenizer, os.fspath(source), kwargs, "tokenizer")
 
 
 def self_speculative_draft(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:

@@ -1,0 +1,160 @@
+"""The decoding loop's invariants on tiny random-weight pairs loaded through ``from_pretrained``.
+
+- every step falls back (threshold above any score) => the target's own greedy decoding;
+- every step accepted with one greedy candidate => the draft's own greedy decoding;
+- same seed => same output; limits, stop sequences and EOS handled exactly.
+Float64 keeps near-ties in random logits from flipping greedy choices between batch shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from langchain_specguard.engine import SpecGuardParams, generate, load_pair
+from langchain_specguard.engine.loading import ModelPair
+from tests.tiny_models import llama_pair, qwen_pair
+
+PROMPTS = ["<s>Hello there, how are you?", "<s>The sum of 3 and 5 is"]
+
+
+@functools.cache
+def pair(kind: str) -> ModelPair:
+    if kind == "llama":
+        target, draft = llama_pair()
+        return load_pair(target, draft, dtype="float64", device="cpu")
+    if kind == "qwen":
+        target, draft = qwen_pair()
+        return load_pair(target, draft, dtype="float64", device="cpu")
+    target, _ = llama_pair()
+    return load_pair(target, draft_layers=2, dtype="float64", device="cpu")  # self-speculative
+
+
+def reference(model: torch.nn.Module, prompt: list[int], max_new: int, eos: int | list[int] | None = None) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=eos if eos is not None else sorted(model.generation_config.eos_token_id or []) or None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def ids(p: ModelPair, text: str) -> list[int]:
+    return p.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen", "self"])
+@pytest.mark.parametrize("signal_source", ["target", "draft"])
+def test_all_fallback_equals_target_greedy(kind: str, signal_source: str) -> None:
+    p = pair(kind)
+    params = SpecGuardParams(
+        acceptance_threshold=1.5, n_candidates=3, max_tokens=40, max_step_tokens=6,
+        step_delimiters=["\n"], signal_source=signal_source, seed=0,
+    )
+    for text in PROMPTS:
+        prompt = ids(p, text)
+        result = generate(p, prompt, params)
+        assert result.token_ids == reference(p.target, prompt, 40)
+        assert all(s.source == "target" and not s.accepted for s in result.steps)
+        assert result.summary["target_tokens"] == len(result.token_ids)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen", "self"])
+@pytest.mark.parametrize("signal_source", ["target", "draft"])
+def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str) -> None:
+    p = pair(kind)
+    params = SpecGuardParams(
+        acceptance_threshold=-1.0, n_candidates=1, max_tokens=40, max_step_tokens=6,
+        step_delimiters=["\n"], signal_source=signal_source,
+    )
+    for text in PROMPTS:
+        prompt = ids(p, text)
+        result = generate(p, prompt, params)
+        assert result.token_ids == reference(p.draft, prompt, 40)
+        assert all(s.source == "draft" and s.accepted for s in result.steps)
+        assert result.summary["accepted_share"] == 1.0
+
+
+def test_step_events_carry_scores_and_counts() -> None:
+    p = pair("llama")
+    params = SpecGuardParams(acceptance_threshold=0.3, n_candidates=4, max_tokens=30, max_step_tokens=5, seed=1)
+    result = generate(p, ids(p, PROMPTS[0]), params)
+    assert sum(s.num_tokens for s in result.steps) == len(result.token_ids) <= 30
+    for i, step in enumerate(result.steps):
+        assert step.index == i
+        assert 0.0 <= step.grounding <= 1.0 and 0.0 <= step.confidence <= 1.0
+        assert step.score == pytest.approx(min(step.grounding, step.confidence))
+        assert step.accepted == (step.score >= 0.3)
+        assert step.source == ("draft" if step.accepted else "target")
+        assert step.n_candidates == 4 and step.drafted_tokens >= step.num_tokens if step.accepted else True
+        assert step.seconds > 0 and step.threshold == 0.3
+        assert step.to_dict()["version"] == 1
+    summary = result.summary
+    assert summary["steps"] == len(result.steps)
+    assert summary["draft_tokens"] + summary["target_tokens"] == len(result.token_ids)
+
+
+def test_same_seed_same_output_when_sampling() -> None:
+    p = pair("qwen")
+    prompt = ids(p, PROMPTS[1])
+    params = SpecGuardParams(temperature=0.9, top_p=0.9, n_candidates=3, max_tokens=30, acceptance_threshold=0.2, seed=7)
+    first = generate(p, prompt, params)
+    second = generate(p, prompt, params)
+    assert first.token_ids == second.token_ids
+    other = generate(p, prompt, params.model_copy(update={"seed": 8}))
+    assert len(other.token_ids) > 0
+
+
+def test_max_tokens_is_respected() -> None:
+    p = pair("llama")
+    prompt = ids(p, PROMPTS[0])
+    for limit in (1, 2, 7):
+        result = generate(p, prompt, SpecGuardParams(max_tokens=limit, max_step_tokens=3, acceptance_threshold=0.5))
+        assert len(result.token_ids) == limit
+        assert result.finish_reason == "length"
+
+
+def test_stop_sequence_cuts_exactly() -> None:
+    p = pair("llama")
+    prompt = ids(p, PROMPTS[0])
+    full = p.tokenizer.decode(reference(p.target, prompt, 40), skip_special_tokens=True)
+    stop = full[12:15]
+    cut = full.index(stop)
+    params = SpecGuardParams(acceptance_threshold=2.0, max_tokens=40, max_step_tokens=4)
+    result = generate(p, prompt, params, stop=[stop])
+    assert result.text == full[:cut]
+    assert stop not in result.text
+    assert result.finish_reason == "stop"
+
+
+def test_eos_inside_a_step_ends_generation() -> None:
+    base = pair("llama")
+    prompt = ids(base, PROMPTS[0])
+    greedy = reference(base.target, prompt, 30)
+    eos_token = greedy[9]
+    p = ModelPair(**{**base.__dict__, "eos_token_ids": frozenset({eos_token})})
+    result = generate(p, prompt, SpecGuardParams(acceptance_threshold=2.0, max_tokens=30, max_step_tokens=16))
+    assert result.token_ids == reference(base.target, prompt, 30, eos=eos_token)
+    assert result.token_ids[-1] == eos_token and result.finish_reason == "stop"
+
+
+def test_prompt_errors() -> None:
+    p = pair("llama")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(p, [], SpecGuardParams())
+    with pytest.raises(ValueError, match=r"prompt has 600 tokens but the model's context window is 512"):
+        generate(p, [5] * 600, SpecGuardParams())
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(p, [5, 6], SpecGuardParams(), stop=[""])
+    # the pair is still usable afterwards
+    assert generate(p, [5, 6], SpecGuardParams(max_tokens=3)).token_ids
+
+
+def test_budget_is_clipped_to_the_context_window() -> None:
+    p = pair("llama")
+    result = generate(p, [7] * 508, SpecGuardParams(max_tokens=100, acceptance_threshold=2.0))
+    assert len(result.token_ids) == 4
