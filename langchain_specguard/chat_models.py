@@ -35,7 +35,7 @@ from .engine.params import PARAM_FIELDS, SpecGuardParams
 
 STEP_EVENT = "specguard_step"
 SUMMARY_EVENT = "specguard_summary"
-EMBEDDED_DRAFT_LAYERS = 12
+EMBEDDED_DRAFT_LAYERS = 15
 _DONE = object()
 
 

