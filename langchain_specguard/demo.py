@@ -9,7 +9,6 @@ per-step table of who wrote each step and how the draft's step scored.
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from typing import Any
 
@@ -19,21 +18,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from .chat_models import STEP_EVENT, ChatSpecGuard
-
-# Gemma 3 270M is a small base model: two worked examples teach it the one-step-per-line format.
-SYSTEM = "Solve the math problem. Write one reasoning step per line. End with a line 'Answer: N'."
-EXAMPLES = [
-    (
-        "Sara has 4 pencils. She gets 2 more pencils. How many pencils does she have now?",
-        "Sara starts with 4 pencils.\nShe gets 2 more pencils.\n4 + 2 = 6\nAnswer: 6",
-    ),
-    (
-        "A box has 10 cookies. Ben eats 3 cookies. How many cookies are left?",
-        "The box starts with 10 cookies.\nBen eats 3 cookies.\n10 - 3 = 7\nAnswer: 7",
-    ),
-]
-DEFAULT_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
-_ANSWER = re.compile(r"Answer:\s*(-?\d[\d,]*(?:\.\d+)?)")
+from .fewshot import DEFAULT_QUESTION, chat_messages, trim_to_answer
 
 
 class StepTable(BaseCallbackHandler):
@@ -49,6 +34,7 @@ class StepTable(BaseCallbackHandler):
     def render(self) -> str:
         rows = ["step  source  tokens  grounding  confidence  score  accepted  seconds  text"]
         for s in self.steps:
+
             def num(v: float | None) -> str:
                 return "   -  " if v is None else f"{v:6.3f}"
 
@@ -60,17 +46,9 @@ class StepTable(BaseCallbackHandler):
         return "\n".join(rows)
 
 
-def trim_to_answer(text: str) -> str:
-    """The reasoning up to its 'Answer: N' line: the base model never ends its turn by itself."""
-    match = _ANSWER.search(text)
-    return text[: match.end()] if match else text.strip()
-
-
 def build_chain(llm: ChatSpecGuard) -> Any:
-    messages: list[tuple[str, str]] = [("system", SYSTEM)]
-    for question, answer in EXAMPLES:
-        messages += [("human", question), ("ai", answer)]
-    messages.append(("human", "{question}"))
+    roles = {"system": "system", "user": "human", "assistant": "ai"}
+    messages = [(roles[m["role"]], m["content"]) for m in chat_messages("{question}")]
     return ChatPromptTemplate.from_messages(messages) | llm | StrOutputParser() | RunnableLambda(trim_to_answer)
 
 
@@ -84,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     llm = ChatSpecGuard(acceptance_threshold=args.threshold, max_tokens=args.max_tokens, step_delimiters=["\n"])
     llm.load()
-    print(f"loaded {llm.model_name} (draft: its first {llm.load().draft_layers} layers) "
-          f"in {time.perf_counter() - started:.1f} s")
+    print(
+        f"loaded {llm.model_name} (draft: its first {llm.load().draft_layers} layers) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
 
     table = StepTable()
     started = time.perf_counter()
@@ -95,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table.render())
     accepted = sum(s["accepted"] for s in table.steps)
     tokens = sum(s["num_tokens"] for s in table.steps)
-    print(f"\n{len(table.steps)} steps, {accepted} accepted from the draft, {tokens} tokens in {seconds:.1f} s "
-          f"(threshold {args.threshold})")
+    print(
+        f"\n{len(table.steps)} steps, {accepted} accepted from the draft, {tokens} tokens in {seconds:.1f} s "
+        f"(threshold {args.threshold})"
+    )
     return 0
 
 

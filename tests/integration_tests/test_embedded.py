@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.demo import DEFAULT_QUESTION, StepTable, build_chain
+from langchain_specguard.demo import StepTable, build_chain
+from langchain_specguard.fewshot import DEFAULT_QUESTION
 
 pytestmark = pytest.mark.embedded
 

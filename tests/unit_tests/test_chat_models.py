@@ -33,8 +33,13 @@ class Collector(BaseCallbackHandler):
 def llm() -> ChatSpecGuard:
     target, draft = llama_pair()
     return ChatSpecGuard(
-        target_model=target, draft_model=draft, max_tokens=30, max_step_tokens=6,
-        acceptance_threshold=0.3, torch_dtype="float64", step_delimiters=["\n", "\n\n"],
+        target_model=target,
+        draft_model=draft,
+        max_tokens=30,
+        max_step_tokens=6,
+        acceptance_threshold=0.3,
+        torch_dtype="float64",
+        step_delimiters=["\n", "\n\n"],
     )
 
 
@@ -148,8 +153,11 @@ def test_lcel_chain_and_message_roles(llm: ChatSpecGuard) -> None:
     chain = prompt | llm | StrOutputParser()
     assert isinstance(chain.invoke({"question": "2 + 2?"}), str)
     history = [
-        SystemMessage("sys"), HumanMessage("hi"), AIMessage("hello"),
-        ToolMessage("42", tool_call_id="call-1"), HumanMessage("and?"),
+        SystemMessage("sys"),
+        HumanMessage("hi"),
+        AIMessage("hello"),
+        ToolMessage("42", tool_call_id="call-1"),
+        HumanMessage("and?"),
     ]
     assert llm.invoke(history).usage_metadata["input_tokens"] > 20
 

@@ -52,8 +52,13 @@ def ids(p: ModelPair, text: str) -> list[int]:
 def test_all_fallback_equals_target_greedy(kind: str, signal_source: str) -> None:
     p = pair(kind)
     params = SpecGuardParams(
-        acceptance_threshold=1.5, n_candidates=3, max_tokens=40, max_step_tokens=6,
-        step_delimiters=["\n"], signal_source=signal_source, seed=0,
+        acceptance_threshold=1.5,
+        n_candidates=3,
+        max_tokens=40,
+        max_step_tokens=6,
+        step_delimiters=["\n"],
+        signal_source=signal_source,
+        seed=0,
     )
     for text in PROMPTS:
         prompt = ids(p, text)
@@ -68,8 +73,12 @@ def test_all_fallback_equals_target_greedy(kind: str, signal_source: str) -> Non
 def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str) -> None:
     p = pair(kind)
     params = SpecGuardParams(
-        acceptance_threshold=-1.0, n_candidates=1, max_tokens=40, max_step_tokens=6,
-        step_delimiters=["\n"], signal_source=signal_source,
+        acceptance_threshold=-1.0,
+        n_candidates=1,
+        max_tokens=40,
+        max_step_tokens=6,
+        step_delimiters=["\n"],
+        signal_source=signal_source,
     )
     for text in PROMPTS:
         prompt = ids(p, text)
@@ -101,7 +110,9 @@ def test_step_events_carry_scores_and_counts() -> None:
 def test_same_seed_same_output_when_sampling() -> None:
     p = pair("qwen")
     prompt = ids(p, PROMPTS[1])
-    params = SpecGuardParams(temperature=0.9, top_p=0.9, n_candidates=3, max_tokens=30, acceptance_threshold=0.2, seed=7)
+    params = SpecGuardParams(
+        temperature=0.9, top_p=0.9, n_candidates=3, max_tokens=30, acceptance_threshold=0.2, seed=7
+    )
     first = generate(p, prompt, params)
     second = generate(p, prompt, params)
     assert first.token_ids == second.token_ids
