@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .engine import SpecGuardParams, generate, load_embedded_pair, load_pair
-from .engine.loading import ModelPair
+from .engine.loading import ModelPair, decode
 from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer, trim_to_answer
 
 
@@ -63,7 +63,7 @@ def load_problems(path: str | None, limit: int) -> list[tuple[str, float | None]
     """GSM8K-style jsonl (``question``, ``answer`` ending in ``#### N``), or the default question."""
     if path is None:
         return [(DEFAULT_QUESTION, 8.0)]
-    problems = []
+    problems: list[tuple[str, float | None]] = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if not line.strip():
@@ -83,7 +83,7 @@ def _hf_runner(pair: ModelPair, model: torch.nn.Module, max_tokens: int, assista
     def run(prompt: list[int]) -> Run:
         ids = torch.tensor([prompt], device=pair.device)
         kwargs: dict[str, Any] = {"assistant_model": assistant} if assistant is not None else {}
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_tokens,
@@ -93,7 +93,7 @@ def _hf_runner(pair: ModelPair, model: torch.nn.Module, max_tokens: int, assista
             **kwargs,
         )
         new = out[0, len(prompt) :].tolist()
-        return Run(tokens=len(new), text=pair.tokenizer.decode(new, skip_special_tokens=True))
+        return Run(tokens=len(new), text=decode(pair.tokenizer, new))
 
     return run
 
@@ -159,7 +159,7 @@ def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
     methods = build_methods(pair, args)
     tallies = {name: Tally() for name in methods}
     device = pair.device
-    for name, runner in methods.items():  # warm-up: kernels, allocator, lazy init
+    for runner in methods.values():  # warm-up: kernels, allocator, lazy init
         runner(prompts[0])
     try:
         from tqdm import tqdm
@@ -211,7 +211,10 @@ def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = f"{'method':<28} {'acc':>5} {'tok/s':>8} {'x target':>8} {'med s':>7} {'tgt fwd/tok':>11} {'accept':>6} {'MiB':>7}"
+    head = (
+        f"{'method':<28} {'acc':>5} {'tok/s':>8} {'x target':>8} {'med s':>7} "
+        f"{'tgt fwd/tok':>11} {'accept':>6} {'MiB':>7}"
+    )
     lines = [f"{result['model']} on {result['device']} ({result['dtype']}, torch {result['torch']})", head]
 
     def fmt(value: Any, spec: str) -> str:

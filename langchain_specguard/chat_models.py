@@ -27,7 +27,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, conv
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig, ensure_config
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from .engine.decoding import StepEvent, generate_steps, summarize
 from .engine.loading import ModelPair, load_embedded_pair, load_pair
@@ -82,7 +82,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _generate_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
-    model_config = {"populate_by_name": True, "arbitrary_types_allowed": True, "protected_namespaces": ()}
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
 
     @model_validator(mode="after")
     def _check_pair_spec(self) -> ChatSpecGuard:
@@ -160,7 +160,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         unknown = sorted(set(overrides) - set(PARAM_FIELDS))
         if unknown:
             raise TypeError(
-                f"unexpected keyword argument(s) {unknown}; per-call options are the decoding fields {list(PARAM_FIELDS)}"
+                f"unexpected keyword argument(s) {unknown}; "
+                f"per-call options are the decoding fields {list(PARAM_FIELDS)}"
             )
         values = {name: getattr(self, name) for name in PARAM_FIELDS}
         values.update(overrides)
@@ -180,8 +181,9 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 f"the tokenizer of {self.model_name!r} has no chat template: pass chat_template='...' (a Jinja "
                 "template) to ChatSpecGuard"
             )
-        rendered = []
-        for message in convert_to_openai_messages(list(messages), text_format="string"):
+        rendered: list[dict[str, Any]] = []
+        for message in convert_to_openai_messages(list(messages), text_format="string"):  # type: ignore[assignment]
+            assert isinstance(message, dict)
             content = message.get("content")
             if content is None:
                 message["content"] = ""
@@ -262,7 +264,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get()
+        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get() or _NO_EMITTER
         pair, prompt, params, stops = self._prepare(messages, stop, kwargs)
         steps: list[StepEvent] = []
         for event in self._locked_steps(pair, prompt, params, stops):
@@ -293,7 +295,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get()
+        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get() or _NO_EMITTER
         pair, prompt, params, stops = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
         steps: list[StepEvent] = []
         async for event in _iterate_in_thread(self._locked_steps(pair, prompt, params, stops)):
@@ -450,7 +452,8 @@ class _Emitter:
             )
 
 
-_STREAM_EMITTER: ContextVar[_Emitter] = ContextVar("specguard_stream_emitter", default=_Emitter([], None))
+_STREAM_EMITTER: ContextVar[_Emitter | None] = ContextVar("specguard_stream_emitter", default=None)
+_NO_EMITTER = _Emitter([], None)
 
 
 def _next_or_done(iterator: Iterator[Any]) -> Any:

@@ -104,10 +104,7 @@ def _attention_probs(
         scores = scores.masked_fill(cols > rows, float("-inf"))
     else:
         mask = attention_mask[..., -q_len:, -kv_len:]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.to(dtype)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(dtype)
     return torch.softmax(scores, dim=-1).mean(dim=1)
 
 
@@ -123,9 +120,10 @@ def _capturing_attention(
     active = _ACTIVE.get()
     if active is not None:
         model_id, record = active
-        if model_id in module._specguard_owners and module.layer_idx in record.layers:
+        layer = int(module.layer_idx)  # type: ignore[arg-type]
+        if model_id in getattr(module, "_specguard_owners", ()) and layer in record.layers:
             probs = _attention_probs(query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
-            record.add(module.layer_idx, probs)
+            record.add(layer, probs)
     return out
 
 

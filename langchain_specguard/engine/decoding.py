@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .attention import AttentionRecord, capture, decoder_layers, instrument
-from .loading import ModelPair
+from .loading import ModelPair, decode, model_device
 from .params import SpecGuardParams
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
 from .steps import find_stop, new_text, step_complete
@@ -125,7 +125,9 @@ def _forward(model: PreTrainedModel, cache: DynamicCache, tokens: torch.Tensor, 
     return out.logits[:, -keep:, :]
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """One token per row; ``temperature`` is a float or a ``[B]`` tensor, 0 meaning argmax."""
     temps = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
     greedy = logits.argmax(dim=-1)
@@ -167,7 +169,7 @@ def _decode_step(
     layers: tuple[int, ...] | None,
 ) -> _Decoded:
     """Catch ``cache`` up with ``ids``, fork it ``batch`` ways and decode until every row ends its step."""
-    device = model.get_input_embeddings().weight.device
+    device = model_device(model)
     feed = torch.tensor([ids[cache.get_seq_length() :]], device=device)
     ctx = capture(model, layers, len(ids)) if layers else contextlib.nullcontext()
     temps = torch.tensor(temperatures, device=device)
@@ -183,7 +185,7 @@ def _decode_step(
         for i in range(limit):
             nxt = _sample(logits, temps, top_p, generator)
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-            for row, (tok, tok_lp) in enumerate(zip(nxt.tolist(), lp.tolist())):
+            for row, (tok, tok_lp) in enumerate(zip(nxt.tolist(), lp.tolist(), strict=True)):
                 if done[row]:
                     continue
                 tokens[row].append(tok)
@@ -214,7 +216,7 @@ def _verify_with_target(
     params: SpecGuardParams,
 ) -> tuple[float, float]:
     """One parallel target pass over the step: target-side signals, and the target's cache filled."""
-    device = pair.target.get_input_embeddings().weight.device
+    device = pair.device
     k = len(step)
     feed = torch.tensor([ids[cache.get_seq_length() :] + step[:-1]], device=device)
     with capture(pair.target, layers, len(ids)) as record:
@@ -286,7 +288,7 @@ def generate_steps(
         return full_text[-max_stop:] if max_stop else ""
 
     def is_boundary(step_tokens: list[int]) -> bool:
-        text = tokenizer.decode(step_tokens, skip_special_tokens=True)
+        text = decode(tokenizer, step_tokens)
         if stops and find_stop(tail() + text, stops) is not None:
             return True
         return step_complete(text, delimiters)
@@ -302,7 +304,7 @@ def generate_steps(
         ids.extend(step)
         generated.extend(step)
         previous = full_text
-        full_text = tokenizer.decode(generated, skip_special_tokens=True)
+        full_text = decode(tokenizer, generated)
         finish: str | None = None
         cut = find_stop(full_text, stops, max(0, len(previous) - max_stop)) if stops else None
         if cut is not None:
@@ -367,10 +369,8 @@ def _one_step(
     use_target_signals = params.signal_source == "target"
     draft_layers = score_layers(pair.draft, params.score_layers)
     target_layers = score_layers(pair.target, params.score_layers)
-    if params.temperature == 0:
-        temps = [0.0] + [params.candidate_temperature] * (n - 1)
-    else:
-        temps = [params.temperature] * n
+    # greedy calls keep one greedy candidate and sample the others for the consistency vote
+    temps = [0.0] + [params.candidate_temperature] * (n - 1) if params.temperature == 0 else [params.temperature] * n
     context_len = len(ids)
 
     # 1. draft: n candidates in one batch, from the draft's cache
@@ -410,7 +410,7 @@ def _one_step(
         confidence=confidence,
         score=score,
         accepted=accepted,
-        draft_text=pair.tokenizer.decode(step, skip_special_tokens=True),
+        draft_text=decode(pair.tokenizer, step),
         drafted_tokens=sum(len(t) for t in drafted.tokens),
         target_forwards=target_forwards,
     )

@@ -51,7 +51,27 @@ class ModelPair:
 
     @property
     def device(self) -> torch.device:
-        return self.target.get_input_embeddings().weight.device
+        return model_device(self.target)
+
+
+def model_device(model: PreTrainedModel) -> torch.device:
+    """Where a model takes its input ids (its embedding's device, also for sharded models)."""
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.device
+
+
+def _vocab_rows(model: PreTrainedModel) -> int:
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0])
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """Visible text of ``ids`` (special tokens dropped)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert isinstance(text, str)
+    return text
 
 
 def default_device() -> str:
@@ -280,7 +300,7 @@ def load_pair(
     else:
         draft_device = device
         if device_map is not None:  # a sharded target: the draft goes where the target's inputs go
-            draft_device = str(target_model.get_input_embeddings().weight.device)
+            draft_device = str(model_device(target_model))
         draft_model = load_model(
             draft,
             device=draft_device,
@@ -299,8 +319,8 @@ def load_pair(
                 draft_source, draft_model, gguf_file=draft_gguf_file, trust_remote_code=trust_remote_code
             )
             check_vocabularies(target_tok, draft_tok)
-        t_rows = target_model.get_input_embeddings().weight.shape[0]
-        d_rows = draft_model.get_input_embeddings().weight.shape[0]
+        t_rows = _vocab_rows(target_model)
+        d_rows = _vocab_rows(draft_model)
         if min(t_rows, d_rows) < len(target_tok):
             raise ValueError(
                 f"the tokenizer has {len(target_tok)} tokens but the target embeds {t_rows} and the draft {d_rows}: "

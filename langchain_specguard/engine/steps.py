@@ -39,7 +39,7 @@ def new_text(previous: str, current: str) -> str:
     if current.startswith(previous):
         return current[len(previous) :]
     common = 0
-    for a, b in zip(previous, current):
+    for a, b in zip(previous, current, strict=False):
         if a != b:
             break
         common += 1
