@@ -23,6 +23,7 @@ import torch
 from .engine import SpecGuardParams, generate, load_embedded_pair, load_pair
 from .engine.loading import ModelPair, decode
 from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer, trim_to_answer
+from .testbed import prompt_text
 
 
 @dataclass
@@ -74,6 +75,21 @@ def load_problems(path: str | None, limit: int) -> list[tuple[str, float | None]
             if len(problems) >= limit:
                 break
     return problems
+
+
+def encode_prompts(pair: ModelPair, questions: list[str], style: str) -> list[list[int]]:
+    """``chat``: the few-shot prompt through the chat template; ``raw``: the testbed's ``Q: ...\nA:\n``."""
+    tok = pair.tokenizer
+    if style == "raw":
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        return [bos + tok(prompt_text(q), add_special_tokens=False)["input_ids"] for q in questions]
+    return [
+        tok(
+            tok.apply_chat_template(chat_messages(q), add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
 
 
 def _hf_runner(pair: ModelPair, model: torch.nn.Module, max_tokens: int, assistant: Any = None) -> Callable:
@@ -148,14 +164,7 @@ def _sync(device: torch.device) -> None:
 
 def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
     problems = load_problems(args.data, args.limit)
-    tok = pair.tokenizer
-    prompts = [
-        tok(
-            tok.apply_chat_template(chat_messages(q), add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )["input_ids"]
-        for q, _ in problems
-    ]
+    prompts = encode_prompts(pair, [q for q, _ in problems], args.prompt)
     methods = build_methods(pair, args)
     tallies = {name: Tally() for name in methods}
     device = pair.device
@@ -230,6 +239,33 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_results(result: dict[str, Any], path: str) -> None:
+    """Accuracy against tokens/s, one point per method (needs matplotlib: the ``plot`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in result["rows"]:
+        colour = "tab:blue" if row["method"].startswith("specguard") else "tab:gray"
+        ax.scatter(row["tokens_per_s"], row["accuracy"] or 0.0, color=colour)
+        ax.annotate(
+            row["method"],
+            (row["tokens_per_s"], row["accuracy"] or 0.0),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("tokens / s")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{Path(str(result['model'])).name} on {result['device']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=None, help="target model id/path; default: the embedded Gemma 3 270M")
@@ -240,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="GSM8K-style jsonl; default: one built-in question")
     parser.add_argument("--limit", type=int, default=10)
     parser.add_argument("--methods", default="target,draft,assisted,specguard")
+    parser.add_argument("--prompt", default="chat", choices=["chat", "raw"], help="raw: the testbed's format")
     parser.add_argument("--thresholds", default="0.5")
     parser.add_argument("--signal-sources", default="target")
     parser.add_argument("--grounding", default="rollout", choices=["rollout", "mean"])
@@ -249,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="write an accuracy-vs-speed PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -267,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot_results(result, args.plot)
     return 0
 
 
