@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=200)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--separation", type=int, default=0, help="also score N test problems' draft steps (AUC)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         test_size=args.test_size,
         seed=args.seed,
     )
+    if args.separation:
+        from .engine import load_pair
+
+        pair = load_pair(str(out / "target"), str(out / "draft"), device=args.device, dtype="float32")
+        with open(out / "test.jsonl", encoding="utf-8") as handle:
+            questions = [json.loads(line)["question"] for line in handle][: args.separation]
+        report["signal_separation"] = signal_separation(pair, questions)
+        (out / "testbed.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return 0
 
