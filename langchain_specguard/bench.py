@@ -246,17 +246,18 @@ def plot_results(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in result["rows"]:
-        colour = "tab:blue" if row["method"].startswith("specguard") else "tab:gray"
-        ax.scatter(row["tokens_per_s"], row["accuracy"] or 0.0, color=colour)
-        ax.annotate(
-            row["method"],
-            (row["tokens_per_s"], row["accuracy"] or 0.0),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = "osD^v<>phX*"
+    for i, row in enumerate(result["rows"]):
+        ax.scatter(
+            row["tokens_per_s"],
+            row["accuracy"] or 0.0,
+            marker=markers[i % len(markers)],
+            s=60,
+            label=row["method"],
+            alpha=0.85,
         )
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("tokens / s")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{Path(str(result['model'])).name} on {result['device']}", fontsize=9)
