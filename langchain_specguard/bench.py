@@ -92,13 +92,17 @@ def encode_prompts(pair: ModelPair, questions: list[str], style: str) -> list[li
     ]
 
 
-def _hf_runner(pair: ModelPair, model: torch.nn.Module, max_tokens: int, assistant: Any = None) -> Callable:
+def _hf_runner(
+    pair: ModelPair, model: torch.nn.Module, max_tokens: int, assistant: Any = None, static: bool = False
+) -> Callable:
     eos = sorted(pair.eos_token_ids)
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else eos[0]
 
     def run(prompt: list[int]) -> Run:
         ids = torch.tensor([prompt], device=pair.device)
         kwargs: dict[str, Any] = {"assistant_model": assistant} if assistant is not None else {}
+        if static:  # transformers compiles the decode step (CUDA graphs) when the cache is static
+            kwargs["cache_implementation"] = "static"
         out = model.generate(  # type: ignore[operator]
             ids,
             attention_mask=torch.ones_like(ids),
@@ -135,6 +139,8 @@ def build_methods(pair: ModelPair, args: argparse.Namespace) -> dict[str, Callab
     for name in wanted:
         if name == "target":
             methods["target"] = _hf_runner(pair, pair.target, args.max_tokens)
+        elif name == "target-static":
+            methods["target-static"] = _hf_runner(pair, pair.target, args.max_tokens, static=True)
         elif name == "draft":
             methods["draft"] = _hf_runner(pair, pair.draft, args.max_tokens)
         elif name == "assisted":
@@ -152,8 +158,13 @@ def build_methods(pair: ModelPair, args: argparse.Namespace) -> dict[str, Callab
                         grounding_method=args.grounding,
                     )
                     methods[f"specguard[{source.strip()},t={threshold:g}]"] = _specguard_runner(pair, params)
+                    if args.graphs:
+                        graphed = params.model_copy(update={"cache_implementation": "static", "compile_decode": True})
+                        methods[f"specguard[{source.strip()},t={threshold:g},graphs]"] = _specguard_runner(
+                            pair, graphed
+                        )
         else:
-            raise SystemExit(f"unknown method {name!r}: choose from target, draft, assisted, specguard")
+            raise SystemExit(f"unknown method {name!r}: choose from target, target-static, draft, assisted, specguard")
     return methods
 
 
@@ -279,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="target,draft,assisted,specguard")
     parser.add_argument("--prompt", default="chat", choices=["chat", "raw"], help="raw: the testbed's format")
     parser.add_argument("--thresholds", default="0.5")
+    parser.add_argument(
+        "--graphs", action="store_true", help="also run each SpecGuard setting with static caches + CUDA graphs"
+    )
     parser.add_argument("--signal-sources", default="target")
     parser.add_argument("--grounding", default="rollout", choices=["rollout", "mean"])
     parser.add_argument("--n-candidates", type=int, default=4)

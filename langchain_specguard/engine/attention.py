@@ -117,6 +117,8 @@ def _capturing_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     out = getattr(module, _BASE_ATTR)(module, query, key, value, attention_mask, **kwargs)
+    if torch.compiler.is_compiling():  # compiled decode never captures; keep the graph whole
+        return out
     active = _ACTIVE.get()
     if active is not None:
         model_id, record = active

@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
 
 from .attention import AttentionRecord, capture, decoder_layers, instrument
+from .cache import cache_len, fork, is_static, keep_row, new_cache, truncate
 from .loading import ModelPair, decode, model_device
 from .params import SpecGuardParams
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
@@ -113,16 +115,38 @@ def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tup
     return tuple(sorted({i % n for i in requested}))
 
 
-def _truncate(cache: DynamicCache, length: int) -> None:
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-def _forward(model: PreTrainedModel, cache: DynamicCache, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
+def _forward(model: Any, cache: Cache, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
     """Logits of the last ``keep`` positions, ``[B, keep, V]``, extending ``cache`` with ``tokens``."""
     out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=keep)
     return out.logits[:, -keep:, :]
+
+
+def _decoder(pair: ModelPair, model: PreTrainedModel, compiled: bool) -> Any:
+    """The callable for single-token decode: the model, or its CUDA-graphed compile (made once per pair)."""
+    if not compiled:
+        return model
+    key = ("compiled", id(model))
+    if key not in pair.extra:
+        pair.extra[key] = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    return pair.extra[key]
+
+
+def _caches(pair: ModelPair, params: SpecGuardParams, budget: int, prompt_len: int) -> tuple[Cache, Cache]:
+    """Fresh dynamic caches, or the pair's static ones rewound (fixed addresses keep CUDA graphs valid)."""
+    if params.cache_implementation == "dynamic":
+        return DynamicCache(), DynamicCache()
+    need = prompt_len + budget + 1
+    key = ("static", params.n_candidates)
+    held = pair.extra.get(key)
+    if held is None or held[0] < need:
+        size = max(need, min(pair.context_window, 4096))
+        held = (size, new_cache(pair.draft, True, size), new_cache(pair.target, True, size))
+        pair.extra[key] = held
+    _, draft_cache, target_cache = held
+    with torch.inference_mode():  # the cache tensors were made inside inference mode
+        truncate(draft_cache, 0)
+        truncate(target_cache, 0)
+    return draft_cache, target_cache
 
 
 def _sample(
@@ -156,7 +180,7 @@ class _Decoded:
 
 def _decode_step(
     model: PreTrainedModel,
-    cache: DynamicCache,
+    cache: Cache,
     ids: list[int],
     *,
     batch: int,
@@ -167,10 +191,18 @@ def _decode_step(
     is_boundary: Callable[[list[int]], bool],
     eos: frozenset[int],
     layers: tuple[int, ...] | None,
+    step_model: Any = None,
 ) -> _Decoded:
-    """Catch ``cache`` up with ``ids``, fork it ``batch`` ways and decode until every row ends its step."""
+    """Catch ``cache`` up with ``ids``, fork it ``batch`` ways and decode until every row ends its step.
+
+    ``step_model`` runs the single-token passes (e.g. a CUDA-graphed compile of ``model``); it is
+    ignored while attention is captured, which only the eager model can do.
+    """
     device = model_device(model)
-    feed = torch.tensor([ids[cache.get_seq_length() :]], device=device)
+    step_model = model if step_model is None or layers else step_model
+    feed = torch.tensor([ids[cache_len(cache) :]], device=device)
+    if is_static(cache):  # fixed batch: the shared prefix goes to every row
+        feed = feed.expand(batch, -1)
     ctx = capture(model, layers, len(ids)) if layers else contextlib.nullcontext()
     temps = torch.tensor(temperatures, device=device)
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -179,9 +211,8 @@ def _decode_step(
     forwards = 1
     with ctx as record:
         logits = _forward(model, cache, feed)[:, -1]
-        if batch > 1:
-            cache.batch_repeat_interleave(batch)
-            logits = logits.expand(batch, -1)
+        fork(cache, batch)
+        logits = logits.expand(batch, -1)
         for i in range(limit):
             nxt = _sample(logits, temps, top_p, generator)
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
@@ -193,7 +224,7 @@ def _decode_step(
                 done[row] = tok in eos or is_boundary(tokens[row])
             if all(done) or i == limit - 1:
                 break
-            logits = _forward(model, cache, nxt[:, None])[:, -1]
+            logits = _forward(step_model, cache, nxt[:, None])[:, -1]
             forwards += 1
     return _Decoded(tokens, logprobs, record if layers else None, forwards)
 
@@ -209,7 +240,7 @@ def _signals(
 
 def _verify_with_target(
     pair: ModelPair,
-    cache: DynamicCache,
+    cache: Cache,
     ids: list[int],
     step: list[int],
     layers: tuple[int, ...],
@@ -218,7 +249,7 @@ def _verify_with_target(
     """One parallel target pass over the step: target-side signals, and the target's cache filled."""
     device = pair.device
     k = len(step)
-    feed = torch.tensor([ids[cache.get_seq_length() :] + step[:-1]], device=device)
+    feed = torch.tensor([ids[cache_len(cache) :] + step[:-1]], device=device)
     with capture(pair.target, layers, len(ids)) as record:
         logits = _forward(pair.target, cache, feed, keep=k)[0]
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.tensor(step, device=device)[:, None]).squeeze(-1)
@@ -282,7 +313,7 @@ def generate_steps(
     generated: list[int] = []
     full_text = ""  # decode(generated)
     emitted = 0  # characters of full_text already handed out in steps
-    draft_cache, target_cache = DynamicCache(), DynamicCache()
+    draft_cache, target_cache = _caches(pair, params, budget, len(prompt_ids))
 
     def tail() -> str:
         return full_text[-max_stop:] if max_stop else ""
@@ -358,14 +389,14 @@ def _one_step(
     pair: ModelPair,
     params: SpecGuardParams,
     ids: list[int],
-    draft_cache: DynamicCache,
-    target_cache: DynamicCache,
+    draft_cache: Cache,
+    target_cache: Cache,
     limit: int,
     generator: torch.Generator,
     is_boundary: Callable[[list[int]], bool],
 ) -> _Verdict:
     """Draft, select, verify and, if rejected, let the target write: one step, caches kept in step."""
-    n, device, eos = params.n_candidates, pair.device, pair.eos_token_ids
+    n, eos = params.n_candidates, pair.eos_token_ids
     use_target_signals = params.signal_source == "target"
     draft_layers = score_layers(pair.draft, params.score_layers)
     target_layers = score_layers(pair.target, params.score_layers)
@@ -386,12 +417,12 @@ def _one_step(
         is_boundary=is_boundary,
         eos=eos,
         layers=None if use_target_signals else draft_layers,
+        step_model=_decoder(pair, pair.draft, params.compile_decode),
     )
     # 2. consistency selection
     best = select_consistent(drafted.tokens)
     step = drafted.tokens[best]
-    if n > 1:
-        draft_cache.batch_select_indices(torch.tensor([best], device=device))
+    keep_row(draft_cache, best, n)
     # 3. verification signals
     target_forwards = 0
     if use_target_signals:
@@ -415,11 +446,11 @@ def _one_step(
         target_forwards=target_forwards,
     )
     if accepted:
-        _truncate(draft_cache, context_len + len(step) - 1)
+        truncate(draft_cache, context_len + len(step) - 1)
         return verdict
     # 5. fallback: the target writes the step from its own cache
-    _truncate(draft_cache, context_len - 1)
-    _truncate(target_cache, context_len - 1)
+    truncate(draft_cache, context_len - 1)
+    truncate(target_cache, context_len - 1)
     written = _decode_step(
         pair.target,
         target_cache,
@@ -432,6 +463,7 @@ def _one_step(
         is_boundary=is_boundary,
         eos=eos,
         layers=None,
+        step_model=_decoder(pair, pair.target, params.compile_decode),
     )
     verdict.tokens = written.tokens[0]
     verdict.source = "target"

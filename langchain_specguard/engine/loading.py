@@ -47,7 +47,7 @@ class ModelPair:
     context_window: int
     draft_layers: int | None = None  # set when the draft is the target's first k layers
     name: str = "custom"
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[Any, Any] = field(default_factory=dict)  # per-pair state: compiled decoders, static caches
 
     @property
     def device(self) -> torch.device:

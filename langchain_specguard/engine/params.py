@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 
 class SpecGuardParams(BaseModel):
@@ -65,6 +65,16 @@ class SpecGuardParams(BaseModel):
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, description="Seeds the sampling generator for reproducible output.")
+    cache_implementation: Literal["dynamic", "static"] = Field(
+        default="dynamic",
+        description="'static' preallocates KV caches at fixed addresses (kept on the loaded pair and reused), "
+        "which CUDA graphs need; 'dynamic' grows them per call.",
+    )
+    compile_decode: bool = Field(
+        default=False,
+        description="Run single-token decode through torch.compile(mode='reduce-overhead') (CUDA graphs). "
+        "Needs cache_implementation='static'; the first calls compile. Output equals the eager path's.",
+    )
 
     @field_validator("acceptance_threshold")
     @classmethod
@@ -72,6 +82,14 @@ class SpecGuardParams(BaseModel):
         if not math.isfinite(value):
             raise ValueError(f"acceptance_threshold must be a finite number, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _compile_needs_static(self) -> SpecGuardParams:
+        if self.compile_decode and self.cache_implementation != "static":
+            raise ValueError(
+                "compile_decode=True needs cache_implementation='static' (CUDA graphs need fixed addresses)"
+            )
+        return self
 
     @field_validator("step_delimiters")
     @classmethod

@@ -169,3 +169,23 @@ def test_budget_is_clipped_to_the_context_window() -> None:
     p = pair("llama")
     result = generate(p, [7] * 508, SpecGuardParams(max_tokens=100, acceptance_threshold=2.0))
     assert len(result.token_ids) == 4
+
+
+@pytest.mark.parametrize("kind", ["llama", "self"])
+def test_static_cache_path_matches_dynamic(kind: str) -> None:
+    """The static-cache path (what CUDA graphs run on) decodes exactly like the dynamic one, over reused caches."""
+    p = pair(kind)
+    for threshold in (2.0, -1.0, 0.4):
+        dynamic = SpecGuardParams(acceptance_threshold=threshold, n_candidates=3, max_tokens=30, max_step_tokens=5, seed=3)
+        static = dynamic.model_copy(update={"cache_implementation": "static"})
+        for text in PROMPTS:
+            prompt = ids(p, text)
+            expected = generate(p, prompt, dynamic)
+            got = generate(p, prompt, static)
+            assert got.token_ids == expected.token_ids
+            assert [s.accepted for s in got.steps] == [s.accepted for s in expected.steps]
+
+
+def test_compile_needs_static_cache() -> None:
+    with pytest.raises(ValueError, match="needs cache_implementation='static'"):
+        SpecGuardParams(compile_decode=True)
