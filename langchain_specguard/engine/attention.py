@@ -44,11 +44,15 @@ class AttentionRecord:
     context: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [B, q]
     step: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [B, q, S]
 
-    def add(self, layer: int, probs: torch.Tensor) -> None:
-        """Reduce head-averaged probabilities ``[B, q, kv]`` and keep the rows at positions >= L-1."""
+    def add(self, layer: int, probs: torch.Tensor, first: int) -> None:
+        """Reduce head-averaged probabilities ``[B, q, kv]`` whose first query sits at position ``first``.
+
+        Keeps the rows at positions >= L-1 and the keys that exist (a static cache also hands over
+        its unwritten, masked tail).
+        """
         L = self.context_len
-        q, kv = probs.shape[-2], probs.shape[-1]
-        probs = probs[:, max(0, (L - 1) - (kv - q)) :, :]  # rows before the step's first query
+        q = probs.shape[-2]
+        probs = probs[:, max(0, (L - 1) - first) :, : first + q]
         self.sink.setdefault(layer, []).append(probs[..., 0])
         self.context.setdefault(layer, []).append(probs[..., 1:L].sum(-1))
         step = probs[..., L - 1 :].clone()
@@ -108,6 +112,19 @@ def _attention_probs(
     return torch.softmax(scores, dim=-1).mean(dim=1)
 
 
+def _first_query_position(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) -> int:
+    """Absolute position of the first query row: the last key its mask row allows.
+
+    Without a mask the keys are exactly the positions so far (dynamic cache); a static cache's keys
+    run to its capacity, and only the mask says where the queries are.
+    """
+    if attention_mask is None:
+        return kv_len - q_len
+    row = attention_mask[0, 0, 0] if attention_mask.dim() == 4 else attention_mask[0, 0]
+    allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return int(allowed.nonzero().max())
+
+
 def _capturing_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -124,8 +141,12 @@ def _capturing_attention(
         model_id, record = active
         layer = int(module.layer_idx)  # type: ignore[arg-type]
         if model_id in getattr(module, "_specguard_owners", ()) and layer in record.layers:
+            if attention_mask is None and 1 < query.shape[-2] < key.shape[-2]:
+                # no mask and several queries means a causal prefill from position 0: the keys past the
+                # queries are a static cache's unwritten tail (sdpa slices them off the same way)
+                key = key[:, :, : query.shape[-2]]
             probs = _attention_probs(query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
-            record.add(layer, probs)
+            record.add(layer, probs, _first_query_position(attention_mask, query.shape[-2], key.shape[-2]))
     return out
 
 

@@ -172,11 +172,19 @@ def test_budget_is_clipped_to_the_context_window() -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "self"])
-def test_static_cache_path_matches_dynamic(kind: str) -> None:
+@pytest.mark.parametrize("signal_source", ["target", "draft"])
+def test_static_cache_path_matches_dynamic(kind: str, signal_source: str) -> None:
     """The static-cache path (what CUDA graphs run on) decodes exactly like the dynamic one, over reused caches."""
     p = pair(kind)
     for threshold in (2.0, -1.0, 0.4):
-        dynamic = SpecGuardParams(acceptance_threshold=threshold, n_candidates=3, max_tokens=30, max_step_tokens=5, seed=3)
+        dynamic = SpecGuardParams(
+            acceptance_threshold=threshold,
+            n_candidates=3,
+            max_tokens=30,
+            max_step_tokens=5,
+            seed=3,
+            signal_source=signal_source,
+        )
         static = dynamic.model_copy(update={"cache_implementation": "static"})
         for text in PROMPTS:
             prompt = ids(p, text)
@@ -184,6 +192,9 @@ def test_static_cache_path_matches_dynamic(kind: str) -> None:
             got = generate(p, prompt, static)
             assert got.token_ids == expected.token_ids
             assert [s.accepted for s in got.steps] == [s.accepted for s in expected.steps]
+            for mine, theirs in zip(got.steps, expected.steps, strict=True):  # the signals themselves agree
+                assert mine.grounding == pytest.approx(theirs.grounding, abs=1e-6)
+                assert mine.confidence == pytest.approx(theirs.confidence, abs=1e-6)
 
 
 def test_compile_needs_static_cache() -> None:
