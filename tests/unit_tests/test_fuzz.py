@@ -23,7 +23,7 @@ from langchain_specguard.engine.steps import find_stop, new_text, step_complete
 from tests.tiny_models import CHARS, llama_pair
 
 PURE = settings(max_examples=2000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-RENDER = settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+RENDER = settings(max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 ENGINE = settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 # small alphabets make delimiters and stops actually occur in the generated text
