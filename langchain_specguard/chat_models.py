@@ -214,7 +214,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         The lock is held while a step is computed, never across a ``yield``: a caller that pauses a
         stream (or a callback that calls the model again) would otherwise block every other call on
         the instance, its own thread included, forever. Each generation owns its caches and sampling
-        generator, so interleaved generations give the same output as sequential ones.
+        generator, so interleaved generations give the same output as sequential ones; the price is
+        that memory grows with the number of generations in flight (one KV cache pair each).
         """
         steps = generate_steps(pair, prompt, params, stops)
         try:
@@ -424,16 +425,16 @@ def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """
     for message in messages:
         parts = message.content if isinstance(message.content, list) else []
+        who = getattr(message, "role", None) or {"human": "user", "ai": "assistant"}.get(message.type, message.type)
         for part in parts:
             if isinstance(part, dict) and "type" not in part:
                 raise ValueError(
-                    f"a {message.type} message has a content part without a 'type' key ({sorted(part)}): "
+                    f"a {who} message has a content part without a 'type' key ({sorted(part)}): "
                     "content parts must be strings or dicts such as {'type': 'text', 'text': '...'}"
                 )
             if isinstance(part, dict) and part["type"] == "text" and not isinstance(part.get("text"), str):
                 raise TypeError(
-                    f"a {message.type} message has a text part whose 'text' is "
-                    f"{type(part.get('text')).__name__}, not str"
+                    f"a {who} message has a text part whose 'text' is {type(part.get('text')).__name__}, not str"
                 )
     rendered: list[dict[str, Any]] = []
     for message in convert_to_openai_messages(list(messages), text_format="string"):  # type: ignore[assignment]
@@ -442,7 +443,9 @@ def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
         if role == "developer":
             message["role"] = role = "system"
         if role not in MESSAGE_ROLES:
-            raise ValueError(f"unknown message role {role!r}: the roles are {list(MESSAGE_ROLES)}")
+            raise ValueError(
+                f"unknown message role {role!r}: the roles are {list(MESSAGE_ROLES)} ('developer' is read as 'system')"
+            )
         content = message.get("content")
         if content is None:
             message["content"] = ""
