@@ -22,9 +22,15 @@ from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.steps import find_stop, new_text, step_complete
 from tests.tiny_models import CHARS, llama_pair
 
-PURE = settings(max_examples=2000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-RENDER = settings(max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-ENGINE = settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+PURE = settings(
+    max_examples=2000, deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+RENDER = settings(
+    max_examples=2000, deadline=None, database=None, print_blob=True, suppress_health_check=list(HealthCheck)
+)
+ENGINE = settings(
+    max_examples=40, deadline=None, database=None, print_blob=True, suppress_health_check=list(HealthCheck)
+)
 
 # small alphabets make delimiters and stops actually occur in the generated text
 small_text = st.text(alphabet="ab \n.", max_size=30)
@@ -91,9 +97,16 @@ def test_held_back(text: str, stops: list[str]) -> None:
 @PURE
 @given(text=small_text, stops=st.lists(pieces, min_size=1, max_size=3), cuts=st.lists(st.integers(0, 30), max_size=8))
 def test_streamed_pieces_never_show_a_stop(text: str, stops: list[str], cuts: list[int]) -> None:
-    """What a stream emits piece by piece (holding back possible stop prefixes) adds up to the text
-    before the first stop, and never includes the stop, however the text is split into steps."""
-    bounds = sorted({min(c, len(text)) for c in cuts} | {len(text)})
+    """The emission rule of ``generate_steps`` (cut at a stop, hold back what could still become one),
+    run over one-character tokens grouped into steps at ``cuts``: the pieces add up to the text before
+    the first stop to *complete* and never include a stop, however the text is split into steps.
+
+    As in the engine, a step also ends at the token that completes a stop (``is_boundary``), so the
+    output is cut at the earliest-starting stop in the shortest prefix that holds one.
+    """
+    completed = next((k for k in range(1, len(text) + 1) if find_stop(text[:k], stops) is not None), None)
+    end_of_text = completed if completed is not None else len(text)
+    bounds = sorted({min(c, end_of_text) for c in cuts} | {end_of_text})
     max_stop = max(len(s) for s in stops)
     emitted, out, previous = 0, "", ""
     for end in bounds:
@@ -109,8 +122,10 @@ def test_streamed_pieces_never_show_a_stop(text: str, stops: list[str], cuts: li
         previous = full
         if final:
             break
-    first = find_stop(text, stops)
-    assert out == text[: first if first is not None else len(text)]
+    if completed is None:
+        assert out == text
+    else:
+        assert out == text[: find_stop(text[:completed], stops)]
     assert all(s not in out for s in stops)
 
 
