@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from typing import Any
 from uuid import UUID
 
+from jinja2.exceptions import TemplateError
 from langchain_core.callbacks import (
     AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,
@@ -36,6 +37,8 @@ from .engine.params import PARAM_FIELDS, SpecGuardParams
 STEP_EVENT = "specguard_step"
 SUMMARY_EVENT = "specguard_summary"
 EMBEDDED_DRAFT_LAYERS = 15
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
+"""Roles a message may have (``ChatMessage.role``); ``developer`` is read as ``system``."""
 _DONE = object()
 
 
@@ -181,19 +184,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 f"the tokenizer of {self.model_name!r} has no chat template: pass chat_template='...' (a Jinja "
                 "template) to ChatSpecGuard"
             )
-        rendered: list[dict[str, Any]] = []
-        for message in convert_to_openai_messages(list(messages), text_format="string"):  # type: ignore[assignment]
-            assert isinstance(message, dict)
-            content = message.get("content")
-            if content is None:
-                message["content"] = ""
-            elif not isinstance(content, str):
-                kinds = sorted({str(part.get("type", "?")) for part in content if isinstance(part, dict)})
-                raise ValueError(
-                    f"a {message['role']} message has content parts of type {kinds}: this model reads text only"
-                )
-            rendered.append(message)
-        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        rendered = _template_messages(messages)
+        try:
+            text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
+            raise ValueError(f"the chat template of {self.model_name!r} rejected the messages: {exc}") from exc
         ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("the chat template rendered the messages to an empty prompt")
@@ -203,18 +198,35 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[ModelPair, list[int], SpecGuardParams, list[str]]:
         params = self.engine_params(**kwargs)
+        if isinstance(stop, str):  # would otherwise stop at each of its characters
+            raise TypeError(f"stop must be a list of strings, e.g. stop=[{stop!r}], not a str")
         stops = [*(self.stop or []), *(stop or [])]
         if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
+            raise ValueError(f"stop sequences must be non-empty strings, got {stops!r}")
         pair = self.load()
         return pair, self.render_prompt(messages), params, stops
 
     def _locked_steps(
         self, pair: ModelPair, prompt: list[int], params: SpecGuardParams, stops: list[str]
     ) -> Iterator[StepEvent]:
-        """Steps of one generation; one generation at a time per instance keeps memory bounded."""
-        with self._generate_lock:
-            yield from generate_steps(pair, prompt, params, stops)
+        """Steps of one generation; the models run one step at a time per instance.
+
+        The lock is held while a step is computed, never across a ``yield``: a caller that pauses a
+        stream (or a callback that calls the model again) would otherwise block every other call on
+        the instance, its own thread included, forever. Each generation owns its caches and sampling
+        generator, so interleaved generations give the same output as sequential ones; the price is
+        that memory grows with the number of generations in flight (one KV cache pair each).
+        """
+        steps = generate_steps(pair, prompt, params, stops)
+        try:
+            while True:
+                with self._generate_lock:
+                    event = next(steps, None)
+                if event is None:
+                    return
+                yield event
+        finally:
+            getattr(steps, "close", lambda: None)()  # a generator: runs its cleanup now, not at GC
 
     def _final_metadata(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> dict[str, Any]:
         seconds = sum(s.seconds for s in steps)
@@ -401,6 +413,47 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         catcher = _RunCatcher()
         manager.add_handler(catcher, inherit=False)
         return {**config, "callbacks": manager}, _Emitter(manager.handlers, catcher, manager.tags, manager.metadata)
+
+
+def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """OpenAI-style ``{"role", "content"}`` dicts for the chat template, text only, roles checked.
+
+    Chat templates render whatever role they are given (or fold unknown ones into a user turn), so
+    a typo such as ``ChatMessage(role="robot")`` would silently reach the model; it is an error
+    here instead. ``developer`` (OpenAI's newer name for ``system``) becomes ``system``, which is
+    the role local chat templates know.
+    """
+    for message in messages:
+        parts = message.content if isinstance(message.content, list) else []
+        who = getattr(message, "role", None) or {"human": "user", "ai": "assistant"}.get(message.type, message.type)
+        for part in parts:
+            if isinstance(part, dict) and "type" not in part:
+                raise ValueError(
+                    f"a {who} message has a content part without a 'type' key ({sorted(part)}): "
+                    "content parts must be strings or dicts such as {'type': 'text', 'text': '...'}"
+                )
+            if isinstance(part, dict) and part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise TypeError(
+                    f"a {who} message has a text part whose 'text' is {type(part.get('text')).__name__}, not str"
+                )
+    rendered: list[dict[str, Any]] = []
+    for message in convert_to_openai_messages(list(messages), text_format="string"):  # type: ignore[assignment]
+        assert isinstance(message, dict)
+        role = message.get("role")
+        if role == "developer":
+            message["role"] = role = "system"
+        if role not in MESSAGE_ROLES:
+            raise ValueError(
+                f"unknown message role {role!r}: the roles are {list(MESSAGE_ROLES)} ('developer' is read as 'system')"
+            )
+        content = message.get("content")
+        if content is None:
+            message["content"] = ""
+        elif not isinstance(content, str):
+            kinds = sorted({str(part.get("type", "?")) for part in content if isinstance(part, dict)})
+            raise ValueError(f"a {role} message has content parts of type {kinds}: this model reads text only")
+        rendered.append(message)
+    return rendered
 
 
 class _RunCatcher(BaseCallbackHandler):

@@ -298,6 +298,13 @@ def generate_steps(
 ) -> Iterator[StepEvent]:
     """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified."""
     check_prompt(pair, prompt_ids)
+    if params.max_tokens > pair.context_window:
+        # a cap the model can never reach is a configuration mistake; a cap that only this prompt
+        # leaves no room for is clipped below (finish_reason "length"), as Hugging Face generate does
+        raise ValueError(
+            f"max_tokens is {params.max_tokens} but the model's context window is {pair.context_window} tokens "
+            f"(prompt and output together): set max_tokens to at most {pair.context_window}"
+        )
     stops = [s for s in (stop or []) if s]
     if stop is not None and len(stops) != len(stop):
         raise ValueError("stop sequences must be non-empty strings")

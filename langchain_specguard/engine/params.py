@@ -53,7 +53,12 @@ class SpecGuardParams(BaseModel):
         description="A chain-of-thought step ends at the first of these after some content.",
     )
     max_step_tokens: int = Field(default=64, ge=1, description="Hard cap on one step's length.")
-    max_tokens: int = Field(default=256, ge=1, description="Cap on generated tokens per call.")
+    max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Cap on generated tokens per call. Above the model's context window it is an error; when "
+        "the prompt leaves fewer tokens than this, the output stops at the window (finish_reason 'length').",
+    )
     temperature: float = Field(
         default=0.0, ge=0.0, le=100.0, description="0 = greedy for the kept draft candidate and the target."
     )
