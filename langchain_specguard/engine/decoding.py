@@ -131,22 +131,30 @@ def _decoder(pair: ModelPair, model: PreTrainedModel, compiled: bool) -> Any:
     return pair.extra[key]
 
 
-def _caches(pair: ModelPair, params: SpecGuardParams, budget: int, prompt_len: int) -> tuple[Cache, Cache]:
-    """Fresh dynamic caches, or the pair's static ones rewound (fixed addresses keep CUDA graphs valid)."""
+def _take_caches(
+    pair: ModelPair, params: SpecGuardParams, budget: int, prompt_len: int
+) -> tuple[Cache, Cache, Callable[[], None]]:
+    """Caches for one generation and the function that gives them back.
+
+    Dynamic caches are made fresh. Static ones come from a pool kept on the pair: reusing the same
+    tensors keeps their addresses, which is what lets CUDA graphs replay instead of re-recording; a
+    generation that runs while another holds the pooled pair gets its own.
+    """
     if params.cache_implementation == "dynamic":
-        return DynamicCache(), DynamicCache()
+        return DynamicCache(), DynamicCache(), lambda: None
     need = prompt_len + budget + 1
-    key = ("static", params.n_candidates)
-    held = pair.extra.get(key)
-    if held is None or held[0] < need:
+    pool: list[tuple[int, Cache, Cache]] = pair.extra.setdefault(("static", params.n_candidates), [])
+    entry = next((e for e in pool if e[0] >= need), None)
+    if entry is not None:
+        pool.remove(entry)
+    else:
         size = max(need, min(pair.context_window, 4096))
-        held = (size, new_cache(pair.draft, True, size), new_cache(pair.target, True, size))
-        pair.extra[key] = held
-    _, draft_cache, target_cache = held
+        entry = (size, new_cache(pair.draft, True, size), new_cache(pair.target, True, size))
+    _, draft_cache, target_cache = entry
     with torch.inference_mode():  # the cache tensors were made inside inference mode
         truncate(draft_cache, 0)
         truncate(target_cache, 0)
-    return draft_cache, target_cache
+    return draft_cache, target_cache, lambda: pool.append(entry)
 
 
 def _sample(
@@ -308,19 +316,35 @@ def generate_steps(
     stops = [s for s in (stop or []) if s]
     if stop is not None and len(stops) != len(stop):
         raise ValueError("stop sequences must be non-empty strings")
-    tokenizer, eos = pair.tokenizer, pair.eos_token_ids
     budget = min(params.max_tokens, pair.context_window - len(prompt_ids))
     generator = _generator(pair.device, params.seed)
     instrument(pair.draft, score_layers(pair.draft, params.score_layers))
     instrument(pair.target, score_layers(pair.target, params.score_layers))
+    ids = list(prompt_ids)
+    draft_cache, target_cache, release = _take_caches(pair, params, budget, len(prompt_ids))
+    try:
+        yield from _steps(pair, params, ids, stops, budget, draft_cache, target_cache, generator)
+    finally:
+        release()
+
+
+def _steps(
+    pair: ModelPair,
+    params: SpecGuardParams,
+    ids: list[int],
+    stops: list[str],
+    budget: int,
+    draft_cache: Cache,
+    target_cache: Cache,
+    generator: torch.Generator,
+) -> Iterator[StepEvent]:
+    """The step loop proper: run steps until EOS, a stop sequence or the budget; keep the text exact."""
+    tokenizer, eos = pair.tokenizer, pair.eos_token_ids
     delimiters = list(params.step_delimiters) + stops
     max_stop = max((len(s) for s in stops), default=0)
-
-    ids = list(prompt_ids)
     generated: list[int] = []
     full_text = ""  # decode(generated)
     emitted = 0  # characters of full_text already handed out in steps
-    draft_cache, target_cache = _caches(pair, params, budget, len(prompt_ids))
 
     def tail() -> str:
         return full_text[-max_stop:] if max_stop else ""

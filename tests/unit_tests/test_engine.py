@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from langchain_specguard.engine import SpecGuardParams, generate, load_pair
+from langchain_specguard.engine import SpecGuardParams, generate, generate_steps, load_pair
 from langchain_specguard.engine.loading import ModelPair
 from tests.tiny_models import llama_pair, qwen_pair
 
@@ -200,3 +200,22 @@ def test_static_cache_path_matches_dynamic(kind: str, signal_source: str) -> Non
 def test_compile_needs_static_cache() -> None:
     with pytest.raises(ValueError, match="needs cache_implementation='static'"):
         SpecGuardParams(compile_decode=True)
+
+
+def test_interleaved_static_generations_do_not_share_caches() -> None:
+    """Two generations in flight on one pair each get their own static caches (the pool hands out one each)."""
+    p = pair("llama")
+    params = SpecGuardParams(
+        cache_implementation="static", acceptance_threshold=0.4, n_candidates=2, max_tokens=24, max_step_tokens=4
+    )
+    first, second = ids(p, PROMPTS[0]), ids(p, PROMPTS[1])
+    expected = (generate(p, first, params).token_ids, generate(p, second, params).token_ids)
+    a, b = generate_steps(p, first, params), generate_steps(p, second, params)
+    got_a: list[int] = []
+    got_b: list[int] = []
+    for step_a, step_b in zip(a, b, strict=False):  # alternate steps of the two generations
+        got_a += step_a.token_ids
+        got_b += step_b.token_ids
+    got_a += [t for s in a for t in s.token_ids]
+    got_b += [t for s in b for t in s.token_ids]
+    assert (got_a, got_b) == expected
