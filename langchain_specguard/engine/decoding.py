@@ -218,7 +218,7 @@ def _decode_step(
     done = [False] * batch
     forwards = 1
     with ctx as record:
-        logits = _forward(model, cache, feed)[:, -1]
+        logits = _forward(model, cache, feed)[:, -1].to(device)  # a sharded model's logits: last GPU
         fork(cache, batch)
         logits = logits.expand(batch, -1)
         for i in range(limit):
@@ -232,7 +232,7 @@ def _decode_step(
                 done[row] = tok in eos or is_boundary(tokens[row])
             if all(done) or i == limit - 1:
                 break
-            logits = _forward(step_model, cache, nxt[:, None])[:, -1]
+            logits = _forward(step_model, cache, nxt[:, None])[:, -1].to(device)
             forwards += 1
     return _Decoded(tokens, logprobs, record if layers else None, forwards)
 
@@ -259,7 +259,7 @@ def _verify_with_target(
     k = len(step)
     feed = torch.tensor([ids[cache_len(cache) :] + step[:-1]], device=device)
     with capture(pair.target, layers, len(ids)) as record:
-        logits = _forward(pair.target, cache, feed, keep=k)[0]
+        logits = _forward(pair.target, cache, feed, keep=k)[0].to(device)
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.tensor(step, device=device)[:, None]).squeeze(-1)
     return _signals(record, 0, 1, k, lp.tolist(), params)
 

@@ -141,6 +141,7 @@ def load_model(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     role: str = "target",
+    max_memory: dict[Any, str] | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a model object (used as is), a local directory or a Hub id."""
     if isinstance(spec, torch.nn.Module):
@@ -160,6 +161,8 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
     model = _from_pretrained(AutoModelForCausalLM, name, kwargs, f"{role}_model")
     if device_map is None:
         model = model.to(device)
@@ -272,6 +275,7 @@ def load_pair(
     gguf_file: str | None = None,
     draft_gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    max_memory: dict[Any, str] | None = None,
 ) -> ModelPair:
     """Load and check a pair. ``draft=None`` with ``draft_layers=k`` makes a self-speculative draft."""
     if draft is None and draft_layers is None:
@@ -288,6 +292,7 @@ def load_pair(
         gguf_file=gguf_file,
         trust_remote_code=trust_remote_code,
         role="target",
+        max_memory=max_memory,
     )
     target_tok = load_tokenizer(
         tokenizer if tokenizer is not None else (target if isinstance(target, (str, os.PathLike)) else None),
