@@ -33,6 +33,7 @@ class Run:
     target_forwards: int | None = None
     steps: int | None = None
     accepted: int | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # SpecGuard: seconds in draft / verify / target
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Tally:
     steps: int = 0
     accepted: int = 0
     peak_bytes: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
 
     def row(self, name: str) -> dict[str, Any]:
         total_s, total_t = sum(self.seconds), sum(self.tokens)
@@ -57,6 +59,7 @@ class Tally:
             "target_forwards_per_token": self.target_forwards / total_t if total_t and self.steps else None,
             "acceptance_rate": self.accepted / self.steps if self.steps else None,
             "peak_gpu_mib": self.peak_bytes / 2**20 if self.peak_bytes else None,
+            **{f"{phase}_share": seconds / total_s for phase, seconds in self.phases.items() if total_s},
         }
 
 
@@ -128,6 +131,7 @@ def _specguard_runner(pair: ModelPair, params: SpecGuardParams) -> Callable:
             target_forwards=summary["target_forwards"],
             steps=summary["steps"],
             accepted=summary["accepted_steps"],
+            phases={k: summary[f"{k}_seconds"] for k in ("draft", "verify", "target")},
         )
 
     return run
@@ -206,6 +210,8 @@ def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
                 tally.steps += run.steps
                 tally.accepted += run.accepted or 0
                 tally.target_forwards += run.target_forwards or 0
+                for phase, phase_seconds in run.phases.items():
+                    tally.phases[phase] = tally.phases.get(phase, 0.0) + phase_seconds
             if device.type == "cuda":
                 tally.peak_bytes = max(tally.peak_bytes, torch.cuda.max_memory_allocated(device))
             if len(samples) < 3 * len(methods):
@@ -230,10 +236,16 @@ def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _shares(row: dict[str, Any]) -> str:
+    if "verify_share" not in row:
+        return "-"
+    return "/".join(f"{100 * row[f'{phase}_share']:.0f}" for phase in ("draft", "verify", "target"))
+
+
 def format_table(result: dict[str, Any]) -> str:
     head = (
         f"{'method':<28} {'acc':>5} {'tok/s':>8} {'x target':>8} {'med s':>7} "
-        f"{'tgt fwd/tok':>11} {'accept':>6} {'MiB':>7}"
+        f"{'tgt fwd/tok':>11} {'accept':>6} {'MiB':>7}  {'draft/verify/target time %':>26}"
     )
     lines = [f"{result['model']} on {result['device']} ({result['dtype']}, torch {result['torch']})", head]
 
@@ -245,7 +257,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['method']:<28} {fmt(r['accuracy'], '.2f'):>5} {r['tokens_per_s']:8.1f} "
             f"{fmt(r['speed_vs_target'], '.2f'):>8} {fmt(r['median_s_per_problem'], '.2f'):>7} "
             f"{fmt(r['target_forwards_per_token'], '.3f'):>11} {fmt(r['acceptance_rate'], '.2f'):>6} "
-            f"{fmt(r['peak_gpu_mib'], '.0f'):>7}"
+            f"{fmt(r['peak_gpu_mib'], '.0f'):>7}  {_shares(r):>26}"
         )
     return "\n".join(lines)
 

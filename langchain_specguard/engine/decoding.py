@@ -53,7 +53,12 @@ class StepEvent:
     draft_text: str
     drafted_tokens: int  # tokens the draft sampled this step, all candidates together
     target_forwards: int
-    finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
+    finish_reason: str | None = None
+    draft_seconds: float = 0.0  # drafting the candidates
+    verify_seconds: float = 0.0  # selection, signals (the target's verify pass) and the decision
+    target_seconds: float = (
+        0.0  # the target writing a rejected step  # "stop" (EOS or stop sequence), "length", or None
+    )
     token_ids: list[int] = field(default_factory=list)
     version: int = EVENT_VERSION
 
@@ -94,6 +99,9 @@ def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) ->
         "target_tokens": sum(s.num_tokens for s in steps if s.source == "target"),
         "drafted_tokens": sum(s.drafted_tokens for s in steps),
         "target_forwards": sum(s.target_forwards for s in steps),
+        "draft_seconds": sum(s.draft_seconds for s in steps),
+        "verify_seconds": sum(s.verify_seconds for s in steps),
+        "target_seconds": sum(s.target_seconds for s in steps),
         "seconds": seconds,
     }
 
@@ -395,6 +403,9 @@ def _steps(
             draft_text=verdict.draft_text,
             drafted_tokens=verdict.drafted_tokens,
             target_forwards=verdict.target_forwards,
+            draft_seconds=verdict.draft_seconds,
+            verify_seconds=verdict.verify_seconds,
+            target_seconds=verdict.target_seconds,
             finish_reason=finish,
             token_ids=list(step),
         )
@@ -414,6 +425,9 @@ class _Verdict:
     draft_text: str
     drafted_tokens: int
     target_forwards: int
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    target_seconds: float = 0.0
 
 
 def _one_step(
@@ -434,6 +448,7 @@ def _one_step(
     # greedy calls keep one greedy candidate and sample the others for the consistency vote
     temps = [0.0] + [params.candidate_temperature] * (n - 1) if params.temperature == 0 else [params.temperature] * n
     context_len = len(ids)
+    started = time.perf_counter()  # phases end in a host read of tokens or scores, so no extra syncs
 
     # 1. draft: n candidates in one batch, from the draft's cache
     drafted = _decode_step(
@@ -450,6 +465,7 @@ def _one_step(
         layers=None if use_target_signals else draft_layers,
         step_model=_decoder(pair, pair.draft, params.compile_decode),
     )
+    drafted_at = time.perf_counter()
     # 2. consistency selection
     best = select_consistent(drafted.tokens)
     step = drafted.tokens[best]
@@ -475,6 +491,8 @@ def _one_step(
         draft_text=decode(pair.tokenizer, step),
         drafted_tokens=sum(len(t) for t in drafted.tokens),
         target_forwards=target_forwards,
+        draft_seconds=drafted_at - started,
+        verify_seconds=time.perf_counter() - drafted_at,
     )
     if accepted:
         truncate(draft_cache, context_len + len(step) - 1)
@@ -499,6 +517,7 @@ def _one_step(
     verdict.tokens = written.tokens[0]
     verdict.source = "target"
     verdict.target_forwards += written.forwards
+    verdict.target_seconds = time.perf_counter() - started - verdict.draft_seconds - verdict.verify_seconds
     return verdict
 
 
