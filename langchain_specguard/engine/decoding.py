@@ -54,6 +54,11 @@ class StepEvent:
     finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
     token_ids: list[int] = field(default_factory=list)
     version: int = EVENT_VERSION
+    # where ``seconds`` went: drafting the candidates, scoring the kept one (selection, signals and
+    # the target's verification pass), and the target writing a rejected step; the rest is detokenizing
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    target_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -84,6 +89,7 @@ def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) ->
     return {
         "version": EVENT_VERSION,
         "steps": len(steps),
+        "num_steps": len(steps),
         "accepted_steps": accepted,
         "accepted_share": accepted / len(steps) if steps else 0.0,
         "prompt_tokens": prompt_tokens,
@@ -330,6 +336,9 @@ def generate_steps(
             accepted=verdict.accepted,
             reason="accepted" if verdict.accepted else "score",
             seconds=time.perf_counter() - started,
+            draft_seconds=verdict.draft_seconds,
+            verify_seconds=verdict.verify_seconds,
+            target_seconds=verdict.target_seconds,
             draft_text=verdict.draft_text,
             drafted_tokens=verdict.drafted_tokens,
             target_forwards=verdict.target_forwards,
@@ -343,6 +352,9 @@ def generate_steps(
 
 @dataclass
 class _Verdict:
+    draft_seconds: float
+    verify_seconds: float
+    target_seconds: float
     tokens: list[int]
     source: Literal["draft", "target"]
     grounding: float
@@ -372,6 +384,7 @@ def _one_step(
     # greedy calls keep one greedy candidate and sample the others for the consistency vote
     temps = [0.0] + [params.candidate_temperature] * (n - 1) if params.temperature == 0 else [params.temperature] * n
     context_len = len(ids)
+    started = time.perf_counter()
 
     # 1. draft: n candidates in one batch, from the draft's cache
     drafted = _decode_step(
@@ -387,6 +400,7 @@ def _one_step(
         eos=eos,
         layers=None if use_target_signals else draft_layers,
     )
+    drafted_at = time.perf_counter()
     # 2. consistency selection
     best = select_consistent(drafted.tokens)
     step = drafted.tokens[best]
@@ -404,6 +418,9 @@ def _one_step(
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     accepted = params.acceptance_threshold < 0 or score >= params.acceptance_threshold
     verdict = _Verdict(
+        draft_seconds=drafted_at - started,
+        verify_seconds=time.perf_counter() - drafted_at,
+        target_seconds=0.0,
         tokens=step,
         source="draft",
         grounding=grounding,
@@ -418,6 +435,7 @@ def _one_step(
         _truncate(draft_cache, context_len + len(step) - 1)
         return verdict
     # 5. fallback: the target writes the step from its own cache
+    fallback_at = time.perf_counter()
     _truncate(draft_cache, context_len - 1)
     _truncate(target_cache, context_len - 1)
     written = _decode_step(
@@ -436,6 +454,7 @@ def _one_step(
     verdict.tokens = written.tokens[0]
     verdict.source = "target"
     verdict.target_forwards += written.forwards
+    verdict.target_seconds = time.perf_counter() - fallback_at
     return verdict
 
 
