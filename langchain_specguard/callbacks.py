@@ -441,6 +441,7 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
         """
         try:
             from matplotlib.figure import Figure
+            from matplotlib.ticker import MaxNLocator
         except ImportError as error:  # pragma: no cover - exercised only without the extra
             raise ImportError("plot() needs matplotlib: pip install 'langchain-specguard[plot]'") from error
 
@@ -483,7 +484,8 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
             for ax in (top, bottom):
                 ax.axvline(boundary - 0.5, color="0.8", linewidth=0.8, zorder=0)
         top.set_ylabel("combined score")
-        top.set_ylim(-0.05, 1.05)
+        limits = [t for t in thresholds if t is not None]
+        top.set_ylim(min([0.0, *limits]) - 0.05, max([1.0, *limits]) + 0.05)
         top.legend(loc="lower left", fontsize=8, framealpha=0.9)
         totals = self.summary()
         top.set_title(
@@ -498,8 +500,10 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
         bottom.bar(xs, draft_tokens, color="tab:green", label="draft tokens")
         bottom.bar(xs, target_tokens, bottom=draft_tokens, color="tab:red", label="target tokens")
         bottom.set_ylabel("tokens")
+        bottom.set_ylim(0, 1.5 * max([1, *(d + t for d, t in zip(draft_tokens, target_tokens, strict=True))]))
         bottom.set_xlabel("step (all calls, in order; grey lines separate calls)")
-        bottom.legend(loc="upper right", fontsize=8)
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+        bottom.legend(loc="upper left", fontsize=8, ncols=2)
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig

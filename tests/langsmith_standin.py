@@ -198,3 +198,89 @@ class LangSmithStandIn:
             run = op["run"]
             merged.setdefault(str(run["id"]), {}).update({k: v for k, v in run.items() if v is not None})
         return merged
+
+
+# --------------------------------------------------------------------------------------------------
+# a readable excerpt of a posted run, for docs and fixtures
+
+_KEEP = ("id", "name", "run_type", "parent_run_id", "trace_id", "start_time", "end_time", "tags", "session_name")
+_KEEP_METADATA_PREFIXES = ("ls_", "specguard_")
+_KEEP_METADATA = (
+    "acceptance_threshold",
+    "signal_source",
+    "n_candidates",
+    "decision",
+    "grounding_method",
+    "trace_steps",
+)
+
+
+def trim_run(run: dict[str, Any], steps: int = 2) -> dict[str, Any]:
+    """A chat-model run as posted, cut down: the first ``steps`` step events, the summary, the pair metadata."""
+    trimmed: dict[str, Any] = {k: run[k] for k in _KEEP if k in run}
+    events: list[dict[str, Any]] = []
+    shown = 0
+    for event in run.get("events", []):
+        if event["name"] == "specguard_step":
+            shown += 1
+            if shown > steps:
+                continue
+        events.append(event)
+    if shown > steps:
+        events.insert(-2, {"name": "...", "kwargs": {"omitted_specguard_step_events": shown - steps}})
+    trimmed["events"] = events
+    metadata = run.get("extra", {}).get("metadata", {})
+    trimmed["extra"] = {
+        "metadata": {k: v for k, v in metadata.items() if k.startswith(_KEEP_METADATA_PREFIXES) or k in _KEEP_METADATA}
+    }
+    message = run.get("outputs", {}).get("generations", [[{}]])[0][0].get("message", {}).get("kwargs", {})
+    trimmed["outputs"] = {
+        "generations[0][0].message": {k: message[k] for k in ("content", "response_metadata", "usage_metadata")}
+    }
+    return trimmed
+
+
+def main() -> None:
+    """Run a traced chain on the tiny pair against the stand-in and print the chat-model run, trimmed.
+
+    ``PYTHONPATH=. python -m tests.langsmith_standin > tests/fixtures/langsmith_chat_model_run.json``
+    """
+    import os
+    import sys
+
+    with LangSmithStandIn() as server:
+        os.environ.update(
+            LANGSMITH_TRACING="true",
+            LANGSMITH_ENDPOINT=server.url,
+            LANGSMITH_API_KEY="fake",
+            LANGSMITH_PROJECT="specguard-standin",
+        )
+        from langchain_core.output_parsers import StrOutputParser
+        from langchain_core.prompts import ChatPromptTemplate
+        from langchain_core.tracers.langchain import wait_for_all_tracers
+
+        from langchain_specguard import ChatSpecGuard
+        from tests.tiny_models import llama_pair
+
+        target, draft = llama_pair()
+        llm = ChatSpecGuard(
+            target_model=target,
+            draft_model=draft,
+            max_tokens=16,
+            max_step_tokens=4,
+            torch_dtype="float64",
+            step_delimiters=["\n"],
+            decision="weighted",
+            grounding_weight=0.8,
+            acceptance_threshold=0.478,
+        )
+        chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | llm | StrOutputParser()
+        chain.invoke({"question": "Hello"})
+        wait_for_all_tracers()
+        (run,) = (r for r in server.runs().values() if r.get("name") == "ChatSpecGuard")
+        json.dump(trim_run(run), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
