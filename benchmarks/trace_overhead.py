@@ -4,7 +4,9 @@ Modes, run round-robin so machine load hits them alike:
 
 * ``off``: no callbacks at all (nothing is reported);
 * ``handler``: a ``SpecGuardCallbackHandler`` gets the custom events;
-* ``langsmith-events``: LangSmith tracing on (a local stand-in API), ``trace_steps="events"``;
+* ``langsmith-bare``: LangSmith tracing on (a local stand-in API) but the step events are not put on
+  the traced run: what LangChain's tracer costs by itself;
+* ``langsmith-events``: LangSmith tracing on, ``trace_steps="events"`` (the default);
 * ``langsmith-runs``: the same with ``trace_steps="runs"`` (a child run per step).
 
 For each call it records the wall time and the part of it spent outside the engine's steps
@@ -28,12 +30,12 @@ import torch
 from langchain_core.tracers.langchain import wait_for_all_tracers
 from langsmith import Client, tracing_context
 
-from langchain_specguard import ChatSpecGuard
+from langchain_specguard import ChatSpecGuard, callbacks
 from langchain_specguard.callbacks import SpecGuardCallbackHandler
 from tests.langsmith_standin import LangSmithStandIn
 from tests.tiny_models import llama_pair
 
-MODES = ("off", "handler", "langsmith-events", "langsmith-runs")
+MODES = ("off", "handler", "langsmith-bare", "langsmith-events", "langsmith-runs")
 
 
 def main() -> None:
@@ -65,10 +67,16 @@ def main() -> None:
         def call(mode: str) -> None:
             llm = runs_llm if mode == "langsmith-runs" else events_llm
             config: Any = {"callbacks": [SpecGuardCallbackHandler()]} if mode == "handler" else {}
-            with tracing_context(enabled=mode.startswith("langsmith"), client=client, project_name="overhead"):
-                started = time.perf_counter()
-                message = llm.invoke("Hello", config=config)
-                wall = time.perf_counter() - started
+            record = callbacks.record_on_tracers
+            if mode == "langsmith-bare":
+                callbacks.record_on_tracers = lambda *args: None  # type: ignore[assignment]
+            try:
+                with tracing_context(enabled=mode.startswith("langsmith"), client=client, project_name="overhead"):
+                    started = time.perf_counter()
+                    message = llm.invoke("Hello", config=config)
+                    wall = time.perf_counter() - started
+            finally:
+                callbacks.record_on_tracers = record
             summary = message.response_metadata["specguard"]
             results[mode]["wall"].append(wall)
             results[mode]["outside"].append(wall - summary["seconds"])

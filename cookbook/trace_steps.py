@@ -30,22 +30,28 @@ def main() -> None:
     parser.add_argument("--out", default="docs/tracing_steps.png")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--questions", type=int, default=len(QUESTIONS), help="how many of the questions to ask")
+    parser.add_argument("--records", default=None, help="also save the step records here (JSON)")
     args = parser.parse_args()
 
     llm = ChatSpecGuard(acceptance_threshold=args.threshold, max_tokens=args.max_tokens, step_delimiters=["\n"])
     handler = SpecGuardCallbackHandler()
     chain = build_chain(llm)
     started = time.perf_counter()
-    for question in QUESTIONS:
+    questions = QUESTIONS[: args.questions]
+    for question in questions:
         answer = chain.invoke({"question": question}, config={"callbacks": [handler]})
         print(f"Q: {question}\nA: {answer!r}\n")
-    print(f"{len(QUESTIONS)} calls in {time.perf_counter() - started:.1f} s (model load included)")
+    print(f"{len(questions)} calls in {time.perf_counter() - started:.1f} s (model load included)")
     print(json.dumps(handler.summary(), indent=1))
     handler.plot(
         args.out,
         title=f"Gemma 3 270M, self-speculative draft (first 15 layers), threshold {args.threshold}: "
-        f"{len(QUESTIONS)} questions",
+        f"{len(questions)} questions",
     )
+    if args.records:
+        with open(args.records, "w") as handle:
+            json.dump({"summary": handler.summary(), "steps": handler.to_records()}, handle, indent=1)
     print(f"plot: {args.out}")
 
 

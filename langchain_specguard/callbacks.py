@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 from langchain_core.callbacks import (
+    AsyncCallbackHandler,
     AsyncCallbackManager,
     AsyncCallbackManagerForChainRun,
     AsyncCallbackManagerForLLMRun,
@@ -123,8 +124,9 @@ class RunCatcher(BaseCallbackHandler):
 
 def _ignores_custom_events(handler: BaseCallbackHandler) -> bool:
     """A LangChain tracer that would drop custom events (LangChainTracer and most tracers do)."""
-    return isinstance(handler, (BaseTracer, AsyncBaseTracer)) and (
-        type(handler).on_custom_event is BaseCallbackHandler.on_custom_event
+    return isinstance(handler, (BaseTracer, AsyncBaseTracer)) and type(handler).on_custom_event in (
+        BaseCallbackHandler.on_custom_event,
+        AsyncCallbackHandler.on_custom_event,
     )
 
 

@@ -270,6 +270,7 @@ def main() -> None:
             max_step_tokens=4,
             torch_dtype="float64",
             step_delimiters=["\n"],
+            seed=0,
             decision="weighted",
             grounding_weight=0.8,
             acceptance_threshold=0.478,

@@ -215,6 +215,22 @@ def test_step_child_run_records_the_error(llm: ChatSpecGuard, monkeypatch: pytes
     assert llm.invoke("Hello").content  # the generation lock was released
 
 
+async def test_any_langchain_tracer_gets_the_step_events(llm: ChatSpecGuard) -> None:
+    """Not only LangSmith's: every tracer's run carries the events, on the async paths too."""
+    for call in ("ainvoke", "astream"):
+        collector = RunCollectorCallbackHandler()
+        config: Any = {"callbacks": [collector]}
+        if call == "ainvoke":
+            await llm.ainvoke("Hello", config=config)
+        else:
+            [chunk async for chunk in llm.astream("Hello", config=config)]
+        (run,) = collector.traced_runs
+        names = [e["name"] for e in run.events]
+        steps = [e["kwargs"] for e in run.events if e["name"] == STEP_EVENT]
+        assert [s["index"] for s in steps] == list(range(len(steps))) and steps, call
+        assert names.count(SUMMARY_EVENT) == 1 and names[-1] == "end", call
+
+
 # --------------------------------------------------------------------------------------------------
 # astream_events and return_step_details
 
