@@ -374,6 +374,15 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
             record = {"run_id": key, "call": call, **data}
             (self._steps if name == STEP_EVENT else self._summaries).append(record)
 
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]]) -> SpecGuardCallbackHandler:
+        """A handler holding saved ``to_records()`` output again, e.g. to plot a past run."""
+        handler = cls()
+        for record in sorted(records, key=lambda r: (r.get("call", 0), r.get("index", 0))):
+            step = {k: v for k, v in record.items() if k not in ("run_id", "call")}
+            handler.add(STEP_EVENT, step, run_id=record.get("run_id"))
+        return handler
+
     def reset(self) -> None:
         with self._lock:
             self._steps.clear()
@@ -488,7 +497,7 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
         top.set_ylabel("combined score")
         limits = [t for t in thresholds if t is not None]
         top.set_ylim(min([0.0, *limits]) - 0.05, max([1.0, *limits]) + 0.05)
-        top.legend(loc="lower left", fontsize=8, framealpha=0.9)
+        top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)  # outside: never hides a point
         totals = self.summary()
         top.set_title(
             title
@@ -505,7 +514,7 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
         bottom.set_ylim(0, 1.5 * max([1, *(d + t for d, t in zip(draft_tokens, target_tokens, strict=True))]))
         bottom.set_xlabel("step (all calls, in order; grey lines separate calls)")
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-        bottom.legend(loc="upper left", fontsize=8, ncols=2)
+        bottom.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
