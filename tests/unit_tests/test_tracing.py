@@ -23,6 +23,7 @@ from langsmith import utils as ls_utils
 
 from langchain_specguard import STEP_EVENT, SUMMARY_EVENT, ChatSpecGuard, StepEvent
 from langchain_specguard.callbacks import STEP_RUN_NAME, SpecGuardCallbackHandler
+from langchain_specguard.engine import EVENT_VERSION
 from tests.langsmith_standin import LangSmithStandIn, trim_run
 from tests.tiny_models import llama_pair
 
@@ -129,7 +130,7 @@ def test_langsmith_receives_step_events_summary_and_pair(llm: ChatSpecGuard, lan
     assert "".join(s["text"] for s in steps) == answer
     assert {s["source"] for s in steps} == {"draft", "target"}  # MIXED: both kinds of step were traced
     for step in steps:
-        assert step["version"] == summary["version"] == 1
+        assert step["version"] == summary["version"] == EVENT_VERSION
         assert step["accepted"] == (step["source"] == "draft") == (step["reason"] == "accepted")
         assert step["threshold"] == MIXED["acceptance_threshold"]
         assert step["draft_seconds"] + step["verify_seconds"] + step["target_seconds"] <= step["seconds"]
