@@ -11,16 +11,17 @@ from typing import TYPE_CHECKING, Any
 from .engine import GenerationResult, ModelPair, SpecGuardParams, StepEvent, generate, generate_steps, load_pair
 
 if TYPE_CHECKING:
+    from .callbacks import SpecGuardCallbackHandler
     from .chat_models import STEP_EVENT, SUMMARY_EVENT, ChatSpecGuard
 
-_LANGCHAIN_NAMES = ("ChatSpecGuard", "STEP_EVENT", "SUMMARY_EVENT")
+_LANGCHAIN_NAMES = ("ChatSpecGuard", "STEP_EVENT", "SUMMARY_EVENT", "SpecGuardCallbackHandler")
 
 
 def __getattr__(name: str) -> Any:
     if name in _LANGCHAIN_NAMES:
-        from . import chat_models
+        from . import callbacks, chat_models
 
-        return getattr(chat_models, name)
+        return getattr(chat_models if hasattr(chat_models, name) else callbacks, name)
     raise AttributeError(f"module 'langchain_specguard' has no attribute {name!r}")
 
 
@@ -30,6 +31,7 @@ __all__ = [
     "ChatSpecGuard",
     "GenerationResult",
     "ModelPair",
+    "SpecGuardCallbackHandler",
     "SpecGuardParams",
     "StepEvent",
     "generate",

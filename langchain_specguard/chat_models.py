@@ -13,13 +13,11 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
-from uuid import UUID
 
 from jinja2.exceptions import TemplateError
 from langchain_core.callbacks import (
     AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,
-    BaseCallbackHandler,
     CallbackManager,
     CallbackManagerForLLMRun,
 )
@@ -30,12 +28,21 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from .callbacks import (
+    NO_REPORTER,
+    STEP_EVENT,
+    SUMMARY_EVENT,
+    RunCatcher,
+    StepReporter,
+    TraceSteps,
+    langsmith_params,
+)
 from .engine.decoding import StepEvent, generate_steps, summarize
 from .engine.loading import ModelPair, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
 
-STEP_EVENT = "specguard_step"
-SUMMARY_EVENT = "specguard_summary"
+__all__ = ["STEP_EVENT", "SUMMARY_EVENT", "ChatSpecGuard"]
+
 EMBEDDED_DRAFT_LAYERS = 15
 MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
 """Roles a message may have (``ChatMessage.role``); ``developer`` is read as ``system``."""
@@ -80,6 +87,16 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     trust_remote_code: bool = False
     chat_template: str | None = Field(default=None, description="Jinja chat template overriding the tokenizer's.")
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    return_step_details: bool = Field(
+        default=False,
+        description="Also put the list of step events in response_metadata['specguard']['steps'] "
+        "(on the last chunk when streaming), so the record survives without callbacks.",
+    )
+    trace_steps: TraceSteps = Field(
+        default="events",
+        description="'events': each step is a specguard_step custom event (and an event on the traced run); "
+        "'runs': each step is also a child run named specguard_step, so LangSmith shows a tree.",
+    )
 
     _pair: ModelPair | None = PrivateAttr(default=None)
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -124,7 +141,16 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "specguard"
         params["ls_model_name"] = kwargs.get("model", self.model_name)
-        return params
+        config = self.engine_params(**{k: v for k, v in kwargs.items() if k in PARAM_FIELDS}).model_dump()
+        return langsmith_params(params, self.model_name, self._draft_name, {**config, "trace_steps": self.trace_steps})
+
+    @property
+    def _draft_name(self) -> str:
+        if isinstance(self.draft_model, str):
+            return self.draft_model
+        if self.draft_model is not None:
+            return str(getattr(self.draft_model, "name_or_path", "") or type(self.draft_model).__name__)
+        return f"{self.model_name} (first {self.draft_layers or EMBEDDED_DRAFT_LAYERS} layers)"
 
     # ------------------------------------------------------------------------------------------
     # models, prompt, params
@@ -230,11 +256,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def _final_metadata(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> dict[str, Any]:
         seconds = sum(s.seconds for s in steps)
+        summary = summarize(steps, seconds, len(prompt))
+        if self.return_step_details:
+            summary["steps"] = [s.to_dict() for s in steps]
         return {
             "model_name": pair.name,
             "model_provider": "specguard",
             "finish_reason": (steps[-1].finish_reason if steps else None) or "length",
-            "specguard": summarize(steps, seconds, len(prompt)),
+            "specguard": summary,
         }
 
     @staticmethod
@@ -253,15 +282,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> ChatResult:
         pair, prompt, params, stops = self._prepare(messages, stop, kwargs)
-        emitter = _Emitter.for_run(run_manager)
+        emitter = StepReporter.for_run(run_manager, self.trace_steps)
         steps: list[StepEvent] = []
-        for event in self._locked_steps(pair, prompt, params, stops):
+        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops)):
             steps.append(event)
-            emitter.emit(STEP_EVENT, event.to_dict())
             if run_manager is not None and event.text:
                 run_manager.on_llm_new_token(event.text)
         metadata = self._final_metadata(pair, prompt, steps)
-        emitter.emit(SUMMARY_EVENT, metadata["specguard"])
+        emitter.summary(metadata["specguard"])
         message = AIMessage(
             content="".join(s.text for s in steps),
             response_metadata=metadata,
@@ -276,15 +304,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get() or _NO_EMITTER
+        emitter = self._reporter(run_manager)
         pair, prompt, params, stops = self._prepare(messages, stop, kwargs)
         steps: list[StepEvent] = []
-        for event in self._locked_steps(pair, prompt, params, stops):
+        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops)):
             steps.append(event)
-            emitter.emit(STEP_EVENT, event.to_dict())
             yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
         last = self._last_chunk(pair, prompt, steps)
-        emitter.emit(SUMMARY_EVENT, last.message.response_metadata["specguard"])
+        emitter.summary(last.message.response_metadata["specguard"])
         yield last
 
     def _last_chunk(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> ChatGenerationChunk:
@@ -307,15 +334,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        emitter = _Emitter.for_run(run_manager) if run_manager is not None else _STREAM_EMITTER.get() or _NO_EMITTER
+        emitter = self._reporter(run_manager)
         pair, prompt, params, stops = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
         steps: list[StepEvent] = []
-        async for event in _iterate_in_thread(self._locked_steps(pair, prompt, params, stops)):
+        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops))):
             steps.append(event)
-            await emitter.aemit(STEP_EVENT, event.to_dict())
             yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
         last = self._last_chunk(pair, prompt, steps)
-        await emitter.aemit(SUMMARY_EVENT, last.message.response_metadata["specguard"])
+        await emitter.asummary(last.message.response_metadata["specguard"])
         yield last
 
     async def _agenerate(
@@ -326,15 +352,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> ChatResult:
         pair, prompt, params, stops = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
-        emitter = _Emitter.for_run(run_manager)
+        emitter = StepReporter.for_run(run_manager, self.trace_steps)
         steps: list[StepEvent] = []
-        async for event in _iterate_in_thread(self._locked_steps(pair, prompt, params, stops)):
+        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops))):
             steps.append(event)
-            await emitter.aemit(STEP_EVENT, event.to_dict())
             if run_manager is not None and event.text:
                 await run_manager.on_llm_new_token(event.text)
         metadata = self._final_metadata(pair, prompt, steps)
-        await emitter.aemit(SUMMARY_EVENT, metadata["specguard"])
+        await emitter.asummary(metadata["specguard"])
         message = AIMessage(
             content="".join(s.text for s in steps),
             response_metadata=metadata,
@@ -397,9 +422,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             with contextlib.suppress(ValueError):
                 _STREAM_EMITTER.reset(token)
 
+    def _reporter(self, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> StepReporter:
+        if run_manager is not None:
+            return StepReporter.for_run(run_manager, self.trace_steps)
+        return _STREAM_EMITTER.get() or NO_REPORTER
+
     def _streaming_config(
         self, config: RunnableConfig | None, manager_class: type[CallbackManager] | type[AsyncCallbackManager]
-    ) -> tuple[RunnableConfig, _Emitter]:
+    ) -> tuple[RunnableConfig, StepReporter]:
         config = ensure_config(config)
         manager = manager_class.configure(
             config.get("callbacks"),
@@ -410,9 +440,18 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             config.get("metadata"),
             self.metadata,
         )
-        catcher = _RunCatcher()
+        catcher = RunCatcher()
         manager.add_handler(catcher, inherit=False)
-        return {**config, "callbacks": manager}, _Emitter(manager.handlers, catcher, manager.tags, manager.metadata)
+        reporter = StepReporter(
+            manager.handlers,
+            catcher,
+            manager.tags,
+            manager.metadata,
+            self.trace_steps,
+            manager.inheritable_tags,
+            manager.inheritable_metadata,
+        )
+        return {**config, "callbacks": manager}, reporter
 
 
 def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
@@ -456,57 +495,7 @@ def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return rendered
 
 
-class _RunCatcher(BaseCallbackHandler):
-    """Learns the id of the chat-model run that a streaming call opens."""
-
-    run_id: UUID | None = None
-
-    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if self.run_id is None:
-            self.run_id = run_id
-
-
-class _Emitter:
-    """Sends ``specguard_*`` custom events to a run's handlers, attributed to that run."""
-
-    def __init__(
-        self,
-        handlers: Sequence[BaseCallbackHandler],
-        run: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | _RunCatcher | None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        self.handlers = [h for h in handlers if not isinstance(h, _RunCatcher)]
-        self.run = run
-        self.tags = tags
-        self.metadata = metadata
-
-    @classmethod
-    def for_run(cls, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> _Emitter:
-        if run_manager is None:
-            return cls([], None)
-        return cls(run_manager.handlers, run_manager, run_manager.tags, run_manager.metadata)
-
-    def _run_id(self) -> UUID | None:
-        return None if self.run is None else self.run.run_id
-
-    def emit(self, name: str, data: dict[str, Any]) -> None:
-        run_id = self._run_id()
-        if run_id is not None and self.handlers:
-            CallbackManager(self.handlers, tags=self.tags, metadata=self.metadata).on_custom_event(
-                name, data, run_id=run_id
-            )
-
-    async def aemit(self, name: str, data: dict[str, Any]) -> None:
-        run_id = self._run_id()
-        if run_id is not None and self.handlers:
-            await AsyncCallbackManager(self.handlers, tags=self.tags, metadata=self.metadata).on_custom_event(
-                name, data, run_id=run_id
-            )
-
-
-_STREAM_EMITTER: ContextVar[_Emitter | None] = ContextVar("specguard_stream_emitter", default=None)
-_NO_EMITTER = _Emitter([], None)
+_STREAM_EMITTER: ContextVar[StepReporter | None] = ContextVar("specguard_stream_emitter", default=None)
 
 
 def _next_or_done(iterator: Iterator[Any]) -> Any:

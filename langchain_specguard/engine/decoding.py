@@ -53,14 +53,14 @@ class StepEvent:
     draft_text: str
     drafted_tokens: int  # tokens the draft sampled this step, all candidates together
     target_forwards: int
-    finish_reason: str | None = None
-    draft_seconds: float = 0.0  # drafting the candidates
-    verify_seconds: float = 0.0  # selection, signals (the target's verify pass) and the decision
-    target_seconds: float = (
-        0.0  # the target writing a rejected step  # "stop" (EOS or stop sequence), "length", or None
-    )
+    finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
     token_ids: list[int] = field(default_factory=list)
     version: int = EVENT_VERSION
+    # where ``seconds`` went: drafting the candidates, scoring the kept one (selection, signals and
+    # the target's verification pass), and the target writing a rejected step; the rest is detokenizing
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    target_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -91,6 +91,7 @@ def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) ->
     return {
         "version": EVENT_VERSION,
         "steps": len(steps),
+        "num_steps": len(steps),
         "accepted_steps": accepted,
         "accepted_share": accepted / len(steps) if steps else 0.0,
         "prompt_tokens": prompt_tokens,

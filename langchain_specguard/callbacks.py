@@ -1,0 +1,533 @@
+"""Step-level tracing for ``ChatSpecGuard``: the event schema, how steps reach traces, and a stats handler.
+
+Every call of a ``ChatSpecGuard`` reports which steps the draft wrote, which the target had to take
+over, and why, in four places that carry the same data:
+
+* **Callback custom events** (``on_custom_event``), attributed to the chat-model run: one
+  ``specguard_step`` per step, in step order, each sent before the chunk that carries the step's
+  text, then one ``specguard_summary`` per call. ``astream_events(version="v2")`` shows them as
+  ``on_custom_event``.
+* **The LangSmith run**. LangChain's ``LangChainTracer`` ignores custom events, so the same two
+  events are also appended to the traced chat-model run's ``events`` list (``{"name": ...,
+  "time": ..., "kwargs": <data>}``), which LangSmith stores and shows with the run. The summary is
+  also in the run's outputs (``response_metadata["specguard"]``), and the run's metadata names the
+  pair and the configuration (``specguard_target``, ``specguard_draft``, ``acceptance_threshold``,
+  ``signal_source``, ``n_candidates``, ...).
+* **Child runs**, with ``trace_steps="runs"``: each step is also a ``chain`` run named
+  ``specguard_step`` under the chat-model run, opened when the step starts and closed with the step
+  event as its outputs, so the trace is a tree with per-step latency.
+* **The message**, with ``return_step_details=True``: ``response_metadata["specguard"]["steps"]`` is
+  the list of step events (on the last chunk when streaming), so the record survives without any
+  callback.
+
+``specguard_step`` (``StepEvent.to_dict()``, schema version 1)
+    ``version`` (int), ``index`` (0-based step number in the call), ``source`` (``"draft"`` or
+    ``"target"``: who wrote the committed step), ``accepted`` (the draft step passed; equals
+    ``source == "draft"``), ``reason`` (``"accepted"`` or why the draft step was rejected:
+    ``"score"``), ``grounding``, ``confidence``, ``score`` (the kept draft candidate's attention
+    grounding, log-prob confidence and their combination, in [0, 1]; ``null`` if not computable),
+    ``threshold`` (the acceptance threshold in force), ``text`` (the text this step added to the
+    answer; may be empty while a possible stop sequence is held back), ``num_tokens`` and
+    ``token_ids`` (the committed step), ``draft_text`` (the draft's proposal, also when rejected),
+    ``n_candidates``, ``drafted_tokens`` (tokens the draft sampled over all candidates),
+    ``target_forwards`` (target forward passes this step), ``finish_reason`` (``"stop"``,
+    ``"length"``, or ``null`` before the last step), ``seconds`` (wall time of the step) split into
+    ``draft_seconds``, ``verify_seconds`` and ``target_seconds`` (drafting, scoring, the target's
+    rewrite; the remainder is detokenizing).
+
+``specguard_summary`` (``engine.decoding.summarize``, schema version 1)
+    ``version``, ``num_steps`` (also as ``steps``), ``accepted_steps``, ``accepted_share``,
+    ``prompt_tokens``, ``output_tokens``, ``draft_tokens`` / ``target_tokens`` (output tokens each
+    model wrote), ``drafted_tokens``, ``target_forwards``, ``seconds`` (sum of step times).
+    In ``response_metadata["specguard"]`` the same dict is stored; with ``return_step_details`` its
+    ``steps`` key holds the list of step events instead of the count (``num_steps`` keeps the count).
+
+Consumers should read ``version`` and ignore keys they do not know: new keys may be added without a
+version change; a change in the meaning of a key bumps it.
+
+``SpecGuardCallbackHandler`` collects these events across calls, threads and tasks and turns them
+into records, totals and a plot.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from uuid import UUID
+
+from langchain_core.callbacks import (
+    AsyncCallbackHandler,
+    AsyncCallbackManager,
+    AsyncCallbackManagerForChainRun,
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+    CallbackManager,
+    CallbackManagerForChainRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import LangSmithParams
+from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
+
+from .engine.decoding import EVENT_VERSION, StepEvent
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+STEP_EVENT = "specguard_step"
+SUMMARY_EVENT = "specguard_summary"
+STEP_RUN_NAME = "specguard_step"
+TraceSteps = Literal["events", "runs"]
+
+__all__ = [
+    "EVENT_VERSION",
+    "STEP_EVENT",
+    "STEP_RUN_NAME",
+    "SUMMARY_EVENT",
+    "SpecGuardCallbackHandler",
+    "SpecGuardLangSmithParams",
+    "StepReporter",
+]
+
+
+class SpecGuardLangSmithParams(LangSmithParams, total=False):
+    """``LangSmithParams`` plus the pair and configuration, so every traced run names them."""
+
+    specguard_target: str
+    specguard_draft: str
+    acceptance_threshold: float
+    signal_source: str
+    n_candidates: int
+    decision: str
+    grounding_method: str
+    trace_steps: str
+
+
+# --------------------------------------------------------------------------------------------------
+# reporting one call's steps to its run
+
+
+class RunCatcher(BaseCallbackHandler):
+    """Learns the id of the chat-model run that a streaming call opens (see ``ChatSpecGuard.stream``)."""
+
+    run_id: UUID | None = None
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.run_id is None:
+            self.run_id = run_id
+
+
+def _ignores_custom_events(handler: BaseCallbackHandler) -> bool:
+    """A LangChain tracer that would drop custom events (LangChainTracer and most tracers do)."""
+    return isinstance(handler, (BaseTracer, AsyncBaseTracer)) and type(handler).on_custom_event in (
+        BaseCallbackHandler.on_custom_event,
+        AsyncCallbackHandler.on_custom_event,
+    )
+
+
+def record_on_tracers(handlers: Sequence[BaseCallbackHandler], run_id: UUID, name: str, data: dict[str, Any]) -> None:
+    """Append ``name``/``data`` to the ``events`` of the run that each tracer keeps for ``run_id``.
+
+    LangChain tracers build the run they post (to LangSmith, for ``LangChainTracer``) from their
+    own callbacks and have no hook for custom events; putting the event on the run they already
+    hold is how it ends up in the posted run, next to the ``start``/``new_token``/``end`` events.
+    Tracer copies share one ``run_map``, so each run is updated once.
+    """
+    seen: set[int] = set()
+    for handler in handlers:
+        if not _ignores_custom_events(handler):
+            continue
+        run = handler.run_map.get(str(run_id))  # type: ignore[attr-defined]
+        if run is None or id(run) in seen:
+            continue
+        seen.add(id(run))
+        run.events.append({"name": name, "time": datetime.now(timezone.utc), "kwargs": data})
+
+
+def summary_event(summary: dict[str, Any]) -> dict[str, Any]:
+    """The ``specguard_summary`` payload: the summary with ``steps`` as a count, never the step list."""
+    if isinstance(summary.get("steps"), list):
+        return {**summary, "steps": summary.get("num_steps", len(summary["steps"]))}
+    return summary
+
+
+_RunManager = CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun
+
+
+class StepReporter:
+    """Sends one call's steps to the chat-model run's handlers: custom events, tracer events, child runs.
+
+    ``steps()``/``asteps()`` wrap the engine's step iterator. With ``trace_steps="runs"`` they open
+    the ``specguard_step`` child run before asking for the next step, so its start and end times
+    are the step's; a step that raises closes its child run with the error.
+    """
+
+    def __init__(
+        self,
+        handlers: Sequence[BaseCallbackHandler],
+        run: _RunManager | RunCatcher | None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        trace_steps: TraceSteps = "events",
+        inheritable_tags: list[str] | None = None,
+        inheritable_metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.handlers = [h for h in handlers if not isinstance(h, RunCatcher)]
+        self.run = run
+        self.tags = tags  # the chat-model run's own tags and metadata go with its custom events
+        self.metadata = metadata
+        self.trace_steps = trace_steps
+        self.inheritable_tags = inheritable_tags  # what a child run inherits (not e.g. "seq:step:2")
+        self.inheritable_metadata = inheritable_metadata
+
+    @classmethod
+    def for_run(cls, run_manager: _RunManager | None, trace_steps: TraceSteps = "events") -> StepReporter:
+        if run_manager is None:
+            return cls([], None)
+        return cls(
+            run_manager.handlers,
+            run_manager,
+            run_manager.tags,
+            run_manager.metadata,
+            trace_steps,
+            run_manager.inheritable_tags,
+            run_manager.inheritable_metadata,
+        )
+
+    def _run_id(self) -> UUID | None:
+        return None if self.run is None else self.run.run_id
+
+    def _active(self) -> UUID | None:
+        run_id = self._run_id()
+        return run_id if run_id is not None and self.handlers else None
+
+    # -- custom events ---------------------------------------------------------------------------
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        run_id = self._active()
+        if run_id is not None:
+            CallbackManager(self.handlers, tags=self.tags, metadata=self.metadata).on_custom_event(
+                name, data, run_id=run_id
+            )
+            record_on_tracers(self.handlers, run_id, name, data)
+
+    async def aemit(self, name: str, data: dict[str, Any]) -> None:
+        run_id = self._active()
+        if run_id is not None:
+            await AsyncCallbackManager(self.handlers, tags=self.tags, metadata=self.metadata).on_custom_event(
+                name, data, run_id=run_id
+            )
+            record_on_tracers(self.handlers, run_id, name, data)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        self.emit(SUMMARY_EVENT, summary_event(summary))
+
+    async def asummary(self, summary: dict[str, Any]) -> None:
+        await self.aemit(SUMMARY_EVENT, summary_event(summary))
+
+    # -- child runs ------------------------------------------------------------------------------
+
+    def _child_manager(self, manager_class: type[CallbackManager] | type[AsyncCallbackManager]) -> Any:
+        return manager_class(
+            self.handlers,
+            self.handlers,
+            parent_run_id=self._run_id(),
+            tags=self.inheritable_tags,
+            inheritable_tags=self.inheritable_tags,
+            metadata=self.inheritable_metadata,
+            inheritable_metadata=self.inheritable_metadata,
+        )
+
+    def _open(self, index: int) -> CallbackManagerForChainRun | None:
+        if self.trace_steps != "runs" or self._active() is None:
+            return None
+        return self._child_manager(CallbackManager).on_chain_start(
+            None, {"index": index}, run_id=uuid.uuid4(), name=STEP_RUN_NAME
+        )
+
+    async def _aopen(self, index: int) -> AsyncCallbackManagerForChainRun | None:
+        if self.trace_steps != "runs" or self._active() is None:
+            return None
+        return await self._child_manager(AsyncCallbackManager).on_chain_start(
+            None, {"index": index}, run_id=uuid.uuid4(), name=STEP_RUN_NAME
+        )
+
+    # -- the step loop ---------------------------------------------------------------------------
+
+    def steps(self, source: Iterator[StepEvent]) -> Iterator[StepEvent]:
+        """``source``'s steps, each reported (child run, custom event, tracer event) before it is yielded.
+
+        ``source`` is closed when this generator ends or is closed, so a consumer that stops early
+        still releases what the engine's generator holds (the per-instance generation lock).
+        """
+        index, last = 0, False
+        try:
+            while True:
+                child = None if last else self._open(index)
+                try:
+                    event = next(source)
+                except StopIteration:
+                    if child is not None:
+                        child.on_chain_end({"step": None})
+                    return
+                except BaseException as error:
+                    if child is not None:
+                        child.on_chain_error(error)
+                    raise
+                data = event.to_dict()
+                if child is None:
+                    child = self._open(index)
+                if child is not None:
+                    child.on_chain_end(data)
+                self.emit(STEP_EVENT, data)
+                index, last = index + 1, event.finish_reason is not None
+                yield event
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    async def asteps(self, source: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
+        """The async twin of ``steps``."""
+        index, last = 0, False
+        try:
+            while True:
+                child = None if last else await self._aopen(index)
+                try:
+                    event = await source.__anext__()
+                except StopAsyncIteration:
+                    if child is not None:
+                        await child.on_chain_end({"step": None})
+                    return
+                except BaseException as error:
+                    if child is not None:
+                        await child.on_chain_error(error)
+                    raise
+                data = event.to_dict()
+                if child is None:
+                    child = await self._aopen(index)
+                if child is not None:
+                    await child.on_chain_end(data)
+                await self.aemit(STEP_EVENT, data)
+                index, last = index + 1, event.finish_reason is not None
+                yield event
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+NO_REPORTER = StepReporter([], None)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stats handler
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+class SpecGuardCallbackHandler(BaseCallbackHandler):
+    """Collects ``specguard_step``/``specguard_summary`` events across calls for stats and a plot.
+
+    Pass it as a callback (``config={"callbacks": [handler]}``) to any number of calls, sync or
+    async, from any threads; it keeps every step with the id of the chat-model run it came from.
+
+    Example:
+        .. code-block:: python
+
+            handler = SpecGuardCallbackHandler()
+            chain.batch(questions, config={"callbacks": [handler]})
+            handler.summary()["acceptance_rate"], handler.summary()["fallbacks_by_reason"]
+            handler.plot("steps.png")
+            pandas.DataFrame(handler.to_records())  # if you use pandas
+    """
+
+    run_inline = True  # called in the emitting thread / event loop: no executor hop per event
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._steps: list[dict[str, Any]] = []
+        self._summaries: list[dict[str, Any]] = []
+        self._calls: dict[str, int] = {}  # run id -> call number, in order of first event
+
+    # -- collection ------------------------------------------------------------------------------
+
+    def on_custom_event(
+        self, name: str, data: Any, *, run_id: UUID, tags: list[str] | None = None, **kwargs: Any
+    ) -> None:
+        if name not in (STEP_EVENT, SUMMARY_EVENT) or not isinstance(data, dict):
+            return
+        self.add(name, data, run_id)
+
+    def add(self, name: str, data: dict[str, Any], run_id: UUID | str | None = None) -> None:
+        """Record one event by hand (e.g. from ``GenerationResult.steps`` of the bare engine)."""
+        key = str(run_id) if run_id is not None else "engine"
+        with self._lock:
+            call = self._calls.setdefault(key, len(self._calls))
+            record = {"run_id": key, "call": call, **data}
+            (self._steps if name == STEP_EVENT else self._summaries).append(record)
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]]) -> SpecGuardCallbackHandler:
+        """A handler holding saved ``to_records()`` output again, e.g. to plot a past run."""
+        handler = cls()
+        for record in sorted(records, key=lambda r: (r.get("call", 0), r.get("index", 0))):
+            step = {k: v for k, v in record.items() if k not in ("run_id", "call")}
+            handler.add(STEP_EVENT, step, run_id=record.get("run_id"))
+        return handler
+
+    def reset(self) -> None:
+        with self._lock:
+            self._steps.clear()
+            self._summaries.clear()
+            self._calls.clear()
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One flat dict per step (the step event plus ``run_id`` and ``call``), calls in first-seen order.
+
+        Steps of one call stay in step order even when calls interleave across threads.
+        """
+        with self._lock:
+            records = [dict(r) for r in self._steps]
+        records.sort(key=lambda r: (r["call"], r.get("index", 0)))
+        return records
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """The ``specguard_summary`` of each finished call, with its ``run_id`` and ``call``."""
+        with self._lock:
+            return [dict(s) for s in self._summaries]
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over every collected step.
+
+        ``acceptance_rate``: accepted draft steps / steps. ``target_token_share``: output tokens the
+        target wrote / all output tokens. ``fallbacks_by_reason``: rejected steps per ``reason``.
+        ``seconds`` and its ``draft``/``verify``/``target`` split sum the steps' wall times.
+        """
+        records = self.to_records()
+        accepted = sum(1 for r in records if r.get("accepted"))
+        output = sum(int(r.get("num_tokens", 0)) for r in records)
+        target = sum(int(r.get("num_tokens", 0)) for r in records if r.get("source") == "target")
+        reasons = Counter(str(r.get("reason")) for r in records if not r.get("accepted"))
+        scores = [s for s in (_number(r.get("score")) for r in records) if s is not None]
+
+        def total(key: str) -> float:
+            return sum(_number(r.get(key)) or 0.0 for r in records)
+
+        return {
+            "calls": len({r["run_id"] for r in records}),
+            "steps": len(records),
+            "accepted_steps": accepted,
+            "acceptance_rate": accepted / len(records) if records else 0.0,
+            "output_tokens": output,
+            "draft_tokens": output - target,
+            "target_tokens": target,
+            "target_token_share": target / output if output else 0.0,
+            "fallbacks": len(records) - accepted,
+            "fallbacks_by_reason": dict(sorted(reasons.items())),
+            "drafted_tokens": sum(int(r.get("drafted_tokens", 0)) for r in records),
+            "target_forwards": sum(int(r.get("target_forwards", 0)) for r in records),
+            "mean_score": sum(scores) / len(scores) if scores else None,
+            "seconds": total("seconds"),
+            "draft_seconds": total("draft_seconds"),
+            "verify_seconds": total("verify_seconds"),
+            "target_seconds": total("target_seconds"),
+        }
+
+    def plot(self, path: str | Path | None = None, *, title: str | None = None) -> Figure:
+        """Per-step score against the threshold (accepted vs fallback), and who wrote each step's tokens.
+
+        Returns the matplotlib ``Figure``; with ``path`` it is also saved there (format from the
+        suffix, e.g. ``.png``). Needs the ``plot`` extra (``pip install langchain-specguard[plot]``).
+        Uses ``matplotlib.figure.Figure`` directly, so no GUI backend or pyplot state is involved.
+        """
+        try:
+            from matplotlib.figure import Figure
+            from matplotlib.ticker import MaxNLocator
+        except ImportError as error:  # pragma: no cover - exercised only without the extra
+            raise ImportError("plot() needs matplotlib: pip install 'langchain-specguard[plot]'") from error
+
+        records = self.to_records()
+        xs = list(range(len(records)))
+        fig = Figure(figsize=(max(6.0, min(16.0, 0.25 * len(records) + 4)), 5.5), layout="constrained")
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
+
+        for accepted, colour, label, marker in (
+            (True, "tab:green", "accepted (draft)", "o"),
+            (False, "tab:red", "fallback (target)", "X"),
+        ):
+            points = [
+                (x, _number(r.get("score")))
+                for x, r in zip(xs, records, strict=True)
+                if bool(r.get("accepted")) == accepted
+            ]
+            shown = [(x, y) for x, y in points if y is not None]
+            top.scatter(
+                [x for x, _ in shown],
+                [y for _, y in shown],
+                c=colour,
+                marker=marker,
+                s=36,
+                label=f"{label}: {len(points)}",
+                zorder=3,
+            )
+        thresholds = [_number(r.get("threshold")) for r in records]
+        if records:
+            top.step(
+                xs,
+                [t if t is not None else math.nan for t in thresholds],
+                where="mid",
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label="acceptance threshold",
+            )
+        for boundary in (x for x in xs[1:] if records[x]["call"] != records[x - 1]["call"]):
+            for ax in (top, bottom):
+                ax.axvline(boundary - 0.5, color="0.8", linewidth=0.8, zorder=0)
+        top.set_ylabel("combined score")
+        limits = [t for t in thresholds if t is not None]
+        top.set_ylim(min([0.0, *limits]) - 0.05, max([1.0, *limits]) + 0.05)
+        top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)  # outside: never hides a point
+        totals = self.summary()
+        top.set_title(
+            title
+            or f"SpecGuard steps: {totals['calls']} call(s), acceptance {totals['acceptance_rate']:.0%}, "
+            f"target wrote {totals['target_token_share']:.0%} of tokens",
+            fontsize=10,
+        )
+
+        draft_tokens = [int(r.get("num_tokens", 0)) if r.get("source") == "draft" else 0 for r in records]
+        target_tokens = [int(r.get("num_tokens", 0)) if r.get("source") == "target" else 0 for r in records]
+        bottom.bar(xs, draft_tokens, color="tab:green", label="draft tokens")
+        bottom.bar(xs, target_tokens, bottom=draft_tokens, color="tab:red", label="target tokens")
+        bottom.set_ylabel("tokens")
+        bottom.set_ylim(0, 1.5 * max([1, *(d + t for d, t in zip(draft_tokens, target_tokens, strict=True))]))
+        bottom.set_xlabel("step (all calls, in order; grey lines separate calls)")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+        bottom.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def langsmith_params(
+    base: LangSmithParams, target: str, draft: str, config: dict[str, Any]
+) -> SpecGuardLangSmithParams:
+    """``base`` plus the pair and the decisive config keys, for ``ChatSpecGuard._get_ls_params``."""
+    params = SpecGuardLangSmithParams(**base)
+    params["specguard_target"] = target
+    params["specguard_draft"] = draft
+    for key in ("acceptance_threshold", "signal_source", "n_candidates", "decision", "grounding_method", "trace_steps"):
+        if key in config:
+            params[key] = config[key]
+    return params
