@@ -148,6 +148,43 @@ def test_tool_turns_render_through_templates_without_tool_support() -> None:
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_tool_turns_render_through_the_gemma_template() -> None:
+    """The embedded model's template maps every non-assistant turn to 'user' and prints only content."""
+    from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
+
+    llm = make_llm(chat_template=GEMMA_CHAT_TEMPLATE)
+    assert not llm.template_takes_tools() and llm.tool_style() == "hermes"
+    history = [
+        HumanMessage("What is 2+2?"),
+        AIMessage("Let me add.", tool_calls=[{"name": "calculator", "args": {"expression": "2+2"}, "id": "c1"}]),
+        ToolMessage("4", tool_call_id="c1"),
+    ]
+    text = llm.load().tokenizer.decode(llm.render_prompt(history, [convert_to_openai_tool(calculator)]))
+    assert text.startswith("<s><start_of_turn>user\nYou can call these tools:")  # system block folded into user
+    assert '<start_of_turn>model\nLet me add.\n<tool_call>\n{"name": "calculator"' in text
+    assert "<start_of_turn>user\n<tool_response>\n4\n</tool_response><end_of_turn>" in text
+    assert text.endswith("<start_of_turn>model\n")
+
+
+async def test_streamed_tool_calls_arrive_as_chunks_and_match_invoke() -> None:
+    llm = make_llm()
+    pair = llm.load()
+    answer = "Checking.\n\n" + call_block("lookup", {"country": "Japan"})
+    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
+    force_script(pair.target, pair.tokenizer, lambda prompt: answer)
+    bound = llm.bind_tools([lookup])
+    invoked = await bound.ainvoke("Capital of Japan?")
+    chunks = [chunk async for chunk in bound.astream("Capital of Japan?")]
+    assert all("<tool_call>" not in str(c.content) for c in chunks)  # call text never leaks into content
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged = merged + chunk
+    assert merged.content == invoked.content == "Checking.\n\n"
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [("lookup", {"country": "Japan"})]
+    assert [(c["name"], c["args"]) for c in invoked.tool_calls] == [("lookup", {"country": "Japan"})]
+    assert invoked.response_metadata["finish_reason"] == "tool_calls"
+
+
 QWEN_LIKE_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
     "Reply with <tool_call></tool_call> blocks.<|im_end|>\n{% endif %}"
