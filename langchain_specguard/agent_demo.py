@@ -27,7 +27,7 @@ from langchain_core.tools import tool
 
 from .chat_models import STEP_EVENT, ChatSpecGuard
 
-DEFAULT_QUESTION = "What is 12 * 7? Use the calculator."
+DEFAULT_QUESTION = "What is the capital of France?"
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 CAPITALS = {"france": "Paris", "japan": "Tokyo", "italy": "Rome", "kenya": "Nairobi"}
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--threshold", type=float, default=0.5, help="acceptance_threshold")
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
 
     from langchain.agents import create_agent  # the agent loop lives in the `langchain` package
