@@ -20,11 +20,12 @@ over, and why, in four places that carry the same data:
   the list of step events (on the last chunk when streaming), so the record survives without any
   callback.
 
-``specguard_step`` (``StepEvent.to_dict()``, schema version 1)
+``specguard_step`` (``StepEvent.to_dict()``, schema version 2)
     ``version`` (int), ``index`` (0-based step number in the call), ``source`` (``"draft"`` or
     ``"target"``: who wrote the committed step), ``accepted`` (the draft step passed; equals
     ``source == "draft"``), ``reason`` (``"accepted"`` or why the draft step was rejected:
-    ``"score"``), ``grounding``, ``confidence``, ``score`` (the kept draft candidate's attention
+    ``"score"``, or ``"schema"`` for a draft tool call that failed to parse or validate), ``kind``
+    (``"text"`` or ``"tool_call"``: the committed step), ``detail`` (the validator's message, if any), ``grounding``, ``confidence``, ``score`` (the kept draft candidate's attention
     grounding, log-prob confidence and their combination, in [0, 1]; ``null`` if not computable),
     ``threshold`` (the acceptance threshold in force), ``text`` (the text this step added to the
     answer; may be empty while a possible stop sequence is held back), ``num_tokens`` and
@@ -35,10 +36,11 @@ over, and why, in four places that carry the same data:
     ``draft_seconds``, ``verify_seconds`` and ``target_seconds`` (drafting, scoring, the target's
     rewrite; the remainder is detokenizing).
 
-``specguard_summary`` (``engine.decoding.summarize``, schema version 1)
+``specguard_summary`` (``engine.decoding.summarize``, schema version 2)
     ``version``, ``num_steps`` (also as ``steps``), ``accepted_steps``, ``accepted_share``,
     ``prompt_tokens``, ``output_tokens``, ``draft_tokens`` / ``target_tokens`` (output tokens each
-    model wrote), ``drafted_tokens``, ``target_forwards``, ``seconds`` (sum of step times).
+    model wrote), ``drafted_tokens``, ``target_forwards``, ``draft_seconds`` / ``verify_seconds`` /
+    ``target_seconds`` (where the step time went), ``seconds`` (sum of step times).
     In ``response_metadata["specguard"]`` the same dict is stored; with ``return_step_details`` its
     ``steps`` key holds the list of step events instead of the count (``num_steps`` keeps the count).
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from jinja2.exceptions import TemplateError
 from langchain_core.callbacks import (
@@ -24,8 +26,11 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig, ensure_config
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from .callbacks import (
@@ -40,6 +45,13 @@ from .callbacks import (
 from .engine.decoding import StepEvent, generate_steps, summarize
 from .engine.loading import ModelPair, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
+from .tools import (
+    HERMES_MARKERS,
+    ToolCallStyle,
+    fallback_tool_prompt,
+    parse_tool_calls,
+    step_validator,
+)
 
 __all__ = ["STEP_EVENT", "SUMMARY_EVENT", "ChatSpecGuard"]
 
@@ -96,6 +108,18 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         default="events",
         description="'events': each step is a specguard_step custom event (and an event on the traced run); "
         "'runs': each step is also a child run named specguard_step, so LangSmith shows a tree.",
+    )
+    tool_call_format: Literal["auto", "hermes", "json"] = Field(
+        default="auto",
+        description="How the model writes tool calls: 'hermes' (<tool_call>{...}</tool_call>, Qwen/Hermes and "
+        'the fallback prompt) or \'json\' (the whole answer is {"name": ..., "parameters": ...}, Llama 3). '
+        "'auto': 'json' for templates that take tools but never mention <tool_call>, else 'hermes'.",
+    )
+    tool_prompt: Literal["auto", "template", "fallback"] = Field(
+        default="auto",
+        description="How bound tools reach the prompt: 'template' passes them to apply_chat_template(tools=...); "
+        "'fallback' adds a system block describing them and the <tool_call> format, and renders past tool "
+        "calls and results as text. 'auto': 'template' when the chat template mentions tools.",
     )
 
     _pair: ModelPair | None = PrivateAttr(default=None)
@@ -196,8 +220,35 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         values.update(overrides)
         return SpecGuardParams(**values)
 
-    def render_prompt(self, messages: Sequence[BaseMessage]) -> list[int]:
-        """Token ids of ``messages`` through the tokenizer's chat template, ready for the assistant turn."""
+    def template_takes_tools(self) -> bool:
+        """Whether bound tools go through the chat template (else the documented fallback prompt)."""
+        if self.tool_prompt != "auto":
+            return self.tool_prompt == "template"
+        return "tools" in str(self.load().tokenizer.chat_template or "")
+
+    def tool_style(self) -> ToolCallStyle:
+        """The tool-call format this model's output is parsed in (see ``tool_call_format``)."""
+        if self.tool_call_format != "auto":
+            return self.tool_call_format
+        template = str(self.load().tokenizer.chat_template or "")
+        if self.template_takes_tools() and HERMES_MARKERS[0] not in template:
+            return "json"
+        return "hermes"
+
+    def render_prompt(
+        self,
+        messages: Sequence[BaseMessage],
+        tools: Sequence[dict[str, Any]] | None = None,
+        prefix: str = "",
+    ) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template, ready for the assistant turn.
+
+        ``tools`` (OpenAI format) go to ``apply_chat_template(tools=...)`` when the template takes
+        them; otherwise a system block describes them (:func:`~langchain_specguard.tools.fallback_tool_prompt`)
+        and past tool calls and ``ToolMessage`` results are written into the turns as
+        ``<tool_call>``/``<tool_response>`` text, so templates that know only ``content`` keep them.
+        ``prefix`` is appended after the generation prompt (the start of the assistant's answer).
+        """
         if not messages:
             raise ValueError("messages is empty: give at least one message")
         for message in messages:
@@ -211,10 +262,23 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 "template) to ChatSpecGuard"
             )
         rendered = _template_messages(messages)
+        native = self.template_takes_tools()
+        rendered = _render_tool_turns(rendered, native)
+        extra: dict[str, Any] = {}
+        if tools and native:
+            extra["tools"] = list(tools)
+        elif tools:
+            block = fallback_tool_prompt(tools)
+            if rendered and rendered[0]["role"] == "system":
+                rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{block}".lstrip()}
+            else:
+                rendered.insert(0, {"role": "system", "content": block})
         try:
-            text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
         except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
             raise ValueError(f"the chat template of {self.model_name!r} rejected the messages: {exc}") from exc
+        assert isinstance(text, str)
+        text += prefix
         ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("the chat template rendered the messages to an empty prompt")
@@ -222,18 +286,41 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[ModelPair, list[int], SpecGuardParams, list[str]]:
-        params = self.engine_params(**kwargs)
+    ) -> tuple[ModelPair, list[int], SpecGuardParams, list[str], _ToolSetup]:
         if isinstance(stop, str):  # would otherwise stop at each of its characters
             raise TypeError(f"stop must be a list of strings, e.g. stop=[{stop!r}], not a str")
+        kwargs = dict(kwargs)
+        tools: list[dict[str, Any]] | None = kwargs.pop("tools", None)
+        tool_choice = kwargs.pop("tool_choice", None)
+        kwargs.pop("ls_structured_output_format", None)
         stops = [*(self.stop or []), *(stop or [])]
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop sequences must be non-empty strings, got {stops!r}")
         pair = self.load()
-        return pair, self.render_prompt(messages), params, stops
+        setup = _ToolSetup()
+        if tools and tool_choice != "none":
+            setup = self._tool_setup([convert_to_openai_tool(t) for t in tools], tool_choice)
+            if setup.markers is not None and "tool_call_markers" not in kwargs:
+                kwargs["tool_call_markers"] = setup.markers
+        params = self.engine_params(**kwargs)
+        return pair, self.render_prompt(messages, setup.tools, setup.prefix), params, stops, setup
+
+    def _tool_setup(self, tools: list[dict[str, Any]], tool_choice: Any) -> _ToolSetup:
+        """Format, step markers, validator and forced answer start for one call with tools bound."""
+        style = self.tool_style()
+        markers = HERMES_MARKERS if style == "hermes" else None
+        name = _forced_tool_name(tool_choice)
+        prefix = ""
+        if style == "hermes" and (name or tool_choice in ("any", "required", True)):
+            # forcing a call: the answer starts inside a <tool_call> block (and names the tool)
+            prefix = HERMES_MARKERS[0] + "\n" + (f'{{"name": {json.dumps(name)}, "arguments": ' if name else "")
+        elif style == "json" and name:
+            prefix = f'{{"name": {json.dumps(name)}, "parameters": '
+        validate = step_validator(tools, markers) if markers is not None else None
+        return _ToolSetup(tools=tools, style=style, markers=markers, validate=validate, prefix=prefix)
 
     def _locked_steps(
-        self, pair: ModelPair, prompt: list[int], params: SpecGuardParams, stops: list[str]
+        self, pair: ModelPair, prompt: list[int], params: SpecGuardParams, stops: list[str], setup: _ToolSetup
     ) -> Iterator[StepEvent]:
         """Steps of one generation; the models run one step at a time per instance.
 
@@ -243,7 +330,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         generator, so interleaved generations give the same output as sequential ones; the price is
         that memory grows with the number of generations in flight (one KV cache pair each).
         """
-        steps = generate_steps(pair, prompt, params, stops)
+        steps = generate_steps(pair, prompt, params, stops, setup.validate, setup.prefix)
         try:
             while True:
                 with self._generate_lock:
@@ -253,6 +340,61 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 yield event
         finally:
             getattr(steps, "close", lambda: None)()  # a generator: runs its cleanup now, not at GC
+
+    # ------------------------------------------------------------------------------------------
+    # tools
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (LangChain tools, pydantic models, TypedDicts, functions or OpenAI dicts).
+
+        ``tool_choice``: None/"auto" lets the model decide; "none" hides the tools; "any"/"required"/
+        True forces some call; a tool name (or ``{"type": "function", "function": {"name": ...}}``)
+        forces that tool. A call is forced by starting the answer inside the call (``<tool_call>``
+        and, for a named tool, its name), which the model then completes.
+        """
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        names = [tool["function"]["name"] for tool in formatted]
+        forced = _forced_tool_name(tool_choice)
+        if forced is not None and forced not in names:
+            raise ValueError(f"tool_choice names {forced!r}, which is not among the bound tools {names}")
+        if tool_choice not in (None, "auto", "none", "any", "required", True, False) and forced is None:
+            raise ValueError(f"unsupported tool_choice {tool_choice!r}")
+        if tool_choice is False:
+            tool_choice = None
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Structured output through a forced tool call (pydantic, TypedDict or JSON schema).
+
+        Every ``method`` goes through tool calling: the schema is bound as the only tool and the
+        call is forced, so the answer is a ``<tool_call>`` whose arguments are the object, checked
+        against the schema step by step. ("json_mode" needs a schema here too.)
+        """
+        if method not in ("function_calling", "json_schema", "json_mode"):
+            raise ValueError(f"unknown method {method!r}; use 'function_calling' or 'json_schema'")
+        if schema is None:
+            raise ValueError("with_structured_output needs a schema (pydantic model, TypedDict or JSON schema)")
+        return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+
+    def _message_fields(self, text: str, setup: _ToolSetup) -> tuple[str, dict[str, Any]]:
+        """Content and tool-call fields of the final message for ``text`` (the generated answer)."""
+        if setup.tools is None:
+            return text, {}
+        parsed = parse_tool_calls(setup.prefix + text, setup.style)
+        return parsed.content, {"tool_calls": parsed.tool_calls, "invalid_tool_calls": parsed.invalid_tool_calls}
 
     def _final_metadata(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> dict[str, Any]:
         seconds = sum(s.seconds for s in steps)
@@ -281,21 +423,27 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        pair, prompt, params, stops = self._prepare(messages, stop, kwargs)
+        pair, prompt, params, stops, setup = self._prepare(messages, stop, kwargs)
         emitter = StepReporter.for_run(run_manager, self.trace_steps)
         steps: list[StepEvent] = []
-        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops)):
+        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
             steps.append(event)
             if run_manager is not None and event.text:
                 run_manager.on_llm_new_token(event.text)
         metadata = self._final_metadata(pair, prompt, steps)
         emitter.summary(metadata["specguard"])
-        message = AIMessage(
-            content="".join(s.text for s in steps),
-            response_metadata=metadata,
-            usage_metadata=self._usage(prompt, steps),
+        return ChatResult(generations=[ChatGeneration(message=self._final_message(pair, prompt, steps, setup))])
+
+    def _final_message(
+        self, pair: ModelPair, prompt: list[int], steps: list[StepEvent], setup: _ToolSetup
+    ) -> AIMessage:
+        metadata = self._final_metadata(pair, prompt, steps)
+        content, calls = self._message_fields("".join(s.text for s in steps), setup)
+        if calls.get("tool_calls") and metadata["finish_reason"] == "stop":
+            metadata["finish_reason"] = "tool_calls"
+        return AIMessage(
+            content=content, response_metadata=metadata, usage_metadata=self._usage(prompt, steps), **calls
         )
-        return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
         self,
@@ -305,21 +453,37 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         emitter = self._reporter(run_manager)
-        pair, prompt, params, stops = self._prepare(messages, stop, kwargs)
+        pair, prompt, params, stops, setup = self._prepare(messages, stop, kwargs)
         steps: list[StepEvent] = []
-        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops)):
+        shown = _ShownContent(setup)
+        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
             steps.append(event)
-            yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
-        last = self._last_chunk(pair, prompt, steps)
+            yield ChatGenerationChunk(message=AIMessageChunk(content=shown.add(event.text)))
+        last = self._last_chunk(pair, prompt, steps, setup, shown)
         emitter.summary(last.message.response_metadata["specguard"])
         yield last
 
-    def _last_chunk(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> ChatGenerationChunk:
+    def _last_chunk(
+        self, pair: ModelPair, prompt: list[int], steps: list[StepEvent], setup: _ToolSetup, shown: _ShownContent
+    ) -> ChatGenerationChunk:
+        """The closing chunk: usage, summary, any content held back, and the tool calls as chunks."""
+        final = self._final_message(pair, prompt, steps, setup)
+        content = str(final.content)
+        rest = content[len(shown.sent) :] if content.startswith(shown.sent) else ""
+        chunks = [
+            tool_call_chunk(name=call["name"], args=json.dumps(call["args"]), id=call["id"], index=i)
+            for i, call in enumerate(final.tool_calls)
+        ]
+        chunks += [
+            tool_call_chunk(name=bad.get("name"), args=bad.get("args"), id=bad.get("id"), index=len(chunks) + i)
+            for i, bad in enumerate(final.invalid_tool_calls)
+        ]
         return ChatGenerationChunk(
             message=AIMessageChunk(
-                content="",
-                response_metadata=self._final_metadata(pair, prompt, steps),
-                usage_metadata=self._usage(prompt, steps),
+                content=rest,
+                response_metadata=final.response_metadata,
+                usage_metadata=final.usage_metadata,
+                tool_call_chunks=chunks,
                 chunk_position="last",
             )
         )
@@ -335,12 +499,13 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         emitter = self._reporter(run_manager)
-        pair, prompt, params, stops = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+        pair, prompt, params, stops, setup = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
         steps: list[StepEvent] = []
-        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops))):
+        shown = _ShownContent(setup)
+        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
             steps.append(event)
-            yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
-        last = self._last_chunk(pair, prompt, steps)
+            yield ChatGenerationChunk(message=AIMessageChunk(content=shown.add(event.text)))
+        last = self._last_chunk(pair, prompt, steps, setup, shown)
         await emitter.asummary(last.message.response_metadata["specguard"])
         yield last
 
@@ -351,21 +516,16 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        pair, prompt, params, stops = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+        pair, prompt, params, stops, setup = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
         emitter = StepReporter.for_run(run_manager, self.trace_steps)
         steps: list[StepEvent] = []
-        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops))):
+        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
             steps.append(event)
             if run_manager is not None and event.text:
                 await run_manager.on_llm_new_token(event.text)
         metadata = self._final_metadata(pair, prompt, steps)
         await emitter.asummary(metadata["specguard"])
-        message = AIMessage(
-            content="".join(s.text for s in steps),
-            response_metadata=metadata,
-            usage_metadata=self._usage(prompt, steps),
-        )
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return ChatResult(generations=[ChatGeneration(message=self._final_message(pair, prompt, steps, setup))])
 
     # ------------------------------------------------------------------------------------------
     # step events while streaming
@@ -452,6 +612,104 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             manager.inheritable_metadata,
         )
         return {**config, "callbacks": manager}, reporter
+
+
+@dataclass
+class _ToolSetup:
+    """Everything one call needs to know about its bound tools (empty when none are bound)."""
+
+    tools: list[dict[str, Any]] | None = None
+    style: ToolCallStyle = "hermes"
+    markers: tuple[str, str] | None = None
+    validate: Callable[[str], str | None] | None = None
+    prefix: str = ""
+
+
+@dataclass
+class _ShownContent:
+    """Streams the message content step by step, holding tool-call text back.
+
+    The content shown so far is always a prefix of the final ``AIMessage.content`` that
+    ``invoke`` returns: text inside an open or finished ``<tool_call>`` block (or an answer that may
+    be a bare-JSON call) is held, and the calls arrive as ``tool_call_chunks`` in the last chunk.
+    """
+
+    setup: _ToolSetup
+    text: str = ""
+    sent: str = ""
+    held: list[str] = field(default_factory=list)
+
+    def add(self, step_text: str) -> str:
+        self.text += step_text
+        if self.setup.tools is None:
+            self.sent += step_text
+            return step_text
+        visible = _visible_content(self.setup.prefix + self.text, self.setup.style)
+        if not visible.startswith(self.sent):
+            return ""
+        delta = visible[len(self.sent) :]
+        self.sent = visible
+        return delta
+
+
+def _visible_content(text: str, style: ToolCallStyle) -> str:
+    """Content of a partial answer that is certain not to belong to a tool call."""
+    if style == "json":
+        body = text.lstrip()
+        if not body or body.startswith(("{", "[", "`", "<|python_tag|>")):
+            return ""
+        return text
+    return parse_tool_calls(text, "hermes").content
+
+
+def _forced_tool_name(tool_choice: Any) -> str | None:
+    """The tool a ``tool_choice`` forces by name, if it names one."""
+    if isinstance(tool_choice, dict):
+        name = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
+        return str(name) if name else None
+    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):
+        return tool_choice
+    return None
+
+
+def _render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
+    """Past tool calls and results in the shape the chat template can render.
+
+    Templates that take tools get HF's convention (``tool_calls[].function.arguments`` as a dict,
+    ``role: tool`` results). The others get the calls written into the assistant's content as
+    ``<tool_call>`` blocks and each result as a user turn holding a ``<tool_response>`` block, so a
+    template that only prints ``content`` (Gemma's, plain ChatML) still shows them to the model.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        if message["role"] == "assistant" and calls:
+            structured = []
+            for call in calls:
+                function = call.get("function", {})
+                args = function.get("arguments", "{}")
+                with contextlib.suppress(ValueError):  # unreadable: keep the raw string, shown, never run
+                    args = json.loads(args) if isinstance(args, str) else args
+                structured.append({"name": function.get("name"), "arguments": args})
+            if native:
+                message = {
+                    **message,
+                    "tool_calls": [
+                        {"type": "function", "id": c.get("id"), "function": s}
+                        for c, s in zip(calls, structured, strict=True)
+                    ],
+                }
+            else:
+                blocks = [
+                    f"{HERMES_MARKERS[0]}\n{json.dumps(s, ensure_ascii=False)}\n{HERMES_MARKERS[1]}" for s in structured
+                ]
+                content = message.get("content") or ""  # verbatim: the model's own words, spaces included
+                text = "\n".join([content, *blocks]) if content else "\n".join(blocks)
+                message = {"role": "assistant", "content": text}
+        elif message["role"] == "tool" and not native:
+            message = {"role": "user", "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>"}
+        out.append(message)
+    return out
 
 
 def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:

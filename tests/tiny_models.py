@@ -49,7 +49,7 @@ def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: Path) -> s
     return str(path)
 
 
-def _llama(vocab: int, layers: int, seed: int, hidden: int = 64) -> LlamaForCausalLM:
+def _llama(vocab: int, layers: int, seed: int, hidden: int = 64, positions: int = 512) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
@@ -58,7 +58,7 @@ def _llama(vocab: int, layers: int, seed: int, hidden: int = 64) -> LlamaForCaus
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         bos_token_id=1,
         eos_token_id=[2, 4],
         pad_token_id=0,
@@ -117,3 +117,14 @@ def mismatched_draft() -> str:
     vocab = tok.get_vocab()
     assert len(vocab) > len(make_tokenizer().get_vocab())
     return _save(_llama(len(tok), 2, seed=4), tok, tiny_dir() / "llama-mismatch")
+
+
+@functools.cache
+def long_llama_pair() -> tuple[str, str]:
+    """Like ``llama_pair`` but with a 4096-token window: tool prompts are long in characters."""
+    tok = make_tokenizer()
+    root = tiny_dir()
+    return (
+        _save(_llama(len(tok), 4, seed=0, positions=4096), tok, root / "long-llama-target"),
+        _save(_llama(len(tok), 2, seed=1, positions=4096), tok, root / "long-llama-draft"),
+    )

@@ -29,9 +29,17 @@ from .cache import cache_len, fork, is_static, keep_row, new_cache, truncate
 from .loading import ModelPair, decode, model_device
 from .params import SpecGuardParams
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
-from .steps import find_stop, new_text, step_complete
+from .steps import (
+    find_stop,
+    is_tool_call_step,
+    marker_split,
+    new_text,
+    open_call_start,
+    step_complete,
+    tool_step_complete,
+)
 
-EVENT_VERSION = 1
+EVENT_VERSION = 2
 
 
 @dataclass
@@ -48,13 +56,15 @@ class StepEvent:
     score: float
     threshold: float
     accepted: bool
-    reason: str  # "accepted" or why the draft step was rejected ("score")
+    reason: str  # "accepted", or why the draft step was rejected: "score" or "schema" (a bad tool call)
     seconds: float
     draft_text: str
     drafted_tokens: int  # tokens the draft sampled this step, all candidates together
     target_forwards: int
     finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
     token_ids: list[int] = field(default_factory=list)
+    kind: Literal["text", "tool_call"] = "text"  # a tool call is one step, opening to closing marker
+    detail: str | None = None  # with reason "schema": what was wrong with the draft's tool call
     version: int = EVENT_VERSION
     # where ``seconds`` went: drafting the candidates, scoring the kept one (selection, signals and
     # the target's verification pass), and the target writing a rejected step; the rest is detokenizing
@@ -312,8 +322,19 @@ def generate_steps(
     prompt_ids: Sequence[int],
     params: SpecGuardParams,
     stop: Sequence[str] | None = None,
+    validate_step: Callable[[str], str | None] | None = None,
+    prefix: str = "",
 ) -> Iterator[StepEvent]:
-    """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified."""
+    """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
+
+    With ``params.tool_call_markers`` set, a tool call is one step from its opening to its closing
+    marker: it never ends at a CoT delimiter, and a text step that runs into an opening marker is cut
+    just before it, so the call starts a step of its own. ``validate_step`` (the text of a finished
+    draft tool call in, a rejection reason or None out) then rejects a bad draft call whatever its
+    score, and the target writes that step instead (``reason="schema"``). ``prefix`` is assistant
+    text already rendered at the end of the prompt (e.g. a forced ``<tool_call>``): it counts when
+    deciding whether a call is open, and is not part of the yielded text.
+    """
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
         # a cap the model can never reach is a configuration mistake; a cap that only this prompt
@@ -332,7 +353,7 @@ def generate_steps(
     ids = list(prompt_ids)
     draft_cache, target_cache, release = _take_caches(pair, params, budget, len(prompt_ids))
     try:
-        yield from _steps(pair, params, ids, stops, budget, draft_cache, target_cache, generator)
+        yield from _steps(pair, params, ids, stops, budget, draft_cache, target_cache, generator, validate_step, prefix)
     finally:
         release()
 
@@ -346,11 +367,16 @@ def _steps(
     draft_cache: Cache,
     target_cache: Cache,
     generator: torch.Generator,
+    validate_step: Callable[[str], str | None] | None,
+    prefix: str,
 ) -> Iterator[StepEvent]:
     """The step loop proper: run steps until EOS, a stop sequence or the budget; keep the text exact."""
     tokenizer, eos = pair.tokenizer, pair.eos_token_ids
     delimiters = list(params.step_delimiters) + stops
     max_stop = max((len(s) for s in stops), default=0)
+    markers = params.tool_call_markers
+    step_cap = max(params.max_step_tokens, params.max_tool_call_tokens) if markers else params.max_step_tokens
+
     generated: list[int] = []
     full_text = ""  # decode(generated)
     emitted = 0  # characters of full_text already handed out in steps
@@ -358,22 +384,60 @@ def _steps(
     def tail() -> str:
         return full_text[-max_stop:] if max_stop else ""
 
+    continues = False  # the step starts inside a tool call left open by the previous step
+
     def is_boundary(step_tokens: list[int]) -> bool:
         text = decode(tokenizer, step_tokens)
         if stops and find_stop(tail() + text, stops) is not None:
             return True
+        if markers is not None:
+            if is_tool_call_step(text, markers, continues):
+                return tool_step_complete(text, markers, continues) or len(step_tokens) >= params.max_tool_call_tokens
+            if len(step_tokens) >= params.max_step_tokens or markers[0] in text:
+                return True  # a text step that ran into a call ends there (and is cut before it below)
         return step_complete(text, delimiters)
+
+    def step_text(step_tokens: list[int]) -> str:
+        return new_text(full_text, decode(tokenizer, generated + step_tokens))
+
+    def check_call(step_tokens: list[int]) -> str | None:
+        """Why a finished draft tool-call step is unacceptable, or None (also for non-call steps)."""
+        if validate_step is None or markers is None or not step_tokens:
+            return None
+        text = step_text(step_tokens)
+        if not is_tool_call_step(text, markers, continues):
+            return None
+        if not tool_step_complete(text, markers, continues) and step_tokens[-1] not in eos:
+            return None  # cut by the token cap: judged at the step that closes it
+        context = prefix + full_text
+        start = open_call_start(context, markers)
+        call = (context[start:] if continues and start is not None else "") + text.lstrip()
+        return validate_step(call)
 
     index = 0
     while len(generated) < budget:
         started = time.perf_counter()
-        limit = min(params.max_step_tokens, budget - len(generated))
+        continues = open_call_start(prefix + full_text, markers) is not None
+        limit = min(step_cap, budget - len(generated))
         # inference mode per step, never across a yield: the consumer may resume us in another thread
         with torch.inference_mode():
-            verdict = _one_step(pair, params, ids, draft_cache, target_cache, limit, generator, is_boundary)
+            verdict = _one_step(pair, params, ids, draft_cache, target_cache, limit, generator, is_boundary, check_call)
         step = verdict.tokens
+        kind: Literal["text", "tool_call"] = "text"
+        if markers is not None:
+            text = step_text(step)
+            if is_tool_call_step(text, markers, continues):
+                kind = "tool_call"
+            else:
+                at = marker_split(text, markers)
+                keep = _token_cut(tokenizer, generated, step, len(full_text), at) if at is not None else 0
+                if keep > 0:
+                    step = step[:keep]
         ids.extend(step)
         generated.extend(step)
+        # a cut step leaves both caches ahead of ids: bring them back to the invariant
+        truncate(draft_cache, len(ids) - 1)
+        truncate(target_cache, len(ids) - 1)
         previous = full_text
         full_text = decode(tokenizer, generated)
         finish: str | None = None
@@ -399,7 +463,7 @@ def _steps(
             score=verdict.score,
             threshold=params.acceptance_threshold,
             accepted=verdict.accepted,
-            reason="accepted" if verdict.accepted else "score",
+            reason=verdict.reason,
             seconds=time.perf_counter() - started,
             draft_text=verdict.draft_text,
             drafted_tokens=verdict.drafted_tokens,
@@ -409,6 +473,8 @@ def _steps(
             target_seconds=verdict.target_seconds,
             finish_reason=finish,
             token_ids=list(step),
+            kind=kind,
+            detail=verdict.detail,
         )
         index += 1
         if finish:
@@ -429,6 +495,16 @@ class _Verdict:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     target_seconds: float = 0.0
+    reason: str = "accepted"
+    detail: str | None = None
+
+
+def _token_cut(tokenizer: Any, generated: list[int], step: list[int], base: int, at: int) -> int:
+    """Number of leading ``step`` tokens whose text ends at or before character ``at`` of the step."""
+    for j in range(1, len(step) + 1):
+        if len(decode(tokenizer, generated + step[:j])) - base > at:
+            return j - 1
+    return len(step)
 
 
 def _one_step(
@@ -440,6 +516,7 @@ def _one_step(
     limit: int,
     generator: torch.Generator,
     is_boundary: Callable[[list[int]], bool],
+    check_call: Callable[[list[int]], str | None] | None = None,
 ) -> _Verdict:
     """Draft, select, verify and, if rejected, let the target write: one step, caches kept in step."""
     n, eos = params.n_candidates, pair.eos_token_ids
@@ -482,6 +559,11 @@ def _one_step(
     # 4. ensemble decision
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     accepted = params.acceptance_threshold < 0 or score >= params.acceptance_threshold
+    # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema is
+    # rejected whatever its score: the scores judge reasoning, not whether a call can run
+    problem = check_call(step) if check_call is not None else None
+    reason = "schema" if problem is not None else "accepted" if accepted else "score"
+    accepted = accepted and problem is None
     verdict = _Verdict(
         tokens=step,
         source="draft",
@@ -494,6 +576,8 @@ def _one_step(
         target_forwards=target_forwards,
         draft_seconds=drafted_at - started,
         verify_seconds=time.perf_counter() - drafted_at,
+        reason=reason,
+        detail=problem,
     )
     if accepted:
         truncate(draft_cache, context_len + len(step) - 1)
@@ -528,11 +612,13 @@ def generate(
     params: SpecGuardParams,
     stop: Sequence[str] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    validate_step: Callable[[str], str | None] | None = None,
+    prefix: str = "",
 ) -> GenerationResult:
     """Run SpecGuard to the end and return the text, the token ids and every step."""
     started = time.perf_counter()
     steps: list[StepEvent] = []
-    for event in generate_steps(pair, prompt_ids, params, stop):
+    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix):
         steps.append(event)
         if on_step is not None:
             on_step(event)

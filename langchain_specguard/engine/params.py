@@ -53,6 +53,15 @@ class SpecGuardParams(BaseModel):
         description="A chain-of-thought step ends at the first of these after some content.",
     )
     max_step_tokens: int = Field(default=64, ge=1, description="Hard cap on one step's length.")
+    tool_call_markers: tuple[str, str] | None = Field(
+        default=None,
+        description="(opening, closing) markers of a tool call, e.g. ('<tool_call>', '</tool_call>'). A tool "
+        "call is then one step from its opening to its closing marker, whatever the CoT delimiters. "
+        "ChatSpecGuard sets this itself when tools are bound.",
+    )
+    max_tool_call_tokens: int = Field(
+        default=256, ge=1, description="Hard cap on one tool-call step's length (calls run longer than CoT steps)."
+    )
     max_tokens: int = Field(
         default=256,
         ge=1,
@@ -95,6 +104,13 @@ class SpecGuardParams(BaseModel):
                 "compile_decode=True needs cache_implementation='static' (CUDA graphs need fixed addresses)"
             )
         return self
+
+    @field_validator("tool_call_markers")
+    @classmethod
+    def _non_empty_markers(cls, value: tuple[str, str] | None) -> tuple[str, str] | None:
+        if value is not None and (not value[0] or not value[1]):
+            raise ValueError("tool_call_markers must be two non-empty strings, e.g. ('<tool_call>', '</tool_call>')")
+        return value
 
     @field_validator("step_delimiters")
     @classmethod

@@ -44,3 +44,51 @@ def new_text(previous: str, current: str) -> str:
             break
         common += 1
     return current[common:]
+
+
+def open_call_start(text: str, markers: tuple[str, str] | None) -> int | None:
+    """Index of the opening marker of a tool call still open at the end of ``text``, else None."""
+    if markers is None:
+        return None
+    opening, closing = markers
+    start = text.rfind(opening)
+    if start < 0 or text.find(closing, start + len(opening)) >= 0:
+        return None
+    return start
+
+
+def is_tool_call_step(text: str, markers: tuple[str, str] | None, continues_call: bool = False) -> bool:
+    """True when the step (so far) is, or may still become, a tool call.
+
+    A tool-call step opens with the opening marker after optional whitespace, or continues a call
+    left open by the previous step (one cut by the token cap). While the step is still a prefix of
+    the opening marker it may become one, so it must not end at a CoT delimiter yet.
+    """
+    if markers is None:
+        return False
+    if continues_call:
+        return True
+    body = text.lstrip()
+    return bool(body) and (body.startswith(markers[0]) or markers[0].startswith(body))
+
+
+def tool_step_complete(text: str, markers: tuple[str, str], continues_call: bool = False) -> bool:
+    """A tool-call step ends with the token that completes its closing marker, never before."""
+    opening, closing = markers
+    start = 0 if continues_call else text.find(opening)
+    if start < 0:
+        return False
+    return text.find(closing, start + (0 if continues_call else len(opening))) >= 0
+
+
+def marker_split(text: str, markers: tuple[str, str] | None) -> int | None:
+    """Where a text step must be cut so a tool call it ran into starts a step of its own.
+
+    Returns the index of the opening marker when it follows some non-blank text, else None.
+    """
+    if markers is None:
+        return None
+    at = text.find(markers[0])
+    if at <= 0 or not text[:at].strip():
+        return None
+    return at

@@ -101,7 +101,7 @@ def test_step_events_carry_scores_and_counts() -> None:
         assert step.source == ("draft" if step.accepted else "target")
         assert step.n_candidates == 4 and step.drafted_tokens >= step.num_tokens if step.accepted else True
         assert step.seconds > 0 and step.threshold == 0.3
-        assert step.to_dict()["version"] == 1
+        assert step.to_dict()["version"] == 2
     summary = result.summary
     assert summary["steps"] == len(result.steps)
     assert summary["draft_tokens"] + summary["target_tokens"] == len(result.token_ids)

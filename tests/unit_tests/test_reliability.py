@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from langchain_specguard import ChatSpecGuard
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair, loading
 from langchain_specguard.engine.loading import ModelPair
-from tests.tiny_models import CHATML, llama_pair
+from tests.tiny_models import CHATML, llama_pair, long_llama_pair
 
 PROMPTS = ["Hello", "Hey", "Good morning", "hi there", "2 + 2 =", "Name a colour"]
 TIMEOUT = 120  # seconds; a tiny-pair call that takes longer than this is a deadlock
@@ -533,10 +533,10 @@ EXPLOITS = [
 ]
 
 
-def test_message_text_and_tool_arguments_are_never_executed(
-    llm: ChatSpecGuard, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_message_text_and_tool_arguments_are_never_executed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompt text, tool-call arguments and stop strings only ever go through the tokenizer."""
+    target, draft = long_llama_pair()  # five exploit-laden turns outgrow the 512-token pair
+    llm = ChatSpecGuard(target_model=target, draft_model=draft, max_tokens=8, max_step_tokens=4)
     monkeypatch.chdir(tmp_path)
     executed: list[str] = []
     for name in ("system", "popen"):
@@ -553,7 +553,8 @@ def test_message_text_and_tool_arguments_are_never_executed(
         tokenizer = llm.load().tokenizer
         rendered = tokenizer.decode(llm.render_prompt(history))
         literal = tokenizer.decode(tokenizer(exploit, add_special_tokens=False)["input_ids"])  # the tiny vocab
-        assert rendered.count(literal) == 4  # as literal text (the template ignores tool-call args)
+        # as literal text: system, both human turns, the tool result and the past call's arguments
+        assert rendered.count(literal) == 5
         assert isinstance(llm.invoke(history, max_tokens=4).content, str)
         assert isinstance("".join(str(c.content) for c in llm.stream(history, stop=[exploit], max_tokens=4)), str)
     assert executed == [] and list(tmp_path.iterdir()) == []

@@ -1,0 +1,313 @@
+"""Tool calls in model output: parsing, schema validation, and the prompt fallback.
+
+Model output is data. It is read with ``json.loads`` only, never evaluated, and every function here
+returns its verdict instead of raising on bad model output: a call that cannot be read becomes an
+``InvalidToolCall`` (with the raw text and the reason), a call that reads but does not fit the
+bound tools gets a rejection message from :func:`validate_tool_call`.
+
+Two output styles are understood:
+
+* **hermes** (Qwen 2.5/3, Hermes, and this package's fallback prompt):
+  ``<tool_call>{"name": "f", "arguments": {...}}</tool_call>``, any number of them, with free text
+  around them.
+* **json** (Llama 3.x and other templates that ask for a bare JSON answer): the whole message is one
+  ``{"name": "f", "parameters": {...}}`` object (or a list of them), optionally in a Markdown
+  code fence or after Llama's ``<|python_tag|>``.
+
+The engine sees none of this: it gets a plain ``validate_step(text) -> reason | None`` callable
+built by :func:`step_validator`, so it stays free of LangChain.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.messages import InvalidToolCall, ToolCall
+from langchain_core.messages.tool import invalid_tool_call, tool_call
+
+ToolCallStyle = Literal["hermes", "json"]
+HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
+
+# nesting deeper than this is refused before json.loads can hit Python's recursion limit
+_MAX_DEPTH = 64
+_FENCE = re.compile(r"^```[A-Za-z_]*\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+@dataclass
+class ParsedOutput:
+    """A model message split into its free text and its tool calls."""
+
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _too_deep(text: str) -> bool:
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest > _MAX_DEPTH
+
+
+def load_json(text: str) -> tuple[Any, str | None]:
+    """``(value, None)`` for valid JSON, ``(None, reason)`` otherwise; never raises."""
+    if _too_deep(text):
+        return None, f"JSON nested deeper than {_MAX_DEPTH} levels"
+    try:
+        return json.loads(text), None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError, so are huge ints
+        return None, f"not valid JSON: {err}"
+
+
+def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
+    """One call from its JSON text (``{"name": ..., "arguments"|"parameters": {...}}``)."""
+    call_id = new_call_id()
+    if value is None:
+        value, error = load_json(raw)
+        if error is not None:
+            return invalid_tool_call(name=None, args=raw, id=call_id, error=error)
+    if not isinstance(value, dict):
+        return invalid_tool_call(name=None, args=raw, id=call_id, error="a tool call must be a JSON object")
+    name = value.get("name")
+    if not isinstance(name, str) or not name:
+        return invalid_tool_call(name=None, args=raw, id=call_id, error='a tool call needs a string "name"')
+    args: Any = value.get("arguments", value.get("parameters", {}))
+    if isinstance(args, str):  # some models encode the arguments object as a JSON string
+        args, error = load_json(args)
+        if error is not None:
+            return invalid_tool_call(name=name, args=raw, id=call_id, error=f"arguments are a string but {error}")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return invalid_tool_call(name=name, args=raw, id=call_id, error="the arguments must be a JSON object")
+    return tool_call(name=name, args=args, id=call_id)
+
+
+def _add(parsed: ParsedOutput, call: ToolCall | InvalidToolCall) -> None:
+    if call.get("type") == "invalid_tool_call":
+        parsed.invalid_tool_calls.append(call)  # type: ignore[arg-type]
+    else:
+        parsed.tool_calls.append(call)  # type: ignore[arg-type]
+
+
+def parse_hermes(text: str, markers: tuple[str, str] = HERMES_MARKERS) -> ParsedOutput:
+    """Every ``<tool_call>...</tool_call>`` block; an unclosed last block is an invalid call."""
+    opening, closing = markers
+    parsed = ParsedOutput(content="")
+    pieces: list[str] = []
+    pos = 0
+    while True:
+        start = text.find(opening, pos)
+        if start < 0:
+            pieces.append(text[pos:])
+            break
+        pieces.append(text[pos:start])
+        body_start = start + len(opening)
+        end = text.find(closing, body_start)
+        body = text[body_start:] if end < 0 else text[body_start:end]
+        if end < 0:
+            parsed.invalid_tool_calls.append(
+                invalid_tool_call(
+                    name=None, args=body.strip(), id=new_call_id(), error=f"unterminated {opening}: no {closing}"
+                )
+            )
+            break
+        _add(parsed, call_from_json(body.strip()))
+        pos = end + len(closing)
+    parsed.content = "".join(pieces)
+    return parsed
+
+
+def parse_json_style(text: str) -> ParsedOutput | None:
+    """The whole message as one JSON call (or a list of calls); None when it is not JSON-shaped."""
+    body = text.strip()
+    if body.startswith("<|python_tag|>"):
+        body = body[len("<|python_tag|>") :].strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1).strip()
+    if not body.startswith(("{", "[")):
+        return None
+    value, error = load_json(body)
+    parsed = ParsedOutput(content="")
+    if error is not None:
+        # JSON-shaped but broken: a call the model meant to make, reported as invalid
+        if '"name"' in body:
+            parsed.invalid_tool_calls.append(invalid_tool_call(name=None, args=body, id=new_call_id(), error=error))
+            return parsed
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, dict) and "name" in item for item in items):
+        return None  # JSON, but not tool calls: leave it as content
+    for item in items:
+        _add(parsed, call_from_json(json.dumps(item), item))
+    return parsed
+
+
+def parse_tool_calls(text: str, style: ToolCallStyle | Literal["auto"] = "auto") -> ParsedOutput:
+    """Split ``text`` into content, tool calls and invalid tool calls; never raises on model output.
+
+    ``auto`` reads Hermes blocks when the text has an opening marker and the bare-JSON style
+    otherwise. Text with no call is returned unchanged as content.
+    """
+    if style in ("hermes", "auto") and HERMES_MARKERS[0] in text:
+        return parse_hermes(text)
+    if style in ("json", "auto"):
+        parsed = parse_json_style(text)
+        if parsed is not None:
+            return parsed
+    return ParsedOutput(content=text)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation against the bound tools' JSON schemas
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def schema_errors(value: Any, schema: Mapping[str, Any], path: str = "$") -> list[str]:
+    """Where ``value`` breaks ``schema``, for the JSON-schema subset ``convert_to_openai_tool`` emits.
+
+    Checked: ``type`` (one or a list), ``enum``, ``const``, ``properties``/``required``/
+    ``additionalProperties``, array ``items``/``minItems``/``maxItems``, ``anyOf``/``oneOf``/
+    ``allOf``, string ``minLength``/``maxLength`` and number bounds. Keywords outside that subset
+    (``$ref``, ``pattern``, ``format``...) are not checked: a call is only rejected for a reason
+    this function can name.
+    """
+    if not isinstance(schema, Mapping):
+        return []
+    errors: list[str] = []
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        known = [k for k in kinds if k in _TYPES]
+        if known and not any(_TYPES[k](value) for k in known):
+            return [f"{path}: expected {' or '.join(known)}, got {type(value).__name__}"]
+    if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} is not one of {schema['enum']!r}")
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{path}: must be {schema['const']!r}")
+    for key in ("anyOf", "oneOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options and all(schema_errors(value, o, path) for o in options):
+            errors.append(f"{path}: matches none of the {key} options")
+    for sub in schema.get("allOf") or []:
+        errors.extend(schema_errors(value, sub, path))
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        for name in schema.get("required") or []:
+            if name not in value:
+                errors.append(f"{path}: missing required property {name!r}")
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            if name in properties:
+                errors.extend(schema_errors(item, properties[name], f"{path}.{name}"))
+            elif extra is False:
+                errors.append(f"{path}: unexpected property {name!r}")
+            elif isinstance(extra, Mapping):
+                errors.extend(schema_errors(item, extra, f"{path}.{name}"))
+    if isinstance(value, list):
+        items = schema.get("items")
+        if isinstance(items, Mapping):
+            for i, item in enumerate(value):
+                errors.extend(schema_errors(item, items, f"{path}[{i}]"))
+        if isinstance(schema.get("minItems"), int) and len(value) < schema["minItems"]:
+            errors.append(f"{path}: fewer than {schema['minItems']} items")
+        if isinstance(schema.get("maxItems"), int) and len(value) > schema["maxItems"]:
+            errors.append(f"{path}: more than {schema['maxItems']} items")
+    if isinstance(value, str):
+        if isinstance(schema.get("minLength"), int) and len(value) < schema["minLength"]:
+            errors.append(f"{path}: shorter than {schema['minLength']} characters")
+        if isinstance(schema.get("maxLength"), int) and len(value) > schema["maxLength"]:
+            errors.append(f"{path}: longer than {schema['maxLength']} characters")
+    if _TYPES["number"](value):
+        for key, ok in (
+            ("minimum", lambda b: value >= b),
+            ("maximum", lambda b: value <= b),
+            ("exclusiveMinimum", lambda b: value > b),
+            ("exclusiveMaximum", lambda b: value < b),
+        ):
+            bound = schema.get(key)
+            if _TYPES["number"](bound) and not ok(bound):
+                errors.append(f"{path}: violates {key} {bound}")
+    return errors
+
+
+def tools_by_name(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """``{name: parameters schema}`` from OpenAI-format tools (``convert_to_openai_tool`` output)."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for tool in tools:
+        function = tool.get("function", tool)
+        out[function["name"]] = function.get("parameters") or {"type": "object", "properties": {}}
+    return out
+
+
+def validate_tool_call(call: ToolCall | InvalidToolCall, tools: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Why ``call`` does not fit the bound ``tools`` (``{name: parameters schema}``), or None if it does."""
+    if call.get("type") == "invalid_tool_call":
+        return str(call.get("error") or "the tool call could not be parsed")
+    name = call.get("name")
+    if name not in tools:
+        return f"unknown tool {name!r}; bound tools: {sorted(tools)}"
+    errors = schema_errors(call.get("args"), tools[str(name)])
+    return "; ".join(errors[:5]) or None
+
+
+def step_validator(
+    tools: Sequence[Mapping[str, Any]], markers: tuple[str, str] = HERMES_MARKERS
+) -> Callable[[str], str | None]:
+    """The engine's ``validate_step``: the text of one tool-call step in, a rejection reason or None out."""
+    schemas = tools_by_name(tools)
+
+    def validate(text: str) -> str | None:
+        parsed = parse_hermes(text, markers)
+        calls: list[ToolCall | InvalidToolCall] = [*parsed.tool_calls, *parsed.invalid_tool_calls]
+        if not calls:
+            return f"no {markers[0]} block in the step"
+        for call in calls:
+            reason = validate_tool_call(call, schemas)
+            if reason is not None:
+                return reason
+        return None
+
+    return validate
+
+
+# --------------------------------------------------------------------------------------------------
+# prompt fallback for chat templates that ignore ``tools``
+
+FALLBACK_TOOL_PROMPT = """You can call these tools:
+{tools}
+
+To call a tool, answer with one block per call, exactly like this:
+<tool_call>
+{{"name": "<tool name>", "arguments": {{<arguments as a JSON object>}}}}
+</tool_call>
+Each tool's result comes back in a <tool_response> block. When you have what you need, answer in plain text."""
+
+
+def fallback_tool_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The system-prompt block that describes ``tools`` and the Hermes call format."""
+    lines = [json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools]
+    return FALLBACK_TOOL_PROMPT.format(tools="\n".join(lines))

@@ -1,0 +1,297 @@
+"""Tool calling through ChatSpecGuard on tiny pairs: verified tool-call steps and a real agent loop.
+
+Random-weight models cannot call tools, so where a test needs a particular answer the *text* is
+scripted with :func:`tests.scripted.force_script` (a bias on the scripted token's logit after the
+model's real forward pass). The SpecGuard machinery - drafting, step boundaries, attention and
+confidence scoring, schema rejection, the target's fallback - plus parsing, the ``ToolMessage``
+round trip through the chat template and the step events are all real.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel
+
+from langchain_specguard import STEP_EVENT, ChatSpecGuard
+from langchain_specguard.engine.decoding import generate
+from langchain_specguard.tools import HERMES_MARKERS, step_validator
+from tests.scripted import force_script
+from tests.tiny_models import long_llama_pair
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _arith(node: ast.AST) -> float:
+    """Evaluate + - * / on numbers from a parsed expression tree (never eval)."""
+    if isinstance(node, ast.Expression):
+        return _arith(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_arith(node.left), _arith(node.right))
+    raise ValueError("only + - * / on numbers")
+
+
+@tool
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression such as '17 * 3'."""
+    value = _arith(ast.parse(expression, mode="eval"))
+    return str(int(value) if float(value).is_integer() else value)
+
+
+CAPITALS = {"france": "Paris", "japan": "Tokyo"}
+
+
+@tool
+def lookup(country: str) -> str:
+    """Look up the capital of a country."""
+    return CAPITALS.get(country.lower(), "unknown")
+
+
+class Collector(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        if name == STEP_EVENT:
+            self.steps.append(data)
+
+
+def make_llm(**overrides: Any) -> ChatSpecGuard:
+    target, draft = long_llama_pair()
+    params: dict[str, Any] = {
+        "target_model": target,
+        "draft_model": draft,
+        "max_tokens": 200,
+        "max_step_tokens": 24,
+        "max_tool_call_tokens": 160,
+        "n_candidates": 2,
+        "acceptance_threshold": 0.3,
+        "seed": 0,
+    }
+    params.update(overrides)
+    llm = ChatSpecGuard(**params)
+    llm.load()
+    return llm
+
+
+def call_block(name: str, args: dict[str, Any]) -> str:
+    return f"{HERMES_MARKERS[0]}\n{json.dumps({'name': name, 'arguments': args})}\n{HERMES_MARKERS[1]}"
+
+
+def test_schema_invalid_draft_call_is_rejected_and_target_writes_the_step() -> None:
+    """The draft (scripted) writes a call with a wrong argument type; the real target rewrites it."""
+    llm = make_llm(acceptance_threshold=-1.0, max_tokens=100)  # scores alone would accept every draft step
+    pair = llm.load()
+    bad_call = call_block("calculator", {"expression": 5})  # schema says string
+    force_script(pair.draft, pair.tokenizer, lambda prompt: bad_call)
+    tools = [convert_to_openai_tool(calculator)]
+    params = llm.engine_params(tool_call_markers=HERMES_MARKERS)
+    prompt = llm.render_prompt([HumanMessage("What is 17 * 3?")], tools)
+    target_alone = generate(pair, prompt, params.model_copy(update={"acceptance_threshold": 2.0}))
+
+    result = generate(pair, prompt, params, validate_step=step_validator(tools))
+    first = result.steps[0]
+    assert first.draft_text.strip() == bad_call
+    assert first.reason == "schema" and not first.accepted and first.source == "target"
+    # ``kind`` describes the committed step: here the random target's text, not a call
+    assert first.kind == target_alone.steps[0].kind == "text"
+    assert "$.expression: expected string" in str(first.detail)
+    # what was committed is the target's own step, identical to the target decoding alone
+    assert first.token_ids == target_alone.steps[0].token_ids
+    assert bad_call not in result.text
+
+    # the same draft call without a validator is accepted (threshold -1): the rejection is the schema's
+    unchecked = generate(pair, prompt, params)
+    assert unchecked.steps[0].accepted and unchecked.steps[0].kind == "tool_call"
+    assert unchecked.text.startswith(bad_call)
+
+
+def test_valid_draft_call_is_one_step_and_text_before_it_is_split_off() -> None:
+    llm = make_llm(acceptance_threshold=-1.0)
+    pair = llm.load()
+    good = call_block("lookup", {"country": "France"})
+    answer = "Sure thing " + good  # no CoT delimiter between the text and the call
+    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
+    tools = [convert_to_openai_tool(lookup)]
+    params = llm.engine_params(tool_call_markers=HERMES_MARKERS, step_delimiters=["\n"])
+    prompt = llm.render_prompt([HumanMessage("Capital of France?")], tools)
+    result = generate(pair, prompt, params, validate_step=step_validator(tools))
+    texts = [(s.kind, s.text) for s in result.steps]
+    # the call holds two "\n" delimiters, yet it is one step, opening marker to closing marker
+    assert texts[0] == ("text", "Sure thing ")
+    assert texts[1] == ("tool_call", good)
+    assert all(s.accepted for s in result.steps) and result.text == answer
+
+
+def test_tool_turns_render_through_templates_without_tool_support() -> None:
+    """The tiny ChatML template prints only content: past calls and results are written as text."""
+    llm = make_llm()
+    history = [
+        HumanMessage("What is 2+2?"),
+        AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "2+2"}, "id": "c1"}]),
+        ToolMessage("4", tool_call_id="c1"),
+    ]
+    text = llm.load().tokenizer.decode(llm.render_prompt(history, [convert_to_openai_tool(calculator)]))
+    assert '"name": "calculator"' in text.split("<|im_start|>user")[0]  # the fallback system block
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}' in text
+    assert "<tool_response>\n4\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_tool_turns_render_through_the_gemma_template() -> None:
+    """The embedded model's template maps every non-assistant turn to 'user' and prints only content."""
+    from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
+
+    llm = make_llm(chat_template=GEMMA_CHAT_TEMPLATE)
+    assert not llm.template_takes_tools() and llm.tool_style() == "hermes"
+    history = [
+        HumanMessage("What is 2+2?"),
+        AIMessage("Let me add.", tool_calls=[{"name": "calculator", "args": {"expression": "2+2"}, "id": "c1"}]),
+        ToolMessage("4", tool_call_id="c1"),
+    ]
+    text = llm.load().tokenizer.decode(llm.render_prompt(history, [convert_to_openai_tool(calculator)]))
+    assert text.startswith("<s><start_of_turn>user\nYou can call these tools:")  # system block folded into user
+    assert '<start_of_turn>model\nLet me add.\n<tool_call>\n{"name": "calculator"' in text
+    assert "<start_of_turn>user\n<tool_response>\n4\n</tool_response><end_of_turn>" in text
+    assert text.endswith("<start_of_turn>model\n")
+
+
+async def test_streamed_tool_calls_arrive_as_chunks_and_match_invoke() -> None:
+    llm = make_llm()
+    pair = llm.load()
+    answer = "Checking.\n\n" + call_block("lookup", {"country": "Japan"})
+    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
+    force_script(pair.target, pair.tokenizer, lambda prompt: answer)
+    bound = llm.bind_tools([lookup])
+    invoked = await bound.ainvoke("Capital of Japan?")
+    chunks = [chunk async for chunk in bound.astream("Capital of Japan?")]
+    assert all("<tool_call>" not in str(c.content) for c in chunks)  # call text never leaks into content
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged = merged + chunk
+    assert merged.content == invoked.content == "Checking.\n\n"
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [("lookup", {"country": "Japan"})]
+    assert [(c["name"], c["args"]) for c in invoked.tool_calls] == [("lookup", {"country": "Japan"})]
+    assert invoked.response_metadata["finish_reason"] == "tool_calls"
+
+
+QWEN_LIKE_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
+    "Reply with <tool_call></tool_call> blocks.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
+    "{% for c in m.tool_calls %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "\n</tool_call>{% endfor %}<|im_end|>\n{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{{ m.content }}\n</tool_response><|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_turns_render_through_templates_with_tool_support() -> None:
+    llm = make_llm(chat_template=QWEN_LIKE_TEMPLATE)
+    assert llm.template_takes_tools() and llm.tool_style() == "hermes"
+    history = [
+        HumanMessage("What is 2+2?"),
+        AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "2+2"}, "id": "c1"}]),
+        ToolMessage("4", tool_call_id="c1"),
+    ]
+    text = llm.load().tokenizer.decode(llm.render_prompt(history, [convert_to_openai_tool(calculator)]))
+    assert text.startswith("<|im_start|>system\n# Tools\n<tools>") and "You can call these tools" not in text
+    # arguments reach the template as a dict (HF convention), so they are not JSON-encoded twice
+    assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}\n</tool_call>' in text
+    assert "<tool_response>\n4\n</tool_response>" in text
+
+
+def test_bind_tools_and_forced_choice_on_the_real_tiny_pair() -> None:
+    """Unscripted random models: whatever they write comes back as content, tool_calls or invalid_tool_calls."""
+    llm = make_llm(max_tokens=40)
+    with pytest.raises(ValueError, match="not among the bound tools"):
+        llm.bind_tools([calculator], tool_choice="lookup")
+    free = llm.bind_tools([calculator, lookup]).invoke("hi")
+    assert isinstance(free, AIMessage)
+    forced = llm.bind_tools([calculator], tool_choice="calculator").invoke("hi")
+    # the forced prefix opened the call; a random model never closes it, so it is an invalid call
+    assert forced.content == "" and not forced.tool_calls
+    assert forced.invalid_tool_calls and "unterminated" in str(forced.invalid_tool_calls[0]["error"])
+    streamed = None
+    for chunk in llm.bind_tools([calculator], tool_choice="calculator").stream("hi"):
+        streamed = chunk if streamed is None else streamed + chunk
+    # streamed, the call arrives as a tool_call_chunk holding the same raw text; how an aggregated
+    # chunk reads a broken call is langchain-core's partial-JSON rule, so only the chunk is checked
+    assert streamed is not None and streamed.content == ""
+    assert [c["args"] for c in streamed.tool_call_chunks] == [forced.invalid_tool_calls[0]["args"]]
+
+
+def scripted_agent_answer(prompt: str) -> str:
+    """The text a capable model would write at each turn of the agent loop."""
+    results = prompt.count("<tool_response>\n")  # result blocks, not the system prompt's mention
+    if results == 0:
+        return "I will compute the product first.\n\n" + call_block("calculator", {"expression": "17 * 3"})
+    if results == 1:
+        return call_block("lookup", {"country": "France"})
+    product = prompt.split("<tool_response>\n")[1].split("\n")[0]
+    capital = prompt.split("<tool_response>\n")[2].split("\n")[0]
+    return f"17 * 3 = {product}.\n\nThe capital of France is {capital}."
+
+
+class Answer(BaseModel):
+    """A number and a city."""
+
+    number: int
+    city: str
+
+
+def test_structured_output_through_a_forced_tool_call() -> None:
+    llm = make_llm()
+    pair = llm.load()
+    script = lambda prompt: call_block("Answer", {"number": 51, "city": "Paris"})  # noqa: E731
+    force_script(pair.draft, pair.tokenizer, script)
+    force_script(pair.target, pair.tokenizer, script)
+    structured = llm.with_structured_output(Answer, include_raw=True)
+    out = structured.invoke("Give me a number and a city.")
+    assert out["parsed"] == Answer(number=51, city="Paris") and out["parsing_error"] is None
+    assert out["raw"].tool_calls[0]["name"] == "Answer"
+    as_json = llm.with_structured_output(convert_to_openai_tool(Answer), method="json_schema").invoke("Go.")
+    assert as_json == {"number": 51, "city": "Paris"}
+
+
+def test_agent_loop_with_two_real_tools() -> None:
+    """langchain's create_agent runs to completion: two tool calls, two ToolMessages, a final answer."""
+    from langchain.agents import create_agent
+
+    llm = make_llm()
+    pair = llm.load()
+    # both models follow the script, so whichever writes a step, the text is the same
+    force_script(pair.draft, pair.tokenizer, scripted_agent_answer)
+    force_script(pair.target, pair.tokenizer, scripted_agent_answer)
+    agent = create_agent(llm, tools=[calculator, lookup])
+    collector = Collector()
+    state = agent.invoke(
+        {"messages": [HumanMessage("What is 17 * 3, and what is the capital of France?")]},
+        config={"callbacks": [collector]},
+    )
+    messages = state["messages"]
+    tool_messages = [m for m in messages if isinstance(m, ToolMessage)]
+    assert [(m.name, m.content) for m in tool_messages] == [("calculator", "51"), ("lookup", "Paris")]
+    calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert [c["args"] for c in calls] == [{"expression": "17 * 3"}, {"country": "France"}]
+    assert [m.tool_call_id for m in tool_messages] == [c["id"] for c in calls]
+    assert messages[1].content == "I will compute the product first.\n\n"
+    final = messages[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls
+    assert final.content == "17 * 3 = 51.\n\nThe capital of France is Paris."
+    kinds = {s["kind"] for s in collector.steps}
+    assert kinds == {"text", "tool_call"}
+    tool_steps = [s for s in collector.steps if s["kind"] == "tool_call"]
+    assert len(tool_steps) == 2 and all(s["text"].lstrip().startswith("<tool_call>") for s in tool_steps)
+    assert all(s["reason"] in ("accepted", "score") for s in collector.steps)  # scripted calls fit the schemas

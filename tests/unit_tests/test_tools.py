@@ -1,0 +1,194 @@
+"""Tool-call parsing and schema validation on template-shaped outputs, plus a fuzz test."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, Field
+
+from langchain_specguard.engine.steps import is_tool_call_step, marker_split, open_call_start, tool_step_complete
+from langchain_specguard.tools import (
+    HERMES_MARKERS,
+    fallback_tool_prompt,
+    parse_tool_calls,
+    schema_errors,
+    step_validator,
+    tools_by_name,
+    validate_tool_call,
+)
+
+
+class Weather(BaseModel):
+    """Current weather for a city."""
+
+    city: str
+    unit: Literal["celsius", "fahrenheit"] = "celsius"
+    days: list[int] = Field(default_factory=list)
+
+
+def search(query: str, limit: int = 5) -> str:
+    """Search the web."""
+    return query
+
+
+TOOLS = [convert_to_openai_tool(Weather), convert_to_openai_tool(search)]
+SCHEMAS = tools_by_name(TOOLS)
+
+# What Qwen2.5-Instruct writes through its chat template (Hermes style), text around the call.
+QWEN_OUTPUT = (
+    "I'll check the weather first.\n"
+    '<tool_call>\n{"name": "Weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "search", "arguments": {"query": "Paris events", "limit": 3}}\n</tool_call>'
+)
+# Llama 3.1/3.2 with custom tools: the whole answer is a JSON object with "parameters".
+LLAMA_OUTPUT = '{"name": "search", "parameters": {"query": "nested {braces} and \\"quotes\\"", "limit": 2}}'
+# Gemma / Llama sometimes fence the JSON.
+FENCED_OUTPUT = '```json\n{"name": "Weather", "parameters": {"city": "Oslo"}}\n```'
+
+
+def test_hermes_calls_and_content() -> None:
+    parsed = parse_tool_calls(QWEN_OUTPUT)
+    assert parsed.content == "I'll check the weather first.\n\n"
+    assert [c["name"] for c in parsed.tool_calls] == ["Weather", "search"]
+    assert parsed.tool_calls[0]["args"] == {"city": "Paris", "unit": "celsius"}
+    assert parsed.tool_calls[1]["args"] == {"query": "Paris events", "limit": 3}
+    assert len({c["id"] for c in parsed.tool_calls}) == 2 and all(c["id"] for c in parsed.tool_calls)
+    assert parsed.invalid_tool_calls == []
+
+
+def test_llama_json_style_with_nested_strings() -> None:
+    parsed = parse_tool_calls(LLAMA_OUTPUT)
+    assert parsed.content == ""
+    assert parsed.tool_calls[0]["name"] == "search"
+    assert parsed.tool_calls[0]["args"] == {"query": 'nested {braces} and "quotes"', "limit": 2}
+    python_tag = parse_tool_calls("<|python_tag|>" + LLAMA_OUTPUT, "json")
+    assert python_tag.tool_calls[0]["args"]["limit"] == 2
+
+
+def test_fenced_json_and_lists_of_calls() -> None:
+    assert parse_tool_calls(FENCED_OUTPUT).tool_calls[0]["args"] == {"city": "Oslo"}
+    both = parse_tool_calls(json.dumps([{"name": "a", "arguments": {}}, {"name": "b", "parameters": {"x": 1}}]))
+    assert [(c["name"], c["args"]) for c in both.tool_calls] == [("a", {}), ("b", {"x": 1})]
+
+
+def test_arguments_given_as_a_json_string() -> None:
+    text = '<tool_call>{"name": "search", "arguments": "{\\"query\\": \\"x\\"}"}</tool_call>'
+    assert parse_tool_calls(text).tool_calls[0]["args"] == {"query": "x"}
+
+
+def test_plain_text_and_plain_json_are_content() -> None:
+    assert parse_tool_calls("The answer is 4.").content == "The answer is 4."
+    data = '{"answer": 4}'
+    parsed = parse_tool_calls(data)
+    assert parsed.content == data and not parsed.tool_calls and not parsed.invalid_tool_calls
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('<tool_call>{"name": "search", "arguments": {"query": "x"</tool_call>', "not valid JSON"),
+        ('<tool_call>{"name": "search", "arguments": {"query": "x"}}', "unterminated"),  # truncated
+        ("<tool_call>[1, 2]</tool_call>", "JSON object"),
+        ('<tool_call>{"arguments": {}}</tool_call>', '"name"'),
+        ('<tool_call>{"name": "search", "arguments": [1]}</tool_call>', "arguments must be"),
+        ('<tool_call>{"name": "search", "arguments": "{oops"}</tool_call>', "arguments are a string"),
+        ("<tool_call>" + "[" * 5000 + "]" * 5000 + "</tool_call>", "nested deeper"),
+        ('{"name": "search", "parameters": {"query": ', "not valid JSON"),  # truncated Llama call
+    ],
+)
+def test_malformed_calls_become_invalid_tool_calls(text: str, error: str) -> None:
+    parsed = parse_tool_calls(text)
+    assert parsed.tool_calls == []
+    assert len(parsed.invalid_tool_calls) == 1
+    bad = parsed.invalid_tool_calls[0]
+    assert error in str(bad["error"])
+    assert bad["id"] and isinstance(bad["args"], str)
+
+
+def test_a_good_call_survives_a_bad_one_next_to_it() -> None:
+    text = '<tool_call>{"name": "search", "arguments": {"query": "a"}}</tool_call><tool_call>{bad}</tool_call>'
+    parsed = parse_tool_calls(text)
+    assert [c["name"] for c in parsed.tool_calls] == ["search"]
+    assert len(parsed.invalid_tool_calls) == 1
+
+
+def test_schema_validation() -> None:
+    ok = parse_tool_calls(QWEN_OUTPUT).tool_calls
+    assert [validate_tool_call(c, SCHEMAS) for c in ok] == [None, None]
+
+    def reason(name: str, args: dict) -> str | None:
+        return validate_tool_call({"name": name, "args": args, "id": "x", "type": "tool_call"}, SCHEMAS)
+
+    assert "unknown tool 'weather'" in str(reason("weather", {"city": "x"}))
+    assert "missing required property 'city'" in str(reason("Weather", {}))
+    assert "not one of" in str(reason("Weather", {"city": "x", "unit": "kelvin"}))
+    assert "$.days[1]: expected integer" in str(reason("Weather", {"city": "x", "days": [1, "two"]}))
+    assert "$.limit: expected integer" in str(reason("search", {"query": "x", "limit": True}))
+    assert reason("search", {"query": "x", "limit": 2.0}) is None  # JSON has one number type
+
+
+def test_schema_subset_keywords() -> None:
+    optional = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert schema_errors(None, optional) == [] and schema_errors("a", optional) == []
+    assert schema_errors(3, optional)
+    closed = {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False}
+    assert "unexpected property 'b'" in schema_errors({"a": "x", "b": 1}, closed)[0]
+    assert schema_errors(5, {"type": "number", "minimum": 6})
+    assert schema_errors("ab", {"type": "string", "maxLength": 1})
+    assert schema_errors(1, {"$ref": "#/defs/x"}) == []  # outside the subset: not checked, not rejected
+
+
+def test_step_validator_reads_one_tool_call_step() -> None:
+    validate = step_validator(TOOLS)
+    assert validate('<tool_call>\n{"name": "search", "arguments": {"query": "q"}}\n</tool_call>') is None
+    assert "unknown tool" in str(validate('<tool_call>{"name": "nope", "arguments": {}}</tool_call>'))
+    assert "not valid JSON" in str(validate("<tool_call>{nope</tool_call>"))
+    assert "unterminated" in str(validate('<tool_call>{"name": "search"'))
+    assert "no <tool_call>" in str(validate("just text"))
+
+
+def test_tool_call_step_boundaries() -> None:
+    markers = HERMES_MARKERS
+    assert is_tool_call_step("\n<tool_call>\n{", markers)
+    assert is_tool_call_step("<tool", markers)  # may still become one: no delimiter may end it
+    assert not is_tool_call_step("Let me see.", markers)
+    assert is_tool_call_step('"x"}}', markers, continues_call=True)
+    assert not tool_step_complete('<tool_call>\n{"a":\n\n1}', markers)
+    assert tool_step_complete('<tool_call>{"a": 1}</tool_call>', markers)
+    assert tool_step_complete("1}}</tool_call>", markers, continues_call=True)
+    assert marker_split("Sure. <tool_call>", markers) == 6
+    assert marker_split("  <tool_call>", markers) is None
+    assert open_call_start("a <tool_call> {", markers) == 2
+    assert open_call_start("<tool_call>{}</tool_call> done", markers) is None
+
+
+def test_fallback_prompt_lists_every_tool() -> None:
+    block = fallback_tool_prompt(TOOLS)
+    assert '"name": "Weather"' in block and '"name": "search"' in block and "<tool_call>" in block
+
+
+ALPHABET = st.sampled_from(
+    ['<tool_call>', '</tool_call>', '{', '}', '[', ']', '"', '"name"', '"arguments"', '"parameters"', ":", ",",
+     "\\", "```", "<|python_tag|>", " ", "\n", "1e999", "-", "9" * 30, "null", "true", "a", "é", "\x00"]
+)  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.text(max_size=200), st.lists(ALPHABET, max_size=40).map("".join)))
+def test_fuzz_parser_never_raises(text: str) -> None:
+    """Any string: a ParsedOutput whose calls are well-formed, whatever the input; never an exception."""
+    parsed = parse_tool_calls(text)
+    for call in parsed.tool_calls:
+        assert isinstance(call["name"], str) and isinstance(call["args"], dict) and call["id"]
+        assert validate_tool_call(call, SCHEMAS) is None or isinstance(validate_tool_call(call, SCHEMAS), str)
+    for bad in parsed.invalid_tool_calls:
+        assert bad["error"] and bad["id"]
+    if not parsed.tool_calls and not parsed.invalid_tool_calls:
+        assert parsed.content == text
+    reason = step_validator(TOOLS)(text)
+    assert reason is None or isinstance(reason, str)
