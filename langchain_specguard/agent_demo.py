@@ -21,11 +21,11 @@ import operator
 import time
 from typing import Any
 
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 
-from .chat_models import STEP_EVENT, ChatSpecGuard
+from .callbacks import SpecGuardCallbackHandler
+from .chat_models import ChatSpecGuard
 
 DEFAULT_QUESTION = "What is the capital of France?"
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -69,19 +69,17 @@ def worked_example() -> list[BaseMessage]:
     ]
 
 
-class StepLog(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.steps: list[dict[str, Any]] = []
+class StepLog(SpecGuardCallbackHandler):
+    """The step events of every model call the agent made, as a table."""
 
-    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
-        if name == STEP_EVENT:
-            self.steps.append(data)
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return self.to_records()
 
     def render(self) -> str:
         rows = ["call step  kind       written by  verdict            text"]
-        call = 0
         for s in self.steps:
-            call += s["index"] == 0
+            call = s["call"] + 1
             verdict = "accepted" if s["accepted"] else f"rejected ({s['reason']})"
             rows.append(
                 f"{call:>4} {s['index']:>4}  {s['kind']:<9}  {s['source']:<10}  {verdict:<17}  {s['text'][:70]!r}"

@@ -25,7 +25,8 @@ over, and why, in four places that carry the same data:
     ``"target"``: who wrote the committed step), ``accepted`` (the draft step passed; equals
     ``source == "draft"``), ``reason`` (``"accepted"`` or why the draft step was rejected:
     ``"score"``, or ``"schema"`` for a draft tool call that failed to parse or validate), ``kind``
-    (``"text"`` or ``"tool_call"``: the committed step), ``detail`` (the validator's message, if any), ``grounding``, ``confidence``, ``score`` (the kept draft candidate's attention
+    (``"text"`` or ``"tool_call"``: the committed step), ``detail`` (the validator's message, if
+    any), ``grounding``, ``confidence``, ``score`` (the kept draft candidate's attention
     grounding, log-prob confidence and their combination, in [0, 1]; ``null`` if not computable),
     ``threshold`` (the acceptance threshold in force), ``text`` (the text this step added to the
     answer; may be empty while a possible stop sequence is held back), ``num_tokens`` and

@@ -12,24 +12,21 @@ import argparse
 import time
 from typing import Any
 
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
-from .chat_models import STEP_EVENT, ChatSpecGuard
+from .callbacks import SpecGuardCallbackHandler
+from .chat_models import ChatSpecGuard
 from .fewshot import DEFAULT_QUESTION, chat_messages, trim_to_answer
 
 
-class StepTable(BaseCallbackHandler):
-    """Collects ``specguard_step`` events to print them as a table."""
+class StepTable(SpecGuardCallbackHandler):
+    """Collects the ``specguard_step`` events of a run to print them as a table."""
 
-    def __init__(self) -> None:
-        self.steps: list[dict[str, Any]] = []
-
-    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
-        if name == STEP_EVENT:
-            self.steps.append(data)
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return self.to_records()
 
     def render(self) -> str:
         rows = ["step  source  tokens  grounding  confidence  score  accepted  seconds  text"]
