@@ -13,7 +13,7 @@ import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from jinja2.exceptions import TemplateError
@@ -637,7 +637,6 @@ class _ShownContent:
     setup: _ToolSetup
     text: str = ""
     sent: str = ""
-    held: list[str] = field(default_factory=list)
 
     def add(self, step_text: str) -> str:
         self.text += step_text
