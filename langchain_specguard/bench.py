@@ -23,7 +23,7 @@ import torch
 from .engine import SpecGuardParams, generate, load_embedded_pair, load_pair
 from .engine.loading import ModelPair, decode
 from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer, trim_to_answer
-from .testbed import prompt_text
+from .testbed import encode_prompt
 
 
 @dataclass
@@ -84,8 +84,7 @@ def encode_prompts(pair: ModelPair, questions: list[str], style: str) -> list[li
     """``chat``: the few-shot prompt through the chat template; ``raw``: the testbed's ``Q: ...\nA:\n``."""
     tok = pair.tokenizer
     if style == "raw":
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        return [bos + tok(prompt_text(q), add_special_tokens=False)["input_ids"] for q in questions]
+        return [encode_prompt(tok, q) for q in questions]
     return [
         tok(
             tok.apply_chat_template(chat_messages(q), add_generation_prompt=True, tokenize=False),

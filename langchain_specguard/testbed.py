@@ -71,16 +71,22 @@ def prompt_text(question: str) -> str:
     return f"Q: {question}\nA:\n"
 
 
+def encode_prompt(tokenizer: Any, question: str) -> list[int]:
+    """Token ids the models see for ``question``: BOS (if any), then the ``Q: ...\nA:\n`` text."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+
+
 def _batch(
     tokenizer: PreTrainedTokenizerFast, rng: random.Random, size: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     texts = []
     for _ in range(size):
         problem = make_problem(rng)
-        texts.append((prompt_text(problem["question"]), problem["solution"]))
+        texts.append((problem["question"], problem["solution"]))
     ids, labels = [], []
-    for prompt, solution in texts:
-        p = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    for question, solution in texts:
+        p = encode_prompt(tokenizer, question)
         s = [*tokenizer(solution, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
         ids.append(p + s)
         labels.append([-100] * len(p) + s)  # learn the solution, not the question
@@ -197,7 +203,7 @@ def signal_separation(pair: Any, questions: list[str], *, max_tokens: int = 64) 
 
     results: dict[str, Any] = {}
     tok = pair.tokenizer
-    prompts = [[tok.bos_token_id, *tok(prompt_text(q), add_special_tokens=False)["input_ids"]] for q in questions]
+    prompts = [encode_prompt(tok, q) for q in questions]
     for source in ("target", "draft"):
         for method in ("rollout", "mean"):
             params = SpecGuardParams(
