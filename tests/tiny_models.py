@@ -1,8 +1,10 @@
 """Tiny random-weight model pairs, saved to a temp dir and loaded back through ``from_pretrained``.
 
 A character-level tokenizer keeps them small and makes step boundaries (``\\n``, ``\\n\\n``) real
-tokens. Weights are random, so the text is gibberish, but greedy decoding is deterministic, which
-is all the invariants need.
+tokens; a byte-level BPE tokenizer (GPT-2/Qwen/Llama 3 style, trained here on a small multilingual
+corpus) brings what character-level tokenizers hide: multi-byte characters split over tokens, merged
+delimiters, special tokens. Weights are random, so the text is gibberish, but greedy decoding is
+deterministic, which is all the invariants need.
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -127,4 +137,83 @@ def long_llama_pair() -> tuple[str, str]:
     return (
         _save(_llama(len(tok), 4, seed=0, positions=4096), tok, root / "long-llama-target"),
         _save(_llama(len(tok), 2, seed=1, positions=4096), tok, root / "long-llama-draft"),
+    )
+
+
+WINDOW = 8
+"""Sliding window of the tiny Gemma-3-style pair: every test prompt is longer than this."""
+
+
+def _gemma(vocab: int, layers: int, seed: int) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(layers)],
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=[2, 4],
+        pad_token_id=0,
+    )
+    return Gemma3ForCausalLM(cfg)
+
+
+@functools.cache
+def gemma_pair() -> tuple[str, str]:
+    """Gemma-3-style pair: sliding-window layers (window 8) mixed with full-attention ones."""
+    tok = make_tokenizer()
+    root = tiny_dir()
+    return (
+        _save(_gemma(len(tok), 4, seed=5), tok, root / "gemma-target"),
+        _save(_gemma(len(tok), 2, seed=6), tok, root / "gemma-draft"),
+    )
+
+
+BPE_CORPUS = (
+    "The sum of 3 and 5 is 8.\n\nStep 1: add the apples.\nStep 2: count them again.\n\n"
+    "Café crème, naïve façade, über Straße. 日本語のテキストと中文文本。 Emoji 😀🎉👍 and ü é è ñ.\n"
+    '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2 + 2"}}\n</tool_call>\n'
+    "def f(x):\n    return x * 2  # double\n\nAnswer: 42\n"
+)
+
+
+@functools.cache
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with merges (so ``\\n\\n``, ``.\\n`` and parts of characters are tokens)."""
+    inner = Tokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    inner.train_from_iterator([BPE_CORPUS] * 20, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+@functools.cache
+def bpe_pair() -> tuple[str, str]:
+    """A Qwen2 pair speaking the byte-level BPE tokenizer."""
+    tok = bpe_tokenizer()
+    root = tiny_dir()
+    return (
+        _save(_qwen(len(tok), 3, seed=7), tok, root / "bpe-target"),
+        _save(_qwen(len(tok), 1, seed=8), tok, root / "bpe-draft"),
     )

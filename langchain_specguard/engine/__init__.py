@@ -3,7 +3,8 @@
 Nothing here imports LangChain; ``langchain_specguard.chat_models`` is a thin layer over it.
 """
 
-from .decoding import EVENT_VERSION, GenerationResult, StepEvent, generate, generate_steps, summarize
+from .decoding import generate, generate_steps
+from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .loading import GEMMA_CHAT_TEMPLATE, ModelPair, load_embedded_pair, load_pair, self_speculative_draft
 from .params import SpecGuardParams
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent

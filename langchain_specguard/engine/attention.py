@@ -1,156 +1,182 @@
-"""Attention probabilities for the few layers the grounding score reads.
+"""The attention kernel of the engine's model views, and the attention the grounding score reads.
 
-Asking transformers for ``output_attentions`` forces eager attention on *every* layer and
-materialises ``[batch, heads, q, kv]`` for all of them. SpecGuard only needs a handful of layers,
-and of those only three numbers per query row: the mass on the attention sink (position 0), the
-mass on the context (prompt and verified steps) and the mass on each token of the step being
-scored. So the scored layers get a thin attention function that calls the model's usual kernel
-(sdpa, eager, flash...) for the output and, only while a :func:`capture` is active, recomputes the
-softmax for the new query rows and reduces it on the spot. Every other layer keeps its fast path.
+Every layer of a view (see :mod:`.view`) calls :func:`specguard_attention`: one fused SDPA call with
+grouped-query heads packed onto their key/value head (no repeated keys), under a mask the engine built
+from explicit positions. It never looks at a host value, so a whole forward pass can be replayed as a
+CUDA graph.
+
+The grounding score needs, per scored layer and per query row of a step, three reductions of the
+head-averaged attention: the mass on the sink (position 0), on the context (positions ``1..L-1``) and
+on each input of the step (positions ``L-1+r``). While a :class:`StepAttention` is active, the scored
+layers recompute softmax(QK^T) for the forward's query rows only (never a prompt x prompt matrix) and
+write those reductions into the record's preallocated buffers at the rows the engine named, so the
+same code runs eagerly or inside a captured graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
-import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-_IMPL_NAME = "specguard_capture"
-_BASE_ATTR = "_specguard_base_attn"
+IMPL_NAME = "specguard"
 
 
 @dataclass
-class AttentionRecord:
-    """Reduced attention of the query rows of one or more forward passes, per scored layer.
+class StepAttention:
+    """Reduced attention of a step's query rows, per scored layer, in buffers of fixed shape.
 
-    ``context_len`` is the committed length L when the step started: keys ``1..L-1`` are context,
-    key 0 is the sink, keys ``>= L`` belong to the step. Step keys are stored in *query space*:
-    the key at position ``L - 1 + r`` is the input of query row ``r`` (row 0 is the last committed
-    token, so its column is folded into the context).
+    Row ``r`` is the query at position ``L - 1 + r`` (``L`` = ``context_len``, the committed length
+    when the step started; row 0 is the last committed token). Shapes, for ``m`` scored layers, a
+    batch of ``B`` and room for ``T`` rows:
+
+    - ``sink [m, B, T]``: mass on position 0;
+    - ``context [m, B, T]``: mass on positions ``1..L-1`` (prompt and verified steps);
+    - ``step [m, B, T, T]``: ``step[l, b, q, r]`` is the mass row ``q`` pays to the input of row ``r``
+      (column 0, the last committed token, counts as context and is folded into ``context``).
+
+    ``rows [q]`` says which rows the next forward's query rows are; the engine sets it (and
+    ``context_len``) in place before each pass, so a captured graph picks up the new values.
     """
 
     layers: tuple[int, ...]
-    context_len: int
-    sink: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [B, q]
-    context: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [B, q]
-    step: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [B, q, S]
+    sink: torch.Tensor
+    context: torch.Tensor
+    step: torch.Tensor
+    context_len: torch.Tensor  # [] int64
+    rows: torch.Tensor  # [q] int64
 
-    def add(self, layer: int, probs: torch.Tensor, first: int) -> None:
-        """Reduce head-averaged probabilities ``[B, q, kv]`` whose first query sits at position ``first``.
+    @classmethod
+    def allocate(
+        cls, layers: tuple[int, ...], batch: int, rows: int, queries: int, device: torch.device, dtype: torch.dtype
+    ) -> StepAttention:
+        m = len(layers)
+        return cls(
+            layers=layers,
+            sink=torch.zeros(m, batch, rows, device=device, dtype=dtype),
+            context=torch.zeros(m, batch, rows, device=device, dtype=dtype),
+            step=torch.zeros(m, batch, rows, rows, device=device, dtype=dtype),
+            context_len=torch.zeros((), dtype=torch.long, device=device),
+            rows=torch.arange(queries, dtype=torch.long, device=device),
+        )
 
-        Keeps the rows at positions >= L-1 and the keys that exist (a static cache also hands over
-        its unwritten, masked tail).
-        """
-        L = self.context_len
-        q = probs.shape[-2]
-        probs = probs[:, max(0, (L - 1) - first) :, : first + q]
-        self.sink.setdefault(layer, []).append(probs[..., 0])
-        self.context.setdefault(layer, []).append(probs[..., 1:L].sum(-1))
-        step = probs[..., L - 1 :].clone()
-        step[..., 0] = 0.0  # query space: column r is key position L - 1 + r; column 0 is context
-        self.step.setdefault(layer, []).append(step)
+    def for_row(self, row: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``sink [m, k]``, ``context [m, k]``, ``step [m, k, k]`` of batch row ``row``: the signal inputs."""
+        return self.sink[:, row, :k], self.context[:, row, :k], self.step[:, row, :k, :k]
 
-    def stacked(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every recorded row, in order: ``sink [m, B, Q]``, ``context [m, B, Q]``, ``step [m, B, Q, Q]``.
-
-        Row ``r`` is the query at position ``L - 1 + r``; passes made with batch 1 (the shared prefix
-        before candidates fork) are broadcast to ``batch``.
-        """
-        sinks, contexts, steps = [], [], []
-        for layer in self.layers:
-            sink = torch.cat([s.expand(batch, -1) for s in self.sink[layer]], dim=1)
-            ctx = torch.cat([c.expand(batch, -1) for c in self.context[layer]], dim=1)
-            width = sink.shape[1]
-            parts = [
-                torch.nn.functional.pad(s, (0, max(0, width - s.shape[-1])))[..., :width] for s in self.step[layer]
-            ]
-            steps.append(torch.cat([p.expand(batch, -1, -1) for p in parts], dim=1))
-            sinks.append(sink)
-            contexts.append(ctx)
-        return torch.stack(sinks), torch.stack(contexts), torch.stack(steps)
-
-
-_ACTIVE: ContextVar[tuple[int, AttentionRecord] | None] = ContextVar("specguard_capture", default=None)
+    def add(self, layer: int, probs: torch.Tensor) -> None:
+        """Reduce head-averaged probabilities ``[B, q, S]`` of the current query rows into the buffers."""
+        index = self.layers.index(layer)
+        size, width = probs.shape[-1], self.step.shape[-1]
+        keys = torch.arange(size, device=probs.device)
+        last = self.context_len - 1
+        context_keys = ((keys >= 1) & (keys <= last)).to(probs.dtype)
+        step_keys = last + torch.arange(width, device=probs.device)
+        own = probs.index_select(-1, step_keys.clamp(max=size - 1))
+        own = own * ((step_keys <= size - 1) & (step_keys > last)).to(probs.dtype)
+        rows = self.rows.clamp(max=width - 1)
+        self.sink[index].index_copy_(1, rows, probs[..., 0].to(self.sink.dtype))
+        self.context[index].index_copy_(1, rows, (probs * context_keys).sum(-1).to(self.context.dtype))
+        self.step[index].index_copy_(1, rows, own.to(self.step.dtype))
 
 
-def _attention_probs(
+_ACTIVE: ContextVar[StepAttention | None] = ContextVar("specguard_step_attention", default=None)
+
+
+@contextlib.contextmanager
+def recording(record: StepAttention | None) -> Iterator[None]:
+    """Scored layers write their step attention into ``record`` during forward passes inside the block."""
+    token = _ACTIVE.set(record)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _pack_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, H, q, D]`` -> ``[B, H_kv, (H / H_kv) * q, D]``: each key/value head with the queries that read it."""
+    batch, heads, q, dim = query.shape
+    return query.reshape(batch, kv_heads, (heads // kv_heads) * q, dim)
+
+
+def _pack_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mask ``[b, 1, q, S]`` repeated for each query head of a group: ``[b, 1, groups * q, S]``."""
+    if groups == 1:
+        return mask
+    b, _, q, size = mask.shape
+    return mask[:, :, None].expand(b, 1, groups, q, size).reshape(b, 1, groups * q, size)
+
+
+def attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    mask: torch.Tensor,
     scaling: float | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Head-averaged softmax(QK^T) for the query rows: ``[B, q, kv]``, at least in float32."""
+    """Head-averaged softmax(QK^T) of the query rows, ``[B, q, S]``, in float32 or wider."""
+    batch, heads, q, dim = query.shape
+    kv_heads = key.shape[1]
     dtype = torch.promote_types(query.dtype, torch.float32)
-    q = query.to(dtype)
-    k = key.to(dtype)
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scale = scaling if scaling is not None else dim**-0.5
+    scores = _pack_queries(query.to(dtype), kv_heads) @ key.to(dtype).transpose(-1, -2) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    q_len, kv_len = scores.shape[-2], scores.shape[-1]
-    if attention_mask is None:
-        offset = kv_len - q_len
-        rows = torch.arange(q_len, device=scores.device)[:, None] + offset
-        cols = torch.arange(kv_len, device=scores.device)[None, :]
-        scores = scores.masked_fill(cols > rows, float("-inf"))
-    else:
-        mask = attention_mask[..., -q_len:, -kv_len:]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(dtype)
-    return torch.softmax(scores, dim=-1).mean(dim=1)
+    scores = scores + _pack_mask(mask.to(dtype), heads // kv_heads)
+    probs = torch.softmax(scores, dim=-1)  # [B, H_kv, groups * q, S]
+    return probs.reshape(batch, heads, q, -1).mean(dim=1)
 
 
-def _first_query_position(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) -> int:
-    """Absolute position of the first query row: the last key its mask row allows.
-
-    Without a mask the keys are exactly the positions so far (dynamic cache); a static cache's keys
-    run to its capacity, and only the mask says where the queries are.
-    """
-    if attention_mask is None:
-        return kv_len - q_len
-    row = attention_mask[0, 0, 0] if attention_mask.dim() == 4 else attention_mask[0, 0]
-    allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    return int(allowed.nonzero().max())
-
-
-def _capturing_attention(
+def specguard_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    out = getattr(module, _BASE_ATTR)(module, query, key, value, attention_mask, **kwargs)
-    if torch.compiler.is_compiling():  # compiled decode never captures; keep the graph whole
-        return out
-    active = _ACTIVE.get()
-    if active is not None:
-        model_id, record = active
-        layer = int(module.layer_idx)  # type: ignore[arg-type]
-        if model_id in getattr(module, "_specguard_owners", ()) and layer in record.layers:
-            if attention_mask is None and 1 < query.shape[-2] < key.shape[-2]:
-                # no mask and several queries means a causal prefill from position 0: the keys past the
-                # queries are a static cache's unwritten tail (sdpa slices them off the same way)
-                key = key[:, :, : query.shape[-2]]
-            probs = _attention_probs(query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
-            record.add(layer, probs, _first_query_position(attention_mask, query.shape[-2], key.shape[-2]))
-    return out
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """``[B, q, H, D]`` attention output for a view's layer; ``attention_mask`` is additive ``[b, 1, q, S]``.
+
+    Queries of a grouped-query head are packed onto their key/value head, so keys are read once per
+    group instead of being repeated per query head (transformers' sdpa path repeats them whenever a
+    mask is given). Softcapped attention (Gemma 2) runs the same math unfused.
+    """
+    del dropout, kwargs  # inference only; the window is already in the mask
+    if attention_mask is None:
+        raise ValueError("specguard attention needs the engine's explicit mask")
+    batch, heads, q, dim = query.shape
+    kv_heads = key.shape[1]
+    mask = attention_mask[..., : key.shape[-2]]
+    if softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            _pack_queries(query, kv_heads),
+            key,
+            value,
+            attn_mask=_pack_mask(mask.to(query.dtype), heads // kv_heads),
+            scale=scaling,
+        )
+    else:
+        scale = scaling if scaling is not None else dim**-0.5
+        scores = _pack_queries(query, kv_heads) @ key.transpose(-1, -2) * scale
+        scores = torch.tanh(scores / softcap) * softcap + _pack_mask(mask.to(scores.dtype), heads // kv_heads)
+        out = torch.softmax(scores.float(), dim=-1).to(value.dtype) @ value
+    if not torch.compiler.is_compiling():  # compiled passes never record: keep their graphs whole
+        record = _ACTIVE.get()
+        layer = getattr(module, "layer_idx", None)
+        if record is not None and layer in record.layers:
+            record.add(int(layer), attention_probs(query, key, mask, scaling, softcap))
+    out = out.reshape(batch, heads, q, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(_IMPL_NAME, _capturing_attention)
+AttentionInterface.register(IMPL_NAME, specguard_attention)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -163,44 +189,3 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
             "causal LMs laid out like Llama, Qwen, Mistral and Gemma"
         )
     return layers
-
-
-def instrument(model: torch.nn.Module, layers: tuple[int, ...]) -> None:
-    """Route ``layers``' attention through the capturing wrapper (idempotent, output unchanged).
-
-    The attention module reads its implementation from ``self.config``, so each instrumented module
-    gets a shallow config copy naming the wrapper; the model-level config, and so the mask building
-    and every other layer, keeps the original implementation. Keys arrive at absolute positions
-    because the engine's caches keep every position (no sliding-window trimming).
-    """
-    all_layers = decoder_layers(model)
-    owners_key = id(model)
-    for index in layers:
-        attn = getattr(all_layers[index], "self_attn", None)
-        if attn is None or not hasattr(attn, "config"):
-            raise TypeError(f"decoder layer {index} of {type(model).__name__} has no `self_attn` to score")
-        owners: set[int] = getattr(attn, "_specguard_owners", set())
-        owners.add(owners_key)
-        attn._specguard_owners = owners
-        if getattr(attn, _BASE_ATTR, None) is not None:
-            continue
-        base_name = attn.config._attn_implementation or "eager"
-        if base_name in ALL_ATTENTION_FUNCTIONS:
-            base = ALL_ATTENTION_FUNCTIONS[base_name]
-        else:  # eager lives in the model's own module, not in the interface
-            base = sys.modules[type(attn).__module__].eager_attention_forward
-        setattr(attn, _BASE_ATTR, base)
-        cfg = copy.copy(attn.config)
-        cfg._attn_implementation_internal = _IMPL_NAME
-        attn.config = cfg
-
-
-@contextlib.contextmanager
-def capture(model: torch.nn.Module, layers: tuple[int, ...], context_len: int) -> Iterator[AttentionRecord]:
-    """Record reduced attention of ``model``'s instrumented ``layers`` for forward passes inside the block."""
-    record = AttentionRecord(layers=layers, context_len=context_len)
-    token = _ACTIVE.set((id(model), record))
-    try:
-        yield record
-    finally:
-        _ACTIVE.reset(token)

@@ -1,124 +1,48 @@
 """The SpecGuard decoding loop, top to bottom.
 
-Per step: the draft samples ``n_candidates`` continuations in one batch from its cache (forked from
-the shared prefix), the most consistent candidate is kept, scored by grounding and confidence, and
-either committed or thrown away in favour of a step the target writes itself.
+One generation is one :class:`Generation`: the committed sequence, the output text, the sampling
+generator, the agreement estimate, and a :class:`Runtime` (the draft's and the target's runners: KV
+caches, buffers, CUDA graphs) lent by the pair's pool. Each step is
 
-Cache invariant between steps, for each model: its cache holds at most ``len(ids) - 1`` positions,
-so the next forward pass feeds ``ids[cache_len:]`` (at least the last committed token) and its last
-logits predict the next token. The draft's cache is always at ``len(ids) - 1``; the target's lags
-behind while ``signal_source="draft"`` steps are accepted and catches up in one parallel pass when
-it next has to write a step.
+1. **propose** (:mod:`.propose`): the draft decodes ``n_candidates`` continuations in one batch on the
+   device, reading them back once per chunk; the most consistent one is kept;
+2. **verify** (:mod:`.verify`): one target pass over the kept step gives grounding, confidence and the
+   verdict, and the target's own tokens for the step;
+3. **write** (:mod:`.write`), if rejected: the target keeps the step's tokens it would have written
+   itself and continues from the first disagreement, speculating with the draft;
+4. **commit** (:mod:`.text`): the step's text, stop sequences, EOS, the budget; a :class:`StepEvent`.
+
+Cache bookkeeping: each runner's ``cache.valid`` counts the positions holding the sequence the engine
+currently assumes; every phase lowers it to what its tokens keep, and a pass starts by catching up
+from ``valid`` to the last committed token, which it feeds again (its logits start the step).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import PreTrainedModel
 
-from .attention import AttentionRecord, capture, decoder_layers, instrument
-from .cache import cache_len, fork, is_static, keep_row, new_cache, truncate
-from .loading import ModelPair, decode, model_device
+from .attention import decoder_layers
+from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
+from .loading import ModelPair, decode
 from .params import SpecGuardParams
-from .signals import combine_scores, confidence_score, grounding_score, select_consistent
-from .steps import (
-    find_stop,
-    is_tool_call_step,
-    marker_split,
-    new_text,
-    open_call_start,
-    step_complete,
-    tool_step_complete,
-)
+from .propose import propose
+from .runner import MAX_BUCKET, ModelRunner
+from .text import OutputText
+from .verify import verify
+from .view import engine_view
+from .write import Agreement, write
 
-EVENT_VERSION = 2
+__all__ = ["EVENT_VERSION", "GenerationResult", "StepEvent", "generate", "generate_steps", "summarize"]
 
-
-@dataclass
-class StepEvent:
-    """What happened to one step: who wrote it, how the kept draft candidate scored, how long it took."""
-
-    index: int
-    source: Literal["draft", "target"]
-    text: str
-    num_tokens: int
-    n_candidates: int
-    grounding: float
-    confidence: float
-    score: float
-    threshold: float
-    accepted: bool
-    reason: str  # "accepted", or why the draft step was rejected: "score" or "schema" (a bad tool call)
-    seconds: float
-    draft_text: str
-    drafted_tokens: int  # tokens the draft sampled this step, all candidates together
-    target_forwards: int
-    finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
-    token_ids: list[int] = field(default_factory=list)
-    kind: Literal["text", "tool_call"] = "text"  # a tool call is one step, opening to closing marker
-    detail: str | None = None  # with reason "schema": what was wrong with the draft's tool call
-    version: int = EVENT_VERSION
-    # where ``seconds`` went: drafting the candidates, scoring the kept one (selection, signals and
-    # the target's verification pass), and the target writing a rejected step; the rest is detokenizing
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    target_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("grounding", "confidence", "score"):
-            if isinstance(data[key], float) and math.isnan(data[key]):
-                data[key] = None
-        return data
-
-
-@dataclass
-class GenerationResult:
-    """The whole output of one call plus its per-step record and summary."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str
-    steps: list[StepEvent]
-    seconds: float
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return summarize(self.steps, self.seconds, self.prompt_tokens)
-
-
-def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) -> dict[str, Any]:
-    accepted = sum(s.accepted for s in steps)
-    return {
-        "version": EVENT_VERSION,
-        "steps": len(steps),
-        "num_steps": len(steps),
-        "accepted_steps": accepted,
-        "accepted_share": accepted / len(steps) if steps else 0.0,
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": sum(s.num_tokens for s in steps),
-        "draft_tokens": sum(s.num_tokens for s in steps if s.source == "draft"),
-        "target_tokens": sum(s.num_tokens for s in steps if s.source == "target"),
-        "drafted_tokens": sum(s.drafted_tokens for s in steps),
-        "target_forwards": sum(s.target_forwards for s in steps),
-        "draft_seconds": sum(s.draft_seconds for s in steps),
-        "verify_seconds": sum(s.verify_seconds for s in steps),
-        "target_seconds": sum(s.target_seconds for s in steps),
-        "seconds": seconds,
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# small pieces
+MAX_IDLE_RUNTIMES = 2
+"""Runtimes (caches + graphs) a pair keeps for reuse once their generations end; more are freed."""
 
 
 def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tuple[int, ...]:
@@ -134,177 +58,182 @@ def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tup
     return tuple(sorted({i % n for i in requested}))
 
 
-def _forward(model: Any, cache: Cache, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
-    """Logits of the last ``keep`` positions, ``[B, keep, V]``, extending ``cache`` with ``tokens``."""
-    out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    return out.logits[:, -keep:, :]
-
-
-def _decoder(pair: ModelPair, model: PreTrainedModel, compiled: bool) -> Any:
-    """The callable for single-token decode: the model, or its CUDA-graphed compile (made once per pair)."""
-    if not compiled:
-        return model
-    key = ("compiled", id(model))
-    if key not in pair.extra:
-        pair.extra[key] = torch.compile(model, mode="reduce-overhead", dynamic=False)
-    return pair.extra[key]
-
-
-def _take_caches(
-    pair: ModelPair, params: SpecGuardParams, budget: int, prompt_len: int
-) -> tuple[Cache, Cache, Callable[[], None]]:
-    """Caches for one generation and the function that gives them back.
-
-    Dynamic caches are made fresh. Static ones come from a pool kept on the pair: reusing the same
-    tensors keeps their addresses, which is what lets CUDA graphs replay instead of re-recording; a
-    generation that runs while another holds the pooled pair gets its own.
-    """
-    if params.cache_implementation == "dynamic":
-        return DynamicCache(), DynamicCache(), lambda: None
-    need = prompt_len + budget + 1
-    pool: list[tuple[int, Cache, Cache]] = pair.extra.setdefault(("static", params.n_candidates), [])
-    entry = next((e for e in pool if e[0] >= need), None)
-    if entry is not None:
-        pool.remove(entry)
-    else:
-        size = max(need, min(pair.context_window, 4096))
-        entry = (size, new_cache(pair.draft, True, size), new_cache(pair.target, True, size))
-    _, draft_cache, target_cache = entry
-    with torch.inference_mode():  # the cache tensors were made inside inference mode
-        truncate(draft_cache, 0)
-        truncate(target_cache, 0)
-    return draft_cache, target_cache, lambda: pool.append(entry)
-
-
-def _sample(
-    logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row; ``temperature`` is a float or a ``[B]`` tensor, 0 meaning argmax."""
-    temps = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
-    greedy = logits.argmax(dim=-1)
-    if bool((temps == 0).all()):
-        return greedy
-    scaled = logits.float() / temps.clamp_min(1e-5)[:, None]
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return torch.where(temps == 0, greedy, sampled)
+# --------------------------------------------------------------------------------------------------
+# runtimes: what a generation decodes with, pooled per pair
 
 
 @dataclass
-class _Decoded:
-    """Sequences sampled in one batch from a shared prefix, each ended at its own step boundary."""
+class Runtime:
+    """The draft's and the target's runners for one generation at a time."""
 
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    record: AttentionRecord | None
-    forwards: int
-
-
-def _decode_step(
-    model: PreTrainedModel,
-    cache: Cache,
-    ids: list[int],
-    *,
-    batch: int,
-    limit: int,
-    temperatures: list[float],
-    top_p: float,
-    generator: torch.Generator | None,
-    is_boundary: Callable[[list[int]], bool],
-    eos: frozenset[int],
-    layers: tuple[int, ...] | None,
-    step_model: Any = None,
-) -> _Decoded:
-    """Catch ``cache`` up with ``ids``, fork it ``batch`` ways and decode until every row ends its step.
-
-    ``step_model`` runs the single-token passes (e.g. a CUDA-graphed compile of ``model``); it is
-    ignored while attention is captured, which only the eager model can do.
-    """
-    device = model_device(model)
-    step_model = model if step_model is None or layers else step_model
-    feed = torch.tensor([ids[cache_len(cache) :]], device=device)
-    if is_static(cache):  # fixed batch: the shared prefix goes to every row
-        feed = feed.expand(batch, -1)
-    ctx = capture(model, layers, len(ids)) if layers else contextlib.nullcontext()
-    temps = torch.tensor(temperatures, device=device)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    logprobs: list[list[float]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    forwards = 1
-    with ctx as record:
-        logits = _forward(model, cache, feed)[:, -1].to(device)  # a sharded model's logits: last GPU
-        fork(cache, batch)
-        logits = logits.expand(batch, -1)
-        for i in range(limit):
-            nxt = _sample(logits, temps, top_p, generator)
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-            for row, (tok, tok_lp) in enumerate(zip(nxt.tolist(), lp.tolist(), strict=True)):
-                if done[row]:
-                    continue
-                tokens[row].append(tok)
-                logprobs[row].append(tok_lp)
-                done[row] = tok in eos or is_boundary(tokens[row])
-            if all(done) or i == limit - 1:
-                break
-            logits = _forward(step_model, cache, nxt[:, None])[:, -1].to(device)
-            forwards += 1
-    return _Decoded(tokens, logprobs, record if layers else None, forwards)
+    draft: ModelRunner
+    target: ModelRunner
+    key: tuple[Any, ...]
+    chunk: int  # draft decode iterations per host read
+    cost: float  # one draft iteration over one target pass (weights read per token)
 
 
-def _signals(
-    record: AttentionRecord, row: int, batch: int, k: int, logprobs: Sequence[float], params: SpecGuardParams
-) -> tuple[float, float]:
-    sink, ctx, step = record.stacked(batch)
-    grounding = grounding_score(sink[:, row, :k], ctx[:, row, :k], step[:, row, :k, :k], params.grounding_method)
-    confidence = confidence_score(torch.tensor(logprobs))
-    return grounding, confidence
+def _weights(model: torch.nn.Module) -> int:
+    """Parameters a decode step reads: all of them but an input embedding that is not also the LM head."""
+    embedding = model.get_input_embeddings().weight  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    tied = head is not None and head.weight is embedding
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for p in unique.values() if tied or p is not embedding)
 
 
-def _verify_with_target(
-    pair: ModelPair,
-    cache: Cache,
-    ids: list[int],
-    step: list[int],
-    layers: tuple[int, ...],
-    params: SpecGuardParams,
-) -> tuple[float, float]:
-    """One parallel target pass over the step: target-side signals, and the target's cache filled."""
-    device = pair.device
-    k = len(step)
-    feed = torch.tensor([ids[cache_len(cache) :] + step[:-1]], device=device)
-    with capture(pair.target, layers, len(ids)) as record:
-        logits = _forward(pair.target, cache, feed, keep=k)[0].to(device)
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.tensor(step, device=device)[:, None]).squeeze(-1)
-    return _signals(record, 0, 1, k, lp.tolist(), params)
+def _single_device(model: torch.nn.Module) -> bool:
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    return len(devices) <= 1
 
 
-def _generator(device: torch.device, seed: int | None) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
+class RuntimePool:
+    """Runtimes of one pair: lent to one generation at a time, a few kept for reuse (their graphs too)."""
+
+    def __init__(self, pair: ModelPair) -> None:
+        self.draft_view = engine_view(pair.draft)
+        self.target_view = engine_view(pair.target)
+        self.cost = max(0.02, _weights(self.draft_view) / max(1, _weights(self.target_view)))
+        self.idle: list[Runtime] = []
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def for_pair(pair: ModelPair) -> RuntimePool:
+        key = ("runtimes", id(pair.target), id(pair.draft))  # copies of a pair may swap or replace models
+        with _POOL_LOCK:
+            pool = pair.extra.get(key)
+            if pool is None:
+                pool = pair.extra[key] = RuntimePool(pair)
+        return pool
+
+    def take(self, params: SpecGuardParams, need: int, rows: int, device: torch.device) -> Runtime:
+        impl = params.cache_implementation
+        if impl == "auto":
+            impl = "static" if device.type == "cuda" else "dynamic"
+        growable = impl == "dynamic"
+        graphs = not growable and device.type == "cuda" and _single_device(self.target_view)
+        kind = (params.n_candidates, rows, growable, graphs, params.compile_decode and graphs)
+        with self.lock:
+            fits = [r for r in self.idle if r.key[:-1] == kind and r.key[-1] >= need]
+            if fits:
+                runtime = min(fits, key=lambda r: r.key[-1])
+                self.idle.remove(runtime)
+            else:
+                runtime = None
+        if runtime is None:
+            # fixed caches: room for the sequence, a padded pass past its end, and scratch slots for capture
+            capacity = need + 2 * MAX_BUCKET if not growable else need
+            capacity = -(-capacity // 256) * 256
+            draft = ModelRunner(
+                self.draft_view,
+                batch=params.n_candidates,
+                capacity=capacity,
+                rows=rows,
+                growable=growable,
+                graphs=graphs,
+                compile_decode=params.compile_decode,
+            )
+            target = ModelRunner(
+                self.target_view, batch=1, capacity=capacity, rows=rows, growable=growable, graphs=graphs
+            )
+            runtime = Runtime(draft, target, (*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
+        runtime.draft.cache.valid = runtime.target.cache.valid = 0
+        return runtime
+
+    def give(self, runtime: Runtime) -> None:
+        with self.lock:
+            self.idle.append(runtime)
+            del self.idle[:-MAX_IDLE_RUNTIMES]  # the oldest go; their tensors and graphs are freed
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that could still grow into a stop sequence."""
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:size]):
-                hold = size
-                break
-    return hold
+_POOL_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------------------
-# the loop
+# one generation
+
+
+@dataclass
+class Generation:
+    """Everything one call's decoding needs; the phases read and update it."""
+
+    pair: ModelPair
+    params: SpecGuardParams
+    runtime: Runtime
+    out: OutputText
+    ids: list[int]  # prompt + committed output
+    budget: int
+    generator: torch.Generator
+    validate_step: Callable[[str], str | None] | None
+    draft_layers: tuple[int, ...]
+    target_layers: tuple[int, ...]
+    candidate_temperatures: list[float]
+    agreement: Agreement
+    index: int = 0
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, device=self.generator.device)
+
+    def exponential(self, n: int) -> torch.Tensor:
+        return torch.empty(n, device=self.generator.device).exponential_(generator=self.generator)
+
+    def step(self) -> StepEvent:
+        started = time.perf_counter()
+        self.out.begin_step()
+        limit = min(self.out.step_cap, self.budget - len(self.out.generated))
+        proposal = propose(self, limit)
+        drafted = time.perf_counter()
+        verdict = verify(self, proposal)
+        verified = time.perf_counter()
+        tokens, written = proposal.tokens, None
+        if not verdict.accepted:
+            written = write(self, proposal.tokens, verdict.agree, verdict.next_token, limit)
+            tokens = written.tokens
+        wrote = time.perf_counter()
+        committed = self.out.commit(tokens, self.budget)
+        self.ids.extend(committed.tokens)
+        for runner in (self.runtime.draft, self.runtime.target):
+            runner.cache.valid = min(runner.cache.valid, len(self.ids) - 1)
+        event = StepEvent(
+            index=self.index,
+            source="draft" if verdict.accepted else "target",
+            text=committed.text,
+            num_tokens=len(committed.tokens),
+            n_candidates=self.params.n_candidates,
+            grounding=verdict.grounding,
+            confidence=verdict.confidence,
+            score=verdict.score,
+            threshold=self.params.acceptance_threshold,
+            accepted=verdict.accepted,
+            reason=verdict.reason,
+            seconds=time.perf_counter() - started,
+            draft_text=decode(self.pair.tokenizer, proposal.tokens),
+            drafted_tokens=proposal.drafted + (written.drafted if written else 0),
+            target_forwards=verdict.target_forwards + (written.target_forwards if written else 0),
+            draft_seconds=drafted - started,
+            verify_seconds=verified - drafted,
+            target_seconds=wrote - verified,
+            finish_reason=committed.finish,
+            token_ids=list(committed.tokens),
+            kind=committed.kind,
+            detail=verdict.detail,
+            kept_tokens=0 if verdict.accepted else min(verdict.agree, len(committed.tokens)),
+            speculated_tokens=written.speculated if written else 0,
+        )
+        self.index += 1
+        return event
+
+
+def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator:
+    """Seeded by ``seed``; greedy calls without one use seed 0, so the same call gives the same text."""
+    gen = torch.Generator(device=device)
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    elif params.temperature == 0:
+        gen.manual_seed(0)
+    else:
+        gen.seed()
+    return gen
 
 
 def check_prompt(pair: ModelPair, prompt_ids: Sequence[int]) -> None:
@@ -347,263 +276,48 @@ def generate_steps(
     if stop is not None and len(stops) != len(stop):
         raise ValueError("stop sequences must be non-empty strings")
     budget = min(params.max_tokens, pair.context_window - len(prompt_ids))
-    generator = _generator(pair.device, params.seed)
-    instrument(pair.draft, score_layers(pair.draft, params.score_layers))
-    instrument(pair.target, score_layers(pair.target, params.score_layers))
-    ids = list(prompt_ids)
-    draft_cache, target_cache, release = _take_caches(pair, params, budget, len(prompt_ids))
+    out = OutputText(
+        pair.tokenizer,
+        pair.eos_token_ids,
+        params.step_delimiters,
+        stops,
+        params.tool_call_markers,
+        params.max_step_tokens,
+        params.max_tool_call_tokens,
+        prefix,
+    )
+    n = params.n_candidates
+    pool = RuntimePool.for_pair(pair)
+    runtime = pool.take(params, len(prompt_ids) + budget, out.step_cap + 1, pair.device)
     try:
-        yield from _steps(pair, params, ids, stops, budget, draft_cache, target_cache, generator, validate_step, prefix)
-    finally:
-        release()
-
-
-def _steps(
-    pair: ModelPair,
-    params: SpecGuardParams,
-    ids: list[int],
-    stops: list[str],
-    budget: int,
-    draft_cache: Cache,
-    target_cache: Cache,
-    generator: torch.Generator,
-    validate_step: Callable[[str], str | None] | None,
-    prefix: str,
-) -> Iterator[StepEvent]:
-    """The step loop proper: run steps until EOS, a stop sequence or the budget; keep the text exact."""
-    tokenizer, eos = pair.tokenizer, pair.eos_token_ids
-    delimiters = list(params.step_delimiters) + stops
-    max_stop = max((len(s) for s in stops), default=0)
-    markers = params.tool_call_markers
-    step_cap = max(params.max_step_tokens, params.max_tool_call_tokens) if markers else params.max_step_tokens
-
-    generated: list[int] = []
-    full_text = ""  # decode(generated)
-    emitted = 0  # characters of full_text already handed out in steps
-
-    def tail() -> str:
-        return full_text[-max_stop:] if max_stop else ""
-
-    continues = False  # the step starts inside a tool call left open by the previous step
-
-    def is_boundary(step_tokens: list[int]) -> bool:
-        text = decode(tokenizer, step_tokens)
-        if stops and find_stop(tail() + text, stops) is not None:
-            return True
-        if markers is not None:
-            if is_tool_call_step(text, markers, continues):
-                return tool_step_complete(text, markers, continues) or len(step_tokens) >= params.max_tool_call_tokens
-            if len(step_tokens) >= params.max_step_tokens or markers[0] in text:
-                return True  # a text step that ran into a call ends there (and is cut before it below)
-        return step_complete(text, delimiters)
-
-    def step_text(step_tokens: list[int]) -> str:
-        return new_text(full_text, decode(tokenizer, generated + step_tokens))
-
-    def check_call(step_tokens: list[int]) -> str | None:
-        """Why a finished draft tool-call step is unacceptable, or None (also for non-call steps)."""
-        if validate_step is None or markers is None or not step_tokens:
-            return None
-        text = step_text(step_tokens)
-        if not is_tool_call_step(text, markers, continues):
-            return None
-        if not tool_step_complete(text, markers, continues) and step_tokens[-1] not in eos:
-            return None  # cut by the token cap: judged at the step that closes it
-        context = prefix + full_text
-        start = open_call_start(context, markers)
-        call = (context[start:] if continues and start is not None else "") + text.lstrip()
-        return validate_step(call)
-
-    index = 0
-    while len(generated) < budget:
-        started = time.perf_counter()
-        continues = open_call_start(prefix + full_text, markers) is not None
-        limit = min(step_cap, budget - len(generated))
-        # inference mode per step, never across a yield: the consumer may resume us in another thread
-        with torch.inference_mode():
-            verdict = _one_step(pair, params, ids, draft_cache, target_cache, limit, generator, is_boundary, check_call)
-        step = verdict.tokens
-        kind: Literal["text", "tool_call"] = "text"
-        if markers is not None:
-            text = step_text(step)
-            if is_tool_call_step(text, markers, continues):
-                kind = "tool_call"
-            else:
-                at = marker_split(text, markers)
-                keep = _token_cut(tokenizer, generated, step, len(full_text), at) if at is not None else 0
-                if keep > 0:
-                    step = step[:keep]
-        ids.extend(step)
-        generated.extend(step)
-        # a cut step leaves both caches ahead of ids: bring them back to the invariant
-        truncate(draft_cache, len(ids) - 1)
-        truncate(target_cache, len(ids) - 1)
-        previous = full_text
-        full_text = decode(tokenizer, generated)
-        finish: str | None = None
-        cut = find_stop(full_text, stops, max(0, len(previous) - max_stop)) if stops else None
-        if cut is not None:
-            full_text = full_text[:cut]
-            finish = "stop"
-        elif step[-1] in eos:
-            finish = "stop"
-        elif len(generated) >= budget:
-            finish = "length"
-        upto = len(full_text) if finish else len(full_text) - _held_back(full_text, stops)
-        text = new_text(full_text[:emitted], full_text[:upto]) if upto >= emitted else ""
-        emitted = max(emitted, upto)
-        yield StepEvent(
-            index=index,
-            source=verdict.source,
-            text=text,
-            num_tokens=len(step),
-            n_candidates=params.n_candidates,
-            grounding=verdict.grounding,
-            confidence=verdict.confidence,
-            score=verdict.score,
-            threshold=params.acceptance_threshold,
-            accepted=verdict.accepted,
-            reason=verdict.reason,
-            seconds=time.perf_counter() - started,
-            draft_text=verdict.draft_text,
-            drafted_tokens=verdict.drafted_tokens,
-            target_forwards=verdict.target_forwards,
-            draft_seconds=verdict.draft_seconds,
-            verify_seconds=verdict.verify_seconds,
-            target_seconds=verdict.target_seconds,
-            finish_reason=finish,
-            token_ids=list(step),
-            kind=kind,
-            detail=verdict.detail,
+        gen = Generation(
+            pair=pair,
+            params=params,
+            runtime=runtime,
+            out=out,
+            ids=list(prompt_ids),
+            budget=budget,
+            generator=_generator(pair.device, params),
+            validate_step=validate_step,
+            draft_layers=score_layers(pair.draft, params.score_layers),
+            target_layers=score_layers(pair.target, params.score_layers),
+            # greedy calls keep one greedy candidate and sample the others for the consistency vote
+            candidate_temperatures=(
+                [0.0] + [params.candidate_temperature] * (n - 1)
+                if params.temperature == 0
+                else [params.temperature] * n
+            ),
+            agreement=Agreement(cost=runtime.cost),
         )
-        index += 1
-        if finish:
-            return
-
-
-@dataclass
-class _Verdict:
-    tokens: list[int]
-    source: Literal["draft", "target"]
-    grounding: float
-    confidence: float
-    score: float
-    accepted: bool
-    draft_text: str
-    drafted_tokens: int
-    target_forwards: int
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    target_seconds: float = 0.0
-    reason: str = "accepted"
-    detail: str | None = None
-
-
-def _token_cut(tokenizer: Any, generated: list[int], step: list[int], base: int, at: int) -> int:
-    """Number of leading ``step`` tokens whose text ends at or before character ``at`` of the step."""
-    for j in range(1, len(step) + 1):
-        if len(decode(tokenizer, generated + step[:j])) - base > at:
-            return j - 1
-    return len(step)
-
-
-def _one_step(
-    pair: ModelPair,
-    params: SpecGuardParams,
-    ids: list[int],
-    draft_cache: Cache,
-    target_cache: Cache,
-    limit: int,
-    generator: torch.Generator,
-    is_boundary: Callable[[list[int]], bool],
-    check_call: Callable[[list[int]], str | None] | None = None,
-) -> _Verdict:
-    """Draft, select, verify and, if rejected, let the target write: one step, caches kept in step."""
-    n, eos = params.n_candidates, pair.eos_token_ids
-    use_target_signals = params.signal_source == "target"
-    draft_layers = score_layers(pair.draft, params.score_layers)
-    target_layers = score_layers(pair.target, params.score_layers)
-    # greedy calls keep one greedy candidate and sample the others for the consistency vote
-    temps = [0.0] + [params.candidate_temperature] * (n - 1) if params.temperature == 0 else [params.temperature] * n
-    context_len = len(ids)
-    started = time.perf_counter()  # phases end in a host read of tokens or scores, so no extra syncs
-
-    # 1. draft: n candidates in one batch, from the draft's cache
-    drafted = _decode_step(
-        pair.draft,
-        draft_cache,
-        ids,
-        batch=n,
-        limit=limit,
-        temperatures=temps,
-        top_p=params.top_p,
-        generator=generator,
-        is_boundary=is_boundary,
-        eos=eos,
-        layers=None if use_target_signals else draft_layers,
-        step_model=_decoder(pair, pair.draft, params.compile_decode),
-    )
-    drafted_at = time.perf_counter()
-    # 2. consistency selection
-    best = select_consistent(drafted.tokens)
-    step = drafted.tokens[best]
-    keep_row(draft_cache, best, n)
-    # 3. verification signals
-    target_forwards = 0
-    if use_target_signals:
-        grounding, confidence = _verify_with_target(pair, target_cache, ids, step, target_layers, params)
-        target_forwards = 1
-    else:
-        assert drafted.record is not None
-        grounding, confidence = _signals(drafted.record, best, n, len(step), drafted.logprobs[best], params)
-    # 4. ensemble decision
-    score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
-    accepted = params.acceptance_threshold < 0 or score >= params.acceptance_threshold
-    # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema is
-    # rejected whatever its score: the scores judge reasoning, not whether a call can run
-    problem = check_call(step) if check_call is not None else None
-    reason = "schema" if problem is not None else "accepted" if accepted else "score"
-    accepted = accepted and problem is None
-    verdict = _Verdict(
-        tokens=step,
-        source="draft",
-        grounding=grounding,
-        confidence=confidence,
-        score=score,
-        accepted=accepted,
-        draft_text=decode(pair.tokenizer, step),
-        drafted_tokens=sum(len(t) for t in drafted.tokens),
-        target_forwards=target_forwards,
-        draft_seconds=drafted_at - started,
-        verify_seconds=time.perf_counter() - drafted_at,
-        reason=reason,
-        detail=problem,
-    )
-    if accepted:
-        truncate(draft_cache, context_len + len(step) - 1)
-        return verdict
-    # 5. fallback: the target writes the step from its own cache
-    truncate(draft_cache, context_len - 1)
-    truncate(target_cache, context_len - 1)
-    written = _decode_step(
-        pair.target,
-        target_cache,
-        ids,
-        batch=1,
-        limit=limit,
-        temperatures=[params.temperature],
-        top_p=params.top_p,
-        generator=generator,
-        is_boundary=is_boundary,
-        eos=eos,
-        layers=None,
-        step_model=_decoder(pair, pair.target, params.compile_decode),
-    )
-    verdict.tokens = written.tokens[0]
-    verdict.source = "target"
-    verdict.target_forwards += written.forwards
-    verdict.target_seconds = time.perf_counter() - started - verdict.draft_seconds - verdict.verify_seconds
-    return verdict
+        while True:
+            # inference mode per step, never across a yield: the consumer may resume us in another thread
+            with torch.inference_mode():
+                event = gen.step()
+            yield event
+            if event.finish_reason:
+                return
+    finally:
+        pool.give(runtime)
 
 
 def generate(

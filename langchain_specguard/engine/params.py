@@ -79,15 +79,16 @@ class SpecGuardParams(BaseModel):
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, description="Seeds the sampling generator for reproducible output.")
-    cache_implementation: Literal["dynamic", "static"] = Field(
-        default="dynamic",
-        description="'static' preallocates KV caches at fixed addresses (kept on the loaded pair and reused), "
-        "which CUDA graphs need; 'dynamic' grows them per call.",
+    cache_implementation: Literal["auto", "dynamic", "static"] = Field(
+        default="auto",
+        description="'static': KV caches preallocated at fixed addresses (pooled on the loaded pair and reused), "
+        "and on CUDA every pass replays a CUDA graph; 'dynamic': caches grow, passes run eagerly. "
+        "'auto': static on CUDA, dynamic on the CPU (the faster one on each).",
     )
     compile_decode: bool = Field(
         default=False,
-        description="Run single-token decode through torch.compile(mode='reduce-overhead') (CUDA graphs). "
-        "Needs cache_implementation='static'; the first calls compile. Output equals the eager path's.",
+        description="Also compile the draft's decode iteration with torch.compile (fused kernels) before "
+        "capturing it as a CUDA graph. Only where graphs run (static caches on CUDA); the first call compiles.",
     )
 
     @field_validator("acceptance_threshold")
@@ -99,9 +100,10 @@ class SpecGuardParams(BaseModel):
 
     @model_validator(mode="after")
     def _compile_needs_static(self) -> SpecGuardParams:
-        if self.compile_decode and self.cache_implementation != "static":
+        if self.compile_decode and self.cache_implementation == "dynamic":
             raise ValueError(
-                "compile_decode=True needs cache_implementation='static' (CUDA graphs need fixed addresses)"
+                "compile_decode=True needs cache_implementation='static' or 'auto' (it compiles what a CUDA graph "
+                "replays, and graphs need fixed addresses)"
             )
         return self
 

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from langchain_specguard.engine import SpecGuardParams, generate, generate_steps, load_pair
+from langchain_specguard.engine import EVENT_VERSION, SpecGuardParams, generate, generate_steps, load_pair
 from langchain_specguard.engine.loading import ModelPair
 from tests.tiny_models import llama_pair, qwen_pair
 
@@ -101,7 +101,7 @@ def test_step_events_carry_scores_and_counts() -> None:
         assert step.source == ("draft" if step.accepted else "target")
         assert step.n_candidates == 4 and step.drafted_tokens >= step.num_tokens if step.accepted else True
         assert step.seconds > 0 and step.threshold == 0.3
-        assert step.to_dict()["version"] == 2
+        assert step.to_dict()["version"] == EVENT_VERSION
     summary = result.summary
     assert summary["steps"] == len(result.steps)
     assert summary["draft_tokens"] + summary["target_tokens"] == len(result.token_ids)
@@ -199,7 +199,7 @@ def test_static_cache_path_matches_dynamic(kind: str, signal_source: str) -> Non
 
 def test_compile_needs_static_cache() -> None:
     with pytest.raises(ValueError, match="needs cache_implementation='static'"):
-        SpecGuardParams(compile_decode=True)
+        SpecGuardParams(compile_decode=True, cache_implementation="dynamic")
 
 
 def test_interleaved_static_generations_do_not_share_caches() -> None:

@@ -17,9 +17,9 @@ from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMe
 from langchain_specguard import ChatSpecGuard
 from langchain_specguard.chat_models import MESSAGE_ROLES
 from langchain_specguard.engine import SpecGuardParams, generate_steps, load_pair
-from langchain_specguard.engine.decoding import _held_back
 from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.steps import find_stop, new_text, step_complete
+from langchain_specguard.engine.text import held_back as _held_back
 from tests.tiny_models import CHARS, llama_pair
 
 PURE = settings(

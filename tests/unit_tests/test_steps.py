@@ -1,7 +1,7 @@
 """Step segmentation and stop-sequence handling on plain strings."""
 
-from langchain_specguard.engine.decoding import _held_back
 from langchain_specguard.engine.steps import find_stop, new_text, step_complete
+from langchain_specguard.engine.text import held_back as _held_back
 
 
 def test_step_ends_at_a_delimiter_after_content() -> None:

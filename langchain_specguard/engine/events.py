@@ -1,0 +1,95 @@
+"""What a generation reports: one :class:`StepEvent` per step, and the summary of a call.
+
+The field list here is the schema: ``callbacks.py`` documents it for LangChain users, and
+``EVENT_VERSION`` changes whenever a field changes meaning (new fields may appear without a bump).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+EVENT_VERSION = 3
+
+
+@dataclass
+class StepEvent:
+    """What happened to one step: who wrote it, how the kept draft candidate scored, what it cost."""
+
+    index: int
+    source: Literal["draft", "target"]
+    text: str
+    num_tokens: int
+    n_candidates: int
+    grounding: float
+    confidence: float
+    score: float
+    threshold: float
+    accepted: bool
+    reason: str  # "accepted", or why the draft step was rejected: "score" or "schema" (a bad tool call)
+    seconds: float
+    draft_text: str
+    drafted_tokens: int  # candidate positions the draft computed this step, every row and iteration
+    target_forwards: int
+    finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
+    token_ids: list[int] = field(default_factory=list)
+    kind: Literal["text", "tool_call"] = "text"  # a tool call is one step, opening to closing marker
+    detail: str | None = None  # with reason "schema": what was wrong with the draft's tool call
+    version: int = EVENT_VERSION
+    # where ``seconds`` went: drafting the candidates, scoring the kept one (selection, signals and
+    # the target's verification pass), and the target writing a rejected step; the rest is detokenizing
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    target_seconds: float = 0.0
+    # a rejected step: how many of the draft's tokens the target itself would have written (kept), and
+    # how many tokens of the rest the draft proposed and the target accepted (speculated)
+    kept_tokens: int = 0
+    speculated_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("grounding", "confidence", "score"):
+            if isinstance(data[key], float) and math.isnan(data[key]):
+                data[key] = None
+        return data
+
+
+@dataclass
+class GenerationResult:
+    """The whole output of one call plus its per-step record and summary."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    steps: list[StepEvent]
+    seconds: float
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.steps, self.seconds, self.prompt_tokens)
+
+
+def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) -> dict[str, Any]:
+    accepted = sum(s.accepted for s in steps)
+    return {
+        "version": EVENT_VERSION,
+        "steps": len(steps),
+        "num_steps": len(steps),
+        "accepted_steps": accepted,
+        "accepted_share": accepted / len(steps) if steps else 0.0,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": sum(s.num_tokens for s in steps),
+        "draft_tokens": sum(s.num_tokens for s in steps if s.source == "draft"),
+        "target_tokens": sum(s.num_tokens for s in steps if s.source == "target"),
+        "kept_tokens": sum(s.kept_tokens for s in steps),
+        "speculated_tokens": sum(s.speculated_tokens for s in steps),
+        "drafted_tokens": sum(s.drafted_tokens for s in steps),
+        "target_forwards": sum(s.target_forwards for s in steps),
+        "draft_seconds": sum(s.draft_seconds for s in steps),
+        "verify_seconds": sum(s.verify_seconds for s in steps),
+        "target_seconds": sum(s.target_seconds for s in steps),
+        "seconds": seconds,
+    }

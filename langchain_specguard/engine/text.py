@@ -1,0 +1,200 @@
+"""The output as text: where steps end, what a committed step adds, and what may be shown yet.
+
+Steps end by text rules (see :mod:`.steps`), which need decoding. Decoding every token of every
+candidate was the engine's main host cost, so the rules are checked only at tokens that *can* end a
+step: :func:`may_end_table` marks, once per tokenizer and set of patterns, every token whose text
+contains the last character of a delimiter, stop sequence or tool-call marker (or a partial UTF-8
+byte), and EOS ends a step by itself. Every other token is skipped with one array lookup.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .loading import decode
+from .steps import (
+    find_stop,
+    is_tool_call_step,
+    marker_split,
+    new_text,
+    open_call_start,
+    step_complete,
+    tool_step_complete,
+)
+
+_TEXTS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary[Any, dict[frozenset[str], np.ndarray]] = weakref.WeakKeyDictionary()
+
+
+def token_texts(tokenizer: Any) -> list[str]:
+    """Each token's text as it reads after other text (SentencePiece keeps its leading space there)."""
+    texts = _TEXTS.get(tokenizer)
+    if texts is None:
+        anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
+        base = decode(tokenizer, [anchor])
+        decoded = tokenizer.batch_decode([[anchor, t] for t in range(len(tokenizer))], skip_special_tokens=True)
+        texts = [s[len(base) :] if s.startswith(base) else s for s in decoded]
+        _TEXTS[tokenizer] = texts
+    return texts
+
+
+def may_end_table(tokenizer: Any, patterns: Iterable[str]) -> np.ndarray:
+    """``table[t]``: token ``t`` may complete one of ``patterns`` (a superset: the text check decides)."""
+    last_chars = frozenset(p[-1] for p in patterns if p) | {"\ufffd"}
+    tables = _TABLES.setdefault(tokenizer, {})
+    if last_chars not in tables:
+        texts = token_texts(tokenizer)
+        tables[last_chars] = np.fromiter((any(c in s for c in last_chars) for s in texts), dtype=bool, count=len(texts))
+    return tables[last_chars]
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could still grow into a stop sequence."""
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return hold
+
+
+@dataclass
+class Committed:
+    tokens: list[int]  # the step as committed (a text step that ran into a tool call is cut before it)
+    text: str  # what the step adds to the shown answer
+    finish: str | None
+    kind: Literal["text", "tool_call"]
+
+
+class OutputText:
+    """Generated tokens, their text, the part already shown, and the step rules that apply to them."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        eos: frozenset[int],
+        delimiters: Sequence[str],
+        stops: Sequence[str],
+        markers: tuple[str, str] | None,
+        max_step_tokens: int,
+        max_tool_call_tokens: int,
+        prefix: str = "",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos = eos
+        self.stops = list(stops)
+        self.delimiters = [*delimiters, *stops]
+        self.max_stop = max((len(s) for s in stops), default=0)
+        self.markers = markers
+        self.max_step = max_step_tokens
+        self.max_call = max_tool_call_tokens
+        self.prefix = prefix  # assistant text already in the prompt (e.g. a forced "<tool_call>")
+        self.generated: list[int] = []
+        self.full = ""  # decode(generated), cut at a stop sequence
+        self.emitted = 0  # characters of ``full`` already handed out
+        self.continues = False  # the current step starts inside a tool call left open
+        patterns = [*self.delimiters, *(markers or ())]
+        self.may_end = may_end_table(tokenizer, patterns)
+        self.checkpoints = {max_step_tokens, max_tool_call_tokens} if markers else set()
+
+    @property
+    def step_cap(self) -> int:
+        return max(self.max_step, self.max_call) if self.markers else self.max_step
+
+    def begin_step(self) -> None:
+        self.continues = open_call_start(self.prefix + self.full, self.markers) is not None
+
+    # -- where a step ends -----------------------------------------------------------------------------
+
+    def step_text(self, step: list[int]) -> str:
+        return new_text(self.full, decode(self.tokenizer, self.generated + step))
+
+    def is_boundary(self, step: list[int]) -> bool:
+        """The exact rule: does the step end with its last token?"""
+        text = decode(self.tokenizer, step)
+        if self.stops:
+            tail = self.full[-self.max_stop :] if self.max_stop else ""
+            if find_stop(tail + text, self.stops) is not None:
+                return True
+        if self.markers is not None:
+            if is_tool_call_step(text, self.markers, self.continues):
+                return tool_step_complete(text, self.markers, self.continues) or len(step) >= self.max_call
+            if len(step) >= self.max_step or self.markers[0] in text:
+                return True  # a text step that ran into a call ends there (and is cut before it on commit)
+        return step_complete(text, self.delimiters)
+
+    def step_end(self, step: list[int], start: int = 0) -> int | None:
+        """Length of the shortest prefix of ``step``, longer than ``start``, that ends the step; else None."""
+        table = self.may_end
+        for j in range(start, len(step)):
+            token = step[j]
+            if token in self.eos:
+                return j + 1
+            maybe = token >= len(table) or bool(table[token]) or (j + 1) in self.checkpoints
+            if maybe and self.is_boundary(step[: j + 1]):
+                return j + 1
+        return None
+
+    def check_call(self, step: list[int], validate: Callable[[str], str | None] | None) -> str | None:
+        """Why a finished tool-call step is unacceptable, or None (also for text steps)."""
+        if validate is None or self.markers is None or not step:
+            return None
+        text = self.step_text(step)
+        if not is_tool_call_step(text, self.markers, self.continues):
+            return None
+        if not tool_step_complete(text, self.markers, self.continues) and step[-1] not in self.eos:
+            return None  # cut by the token cap: judged at the step that closes it
+        context = self.prefix + self.full
+        start = open_call_start(context, self.markers)
+        call = (context[start:] if self.continues and start is not None else "") + text.lstrip()
+        return validate(call)
+
+    # -- committing --------------------------------------------------------------------------------------
+
+    def _token_cut(self, step: list[int], at: int) -> int:
+        """Number of leading ``step`` tokens whose text ends at or before character ``at`` of the step."""
+        base = len(self.full)
+        for j in range(1, len(step) + 1):
+            if len(decode(self.tokenizer, self.generated + step[:j])) - base > at:
+                return j - 1
+        return len(step)
+
+    def commit(self, step: list[int], budget: int) -> Committed:
+        """Add a verified step; return what it adds to the shown text and whether the output is finished.
+
+        Text that could still become a stop sequence, and a trailing partial UTF-8 character (a step
+        may end inside one), are held back until later steps decide them.
+        """
+        kind: Literal["text", "tool_call"] = "text"
+        if self.markers is not None:
+            text = self.step_text(step)
+            if is_tool_call_step(text, self.markers, self.continues):
+                kind = "tool_call"
+            else:
+                at = marker_split(text, self.markers)
+                keep = self._token_cut(step, at) if at is not None else 0
+                if keep > 0:
+                    step = step[:keep]
+        self.generated.extend(step)
+        previous = self.full
+        self.full = decode(self.tokenizer, self.generated)
+        finish: str | None = None
+        cut = find_stop(self.full, self.stops, max(0, len(previous) - self.max_stop)) if self.stops else None
+        if cut is not None:
+            self.full = self.full[:cut]
+            finish = "stop"
+        elif step[-1] in self.eos:
+            finish = "stop"
+        elif len(self.generated) >= budget:
+            finish = "length"
+        settled = self.full if finish else self.full.rstrip("\ufffd")  # a partial character may still complete
+        upto = len(settled) - (0 if finish else held_back(settled, self.stops))
+        shown = new_text(self.full[: self.emitted], self.full[:upto]) if upto >= self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return Committed(step, shown, finish, kind)

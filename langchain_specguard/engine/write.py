@@ -1,0 +1,156 @@
+"""Writing a rejected step: the target continues from its first disagreement, sped up by the draft.
+
+What the target writes is exactly what it would write alone (greedy: its argmax at every position;
+sampling: its own distribution, through speculative rejection sampling), so "every step rejected"
+still equals the target's own ``generate()``. Within the step the draft proposes ``gamma`` tokens, one
+target pass checks them all and adds its own next token; ``gamma`` follows the measured agreement
+(:class:`Agreement`), and a draft that rarely agrees makes it 0: plain target decoding, one graph
+replay and one host read per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .sampling import processed_logprobs, residual_sample
+
+if TYPE_CHECKING:
+    from .decoding import Generation
+
+MAX_SPECULATION = 32
+
+
+@dataclass
+class Agreement:
+    """How often the draft's next token is the target's, over every comparison of this generation.
+
+    Each verification or speculation round shows ``a`` agreeing tokens and then, unless the whole run
+    agreed, one disagreement: the Laplace-smoothed share of agreements is the per-token rate ``alpha``.
+    ``cost`` is one draft decode iteration over one target pass (from the models' sizes), so
+    :meth:`speculation_length` maximises expected tokens per round over its cost:
+    ``(1 - alpha^(g+1)) / (1 - alpha)`` tokens for ``1 + g * cost``.
+    """
+
+    cost: float
+    agreed: int = 1
+    disagreed: int = 1
+
+    def observe(self, agreed: int, disagreed: bool) -> None:
+        self.agreed += agreed
+        self.disagreed += int(disagreed)
+
+    @property
+    def rate(self) -> float:
+        return self.agreed / (self.agreed + self.disagreed)
+
+    def speculation_length(self, room: int) -> int:
+        """Draft tokens per round (0: the target decodes alone), for at most ``room`` of them."""
+        alpha, best, best_value = self.rate, 0, 1.0
+        for gamma in range(1, min(room, MAX_SPECULATION) + 1):
+            value = (1 - alpha ** (gamma + 1)) / (1 - alpha) / (1 + gamma * self.cost)
+            if value > best_value:
+                best, best_value = gamma, value
+        return best
+
+
+@dataclass
+class Written:
+    tokens: list[int]
+    speculated: int = 0  # draft tokens the target accepted while writing
+    drafted: int = 0  # draft positions computed while writing
+    target_forwards: int = 0
+
+
+def write(gen: Generation, proposal_tokens: list[int], agree: int, next_token: int | None, limit: int) -> Written:
+    """The target's step: the ``agree`` kept tokens, its own next token, then on to the step's end."""
+    tokens = proposal_tokens[:agree]
+    if next_token is None:  # the target agrees with the whole step
+        return Written(tokens)
+    tokens.append(next_token)
+    written = Written(tokens)
+    end = gen.out.step_end(tokens, agree)
+    plain = False
+    while end is None and len(tokens) < limit:
+        room = limit - len(tokens)
+        gamma = 0 if plain else gen.agreement.speculation_length(room - 1)
+        if gamma == 0:
+            if not plain:
+                _start_target_decoding(gen, tokens)
+                plain = True
+            new = _target_token(gen)
+            written.target_forwards += 1
+        else:
+            new = _speculate(gen, tokens, gamma, written)
+        end = gen.out.step_end([*tokens, *new], len(tokens))
+        tokens.extend(new)
+    written.tokens = tokens[:end] if end is not None else tokens[:limit]
+    return written
+
+
+def _start_target_decoding(gen: Generation, tokens: list[int]) -> None:
+    target, seq = gen.runtime.target, [*gen.ids, *tokens]
+    target.prefill(seq[target.cache.valid : len(seq) - 1], target.cache.valid)
+    target.start_decode(seq[-1], len(seq) - 1, [gen.params.temperature], gen.params.top_p)
+
+
+def _target_token(gen: Generation) -> list[int]:
+    target = gen.runtime.target
+    target.decode(1, gen.generator)
+    target.cache.valid = target.decode_pos
+    return [int(target.out_tokens[0, target.decoded - 1])]
+
+
+def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written) -> list[int]:
+    """One round: the draft proposes ``gamma`` tokens, one target pass keeps the agreeing ones plus its own."""
+    params, draft, target = gen.params, gen.runtime.draft, gen.runtime.target
+    seq = [*gen.ids, *tokens]
+    last = len(seq) - 1
+    draft.prefill(seq[draft.cache.valid : last], draft.cache.valid)
+    draft.start_decode(seq[-1], last, [params.temperature] * draft.batch, params.top_p, follow_first=True)
+    draft.decode(gamma, gen.generator)
+    target.prefill(seq[target.cache.valid : last], target.cache.valid)
+    target.tokens_in[:, 0].fill_(seq[-1])
+    target.tokens_in[:, 1 : gamma + 1].copy_(draft.out_tokens[0, :gamma])
+    logits = target.forward(None, last, q=gamma + 1)[0]  # [gamma + 1, V]
+    proposed = draft.out_tokens[0, :gamma].tolist()
+    if params.temperature == 0:
+        top = logits.argmax(dim=-1).tolist()
+        agree = next((i for i in range(gamma) if proposed[i] != top[i]), gamma)
+        new = [*proposed[:agree], top[agree]]
+    else:
+        agree, token = _rejection_sample(gen, logits, [seq[-1], *proposed], last)
+        new = [*proposed[:agree], token]
+    draft.cache.valid = last + 1 + min(agree, gamma - 1)
+    target.cache.valid = last + 1 + agree
+    gen.agreement.observe(agree, agree < gamma)
+    written.speculated += agree
+    written.drafted += draft.batch * gamma
+    written.target_forwards += 1
+    return new
+
+
+def _rejection_sample(gen: Generation, logits: torch.Tensor, fed: list[int], last: int) -> tuple[int, int]:
+    """Speculative sampling over one round: the accepted proposals, then a token of the residual or the target.
+
+    ``fed`` is what the round fed the target: the last token of the sequence (at ``last``), then the
+    proposals; ``logits [gamma + 1, V]`` are the target's after each.
+    """
+    params, draft = gen.params, gen.runtime.draft
+    proposed = fed[1:]
+    gamma = len(proposed)
+    temperature = torch.tensor(params.temperature, device=logits.device)
+    logp = processed_logprobs(logits, temperature, params.top_p)  # [gamma + 1, V]
+    p = logp[:gamma].gather(-1, torch.tensor(proposed, device=logits.device)[:, None]).squeeze(-1)
+    q = draft.out_logq[0, :gamma].to(logits.device)
+    keep = (gen.uniform(gamma).to(logits.device).log() < p - q).tolist()
+    agree = next((i for i in range(gamma) if not keep[i]), gamma)
+    noise = gen.exponential(logp.shape[-1]).to(logits.device)
+    if agree == gamma:
+        return agree, int((logp[gamma] - noise.log()).argmax())
+    # the draft's distribution at the rejected position, computed again (its rows are all alike)
+    draft_logits = draft.forward([fed[agree]], last + agree)[0, -1]
+    logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), params.top_p).to(logits.device)
+    return agree, int(residual_sample(logp[agree], logq, noise))
