@@ -1,10 +1,19 @@
-"""Benchmark: SpecGuard vs target-only greedy vs draft-only vs token-level speculative decoding.
+"""Benchmark: SpecGuard vs target-only (eager and compiled), draft-only and token-level speculative decoding.
 
 All methods run in one process on the same prompts and token budget, interleaved problem by
 problem so that clock or thermal drift hits every method alike. Needs no LangChain.
 
-    python -m langchain_specguard.bench --data ../shared/data/gsm8k/test.jsonl --limit 20 \\
-        --methods target,draft,assisted,specguard --thresholds 0.3,0.5,0.7 --out results.json
+    # a real pair (or the embedded Gemma 3 270M with no --target), GSM8K-style data
+    python -m langchain_specguard.bench --data test.jsonl --limit 20 \\
+        --methods target,target-static,draft,assisted,specguard --thresholds 0.3,0.5,0.7 --out results.json
+
+    # real model shapes with planted weights (no download): 7B target, 0.5B draft, several agreements
+    python -m langchain_specguard.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement 1,0.97,0 \\
+        --methods target,target-static,assisted,specguard --max-tokens 128 --max-step-tokens 24
+
+Every table row gives tokens/s, the ratio to the eager and to the compiled target, the share of the
+memory-bandwidth limit (decoding the target alone can not beat bandwidth / weight bytes per token),
+the median seconds per problem, target passes per token, acceptance, and where SpecGuard's time went.
 """
 
 from __future__ import annotations
@@ -21,19 +30,27 @@ from typing import Any
 import torch
 
 from .engine import SpecGuardParams, generate, load_embedded_pair, load_pair
-from .engine.loading import ModelPair, decode
-from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer, trim_to_answer
+from .engine.loading import ModelPair, decode, weight_bytes
+from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer
 from .testbed import encode_prompt
 
 
 @dataclass
 class Run:
-    tokens: int
+    tokens: list[int]
     text: str
     target_forwards: int | None = None
     steps: int | None = None
     accepted: int | None = None
+    kept: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # SpecGuard: seconds in draft / verify / target
+
+
+@dataclass
+class Problem:
+    prompt: list[int]
+    question: str
+    check: Callable[[Run], bool]
 
 
 @dataclass
@@ -44,6 +61,7 @@ class Tally:
     target_forwards: int = 0
     steps: int = 0
     accepted: int = 0
+    kept: int = 0
     peak_bytes: int = 0
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -58,9 +76,15 @@ class Tally:
             "output_tokens": total_t,
             "target_forwards_per_token": self.target_forwards / total_t if total_t and self.steps else None,
             "acceptance_rate": self.accepted / self.steps if self.steps else None,
+            "kept_per_token": self.kept / total_t if total_t and self.steps else None,
             "peak_gpu_mib": self.peak_bytes / 2**20 if self.peak_bytes else None,
             **{f"{phase}_share": seconds / total_s for phase, seconds in self.phases.items() if total_s},
         }
+
+
+def _arg(args: argparse.Namespace, name: str, default: Any) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 def load_problems(path: str | None, limit: int) -> list[tuple[str, float | None]]:
@@ -94,16 +118,31 @@ def encode_prompts(pair: ModelPair, questions: list[str], style: str) -> list[li
     ]
 
 
+def answer_problems(pair: ModelPair, args: argparse.Namespace) -> list[Problem]:
+    """Word problems whose final ``Answer: N`` is checked against the gold number."""
+    problems = load_problems(_arg(args, "data", None), _arg(args, "limit", 10))
+    prompts = encode_prompts(pair, [q for q, _ in problems], _arg(args, "prompt", "chat"))
+
+    def checker(gold: float | None) -> Callable[[Run], bool]:
+        def check(run: Run) -> bool:
+            answer = extract_answer(run.text)
+            return gold is not None and answer is not None and abs(answer - gold) < 1e-6
+
+        return check
+
+    return [Problem(p, q, checker(g)) for (q, g), p in zip(problems, prompts, strict=True)]
+
+
 def _hf_runner(
     pair: ModelPair, model: torch.nn.Module, max_tokens: int, assistant: Any = None, static: bool = False
-) -> Callable:
+) -> Callable[[list[int]], Run]:
     eos = sorted(pair.eos_token_ids)
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else eos[0]
 
     def run(prompt: list[int]) -> Run:
         ids = torch.tensor([prompt], device=pair.device)
         kwargs: dict[str, Any] = {"assistant_model": assistant} if assistant is not None else {}
-        if static:  # transformers compiles the decode step (CUDA graphs) when the cache is static
+        if static:  # what a user picks for speed: transformers compiles the decode step when the cache is static
             kwargs["cache_implementation"] = "static"
         out = model.generate(  # type: ignore[operator]
             ids,
@@ -115,58 +154,70 @@ def _hf_runner(
             **kwargs,
         )
         new = out[0, len(prompt) :].tolist()
-        return Run(tokens=len(new), text=decode(pair.tokenizer, new))
+        return Run(tokens=new, text=decode(pair.tokenizer, new))
 
     return run
 
 
-def _specguard_runner(pair: ModelPair, params: SpecGuardParams) -> Callable:
+def _specguard_runner(pair: ModelPair, params: SpecGuardParams) -> Callable[[list[int]], Run]:
     def run(prompt: list[int]) -> Run:
         result = generate(pair, prompt, params)
         summary = result.summary
         return Run(
-            tokens=len(result.token_ids),
+            tokens=result.token_ids,
             text=result.text,
             target_forwards=summary["target_forwards"],
             steps=summary["steps"],
             accepted=summary["accepted_steps"],
+            kept=summary["kept_tokens"],
             phases={k: summary[f"{k}_seconds"] for k in ("draft", "verify", "target")},
         )
 
     return run
 
 
-def build_methods(pair: ModelPair, args: argparse.Namespace) -> dict[str, Callable]:
-    methods: dict[str, Callable] = {}
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name in wanted:
-        if name == "target":
-            methods["target"] = _hf_runner(pair, pair.target, args.max_tokens)
-        elif name == "target-static":
-            methods["target-static"] = _hf_runner(pair, pair.target, args.max_tokens, static=True)
-        elif name == "draft":
-            methods["draft"] = _hf_runner(pair, pair.draft, args.max_tokens)
+def specguard_params(args: argparse.Namespace, **overrides: Any) -> SpecGuardParams:
+    """The engine's defaults, with what the command line sets."""
+    values: dict[str, Any] = {
+        "max_tokens": _arg(args, "max_tokens", 64),
+        "max_step_tokens": _arg(args, "max_step_tokens", 32),
+        "n_candidates": _arg(args, "n_candidates", 4),
+        "step_delimiters": ["\n"],
+        "grounding_method": _arg(args, "grounding", "rollout"),
+        "decision": _arg(args, "decision", "both"),
+        "grounding_weight": _arg(args, "grounding_weight", 0.5),
+    }
+    values.update(overrides)
+    return SpecGuardParams(**values)
+
+
+def build_methods(
+    pair: ModelPair, args: argparse.Namespace, baselines: bool = True
+) -> dict[str, Callable[[list[int]], Run]]:
+    methods: dict[str, Callable[[list[int]], Run]] = {}
+    max_tokens = _arg(args, "max_tokens", 64)
+    for name in (m.strip() for m in _arg(args, "methods", "target,specguard").split(",") if m.strip()):
+        if name == "target" and baselines:
+            methods["target"] = _hf_runner(pair, pair.target, max_tokens)
+        elif name == "target-static" and baselines:
+            methods["target-static"] = _hf_runner(pair, pair.target, max_tokens, static=True)
+        elif name == "draft" and baselines:
+            methods["draft"] = _hf_runner(pair, pair.draft, max_tokens)
         elif name == "assisted":
-            methods["assisted"] = _hf_runner(pair, pair.target, args.max_tokens, assistant=pair.draft)
+            methods["assisted"] = _hf_runner(pair, pair.target, max_tokens, assistant=pair.draft)
         elif name == "specguard":
-            for source in args.signal_sources.split(","):
-                for threshold in (float(t) for t in args.thresholds.split(",")):
-                    params = SpecGuardParams(
-                        acceptance_threshold=threshold,
-                        signal_source=source.strip(),
-                        max_tokens=args.max_tokens,
-                        max_step_tokens=args.max_step_tokens,
-                        n_candidates=args.n_candidates,
-                        step_delimiters=["\n"],
-                        grounding_method=args.grounding,
-                    )
-                    methods[f"specguard[{source.strip()},t={threshold:g}]"] = _specguard_runner(pair, params)
-                    if args.graphs:
-                        graphed = params.model_copy(update={"cache_implementation": "static", "compile_decode": True})
-                        methods[f"specguard[{source.strip()},t={threshold:g},graphs]"] = _specguard_runner(
-                            pair, graphed
-                        )
-        else:
+            for source in _arg(args, "signal_sources", "target").split(","):
+                for threshold in (float(t) for t in _arg(args, "thresholds", "0.5").split(",")):
+                    params = specguard_params(args, acceptance_threshold=threshold, signal_source=source.strip())
+                    label = f"specguard[{source.strip()},t={threshold:g}]"
+                    methods[label] = _specguard_runner(pair, params)
+                    if _arg(args, "eager", False):
+                        eager = params.model_copy(update={"cache_implementation": "dynamic"})
+                        methods[label[:-1] + ",eager]"] = _specguard_runner(pair, eager)
+                    if _arg(args, "compile", False):
+                        compiled = params.model_copy(update={"compile_decode": True})
+                        methods[label[:-1] + ",compiled]"] = _specguard_runner(pair, compiled)
+        elif name not in ("target", "target-static", "draft"):
             raise SystemExit(f"unknown method {name!r}: choose from target, target-static, draft, assisted, specguard")
     return methods
 
@@ -176,62 +227,147 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
-    problems = load_problems(args.data, args.limit)
-    prompts = encode_prompts(pair, [q for q, _ in problems], args.prompt)
-    methods = build_methods(pair, args)
+def measure_bandwidth(device: torch.device) -> float | None:
+    """Bytes/s the GPU reads in a large reduction (the ceiling for memory-bound decoding)."""
+    if device.type != "cuda":
+        return None
+    data = torch.ones(2**30, dtype=torch.bfloat16, device=device)  # 2 GiB
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        started = time.perf_counter()
+        data.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    del data
+    return 2**31 / best
+
+
+def run_problems(
+    pair: ModelPair, problems: list[Problem], methods: dict[str, Callable[[list[int]], Run]]
+) -> list[dict[str, Any]]:
+    """Run every method on every problem, interleaved; one result row per method, samples aside."""
     tallies = {name: Tally() for name in methods}
     device = pair.device
-    for runner in methods.values():  # warm-up: kernels, allocator, lazy init
-        runner(prompts[0])
-    try:
-        from tqdm import tqdm
-
-        progress: Any = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run")
-    except ImportError:  # pragma: no cover
-        progress = None
-    samples: list[dict[str, Any]] = []
-    for (question, gold), prompt in zip(problems, prompts, strict=True):
+    for runner in methods.values():  # warm-up: kernels, allocator, lazy init, graph capture, compilation
+        runner(problems[0].prompt)
+    for problem in problems:
         for name, runner in methods.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             started = time.perf_counter()
-            run = runner(prompt)
+            run = runner(problem.prompt)
             _sync(device)
-            seconds = time.perf_counter() - started
             tally = tallies[name]
-            tally.seconds.append(seconds)
-            tally.tokens.append(run.tokens)
-            answer = extract_answer(run.text)
-            tally.correct.append(gold is not None and answer is not None and abs(answer - gold) < 1e-6)
+            tally.seconds.append(time.perf_counter() - started)
+            tally.tokens.append(len(run.tokens))
+            tally.correct.append(problem.check(run))
             if run.steps is not None:
                 tally.steps += run.steps
                 tally.accepted += run.accepted or 0
                 tally.target_forwards += run.target_forwards or 0
+                tally.kept += run.kept
                 for phase, phase_seconds in run.phases.items():
                     tally.phases[phase] = tally.phases.get(phase, 0.0) + phase_seconds
             if device.type == "cuda":
                 tally.peak_bytes = max(tally.peak_bytes, torch.cuda.max_memory_allocated(device))
-            if len(samples) < 3 * len(methods):
-                samples.append({"method": name, "question": question, "output": trim_to_answer(run.text)})
-            if progress is not None:
-                progress.update(1)
-    if progress is not None:
-        progress.close()
-    rows = [tally.row(name) for name, tally in tallies.items()]
-    base = next((r["tokens_per_s"] for r in rows if r["method"] == "target"), None)
-    for row in rows:
-        row["speed_vs_target"] = row["tokens_per_s"] / base if base else None
+    return [tally.row(name) for name, tally in tallies.items()]
+
+
+def _environment(pair: ModelPair) -> dict[str, Any]:
+    import subprocess
+
+    import transformers
+
+    device = pair.device
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "commit": commit or None,
         "model": pair.name,
         "draft_layers": pair.draft_layers,
         "dtype": str(pair.target.dtype),
-        "max_tokens": args.max_tokens,
+    }
+
+
+def _ratios(rows: list[dict[str, Any]], limit_tps: float | None) -> None:
+    eager = next((r["tokens_per_s"] for r in rows if r["method"] == "target"), None)
+    compiled = next((r["tokens_per_s"] for r in rows if r["method"] == "target-static"), None)
+    for row in rows:
+        row["speed_vs_target"] = row["tokens_per_s"] / eager if eager else None
+        row["speed_vs_compiled"] = row["tokens_per_s"] / compiled if compiled else None
+        row["limit_share"] = row["tokens_per_s"] / limit_tps if limit_tps else None
+
+
+def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
+    """A word-problem benchmark on ``pair`` (``args`` as the command line gives them)."""
+    bandwidth = measure_bandwidth(pair.device)
+    limit = bandwidth / weight_bytes(pair.target) if bandwidth else None
+    rows = run_problems(pair, answer_problems(pair, args), build_methods(pair, args))
+    _ratios(rows, limit)
+    return {
+        **_environment(pair),
+        "max_tokens": _arg(args, "max_tokens", 64),
+        "bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+        "target_limit_tokens_per_s": limit,
         "rows": rows,
-        "samples": samples,
+    }
+
+
+def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
+    """Planted real-shape models (see :mod:`.synthetic`), every method at each agreement level."""
+    from . import synthetic
+
+    target_shape, _, draft_shape = args.synthetic.partition(":")
+    agreements = [float(a) for a in str(args.agreement).split(",")]
+    pair = synthetic.synthetic_pair(
+        target_shape,
+        draft_shape or None,
+        agreements[0],
+        draft_layers=args.draft_layers,
+        device=args.device or "cuda",
+    )
+    prompts = synthetic.synthetic_prompts(pair, args.limit, args.prompt_tokens)
+    target_map = pair.extra["target_map"].tolist()
+
+    def expected(prompt: list[int]) -> list[int]:
+        out, token = [], prompt[-1]
+        for _ in range(args.max_tokens):
+            token = target_map[token]
+            out.append(token)
+        return out
+
+    def checker(want: list[int]) -> Callable[[Run], bool]:
+        return lambda run: run.tokens == want
+
+    problems = [Problem(p, "", checker(expected(p))) for p in prompts]
+    bandwidth = measure_bandwidth(pair.device)
+    limit = bandwidth / weight_bytes(pair.target) if bandwidth else None
+    rows: list[dict[str, Any]] = []
+    for i, agreement in enumerate(agreements):
+        synthetic.set_agreement(pair, agreement)
+        print(f"agreement {agreement:g}", flush=True)
+        block = run_problems(pair, problems, build_methods(pair, args, baselines=i == 0))
+        for row in block:
+            row["agreement"] = agreement if row["method"] not in ("target", "target-static") else None
+            print(json.dumps(row), flush=True)
+        rows += block
+    _ratios(rows, limit)
+    return {
+        **_environment(pair),
+        "max_tokens": args.max_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "target_weight_gb": weight_bytes(pair.target) / 1e9,
+        "draft_weight_gb": weight_bytes(pair.draft) / 1e9,
+        "bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+        "target_limit_tokens_per_s": limit,
+        "rows": rows,
     }
 
 
@@ -243,20 +379,30 @@ def _shares(row: dict[str, Any]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     head = (
-        f"{'method':<28} {'acc':>5} {'tok/s':>8} {'x target':>8} {'med s':>7} "
-        f"{'tgt fwd/tok':>11} {'accept':>6} {'MiB':>7}  {'draft/verify/target time %':>26}"
+        f"{'method':<34} {'agree':>5} {'acc':>5} {'tok/s':>8} {'x eager':>7} {'x comp':>6} {'limit':>5} {'med s':>7} "
+        f"{'tgt fwd/tok':>11} {'accept':>6} {'kept/tok':>8} {'MiB':>7}  {'draft/verify/target %':>21}"
     )
-    lines = [f"{result['model']} on {result['device']} ({result['dtype']}, torch {result['torch']})", head]
+    versions = f"torch {result['torch']}"
+    if "transformers" in result:
+        versions += f", transformers {result['transformers']}"
+    lines = [f"{result['model']} on {result['device']} ({result['dtype']}, {versions})", head]
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     for r in result["rows"]:
         lines.append(
-            f"{r['method']:<28} {fmt(r['accuracy'], '.2f'):>5} {r['tokens_per_s']:8.1f} "
-            f"{fmt(r['speed_vs_target'], '.2f'):>8} {fmt(r['median_s_per_problem'], '.2f'):>7} "
+            f"{r['method']:<34} {fmt(r.get('agreement'), '.2f'):>5} {fmt(r['accuracy'], '.2f'):>5} "
+            f"{r['tokens_per_s']:8.1f} {fmt(r.get('speed_vs_target'), '.2f'):>7} "
+            f"{fmt(r.get('speed_vs_compiled'), '.2f'):>6} "
+            f"{fmt(r.get('limit_share'), '.2f'):>5} {fmt(r['median_s_per_problem'], '.3f'):>7} "
             f"{fmt(r['target_forwards_per_token'], '.3f'):>11} {fmt(r['acceptance_rate'], '.2f'):>6} "
-            f"{fmt(r['peak_gpu_mib'], '.0f'):>7}  {_shares(r):>26}"
+            f"{fmt(r.get('kept_per_token'), '.2f'):>8} {fmt(r['peak_gpu_mib'], '.0f'):>7}  {_shares(r):>21}"
+        )
+    if result.get("target_limit_tokens_per_s"):
+        lines.append(
+            f"bandwidth {result['bandwidth_gb_s']:.0f} GB/s -> target-only limit "
+            f"{result['target_limit_tokens_per_s']:.0f} tok/s"
         )
     return "\n".join(lines)
 
@@ -296,16 +442,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--draft-layers", type=int, default=None, help="self-speculative draft: target's first k layers"
     )
+    parser.add_argument(
+        "--synthetic",
+        default=None,
+        metavar="TARGET:DRAFT",
+        help="planted real-shape pair, e.g. qwen2.5-7b:qwen2.5-0.5b or llama-3.1-8b:llama-3.2-1b; "
+        "'qwen2.5-7b:' with --draft-layers k for a self-speculative draft",
+    )
+    parser.add_argument("--agreement", default="1.0", help="synthetic: draft/target agreement levels, comma-separated")
+    parser.add_argument("--prompt-tokens", type=int, default=200, help="synthetic: prompt length")
     parser.add_argument("--data", default=None, help="GSM8K-style jsonl; default: one built-in question")
-    parser.add_argument("--limit", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=10, help="problems (synthetic: prompts)")
     parser.add_argument("--methods", default="target,draft,assisted,specguard")
     parser.add_argument("--prompt", default="chat", choices=["chat", "raw"], help="raw: the testbed's format")
     parser.add_argument("--thresholds", default="0.5")
-    parser.add_argument(
-        "--graphs", action="store_true", help="also run each SpecGuard setting with static caches + CUDA graphs"
-    )
+    parser.add_argument("--eager", action="store_true", help="also run each SpecGuard setting with dynamic caches")
+    parser.add_argument("--compile", action="store_true", help="also run each SpecGuard setting with compile_decode")
     parser.add_argument("--signal-sources", default="target")
     parser.add_argument("--grounding", default="rollout", choices=["rollout", "mean"])
+    parser.add_argument("--decision", default="both", choices=["both", "weighted"])
+    parser.add_argument("--grounding-weight", type=float, default=0.5)
     parser.add_argument("--n-candidates", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-step-tokens", type=int, default=32)
@@ -316,18 +472,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    if args.target is None:
-        pair = load_embedded_pair(draft_layers=args.draft_layers or 15, device=args.device, dtype=args.dtype)
+    if args.synthetic:
+        result = run_synthetic(args)
     else:
-        pair = load_pair(
-            args.target,
-            args.draft,
-            draft_layers=args.draft_layers if args.draft is None else None,
-            device=args.device,
-            dtype=args.dtype,
-        )
-    print(f"loaded {pair.name} in {time.perf_counter() - started:.1f} s", flush=True)
-    result = run_benchmark(pair, args)
+        if args.target is None:
+            pair = load_embedded_pair(draft_layers=args.draft_layers or 15, device=args.device, dtype=args.dtype)
+        else:
+            pair = load_pair(
+                args.target,
+                args.draft,
+                draft_layers=args.draft_layers if args.draft is None else None,
+                device=args.device,
+                dtype=args.dtype,
+            )
+        print(f"loaded {pair.name} in {time.perf_counter() - started:.1f} s", flush=True)
+        result = run_benchmark(pair, args)
     print(format_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

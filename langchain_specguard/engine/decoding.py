@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from .attention import decoder_layers
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
-from .loading import ModelPair, decode
+from .loading import ModelPair, decode, weight_bytes
 from .params import SpecGuardParams
 from .propose import propose
 from .runner import MAX_BUCKET, ModelRunner
@@ -73,15 +73,6 @@ class Runtime:
     cost: float  # one draft iteration over one target pass (weights read per token)
 
 
-def _weights(model: torch.nn.Module) -> int:
-    """Parameters a decode step reads: all of them but an input embedding that is not also the LM head."""
-    embedding = model.get_input_embeddings().weight  # type: ignore[operator]
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    tied = head is not None and head.weight is embedding
-    unique = {id(p): p for p in model.parameters()}
-    return sum(p.numel() for p in unique.values() if tied or p is not embedding)
-
-
 def _single_device(model: torch.nn.Module) -> bool:
     devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
     return len(devices) <= 1
@@ -93,7 +84,7 @@ class RuntimePool:
     def __init__(self, pair: ModelPair) -> None:
         self.draft_view = engine_view(pair.draft)
         self.target_view = engine_view(pair.target)
-        self.cost = max(0.02, _weights(self.draft_view) / max(1, _weights(self.target_view)))
+        self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
         self.idle: list[Runtime] = []
         self.lock = threading.Lock()
 

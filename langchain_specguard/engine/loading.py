@@ -68,6 +68,16 @@ def _vocab_rows(model: PreTrainedModel) -> int:
     return int(weight.shape[0])
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter but an input embedding that is not also the LM
+    head (a lookup reads one row). What bounds memory-bound decoding: bandwidth / weight_bytes."""
+    embedding = model.get_input_embeddings().weight  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    tied = head is not None and head.weight is embedding
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in unique.values() if tied or p is not embedding)
+
+
 def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     """Visible text of ``ids`` (special tokens dropped)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)

@@ -247,10 +247,12 @@ class ModelRunner:
     def _iteration(self, record: StepAttention | None, sampling: bool) -> None:
         """One decode step for every row: forward the current tokens, sample, store, advance. No host reads."""
         end = None if not self.cache.growable else self.decode_pos + 1
-        with recording(record):
-            if record is not None:
-                record.rows = self.it.view(1)
+        if record is None:  # (compiled iterations never record: no context variable to trace)
             logits = self._pass(self.cur[:, None], self.pos.view(1), end)[:, -1]
+        else:
+            with recording(record):
+                record.rows = self.it.view(1)
+                logits = self._pass(self.cur[:, None], self.pos.view(1), end)[:, -1]
         tokens, logq = sample(logits, self.temps, self.top_p, self.noise if sampling else None)
         if self.follow_first:
             tokens, logq = tokens[:1].expand_as(tokens), logq[:1].expand_as(logq)
