@@ -275,21 +275,28 @@ def run_problems(
     return [tally.row(name) for name, tally in tallies.items()]
 
 
-def _environment(pair: ModelPair) -> dict[str, Any]:
-    import subprocess
+def _git_commit() -> str | None:
+    """The checkout's commit, read from ``.git`` (no process started), if this runs from one."""
+    root = Path(__file__).resolve().parent.parent / ".git"
+    try:
+        head = (root / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            head = (root / head[5:]).read_text().strip()
+        return head[:7] or None
+    except OSError:
+        return None
 
+
+def _environment(pair: ModelPair) -> dict[str, Any]:
     import transformers
 
     device = pair.device
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = _git_commit()
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "commit": commit or None,
+        "commit": commit,
         "model": pair.name,
         "draft_layers": pair.draft_layers,
         "dtype": str(pair.target.dtype),

@@ -103,31 +103,31 @@ class RuntimePool:
             impl = "static" if device.type == "cuda" else "dynamic"
         growable = impl == "dynamic"
         graphs = not growable and device.type == "cuda" and _single_device(self.target_view)
-        kind = (params.n_candidates, rows, growable, graphs, params.compile_decode and graphs)
+        compiled = graphs and params.compile_decode is not False  # None: compile wherever graphs run
+        kind = (params.n_candidates, rows, growable, graphs, compiled)
+        # fixed caches need room for the sequence and a pass padded past its end; their sizes come in
+        # power-of-two tiers so that few shapes (CUDA graphs, compiled kernels) ever exist
+        room = need if growable else need + MAX_BUCKET
         with self.lock:
-            fits = [r for r in self.idle if r.key[:-1] == kind and r.key[-1] >= need]
-            if fits:
-                runtime = min(fits, key=lambda r: r.key[-1])
+            fits = [r for r in self.idle if r.key[:-1] == kind and r.key[-1] >= room]
+            runtime = min(fits, key=lambda r: r.key[-1]) if fits else None
+            if runtime is not None:
                 self.idle.remove(runtime)
-            else:
-                runtime = None
         if runtime is None:
-            # fixed caches: room for the sequence, a padded pass past its end, and scratch slots for capture
-            capacity = need + 2 * MAX_BUCKET if not growable else need
-            capacity = -(-capacity // 256) * 256
-            draft = ModelRunner(
-                self.draft_view,
-                batch=params.n_candidates,
-                capacity=capacity,
-                rows=rows,
-                growable=growable,
-                graphs=graphs,
-                compile_decode=params.compile_decode,
-            )
-            target = ModelRunner(
-                self.target_view, batch=1, capacity=capacity, rows=rows, growable=growable, graphs=graphs
-            )
-            runtime = Runtime(draft, target, (*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
+            capacity = room if growable else max(1024, 1 << (room - 1).bit_length())
+            runners = [
+                ModelRunner(
+                    view,
+                    batch=batch,
+                    capacity=capacity,
+                    rows=rows,
+                    growable=growable,
+                    graphs=graphs,
+                    compile_decode=compiled,
+                )
+                for view, batch in ((self.draft_view, params.n_candidates), (self.target_view, 1))
+            ]
+            runtime = Runtime(*runners, key=(*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
         runtime.draft.cache.valid = runtime.target.cache.valid = 0
         return runtime
 
@@ -164,9 +164,6 @@ class Generation:
 
     def uniform(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, device=self.generator.device)
-
-    def exponential(self, n: int) -> torch.Tensor:
-        return torch.empty(n, device=self.generator.device).exponential_(generator=self.generator)
 
     def step(self) -> StepEvent:
         started = time.perf_counter()

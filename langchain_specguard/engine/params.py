@@ -85,10 +85,11 @@ class SpecGuardParams(BaseModel):
         "and on CUDA every pass replays a CUDA graph; 'dynamic': caches grow, passes run eagerly. "
         "'auto': static on CUDA, dynamic on the CPU (the faster one on each).",
     )
-    compile_decode: bool = Field(
-        default=False,
-        description="Also compile the draft's decode iteration with torch.compile (fused kernels) before "
-        "capturing it as a CUDA graph. Only where graphs run (static caches on CUDA); the first call compiles.",
+    compile_decode: bool | None = Field(
+        default=None,
+        description="Compile the decode iterations (draft and target) with torch.compile (fused kernels) before "
+        "capturing them as CUDA graphs. Only where graphs run (static caches on CUDA). None (default): wherever "
+        "graphs run; the first call of a process then spends about a minute per model compiling.",
     )
 
     @field_validator("acceptance_threshold")

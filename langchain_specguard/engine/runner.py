@@ -1,22 +1,23 @@
 """Forward passes of one model: eager, or replayed as CUDA graphs; and its sync-free decode loop.
 
 A :class:`ModelRunner` owns a model view, its :class:`~.cache.KVCache` and a set of static buffers.
-Every pass reads its inputs from those buffers (tokens, start position, decode state) and positions,
+Every pass reads its inputs from those buffers (tokens, start position, decode state); positions,
 masks and write offsets are computed from them on the device, so the same Python function runs
 eagerly (CPU, dynamic caches) or is captured once and replayed as a CUDA graph (GPU, fixed caches):
 
 - :meth:`ModelRunner.forward`: ``q`` tokens at explicit positions, padded to a bucket size when the
   cache is fixed (one graph per bucket), optionally recording step attention;
-- :meth:`ModelRunner.decode`: ``n`` iterations of "forward one token per row, sample, record, advance",
-  all state on the device (gpt-fast's decode loop, with the bookkeeping inside the graph too). The host
-  reads the sampled tokens when it wants to, not per token.
+- :meth:`ModelRunner.decode`: ``n`` iterations of :func:`decode_iteration` ("forward one token per
+  row, sample, record, advance"), all state on the device (gpt-fast's decode loop, with the bookkeeping
+  inside the graph too). The host reads the sampled tokens when it wants to, not per token. With
+  ``compile_decode`` the iteration goes through ``torch.compile`` (fused kernels) before capture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -27,12 +28,99 @@ from .sampling import sample
 from .view import layer_windows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-"""Query lengths a fixed-cache pass is padded to (one CUDA graph each); longer passes run eagerly."""
+"""Query lengths a fixed-cache pass is padded to (one CUDA graph each); longer inputs go in chunks."""
 MAX_BUCKET = BUCKETS[-1]
 
 
 def bucket(q: int) -> int | None:
     return next((b for b in BUCKETS if b >= q), None)
+
+
+def model_pass(
+    view: PreTrainedModel,
+    cache: KVCache,
+    windows: tuple[int | None, ...],
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    end: int | None,
+    keep: int = 0,
+) -> torch.Tensor:
+    """Logits ``[B, q, V]`` (the last ``keep``, or all) of ``tokens [B, q]`` at ``positions [q]``.
+
+    ``end`` (eager, growable caches) is one past the last position: attention reads that many keys;
+    ``None`` reads the whole fixed cache under the mask. Layers with a sliding window get their own mask.
+    """
+    cache.write_at = positions
+    cache.read_len = end
+    length = cache.capacity if end is None else end
+    dtype = view.get_input_embeddings().weight.dtype  # type: ignore[operator]
+    kinds = set(windows)
+    mask: torch.Tensor | dict[str, torch.Tensor]
+    if len(kinds) == 1:
+        mask = causal_mask(positions, length, windows[0], dtype)
+    else:
+        sliding = next(w for w in kinds if w is not None)
+        mask = {
+            "full_attention": causal_mask(positions, length, None, dtype),
+            "sliding_attention": causal_mask(positions, length, sliding, dtype),
+        }
+    out = view(
+        input_ids=tokens,
+        position_ids=positions[None].expand(tokens.shape[0], -1),
+        attention_mask=mask,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+    )
+    return out.logits
+
+
+class DecodeState(NamedTuple):
+    """The decode loop's device state (shapes for ``B`` rows and room for ``T`` iterations)."""
+
+    cur: torch.Tensor  # [B] token each row feeds next
+    pos: torch.Tensor  # [] the position it is fed at
+    it: torch.Tensor  # [] iteration index: the output column
+    temps: torch.Tensor  # [B] sampling temperature per row (0: greedy)
+    uniform: torch.Tensor  # [B] U(0, 1) draws for this iteration
+    follow: torch.Tensor  # [] bool: every row feeds row 0's token (rows stay alike)
+    tokens: torch.Tensor  # [B, T] sampled tokens
+    logp: torch.Tensor  # [B, T] their raw log-probabilities
+    logq: torch.Tensor  # [B, T] their log-probabilities under the distribution sampled from
+
+
+def decode_iteration(
+    view: PreTrainedModel,
+    cache: KVCache,
+    windows: tuple[int | None, ...],
+    state: DecodeState,
+    top_p: float,
+    sampling: bool,
+    end: int | None,
+) -> None:
+    """One decode step for every row: forward the current tokens, sample, store, advance. No host reads."""
+    logits = model_pass(view, cache, windows, state.cur[:, None], state.pos.view(1), end)[:, -1]
+    tokens, logq = sample(logits, state.temps, top_p, state.uniform if sampling else None)
+    tokens = torch.where(state.follow, tokens[:1].expand_as(tokens), tokens)
+    logq = torch.where(state.follow, logq[:1].expand_as(logq), logq)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])
+    column = state.it.view(1)
+    state.tokens.index_copy_(1, column, tokens[:, None])
+    state.logp.index_copy_(1, column, logp)
+    state.logq.index_copy_(1, column, logq[:, None])
+    state.cur.copy_(tokens)
+    state.pos.add_(1)
+    state.it.add_(1)
+
+
+_COMPILED: dict[str, Callable[..., None]] = {}
+
+
+def compiled_decode_iteration() -> Callable[..., None]:
+    """:func:`decode_iteration` through ``torch.compile``, made once per process (shared by every runner)."""
+    if "decode" not in _COMPILED:
+        _COMPILED["decode"] = torch.compile(decode_iteration)
+    return _COMPILED["decode"]
 
 
 @dataclass
@@ -59,39 +147,52 @@ class ModelRunner:
         assert isinstance(weight, torch.Tensor)
         self.view = view
         self.device = weight.device
-        self.dtype = weight.dtype
         self.batch = batch
         self.rows = rows
         self.cache = KVCache(int(view.config.num_hidden_layers), capacity, growable)
-        self.windows = layer_windows(view.config)
+        self.windows = tuple(layer_windows(view.config))
         self.use_graphs = graphs and not growable
         self.compile_decode = compile_decode and self.use_graphs
         dev = self.device
-        # forward inputs: tokens (padded), where they start, the tokens their logits are scored against
-        self.tokens_in = torch.zeros(batch, MAX_BUCKET, dtype=torch.long, device=dev)
+        # forward inputs: tokens (padded) and where they start
+        self.tokens_in = torch.zeros(batch, max(MAX_BUCKET, rows), dtype=torch.long, device=dev)
         self.start = torch.zeros((), dtype=torch.long, device=dev)
         self._arange = torch.arange(MAX_BUCKET, dtype=torch.long, device=dev)
-        # decode-loop state: the token each row feeds next, its position, the iteration, sampling setup
-        self.cur = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.pos = torch.zeros((), dtype=torch.long, device=dev)
-        self.it = torch.zeros((), dtype=torch.long, device=dev)
-        self.temps = torch.zeros(batch, dtype=torch.float32, device=dev)
-        self.noise: torch.Tensor | None = None  # [B, V] Exp(1) draws, refilled before every sampled iteration
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        self.state = DecodeState(
+            cur=zeros(batch, dtype=torch.long),
+            pos=zeros(dtype=torch.long),
+            it=zeros(dtype=torch.long),
+            temps=zeros(batch),
+            uniform=zeros(batch),
+            follow=zeros(dtype=torch.bool),
+            tokens=zeros(batch, rows, dtype=torch.long),
+            logp=zeros(batch, rows),
+            logq=zeros(batch, rows),
+        )
         self.top_p = 1.0
         self.sampling = False  # some row samples (host mirror of ``temps > 0``)
-        self.follow_first = False
+        self.decode_pos = 0  # host mirror of ``state.pos``
+        self.decoded = 0  # host mirror of ``state.it``
         self._temps: dict[tuple[float, ...], torch.Tensor] = {}
-        self.out_tokens = torch.zeros(batch, rows, dtype=torch.long, device=dev)  # [B, T]
-        self.out_logp = torch.zeros(batch, rows, dtype=torch.float32, device=dev)  # raw log p of each token
-        self.out_logq = torch.zeros(batch, rows, dtype=torch.float32, device=dev)  # log q it was sampled with
-        self.decode_pos = 0  # host mirror of ``pos``
-        self.decoded = 0  # host mirror of ``it``
         self._graphs: dict[Any, _Graph] = {}
         self._records: dict[tuple[int, ...], StepAttention] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self._compiled: Callable[..., Any] | None = None
 
-    # -- shared pieces -------------------------------------------------------------------------------
+    @property
+    def out_tokens(self) -> torch.Tensor:
+        return self.state.tokens
+
+    @property
+    def out_logp(self) -> torch.Tensor:
+        return self.state.logp
+
+    @property
+    def out_logq(self) -> torch.Tensor:
+        return self.state.logq
 
     def record(self, layers: tuple[int, ...]) -> StepAttention:
         """This runner's step-attention buffers for ``layers`` (one set per layer choice, reused)."""
@@ -101,62 +202,36 @@ class ModelRunner:
             )
         return self._records[layers]
 
-    def _masks(self, positions: torch.Tensor, length: int) -> torch.Tensor | dict[str, torch.Tensor]:
-        windows = set(self.windows)
-        if len(windows) == 1:
-            return causal_mask(positions, length, next(iter(windows)), self.dtype)
-        sliding = next(w for w in windows if w is not None)
-        return {
-            "full_attention": causal_mask(positions, length, None, self.dtype),
-            "sliding_attention": causal_mask(positions, length, sliding, self.dtype),
-        }
-
-    def _pass(self, tokens: torch.Tensor, positions: torch.Tensor, end: int | None, keep: int = 0) -> torch.Tensor:
-        """Logits ``[B, q, V]`` (the last ``keep``, or all) of ``tokens [B, q]`` at ``positions [q]``.
-
-        ``end`` (eager, growable caches) is one past the last position: attention reads that many keys;
-        ``None`` reads the whole fixed cache under the mask.
-        """
-        cache = self.cache
-        cache.write_at = positions
-        cache.read_len = end
-        length = cache.capacity if end is None else end
-        out = self.view(
-            input_ids=tokens,
-            position_ids=positions[None].expand(tokens.shape[0], -1),
-            attention_mask=self._masks(positions, length),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-        return out.logits
-
-    def _graphed(self, key: Any, body: Callable[[], Any], scratch: Callable[[], None]) -> Any:
+    def _graphed(self, key: Any, body: Callable[[], Any]) -> Any:
         """Run ``body`` eagerly, or replay its CUDA graph (captured on first use under ``key``).
 
-        Warm-up and capture run ``body`` for real; ``scratch`` first points its writes at cache slots
-        no sequence uses (the last ``MAX_BUCKET`` positions), so capturing mid-generation is harmless.
+        Warm-up and capture run ``body`` for real at the current positions, which only writes cache
+        slots the coming pass writes again (nothing valid lies at or past them); the decode state they
+        advance is put back before the first replay.
         """
         if not self.use_graphs:
             return body()
         entry = self._graphs.get(key)
         if entry is None:
-            saved = (self.start.clone(), self.pos.clone(), self.it.clone(), self.cur.clone())
-            scratch()
+            moving = (self.state.cur, self.state.pos, self.state.it)
+            saved = [t.clone() for t in moving]
+
+            def reset() -> None:
+                for tensor, value in zip(moving, saved, strict=True):
+                    tensor.copy_(value)
+
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # cuBLAS workspaces, lazy allocations, compilation
-                    scratch()
                     body()
+                    reset()
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            scratch()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 outputs = body()
+            reset()
             entry = self._graphs[key] = _Graph(graph, outputs)
-            for buffer, value in zip((self.start, self.pos, self.it, self.cur), saved, strict=True):
-                buffer.copy_(value)
         entry.graph.replay()
         return entry.outputs
 
@@ -194,23 +269,30 @@ class ModelRunner:
             with recording(record):
                 if record is not None:
                     record.rows = self._positions(0, q)
-                return self._pass(self.tokens_in[:, :q], self._positions(start, q), start + q, keep)
+                return model_pass(
+                    self.view,
+                    self.cache,
+                    self.windows,
+                    self.tokens_in[:, :q],
+                    self._positions(start, q),
+                    start + q,
+                    keep,
+                )
         size = bucket(q)
         if size is None:
             raise ValueError(f"a fixed-cache pass takes at most {MAX_BUCKET} tokens, got {q}")
+        if start + size > self.cache.capacity:
+            raise RuntimeError(f"KV cache holds {self.cache.capacity} positions, {start + size} needed")
         self.start.fill_(start)
-        layers = record.layers if record is not None else None
 
         def body() -> torch.Tensor:
             with recording(record):
                 if record is not None:
                     record.rows = self._arange[:size]
-                return self._pass(self.tokens_in[:, :size], self.start + self._arange[:size], None)
+                positions = self.start + self._arange[:size]
+                return model_pass(self.view, self.cache, self.windows, self.tokens_in[:, :size], positions, None)
 
-        def scratch() -> None:
-            self.start.fill_(self.cache.capacity - MAX_BUCKET)
-
-        logits = self._graphed(("forward", size, layers), body, scratch)
+        logits = self._graphed(("forward", size, record.layers if record is not None else None), body)
         return logits[:, :q] if not keep else logits[:, q - keep : q]
 
     def prefill(self, tokens: Sequence[int], start: int) -> None:
@@ -231,66 +313,45 @@ class ModelRunner:
         ``follow_first``: every row feeds row 0's token, so the rows stay alike (speculating for one
         sequence with a batch-``B`` cache).
         """
-        self.cur.fill_(token)
-        self.pos.fill_(position)
-        self.it.zero_()
+        state = self.state
+        state.cur.fill_(token)
+        state.pos.fill_(position)
+        state.it.zero_()
+        state.follow.fill_(follow_first)
         key = tuple(float(t) for t in temperatures)
         if key not in self._temps:
             self._temps[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
-        self.temps.copy_(self._temps[key])
+        state.temps.copy_(self._temps[key])
         self.sampling = any(t > 0 for t in key)
         self.top_p = top_p
-        self.follow_first = follow_first
         self.decode_pos = position
         self.decoded = 0
-
-    def _iteration(self, record: StepAttention | None, sampling: bool) -> None:
-        """One decode step for every row: forward the current tokens, sample, store, advance. No host reads."""
-        end = None if not self.cache.growable else self.decode_pos + 1
-        if record is None:  # (compiled iterations never record: no context variable to trace)
-            logits = self._pass(self.cur[:, None], self.pos.view(1), end)[:, -1]
-        else:
-            with recording(record):
-                record.rows = self.it.view(1)
-                logits = self._pass(self.cur[:, None], self.pos.view(1), end)[:, -1]
-        tokens, logq = sample(logits, self.temps, self.top_p, self.noise if sampling else None)
-        if self.follow_first:
-            tokens, logq = tokens[:1].expand_as(tokens), logq[:1].expand_as(logq)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])
-        index = self.it.view(1)
-        self.out_tokens.index_copy_(1, index, tokens[:, None])
-        self.out_logp.index_copy_(1, index, logp)
-        self.out_logq.index_copy_(1, index, logq[:, None])
-        self.cur.copy_(tokens)
-        self.pos.add_(1)
-        self.it.add_(1)
 
     def decode(self, n: int, generator: torch.Generator | None, record: StepAttention | None = None) -> None:
         """``n`` more iterations of the decode loop; tokens land in ``out_tokens[:, decoded - n : decoded]``."""
         if self.decoded + n > self.rows:
             raise RuntimeError(f"decode loop holds {self.rows} iterations, {self.decoded + n} asked")
-        sampling = self.sampling and generator is not None
-        if sampling and self.noise is None:
-            vocab = int(self.view.get_output_embeddings().weight.shape[0])
-            self.noise = torch.empty(self.batch, vocab, dtype=torch.float32, device=self.device)
-        layers = record.layers if record is not None else None
-        step = self._iteration
-        if self.compile_decode and record is None:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._iteration, dynamic=False)
-            step = self._compiled
+        compiled = self.compile_decode and record is None
+        # a compiled iteration always runs the sampling path (rows at temperature 0 still take the argmax),
+        # so one compiled variant serves greedy and sampled loops alike
+        sampling = compiled or (self.sampling and generator is not None)
+        iteration = compiled_decode_iteration() if compiled else decode_iteration
+        state, top_p = self.state, self.top_p
 
-        def scratch() -> None:
-            self.pos.fill_(self.cache.capacity - MAX_BUCKET)
-            self.it.zero_()
+        def body() -> None:
+            end = None if not self.cache.growable else self.decode_pos + 1
+            if record is None:
+                iteration(self.view, self.cache, self.windows, state, top_p, sampling, end)
+                return
+            with recording(record):
+                record.rows = state.it.view(1)
+                iteration(self.view, self.cache, self.windows, state, top_p, sampling, end)
 
+        key = ("decode", compiled, sampling, top_p, record.layers if record is not None else None)
         for _ in range(n):
             self.cache.ensure(self.decode_pos + 1)
-            if sampling:
-                assert self.noise is not None and generator is not None
-                self.noise.exponential_(generator=generator)
-            self._graphed(
-                ("decode", sampling, self.top_p, self.follow_first, layers), lambda: step(record, sampling), scratch
-            )
+            if self.sampling and generator is not None:
+                state.uniform.uniform_(generator=generator)
+            self._graphed(key, body)
             self.decode_pos += 1
             self.decoded += 1

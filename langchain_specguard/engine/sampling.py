@@ -1,9 +1,10 @@
 """Sampling without host synchronisation, and the speculative acceptance rule.
 
-Randomness comes in as a tensor of Exp(1) noise drawn by the caller from the generation's generator
-(outside any CUDA graph), so a sampled token is ``argmax(log q - log noise)`` (the exponential race,
-equivalent to drawing from ``q``): no ``multinomial``, no host read, and the same stream of draws
-whether the iteration runs eagerly or as a replayed graph. A row with temperature 0 takes the argmax.
+Randomness comes in as uniform draws, one per row, made by the caller from the generation's generator
+(outside any CUDA graph); a row's token is the inverse CDF of its processed distribution at that draw
+(``searchsorted`` over the cumulative probabilities). No ``multinomial``, no host read, one random number
+per row (cheap on a CPU too), and the same draws whether the iteration runs eagerly or as a replayed
+graph. A row with temperature 0 takes the argmax.
 """
 
 from __future__ import annotations
@@ -31,21 +32,33 @@ def processed_logprobs(logits: torch.Tensor, temperatures: torch.Tensor, top_p: 
     return torch.where((temps == 0)[..., None], point, logq)
 
 
+def draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of non-negative ``weights [..., V]`` by inverse CDF at ``uniform [...]``.
+
+    ``right=True`` never lands on a zero-weight token: the first index whose running total exceeds
+    the draw is one that added weight.
+    """
+    totals = weights.cumsum(dim=-1)
+    target = (uniform.to(totals.dtype) * totals[..., -1])[..., None]
+    index = torch.searchsorted(totals, target, right=True).squeeze(-1)
+    return index.clamp(max=weights.shape[-1] - 1)
+
+
 def sample(
-    logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, noise: torch.Tensor | None
+    logits: torch.Tensor, temperatures: torch.Tensor, top_p: float, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[B]`` and their log-probability under the processed distribution ``[B]``.
 
-    ``noise`` ``[B, V]`` holds Exp(1) draws; ``None`` means every row is greedy.
+    ``uniform`` ``[B]`` holds U(0, 1) draws; ``None`` means every row is greedy.
     """
-    if noise is None:
+    if uniform is None:
         return logits.argmax(dim=-1), torch.zeros(logits.shape[0], device=logits.device)
     logq = processed_logprobs(logits, temperatures, top_p)
-    tokens = (logq - noise.log()).argmax(dim=-1)
+    tokens = draw(logq.exp(), uniform)
     return tokens, logq.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def residual_sample(logp: torch.Tensor, logq: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def residual_sample(logp: torch.Tensor, logq: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """A token from ``max(0, p - q)`` renormalised (where speculative sampling lands after a rejection).
 
     ``logp``/``logq`` ``[V]`` are processed log-probabilities of the target and the draft; where the
@@ -53,4 +66,4 @@ def residual_sample(logp: torch.Tensor, logq: torch.Tensor, noise: torch.Tensor)
     """
     residual = (logp.exp() - logq.exp()).clamp_min(0.0)
     weights = torch.where(residual.sum() > 0, residual, logp.exp())
-    return (weights.log() - noise.log()).argmax(dim=-1)
+    return draw(weights, uniform)

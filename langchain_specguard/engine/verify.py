@@ -123,4 +123,4 @@ def keep_prefix(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> tu
     fed = gen.ids[-1] if agree == 0 else tokens[agree - 1]
     draft_logits = draft.forward([fed], start)[proposal.row, -1]
     logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), params.top_p).to(logits.device)
-    return agree, int(residual_sample(logp[agree], logq, gen.exponential(logq.shape[-1]).to(logq.device)))
+    return agree, int(residual_sample(logp[agree], logq, gen.uniform(1)[0].to(logq.device)))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import processed_logprobs, residual_sample
+from .sampling import draw, processed_logprobs, residual_sample
 
 if TYPE_CHECKING:
     from .decoding import Generation
@@ -147,10 +147,10 @@ def _rejection_sample(gen: Generation, logits: torch.Tensor, fed: list[int], las
     q = draft.out_logq[0, :gamma].to(logits.device)
     keep = (gen.uniform(gamma).to(logits.device).log() < p - q).tolist()
     agree = next((i for i in range(gamma) if not keep[i]), gamma)
-    noise = gen.exponential(logp.shape[-1]).to(logits.device)
+    uniform = gen.uniform(1)[0].to(logits.device)
     if agree == gamma:
-        return agree, int((logp[gamma] - noise.log()).argmax())
+        return agree, int(draw(logp[gamma].exp(), uniform))
     # the draft's distribution at the rejected position, computed again (its rows are all alike)
     draft_logits = draft.forward([fed[agree]], last + agree)[0, -1]
     logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), params.top_p).to(logits.device)
-    return agree, int(residual_sample(logp[agree], logq, noise))
+    return agree, int(residual_sample(logp[agree], logq, uniform))
