@@ -127,7 +127,8 @@ class RuntimePool:
                 )
                 for view, batch in ((self.draft_view, params.n_candidates), (self.target_view, 1))
             ]
-            runtime = Runtime(*runners, key=(*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
+            draft, target = runners
+            runtime = Runtime(draft, target, key=(*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
         runtime.draft.cache.valid = runtime.target.cache.valid = 0
         return runtime
 

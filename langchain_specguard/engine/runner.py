@@ -53,7 +53,7 @@ def model_pass(
     cache.write_at = positions
     cache.read_len = end
     length = cache.capacity if end is None else end
-    dtype = view.get_input_embeddings().weight.dtype  # type: ignore[operator]
+    dtype: torch.dtype = view.dtype
     kinds = set(windows)
     mask: torch.Tensor | dict[str, torch.Tensor]
     if len(kinds) == 1:
