@@ -142,6 +142,25 @@ def main(shapes: str = "qwen2.5-7b:qwen2.5-0.5b") -> None:
             print(agreement, threshold, checks[f"a={agreement:g},t={threshold:g}"], flush=True)
     report["checks"] = checks
 
+    # -- host time of one warm generation (where the Python goes) ------------------------------------------
+    import cProfile
+    import io
+    import pstats
+
+    synthetic.set_agreement(pair, 1.0)
+    params = base.model_copy(update={"acceptance_threshold": 0.5, "max_tokens": 128})
+    generate(pair, prompts[0], params)
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    profiler.enable()
+    result = generate(pair, prompts[1], params)
+    profiler.disable()
+    print(f"\none warm generation: {len(result.token_ids)} tokens in {time.perf_counter() - started:.3f} s")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+    print(text.getvalue()[-6000:])
+
     # -- micro timings -----------------------------------------------------------------------------------
     synthetic.set_agreement(pair, 1.0)
     pool = RuntimePool.for_pair(pair)
