@@ -10,7 +10,7 @@ eagerly (CPU, dynamic caches) or is captured once and replayed as a CUDA graph (
 - :meth:`ModelRunner.decode`: ``n`` iterations of :func:`decode_iteration` ("forward one token per
   row, sample, record, advance"), all state on the device (gpt-fast's decode loop, with the bookkeeping
   inside the graph too). The host reads the sampled tokens when it wants to, not per token. With
-  ``compile_decode`` the iteration goes through ``torch.compile`` (fused kernels) before capture.
+  ``compile_decode`` its forward pass goes through ``torch.compile`` (fused kernels) before capture.
 """
 
 from __future__ import annotations
@@ -97,9 +97,14 @@ def decode_iteration(
     top_p: float,
     sampling: bool,
     end: int | None,
+    forward: Callable[..., torch.Tensor] = model_pass,
 ) -> None:
-    """One decode step for every row: forward the current tokens, sample, store, advance. No host reads."""
-    logits = model_pass(view, cache, windows, state.cur[:, None], state.pos.view(1), end)[:, -1]
+    """One decode step for every row: forward the current tokens, sample, store, advance. No host reads.
+
+    ``forward`` is :func:`model_pass` or its compiled form; sampling and bookkeeping stay eager (they are
+    a few small kernels, captured in the same CUDA graph).
+    """
+    logits = forward(view, cache, windows, state.cur[:, None], state.pos.view(1), end)[:, -1]
     tokens, logq = sample(logits, state.temps, top_p, state.uniform if sampling else None)
     tokens = torch.where(state.follow, tokens[:1].expand_as(tokens), tokens)
     logq = torch.where(state.follow, logq[:1].expand_as(logq), logq)
@@ -113,14 +118,14 @@ def decode_iteration(
     state.it.add_(1)
 
 
-_COMPILED: dict[str, Callable[..., None]] = {}
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def compiled_decode_iteration() -> Callable[..., None]:
-    """:func:`decode_iteration` through ``torch.compile``, made once per process (shared by every runner)."""
-    if "decode" not in _COMPILED:
-        _COMPILED["decode"] = torch.compile(decode_iteration)
-    return _COMPILED["decode"]
+def compiled_model_pass() -> Callable[..., torch.Tensor]:
+    """:func:`model_pass` through ``torch.compile``, made once per process (shared by every runner)."""
+    if "pass" not in _COMPILED:
+        _COMPILED["pass"] = torch.compile(model_pass)
+    return _COMPILED["pass"]
 
 
 @dataclass
@@ -331,21 +336,19 @@ class ModelRunner:
         """``n`` more iterations of the decode loop; tokens land in ``out_tokens[:, decoded - n : decoded]``."""
         if self.decoded + n > self.rows:
             raise RuntimeError(f"decode loop holds {self.rows} iterations, {self.decoded + n} asked")
-        compiled = self.compile_decode and record is None
-        # a compiled iteration always runs the sampling path (rows at temperature 0 still take the argmax),
-        # so one compiled variant serves greedy and sampled loops alike
-        sampling = compiled or (self.sampling and generator is not None)
-        iteration = compiled_decode_iteration() if compiled else decode_iteration
+        compiled = self.compile_decode and record is None  # (compiled passes cannot record attention)
+        forward = compiled_model_pass() if compiled else model_pass
+        sampling = self.sampling and generator is not None
         state, top_p = self.state, self.top_p
 
         def body() -> None:
             end = None if not self.cache.growable else self.decode_pos + 1
             if record is None:
-                iteration(self.view, self.cache, self.windows, state, top_p, sampling, end)
+                decode_iteration(self.view, self.cache, self.windows, state, top_p, sampling, end, forward)
                 return
             with recording(record):
                 record.rows = state.it.view(1)
-                iteration(self.view, self.cache, self.windows, state, top_p, sampling, end)
+                decode_iteration(self.view, self.cache, self.windows, state, top_p, sampling, end, forward)
 
         key = ("decode", compiled, sampling, top_p, record.layers if record is not None else None)
         for _ in range(n):
