@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -326,15 +327,29 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{block}".lstrip()}
             else:
                 rendered.insert(0, {"role": "system", "content": block})
-        try:
-            text = tokenizer.apply_chat_template(
-                rendered, chat_template=template, add_generation_prompt=True, tokenize=False, **extra
-            )
-        except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
-            raise ValueError(f"the chat template of {self.model_name!r} rejected the messages: {exc}") from exc
-        assert isinstance(text, str)
-        text += prefix
-        ids = tokenize_prompt(tokenizer, text, data)
+
+        def render(conversation: list[dict[str, Any]]) -> str:
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation, chat_template=template, add_generation_prompt=True, tokenize=False, **extra
+                )
+            except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
+                raise ValueError(f"the chat template of {self.model_name!r} rejected the messages: {exc}") from exc
+            assert isinstance(text, str)
+            return text + prefix
+
+        ids = tokenize_prompt(tokenizer, render(rendered), data)
+        specials = _control_tokens(tokenizer)
+        if any(marker in piece for piece in data for marker in specials):
+            # safety net for templates that transform message text: the control tokens must be exactly those
+            # of the same conversation with the look-alikes removed (the template's own)
+            clean = tokenizer(render(_without(rendered, specials)), add_special_tokens=False)["input_ids"]
+            ids_of = {tokenizer.convert_tokens_to_ids(m) for m in specials}
+            if Counter(t for t in ids if t in ids_of) != Counter(t for t in clean if t in ids_of):
+                raise ValueError(
+                    "a message holds control-token text that the chat template turned into real control tokens; "
+                    f"remove {sorted(m for m in specials if any(m in piece for piece in data))} from the messages"
+                )
         if not ids:
             raise ValueError("the chat template rendered the messages to an empty prompt")
         return ids
@@ -902,21 +917,36 @@ def _strings_in(value: Any) -> Iterator[str]:
             yield from _strings_in(item)
 
 
+def _control_tokens(tokenizer: Any) -> list[str]:
+    """The special tokens' texts, longest first."""
+    found = {str(t) for t in tokenizer.all_special_tokens}
+    found |= {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special}
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def _without(value: Any, markers: Sequence[str]) -> Any:
+    """``value`` (messages, nested) with every marker text removed from its strings."""
+    if isinstance(value, str):
+        for marker in markers:
+            value = value.replace(marker, "")
+        return value
+    if isinstance(value, dict):
+        return {k: _without(v, markers) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without(v, markers) for v in value]
+    return value
+
+
 def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str]) -> list[int]:
     """Token ids of a rendered prompt in which text that came from messages can never be a control token.
 
     The template's own markers (``<|im_start|>``, ``<start_of_turn>``...) are special tokens, but the same
     strings inside a message, a tool result or tool arguments are data: each piece of ``data`` that holds
     one is located in ``text`` (in order) and tokenized with special-token parsing off, so it becomes
-    plain text tokens. A piece the template changed beyond recognition is refused rather than forged.
+    plain text tokens. (A piece the template changed is not found here; :meth:`ChatSpecGuard.render_prompt`
+    then refuses the prompt if it holds more control tokens than the template's own.)
     """
-    specials = sorted(
-        {str(t) for t in tokenizer.all_special_tokens}
-        | {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special},
-        key=len,
-        reverse=True,
-    )
-    specials = [s for s in specials if s]
+    specials = _control_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
     cursor = 0
     for piece in data:
@@ -924,16 +954,9 @@ def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str]) -> list[int]
         if at < 0 and piece.strip() != piece:  # templates often trim message contents
             piece = piece.strip()
             at = text.find(piece, cursor) if piece else -1
-        dangerous = any(s in piece for s in specials)
-        if at < 0:
-            if dangerous:
-                marker = next(s for s in specials if s in piece)
-                raise ValueError(
-                    f"a message holds the control token {marker!r}, and the chat template changed that message "
-                    "so that it cannot be kept as plain text; remove the token from the message"
-                )
+        if at < 0:  # not in the prompt as written (omitted, or transformed: render_prompt checks those)
             continue
-        if dangerous:
+        if any(s in piece for s in specials):
             spans.append((at, at + len(piece)))
         cursor = at + len(piece)
     ids: list[int] = []

@@ -42,7 +42,7 @@ def force_script(
             state.update(seen={}, start=None, answer=[])
         seen: dict[int, int] = state["seen"]
         for position, token in zip(positions, input_ids[0].tolist(), strict=True):
-            seen.setdefault(position, token)
+            seen[position] = token  # the latest write wins: padded passes write placeholders past the end
         row = [seen[i] for i in range(len(seen))]
         starts = [i + len(marker) for i in range(len(row) - len(marker) + 1) if row[i : i + len(marker)] == marker]
         if starts and starts[-1] != state["start"]:  # the prompt may arrive in chunks: the last header wins

@@ -191,7 +191,7 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     inner.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -201,6 +201,7 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
+        unk_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     tok.chat_template = CHATML

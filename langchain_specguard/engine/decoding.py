@@ -288,8 +288,9 @@ def generate_steps(
             budget=budget,
             generator=_generator(pair.device, params),
             validate_step=validate_step,
-            draft_layers=score_layers(pair.draft, params.score_layers),
-            target_layers=score_layers(pair.target, params.score_layers),
+            # only the model that computes the signals is scored (and must have the requested layers)
+            draft_layers=score_layers(pair.draft, params.score_layers) if params.signal_source == "draft" else (),
+            target_layers=score_layers(pair.target, params.score_layers) if params.signal_source == "target" else (),
             # greedy calls keep one greedy candidate and sample the others for the consistency vote
             candidate_temperatures=(
                 [0.0] + [params.candidate_temperature] * (n - 1)

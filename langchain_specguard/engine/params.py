@@ -78,7 +78,13 @@ class SpecGuardParams(BaseModel):
         description="With temperature 0, candidate 0 is greedy and the others are sampled at this temperature.",
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, description="Seeds the sampling generator for reproducible output.")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 1,
+        description="Seeds the sampling generator for reproducible output. Without one, temperature 0 uses seed 0 "
+        "(the same call always gives the same text, sampled extra candidates included) and sampling a fresh seed.",
+    )
     cache_implementation: Literal["auto", "dynamic", "static"] = Field(
         default="auto",
         description="'static': KV caches preallocated at fixed addresses (pooled on the loaded pair and reused), "

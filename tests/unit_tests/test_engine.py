@@ -15,9 +15,13 @@ import torch
 
 from langchain_specguard.engine import EVENT_VERSION, SpecGuardParams, generate, generate_steps, load_pair
 from langchain_specguard.engine.loading import ModelPair
-from tests.tiny_models import llama_pair, qwen_pair
+from tests.tiny_models import WINDOW, bpe_pair, gemma_pair, llama_pair, qwen_pair
 
 PROMPTS = ["<s>Hello there, how are you?", "<s>The sum of 3 and 5 is"]
+LONG = "<s>" + "Step one, then step two; and the sum of 3 and 5 is 8. " * 2  # far past the sliding window
+KINDS = ["llama", "qwen", "self", "gemma", "bpe"]
+"""Llama and Qwen pairs, a self-speculative draft, a Gemma-3-style pair (sliding-window layers, window 8,
+prompts longer than it) and a Qwen pair with a byte-level BPE tokenizer."""
 
 
 @functools.cache
@@ -25,8 +29,8 @@ def pair(kind: str) -> ModelPair:
     if kind == "llama":
         target, draft = llama_pair()
         return load_pair(target, draft, dtype="float64", device="cpu")
-    if kind == "qwen":
-        target, draft = qwen_pair()
+    if kind in ("qwen", "gemma", "bpe"):
+        target, draft = {"qwen": qwen_pair, "gemma": gemma_pair, "bpe": bpe_pair}[kind]()
         return load_pair(target, draft, dtype="float64", device="cpu")
     target, _ = llama_pair()
     return load_pair(target, draft_layers=2, dtype="float64", device="cpu")  # self-speculative
@@ -47,9 +51,14 @@ def ids(p: ModelPair, text: str) -> list[int]:
     return p.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen", "self"])
+def prompts(kind: str) -> list[str]:
+    return [*PROMPTS, LONG] if kind == "gemma" else PROMPTS
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("signal_source", ["target", "draft"])
-def test_all_fallback_equals_target_greedy(kind: str, signal_source: str) -> None:
+def test_all_fallback_equals_target_greedy(kind: str, signal_source: str, cache: str) -> None:
     p = pair(kind)
     params = SpecGuardParams(
         acceptance_threshold=1.5,
@@ -59,8 +68,9 @@ def test_all_fallback_equals_target_greedy(kind: str, signal_source: str) -> Non
         step_delimiters=["\n"],
         signal_source=signal_source,
         seed=0,
+        cache_implementation=cache,
     )
-    for text in PROMPTS:
+    for text in prompts(kind):
         prompt = ids(p, text)
         result = generate(p, prompt, params)
         assert result.token_ids == reference(p.target, prompt, 40)
@@ -68,9 +78,10 @@ def test_all_fallback_equals_target_greedy(kind: str, signal_source: str) -> Non
         assert result.summary["target_tokens"] == len(result.token_ids)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen", "self"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("signal_source", ["target", "draft"])
-def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str) -> None:
+def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str, cache: str) -> None:
     p = pair(kind)
     params = SpecGuardParams(
         acceptance_threshold=-1.0,
@@ -79,8 +90,9 @@ def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str) -> None
         max_step_tokens=6,
         step_delimiters=["\n"],
         signal_source=signal_source,
+        cache_implementation=cache,
     )
-    for text in PROMPTS:
+    for text in prompts(kind):
         prompt = ids(p, text)
         result = generate(p, prompt, params)
         assert result.token_ids == reference(p.draft, prompt, 40)
@@ -171,7 +183,7 @@ def test_budget_is_clipped_to_the_context_window() -> None:
     assert len(result.token_ids) == 4
 
 
-@pytest.mark.parametrize("kind", ["llama", "self"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("signal_source", ["target", "draft"])
 def test_static_cache_path_matches_dynamic(kind: str, signal_source: str) -> None:
     """The static-cache path (what CUDA graphs run on) decodes exactly like the dynamic one, over reused caches."""
@@ -186,7 +198,7 @@ def test_static_cache_path_matches_dynamic(kind: str, signal_source: str) -> Non
             signal_source=signal_source,
         )
         static = dynamic.model_copy(update={"cache_implementation": "static"})
-        for text in PROMPTS:
+        for text in prompts(kind):
             prompt = ids(p, text)
             expected = generate(p, prompt, dynamic)
             got = generate(p, prompt, static)
@@ -219,3 +231,33 @@ def test_interleaved_static_generations_do_not_share_caches() -> None:
     got_a += [t for s in a for t in s.token_ids]
     got_b += [t for s in b for t in s.token_ids]
     assert (got_a, got_b) == expected
+
+
+def test_long_prompt_is_past_the_window() -> None:
+    assert len(ids(pair("gemma"), LONG)) > 3 * WINDOW
+
+
+@pytest.mark.parametrize("kind", ["llama", "bpe"])
+def test_float32_all_fallback_equals_target_greedy(kind: str) -> None:
+    """Where the "equals the target's own greedy decoding" claim is made: float32 (and float64) on the CPU."""
+    target, draft = llama_pair() if kind == "llama" else bpe_pair()
+    p = load_pair(target, draft, dtype="float32", device="cpu")
+    params = SpecGuardParams(acceptance_threshold=1.5, n_candidates=2, max_tokens=32, max_step_tokens=5, seed=0)
+    for text in PROMPTS:
+        prompt = ids(p, text)
+        assert generate(p, prompt, params).token_ids == reference(p.target, prompt, 32)
+
+
+@pytest.mark.parametrize("threshold", [1.5, 0.4])
+def test_sampling_is_reproducible_and_kept_prefix_is_counted(threshold: float) -> None:
+    """Sampling (speculative rejection sampling in the fallback) is reproducible with a seed."""
+    p = pair("llama")
+    prompt = ids(p, PROMPTS[0])
+    params = SpecGuardParams(
+        temperature=0.8, n_candidates=2, max_tokens=30, max_step_tokens=5, acceptance_threshold=threshold, seed=11
+    )
+    first, second = generate(p, prompt, params), generate(p, prompt, params)
+    assert first.token_ids == second.token_ids and len(first.token_ids) == 30
+    for step in first.steps:
+        assert 0 <= step.kept_tokens <= step.num_tokens
+        assert step.kept_tokens == 0 or step.source == "target"

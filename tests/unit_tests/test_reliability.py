@@ -177,7 +177,7 @@ BAD_CALLS: list[tuple[str, Callable[[ChatSpecGuard], Any], type[Exception], str]
         "score_layers out of range",
         lambda m: m.invoke("Hello", score_layers=[7]),
         ValueError,
-        r"score_layers must be non-empty indices in \[-2, 1\] for this model, got \[7\]",
+        r"score_layers must be non-empty indices in \[-4, 3\] for this model, got \[7\]",  # the target scores
     ),
     (
         "score_layers empty",
