@@ -21,9 +21,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.chat_models import tokenize_prompt
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair, loading
-from langchain_specguard.engine.decoding import MAX_IDLE_RUNTIMES, RuntimePool
 from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
 from tests.scripted import force_script
 from tests.tiny_models import CHATML, bpe_pair, bpe_tokenizer, llama_pair, long_llama_pair
@@ -44,7 +42,7 @@ def scripted_llm(pair_dirs: tuple[str, str], script: str, **options: Any) -> Cha
 # 1. multi-byte characters at step boundaries (byte-level BPE)
 
 
-@pytest.mark.parametrize("max_step_tokens", [1, 2, 3, 5])
+@pytest.mark.parametrize("max_step_tokens", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("threshold", [-1.0, 2.0])  # the draft writes every step / the target writes every step
 def test_multibyte_characters_survive_step_boundaries(max_step_tokens: int, threshold: float) -> None:
     llm = scripted_llm(bpe_pair(), MULTIBYTE, max_step_tokens=max_step_tokens, acceptance_threshold=threshold)
@@ -59,11 +57,19 @@ def test_multibyte_characters_survive_step_boundaries(max_step_tokens: int, thre
 # 2. temperature 0 is deterministic with several candidates
 
 
-def test_greedy_is_deterministic_with_several_candidates() -> None:
+@pytest.mark.parametrize("threshold", [0.5, -1.0])  # -1: the kept (consistency-selected) candidate is always used
+def test_greedy_is_deterministic_with_several_candidates(threshold: float) -> None:
     target, draft = llama_pair()
-    llm = ChatSpecGuard(target_model=target, draft_model=draft, max_tokens=24, max_step_tokens=4, torch_dtype="float64")
+    llm = ChatSpecGuard(
+        target_model=target,
+        draft_model=draft,
+        max_tokens=40,
+        max_step_tokens=6,
+        torch_dtype="float64",
+        acceptance_threshold=threshold,
+    )
     assert llm.n_candidates == 4 and llm.temperature == 0 and llm.seed is None
-    outputs = {str(llm.invoke("Hello there").content) for _ in range(4)}
+    outputs = {str(llm.invoke("Hello there").content) for _ in range(6)}
     assert len(outputs) == 1
 
 
@@ -140,6 +146,8 @@ def _saved(tokenizer: Any, tmp_path: Path) -> str:
 
 
 def test_prompt_tokenization_is_unchanged_for_ordinary_text() -> None:
+    from langchain_specguard.chat_models import tokenize_prompt
+
     tokenizer = bpe_tokenizer()
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Step 1: 3 + 5 = 8"}], tokenize=False)
     assert (
@@ -183,6 +191,8 @@ def test_static_cache_text_then_tool_call() -> None:
 
 
 def test_runtime_pool_stays_bounded_after_a_burst() -> None:
+    from langchain_specguard.engine.decoding import MAX_IDLE_RUNTIMES, RuntimePool
+
     target, draft = llama_pair()
     pair = load_pair(target, draft, dtype="float32", device="cpu")
     prompt = pair.tokenizer("<s>Hello", add_special_tokens=False)["input_ids"]
