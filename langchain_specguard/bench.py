@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -276,7 +277,9 @@ def run_problems(
 
 
 def _git_commit() -> str | None:
-    """The checkout's commit, read from ``.git`` (no process started), if this runs from one."""
+    """The checkout's commit: ``SPECGUARD_COMMIT``, or read from ``.git`` (no process started)."""
+    if os.environ.get("SPECGUARD_COMMIT"):
+        return os.environ["SPECGUARD_COMMIT"]
     root = Path(__file__).resolve().parent.parent / ".git"
     try:
         head = (root / "HEAD").read_text().strip()
