@@ -159,7 +159,6 @@ class Generation:
     validate_step: Callable[[str], str | None] | None
     draft_layers: tuple[int, ...]
     target_layers: tuple[int, ...]
-    candidate_temperatures: list[float]
     agreement: Agreement
     index: int = 0
 
@@ -169,7 +168,7 @@ class Generation:
     def step(self) -> StepEvent:
         started = time.perf_counter()
         self.out.begin_step()
-        limit = min(self.out.step_cap, self.budget - len(self.out.generated))
+        limit = min(self.params.step_cap, self.budget - len(self.out.generated))
         proposal = propose(self, limit)
         drafted = time.perf_counter()
         verdict = verify(self, proposal)
@@ -275,9 +274,8 @@ def generate_steps(
         params.max_tool_call_tokens,
         prefix,
     )
-    n = params.n_candidates
     pool = RuntimePool.for_pair(pair)
-    runtime = pool.take(params, len(prompt_ids) + budget, out.step_cap + 1, pair.device)
+    runtime = pool.take(params, len(prompt_ids) + budget, params.step_cap + 1, pair.device)
     try:
         gen = Generation(
             pair=pair,
@@ -291,12 +289,6 @@ def generate_steps(
             # only the model that computes the signals is scored (and must have the requested layers)
             draft_layers=score_layers(pair.draft, params.score_layers) if params.signal_source == "draft" else (),
             target_layers=score_layers(pair.target, params.score_layers) if params.signal_source == "target" else (),
-            # greedy calls keep one greedy candidate and sample the others for the consistency vote
-            candidate_temperatures=(
-                [0.0] + [params.candidate_temperature] * (n - 1)
-                if params.temperature == 0
-                else [params.temperature] * n
-            ),
             agreement=Agreement(cost=runtime.cost),
         )
         while True:
@@ -306,6 +298,27 @@ def generate_steps(
             yield event
             if event.finish_reason:
                 return
+    finally:
+        pool.give(runtime)
+
+
+def warm_up(pair: ModelPair, params: SpecGuardParams, prompt_tokens: int = 64) -> None:
+    """Compile and capture the decode iterations a generation with ``params`` runs, before a real call needs them.
+
+    On a GPU with compiled decode this moves the minute or two of compilation out of the first real
+    call; the runtime it prepares (caches and graphs) goes back to the pair's pool for the next call.
+    """
+    pool = RuntimePool.for_pair(pair)
+    runtime = pool.take(params, prompt_tokens + params.max_tokens, params.step_cap + 1, pair.device)
+    token = next(t for t in range(len(pair.tokenizer)) if t not in pair.eos_token_ids)
+    generator = _generator(pair.device, params)
+    try:
+        with torch.inference_mode():
+            draft_temperatures = params.candidate_temperatures
+            for runner, temps in ((runtime.draft, draft_temperatures), (runtime.target, [params.temperature])):
+                runner.prefill([token] * (prompt_tokens - 1), 0)
+                runner.start_decode(token, prompt_tokens - 1, temps, params.top_p)
+                runner.decode(2, generator)
     finally:
         pool.give(runtime)
 

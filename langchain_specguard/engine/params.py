@@ -98,6 +98,20 @@ class SpecGuardParams(BaseModel):
         "graphs run; the first call of a process then spends about a minute per model compiling.",
     )
 
+    @property
+    def step_cap(self) -> int:
+        """The most tokens one step can take (tool-call steps may run longer than reasoning steps)."""
+        return max(self.max_step_tokens, self.max_tool_call_tokens) if self.tool_call_markers else self.max_step_tokens
+
+    @property
+    def candidate_temperatures(self) -> list[float]:
+        """Each draft candidate's sampling temperature: greedy calls keep one greedy candidate and sample the
+        others at ``candidate_temperature`` for the consistency vote."""
+        n = self.n_candidates
+        if self.temperature == 0:
+            return [0.0] + [self.candidate_temperature] * (n - 1)
+        return [self.temperature] * n
+
     @field_validator("acceptance_threshold")
     @classmethod
     def _finite_threshold(cls, value: float) -> float:

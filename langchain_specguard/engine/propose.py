@@ -33,7 +33,7 @@ def propose(gen: Generation, limit: int) -> Proposal:
     draft, ids = gen.runtime.draft, gen.ids
     start = len(ids) - 1  # the last committed token is fed again: its logits start every candidate
     draft.prefill(ids[draft.cache.valid : start], draft.cache.valid)
-    draft.start_decode(ids[-1], start, gen.candidate_temperatures, gen.params.top_p)
+    draft.start_decode(ids[-1], start, gen.params.candidate_temperatures, gen.params.top_p)
     record = None
     if gen.params.signal_source == "draft":
         record = draft.record(gen.draft_layers)

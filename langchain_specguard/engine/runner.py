@@ -290,15 +290,15 @@ class ModelRunner:
             raise RuntimeError(f"KV cache holds {self.cache.capacity} positions, {start + size} needed")
         self.start.fill_(start)
 
-        # passes that record step attention stay eager (the recording is not traceable); the others are compiled
-        forward = compiled_model_pass() if self.compile_decode and record is None else model_pass
+        # multi-token passes are captured eagerly: compiling each bucket (or dynamic shapes) would cost a compile
+        # of minutes on first use, for passes that run once per step; the decode iterations are what pays
 
         def body() -> torch.Tensor:
             with recording(record):
                 if record is not None:
                     record.rows = self._arange[:size]
                 positions = self.start + self._arange[:size]
-                return forward(self.view, self.cache, self.windows, self.tokens_in[:, :size], positions, None)
+                return model_pass(self.view, self.cache, self.windows, self.tokens_in[:, :size], positions, None)
 
         logits = self._graphed(("forward", size, record.layers if record is not None else None), body)
         return logits[:, :q] if not keep else logits[:, q - keep : q]

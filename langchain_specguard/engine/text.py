@@ -103,10 +103,6 @@ class OutputText:
         self.may_end = may_end_table(tokenizer, patterns)
         self.checkpoints = {max_step_tokens, max_tool_call_tokens} if markers else set()
 
-    @property
-    def step_cap(self) -> int:
-        return max(self.max_step, self.max_call) if self.markers else self.max_step
-
     def begin_step(self) -> None:
         self.continues = open_call_start(self.prefix + self.full, self.markers) is not None
 
