@@ -9,13 +9,13 @@ eager and compiled; then decode-shaped attention alone in several formulations.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from gpu_profile import events_ms  # benchmarks/ is on the path when this runs as a script
 from torch.profiler import ProfilerActivity, profile
 
 from langchain_specguard import synthetic
@@ -24,18 +24,8 @@ from langchain_specguard.engine.runner import ModelRunner
 from langchain_specguard.engine.view import engine_view
 
 
-def median_ms(fn: Callable[[], Any], repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn: Callable[[], Any]) -> float:
+    return events_ms(fn, repeats=50)
 
 
 def kernels(title: str, fn: Callable[[], Any], top: int = 18) -> None:
