@@ -34,6 +34,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from transformers import PreTrainedModel
 
@@ -514,13 +515,16 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         pair, prompt, params, stops, setup = self._prepare(messages, stop, kwargs)
         emitter = StepReporter.for_run(run_manager, self.trace_steps)
         steps: list[StepEvent] = []
+        relay = _ChunkRelay(setup, run_manager)
         for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
             steps.append(event)
-            if run_manager is not None and event.text:
-                run_manager.on_llm_new_token(event.text)
-        metadata = self._final_metadata(pair, prompt, steps)
-        emitter.summary(metadata["specguard"])
-        return ChatResult(generations=[ChatGeneration(message=self._final_message(pair, prompt, steps, setup))])
+            if (chunk := relay.step(event.text)) is not None and run_manager is not None:
+                run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+        final = self._final_message(pair, prompt, steps, setup)
+        emitter.summary(final.response_metadata["specguard"])
+        if (chunk := relay.last(self._last_chunk(final, relay.shown))) is not None and run_manager is not None:
+            run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+        return relay.result(final)
 
     def _final_message(
         self, pair: ModelPair, prompt: list[int], steps: list[StepEvent], setup: _ToolSetup
@@ -547,15 +551,13 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
             steps.append(event)
             yield ChatGenerationChunk(message=AIMessageChunk(content=shown.add(event.text)))
-        last = self._last_chunk(pair, prompt, steps, setup, shown)
+        last = self._last_chunk(self._final_message(pair, prompt, steps, setup), shown)
         emitter.summary(last.message.response_metadata["specguard"])
         yield last
 
-    def _last_chunk(
-        self, pair: ModelPair, prompt: list[int], steps: list[StepEvent], setup: _ToolSetup, shown: _ShownContent
-    ) -> ChatGenerationChunk:
-        """The closing chunk: usage, summary, any content held back, and the tool calls as chunks."""
-        final = self._final_message(pair, prompt, steps, setup)
+    @staticmethod
+    def _last_chunk(final: AIMessage, shown: _ShownContent) -> ChatGenerationChunk:
+        """The closing chunk of ``final``: usage, summary, any content held back, and the tool calls as chunks."""
         content = str(final.content)
         rest = content[len(shown.sent) :] if content.startswith(shown.sent) else ""
         chunks = [
@@ -593,7 +595,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
             steps.append(event)
             yield ChatGenerationChunk(message=AIMessageChunk(content=shown.add(event.text)))
-        last = self._last_chunk(pair, prompt, steps, setup, shown)
+        last = self._last_chunk(self._final_message(pair, prompt, steps, setup), shown)
         await emitter.asummary(last.message.response_metadata["specguard"])
         yield last
 
@@ -607,13 +609,16 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         pair, prompt, params, stops, setup = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
         emitter = StepReporter.for_run(run_manager, self.trace_steps)
         steps: list[StepEvent] = []
+        relay = _ChunkRelay(setup, run_manager)
         async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
             steps.append(event)
-            if run_manager is not None and event.text:
-                await run_manager.on_llm_new_token(event.text)
-        metadata = self._final_metadata(pair, prompt, steps)
-        await emitter.asummary(metadata["specguard"])
-        return ChatResult(generations=[ChatGeneration(message=self._final_message(pair, prompt, steps, setup))])
+            if (chunk := relay.step(event.text)) is not None and run_manager is not None:
+                await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+        final = self._final_message(pair, prompt, steps, setup)
+        await emitter.asummary(final.response_metadata["specguard"])
+        if (chunk := relay.last(self._last_chunk(final, relay.shown))) is not None and run_manager is not None:
+            await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+        return relay.result(final)
 
     # ------------------------------------------------------------------------------------------
     # step events while streaming
@@ -737,6 +742,37 @@ class _ShownContent:
         delta = visible[len(self.sent) :]
         self.sent = visible
         return delta
+
+
+class _ChunkRelay:
+    """What ``invoke`` hands to streaming callbacks: a message chunk per verified step, then a last chunk.
+
+    LangGraph's ``stream_mode="messages"`` (and other streaming handlers) read ``chunk=`` from
+    ``on_llm_new_token``; the chunks carry the run's message id, which the final message takes too, so a
+    consumer that also sees the final message recognises it. Content follows the same rules as
+    ``stream`` (:class:`_ShownContent`: no tool-call text; the calls come as ``tool_call_chunks`` last).
+    """
+
+    def __init__(self, setup: _ToolSetup, run_manager: Any) -> None:
+        self.shown = _ShownContent(setup)
+        self.id = f"{LC_ID_PREFIX}-{run_manager.run_id}" if run_manager is not None else None
+
+    def step(self, text: str) -> ChatGenerationChunk | None:
+        delta = self.shown.add(text)
+        return ChatGenerationChunk(message=AIMessageChunk(content=delta, id=self.id)) if delta else None
+
+    def last(self, chunk: ChatGenerationChunk) -> ChatGenerationChunk | None:
+        message = chunk.message
+        assert isinstance(message, AIMessageChunk)
+        if not message.content and not message.tool_call_chunks:
+            return None
+        return ChatGenerationChunk(
+            message=AIMessageChunk(content=message.content, tool_call_chunks=message.tool_call_chunks, id=self.id)
+        )
+
+    def result(self, message: AIMessage) -> ChatResult:
+        message.id = self.id
+        return ChatResult(generations=[ChatGeneration(message=message)])
 
 
 def _visible_content(text: str, style: ToolCallStyle) -> str:
