@@ -27,6 +27,7 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call_chunk
@@ -48,7 +49,7 @@ from .callbacks import (
     langsmith_params,
 )
 from .engine.decoding import StepEvent, generate_steps, score_layers, summarize
-from .engine.loading import ModelPair, load_embedded_pair, load_pair
+from .engine.loading import ModelPair, context_window, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
 from .tools import (
     HERMES_MARKERS,
@@ -194,11 +195,41 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        """Everything that can change the output (LangChain's cache key is built from this)."""
         return {
             "model_name": self.model_name,
-            "draft": self.draft_model if isinstance(self.draft_model, str) else self.draft_layers,
+            "target": _identity(self.target_model),
+            "draft": _identity(self.draft_model),
+            "draft_layers": self.draft_layers,
+            "tokenizer": _identity(self.tokenizer),
+            "gguf_file": self.gguf_file,
+            "torch_dtype": self.torch_dtype,
+            "device": self.device,
+            "chat_template": self.chat_template,
+            "tool_call_format": self.tool_call_format,
+            "tool_prompt": self.tool_prompt,
+            "return_step_details": self.return_step_details,
+            "stop": self.stop,
             **self.engine_params().model_dump(),
         }
+
+    # ------------------------------------------------------------------------------------------
+    # token counting and profile (trim_messages, SummarizationMiddleware...)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the pair's own tokenizer (no download, no GPT-2 stand-in)."""
+        ids: list[int] = self.load().tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Prompt tokens of ``messages`` as this model would see them: chat template, tools and all."""
+        return len(self.render_prompt(messages, _openai_tools(tools) if tools else None))
+
+    @model_validator(mode="after")
+    def _fill_profile(self) -> ChatSpecGuard:
+        if self.profile is None:
+            self.profile = _profile(_context_window_of(self.target_model))
+        return self
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -243,6 +274,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                         trust_remote_code=self.trust_remote_code,
                     )
                 self._pair = pair
+                if self.profile is not None and self.profile.get("max_input_tokens") is None:
+                    self.profile = {**self.profile, "max_input_tokens": pair.context_window}
                 self._check_score_layers()
         return self._pair
 
@@ -792,6 +825,51 @@ def _visible_content(text: str, style: ToolCallStyle) -> str:
         if content.endswith(opening[:size]):
             return content[:-size]
     return content
+
+
+EMBEDDED_CONTEXT_WINDOW = 32768
+"""Gemma 3 270M's context window (the embedded default); checked against the loaded model in the tests."""
+
+
+def _identity(value: Any) -> Any:
+    """A model, tokenizer or path as it enters the cache key: the path, or the object's class, origin and id."""
+    if value is None or isinstance(value, (str, int)):
+        return value
+    return f"{type(value).__name__}:{getattr(value, 'name_or_path', '')}:{id(value)}"
+
+
+def _context_window_of(spec: Any) -> int | None:
+    """The target's context window when it is known without loading weights (object, local config, embedded)."""
+    if spec is None:
+        return EMBEDDED_CONTEXT_WINDOW
+    if isinstance(spec, PreTrainedModel):
+        return context_window(spec)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(spec), local_files_only=True)
+    except (OSError, ValueError):
+        return None  # not local: filled in when the model loads
+    window = config.get_text_config().max_position_embeddings if hasattr(config, "get_text_config") else None
+    return int(window) if isinstance(window, int) else None
+
+
+def _profile(max_input_tokens: int | None) -> ModelProfile:
+    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model."""
+    return ModelProfile(
+        max_input_tokens=max_input_tokens,  # type: ignore[typeddict-item]
+        open_weights=True,
+        text_inputs=True,
+        image_inputs=False,
+        audio_inputs=False,
+        video_inputs=False,
+        pdf_inputs=False,
+        text_outputs=True,
+        tool_calling=True,
+        tool_choice=True,
+        tool_call_streaming=True,
+        structured_output=True,
+    )
 
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

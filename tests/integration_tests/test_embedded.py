@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from langchain_specguard import ChatSpecGuard
+from langchain_specguard.chat_models import EMBEDDED_CONTEXT_WINDOW
 from langchain_specguard.demo import StepTable, build_chain
 from langchain_specguard.fewshot import DEFAULT_QUESTION
 
@@ -27,6 +28,7 @@ def test_embedded_pair_loads_offline(gemma: ChatSpecGuard) -> None:
     assert pair.draft.model.layers[0] is pair.target.model.layers[0]  # shared, not copied
     assert pair.tokenizer.chat_template is not None
     assert pair.tokenizer.convert_tokens_to_ids("<end_of_turn>") in pair.eos_token_ids
+    assert pair.context_window == EMBEDDED_CONTEXT_WINDOW == gemma.profile["max_input_tokens"]
 
 
 def test_embedded_chain_answers_with_step_events(gemma: ChatSpecGuard) -> None:

@@ -1,0 +1,71 @@
+"""What LangChain code expects of a chat model: token counting, a profile, a cache key that tells models apart."""
+
+from __future__ import annotations
+
+import time
+
+from langchain_core.caches import InMemoryCache
+from langchain_core.globals import set_llm_cache
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
+from langchain_core.tools import tool
+
+from langchain_specguard import ChatSpecGuard
+from tests.tiny_models import CHATML, llama_pair
+
+
+def make_llm(**options: object) -> ChatSpecGuard:
+    target, draft = llama_pair()
+    return ChatSpecGuard(model=target, draft_model=draft, max_tokens=8, max_step_tokens=4, seed=0, **options)
+
+
+def test_tokens_are_counted_with_the_pairs_tokenizer_and_template() -> None:
+    llm = make_llm()
+    tokenizer = llm.load().tokenizer
+    assert llm.get_num_tokens("Hello there") == len(tokenizer("Hello there", add_special_tokens=False)["input_ids"])
+    messages = [SystemMessage("Be brief."), HumanMessage("Hello there")]
+    assert llm.get_num_tokens_from_messages(messages) == len(llm.render_prompt(messages))
+
+    @tool
+    def lookup(country: str) -> str:
+        """Capital of a country."""
+        return "?"
+
+    assert llm.get_num_tokens_from_messages(messages, tools=[lookup]) > llm.get_num_tokens_from_messages(messages)
+
+
+def test_trim_messages_counts_offline_and_fast() -> None:
+    llm = make_llm()
+    history = [SystemMessage("Be brief.")] + [HumanMessage("question " * 20), AIMessage("answer " * 20)] * 10
+    started = time.perf_counter()
+    kept = trim_messages(history, max_tokens=300, token_counter=llm, strategy="last", include_system=True)
+    assert time.perf_counter() - started < 30  # no retries against the Hub
+    assert 1 < len(kept) < len(history)
+    assert llm.get_num_tokens_from_messages(kept) <= 300
+
+
+def test_profile_is_filled_and_drives_summarization() -> None:
+    from langchain.agents.middleware import SummarizationMiddleware
+
+    llm = make_llm()
+    assert llm.profile is not None and llm.profile["max_input_tokens"] == 512  # the tiny pair's window, unloaded
+    assert llm.profile["tool_calling"] and not llm.profile["image_inputs"]
+    SummarizationMiddleware(model=llm, trigger=("fraction", 0.8), keep=("fraction", 0.3))
+    assert ChatSpecGuard().profile["max_input_tokens"] == 32768  # the embedded default, known without loading
+
+
+def test_cache_key_tells_differently_configured_models_apart() -> None:
+    upper = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")
+    a, b = make_llm(), make_llm(chat_template=upper)
+    assert a._get_llm_string() != b._get_llm_string()
+    assert make_llm()._get_llm_string() == a._get_llm_string()
+    assert make_llm(tool_prompt="fallback")._get_llm_string() != a._get_llm_string()
+    cache = InMemoryCache()
+    set_llm_cache(cache)
+    try:
+        first = a.invoke("Hello")
+        assert len(cache._cache) == 1
+        b.invoke("Hello")  # not served a's answer: it generates and caches its own
+        assert len(cache._cache) == 2
+        assert a.invoke("Hello").content == first.content and len(cache._cache) == 2
+    finally:
+        set_llm_cache(None)
