@@ -13,10 +13,11 @@ import json
 import re
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jinja2.exceptions import TemplateError
@@ -226,6 +227,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         return len(self.render_prompt(messages, _openai_tools(tools) if tools else None))
 
     @model_validator(mode="after")
+    def _share_loaded_pair(self) -> ChatSpecGuard:
+        _register(self._loading_key(), self)
+        return self
+
+    @model_validator(mode="after")
     def _fill_profile(self) -> ChatSpecGuard:
         if self.profile is None:
             self.profile = _profile(_context_window_of(self.target_model))
@@ -250,34 +256,54 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     # models, prompt, params
 
     def load(self) -> ModelPair:
-        """Load the pair once (thread-safe) and reuse it for every later call."""
+        """The loaded pair (thread-safe, lazy).
+
+        Instances that load the same models with the same loading options (``target_model``,
+        ``draft_model``/``draft_layers``, ``tokenizer``, ``gguf_file``, ``device``, ``torch_dtype``,
+        ``device_map``, ``trust_remote_code``) share one loaded pair in the process, as the copies that
+        ``bind``, ``with_config`` and ``configurable_fields`` make do; decoding options stay per instance.
+        The pair is freed when no instance holds it any more.
+        """
         if self._pair is not None:
             return self._pair
         with self._load_lock:
             if self._pair is None:
-                if self.target_model is None:
-                    pair = load_embedded_pair(
-                        draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS,
-                        device=self.device,
-                        dtype=self.torch_dtype,
-                    )
-                else:
-                    pair = load_pair(
-                        self.target_model,
-                        self.draft_model,
-                        draft_layers=self.draft_layers,
-                        tokenizer=self.tokenizer,
-                        device=self.device,
-                        dtype=self.torch_dtype,
-                        device_map=self.device_map,
-                        gguf_file=self.gguf_file,
-                        trust_remote_code=self.trust_remote_code,
-                    )
+                pair = _shared_pair(self._loading_key(), self._load_pair)
                 self._pair = pair
                 if self.profile is not None and self.profile.get("max_input_tokens") is None:
                     self.profile = {**self.profile, "max_input_tokens": pair.context_window}
                 self._check_score_layers()
         return self._pair
+
+    def _loading_key(self) -> tuple[Any, ...]:
+        return (
+            _identity(self.target_model),
+            _identity(self.draft_model),
+            self.draft_layers,
+            _identity(self.tokenizer),
+            self.gguf_file,
+            self.device,
+            self.torch_dtype,
+            repr(self.device_map),
+            self.trust_remote_code,
+        )
+
+    def _load_pair(self) -> ModelPair:
+        if self.target_model is None:
+            return load_embedded_pair(
+                draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS, device=self.device, dtype=self.torch_dtype
+            )
+        return load_pair(
+            self.target_model,
+            self.draft_model,
+            draft_layers=self.draft_layers,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            dtype=self.torch_dtype,
+            device_map=self.device_map,
+            gguf_file=self.gguf_file,
+            trust_remote_code=self.trust_remote_code,
+        )
 
     def engine_params(self, **overrides: Any) -> SpecGuardParams:
         """This model's decoding parameters with per-call overrides, validated."""
@@ -825,6 +851,45 @@ def _visible_content(text: str, style: ToolCallStyle) -> str:
         if content.endswith(opening[:size]):
             return content[:-size]
     return content
+
+
+@dataclass
+class _SharedPair:
+    """A loaded pair and how many live instances have its loading options (loaded or not yet)."""
+
+    instances: int = 0
+    pair: ModelPair | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_PAIRS: dict[tuple[Any, ...], _SharedPair] = {}
+_PAIRS_LOCK = threading.Lock()
+
+
+def _register(key: tuple[Any, ...], instance: Any) -> None:
+    """Count ``instance`` as a holder of ``key``'s pair until it is garbage-collected."""
+    with _PAIRS_LOCK:
+        _PAIRS.setdefault(key, _SharedPair()).instances += 1
+    weakref.finalize(instance, _release, key)
+
+
+def _release(key: tuple[Any, ...]) -> None:
+    with _PAIRS_LOCK:
+        entry = _PAIRS.get(key)
+        if entry is not None:
+            entry.instances -= 1
+            if entry.instances <= 0:
+                del _PAIRS[key]  # the last instance is gone: the pair (weights, caches, graphs) can be freed
+
+
+def _shared_pair(key: tuple[Any, ...], load: Callable[[], ModelPair]) -> ModelPair:
+    """The process's pair for ``key``, loaded once while any instance with these loading options lives."""
+    with _PAIRS_LOCK:
+        entry = _PAIRS.setdefault(key, _SharedPair())
+    with entry.lock:  # one load per key at a time; other keys load in parallel
+        if entry.pair is None:
+            entry.pair = load()
+        return entry.pair
 
 
 EMBEDDED_CONTEXT_WINDOW = 32768

@@ -32,7 +32,10 @@ MULTIBYTE = "ab😀cd é 日本\nAnswer: 42"
 def scripted_llm(pair_dirs: tuple[str, str], script: str, **options: Any) -> ChatSpecGuard:
     target, draft = pair_dirs
     config: dict[str, Any] = {"max_tokens": 60, "n_candidates": 2, "seed": 0, "step_delimiters": ["\n"]}
-    llm = ChatSpecGuard(target_model=target, draft_model=draft, **{**config, **options})
+    # a tokenizer object of its own gives the instance a pair of its own: scripting it reaches no other test
+    llm = ChatSpecGuard(
+        target_model=target, draft_model=draft, tokenizer=AutoTokenizer.from_pretrained(target), **{**config, **options}
+    )
     pair = llm.load()
     force_script(pair.draft, pair.tokenizer, lambda prompt: script)
     force_script(pair.target, pair.tokenizer, lambda prompt: script)

@@ -12,6 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import ValidationError
+from transformers import AutoTokenizer
 
 from langchain_specguard import STEP_EVENT, SUMMARY_EVENT, ChatSpecGuard
 from tests.tiny_models import llama_pair, mismatched_draft
@@ -254,8 +255,9 @@ def test_draft_layers_out_of_range() -> None:
 
 def test_missing_chat_template() -> None:
     target, draft = llama_pair()
-    model = ChatSpecGuard(target_model=target, draft_model=draft)
-    model.load().tokenizer.chat_template = None
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.chat_template = None
+    model = ChatSpecGuard(target_model=target, draft_model=draft, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="no chat template"):
         model.invoke("Hello")
     fixed = ChatSpecGuard(target_model=target, draft_model=draft, chat_template="{{ messages[-1]['content'] }}:")

@@ -69,3 +69,43 @@ def test_cache_key_tells_differently_configured_models_apart() -> None:
         assert a.invoke("Hello").content == first.content and len(cache._cache) == 2
     finally:
         set_llm_cache(None)
+
+
+def test_instances_with_the_same_models_share_one_loaded_pair() -> None:
+    import gc
+
+    from langchain_core.runnables import ConfigurableField
+
+    from langchain_specguard import chat_models
+
+    calls = {"n": 0}
+    original = ChatSpecGuard._load_pair
+
+    def counting(self: ChatSpecGuard) -> object:
+        calls["n"] += 1
+        return original(self)
+
+    target, draft = llama_pair()
+    ChatSpecGuard._load_pair = counting  # type: ignore[method-assign]
+    try:
+        options = {"model": target, "draft_model": draft, "tokenizer": target}  # loading options no other test uses
+        base = ChatSpecGuard(**options, max_tokens=4, seed=7)
+        configurable = base.configurable_fields(
+            acceptance_threshold=ConfigurableField(id="threshold"), max_tokens=ConfigurableField(id="max_tokens")
+        )
+        for threshold in (0.1, 0.5, 2.0):
+            configurable.invoke("Hello", config={"configurable": {"threshold": threshold, "max_tokens": 3}})
+        base.bind(max_tokens=2).invoke("Hello")
+        base.with_config(tags=["x"]).invoke("Hello")
+        other = ChatSpecGuard(**options, max_tokens=8, acceptance_threshold=0.9)
+        assert other.load() is base.load()
+        assert calls["n"] == 1  # loaded once for all of them
+        different = ChatSpecGuard(**options, torch_dtype="float64")
+        assert different.load() is not base.load()  # other loading options: a pair of their own
+        assert calls["n"] == 2
+    finally:
+        ChatSpecGuard._load_pair = original  # type: ignore[method-assign]
+    key = base._loading_key()
+    del base, other, configurable, different
+    gc.collect()
+    assert key not in chat_models._PAIRS  # freed once no instance with these loading options is left

@@ -593,10 +593,10 @@ def test_trust_remote_code_is_false_unless_set(monkeypatch: pytest.MonkeyPatch) 
             return _original(name, *args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
-    make_llm().load()
+    make_llm(device="cpu").load()  # loading options no other test uses: a pair of its own, really loaded
     assert sorted(seen) == [("AutoModelForCausalLM", False)] * 2 + [("AutoTokenizer", False)] * 2
     seen.clear()
-    make_llm(trust_remote_code=True).load()
+    make_llm(device="cpu", trust_remote_code=True).load()
     assert {flag for _, flag in seen} == {True} and len(seen) == 4
 
 

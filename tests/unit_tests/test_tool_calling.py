@@ -20,6 +20,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
+from transformers import AutoTokenizer
 
 from langchain_specguard import STEP_EVENT, ChatSpecGuard
 from langchain_specguard.engine.decoding import generate
@@ -79,7 +80,9 @@ def make_llm(**overrides: Any) -> ChatSpecGuard:
         "seed": 0,
     }
     params.update(overrides)
-    llm = ChatSpecGuard(**params)
+    # a tokenizer object of its own gives the instance a pair of its own (instances loading the same models
+    # share one pair): scripting its models must not reach other tests' instances
+    llm = ChatSpecGuard(**params, tokenizer=AutoTokenizer.from_pretrained(target))
     llm.load()
     return llm
 
