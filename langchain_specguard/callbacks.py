@@ -20,7 +20,7 @@ over, and why, in four places that carry the same data:
   the list of step events (on the last chunk when streaming), so the record survives without any
   callback.
 
-``specguard_step`` (``StepEvent.to_dict()``, schema version 2)
+``specguard_step`` (``StepEvent.to_dict()``, schema version 3: ``EVENT_VERSION``)
     ``version`` (int), ``index`` (0-based step number in the call), ``source`` (``"draft"`` or
     ``"target"``: who wrote the committed step), ``accepted`` (the draft step passed; equals
     ``source == "draft"``), ``reason`` (``"accepted"`` or why the draft step was rejected:
@@ -31,17 +31,20 @@ over, and why, in four places that carry the same data:
     ``threshold`` (the acceptance threshold in force), ``text`` (the text this step added to the
     answer; may be empty while a possible stop sequence is held back), ``num_tokens`` and
     ``token_ids`` (the committed step), ``draft_text`` (the draft's proposal, also when rejected),
-    ``n_candidates``, ``drafted_tokens`` (tokens the draft sampled over all candidates),
+    ``n_candidates``, ``drafted_tokens`` (candidate positions the draft computed, every row and iteration),
     ``target_forwards`` (target forward passes this step), ``finish_reason`` (``"stop"``,
     ``"length"``, or ``null`` before the last step), ``seconds`` (wall time of the step) split into
     ``draft_seconds``, ``verify_seconds`` and ``target_seconds`` (drafting, scoring, the target's
-    rewrite; the remainder is detokenizing).
+    rewrite; the remainder is detokenizing), ``kept_tokens`` (of a rejected step, the draft's leading
+    tokens the target would have written itself and kept) and ``speculated_tokens`` (draft tokens the
+    target accepted while writing the rest).
 
-``specguard_summary`` (``engine.decoding.summarize``, schema version 2)
+``specguard_summary`` (``engine.events.summarize``, schema version 3)
     ``version``, ``num_steps`` (also as ``steps``), ``accepted_steps``, ``accepted_share``,
     ``prompt_tokens``, ``output_tokens``, ``draft_tokens`` / ``target_tokens`` (output tokens each
-    model wrote), ``drafted_tokens``, ``target_forwards``, ``draft_seconds`` / ``verify_seconds`` /
-    ``target_seconds`` (where the step time went), ``seconds`` (sum of step times).
+    model wrote), ``kept_tokens``, ``speculated_tokens``, ``drafted_tokens``, ``target_forwards``,
+    ``draft_seconds`` / ``verify_seconds`` / ``target_seconds`` (where the step time went), ``seconds``
+    (sum of step times).
     In ``response_metadata["specguard"]`` the same dict is stored; with ``return_step_details`` its
     ``steps`` key holds the list of step events instead of the count (``num_steps`` keeps the count).
 
