@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import re
 
+TERMINATOR = "Done."
+"""The worked examples end with this line, so a base model that never ends its turn writes it too: a stop."""
 SYSTEM = "Solve the math problem. Write one reasoning step per line. End with a line 'Answer: N'."
 EXAMPLES = [
     (
         "Sara has 4 pencils. She gets 2 more pencils. How many pencils does she have now?",
-        "Sara starts with 4 pencils.\nShe gets 2 more pencils.\n4 + 2 = 6\nAnswer: 6",
+        f"Sara starts with 4 pencils.\nShe gets 2 more pencils.\n4 + 2 = 6\nAnswer: 6\n{TERMINATOR}",
     ),
     (
         "A box has 10 cookies. Ben eats 3 cookies. How many cookies are left?",
-        "The box starts with 10 cookies.\nBen eats 3 cookies.\n10 - 3 = 7\nAnswer: 7",
+        f"The box starts with 10 cookies.\nBen eats 3 cookies.\n10 - 3 = 7\nAnswer: 7\n{TERMINATOR}",
     ),
 ]
 DEFAULT_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"

@@ -28,14 +28,16 @@ class KVCache:
     Passed to a model as ``past_key_values``; the attention modules call :meth:`update`.
     """
 
-    def __init__(self, num_layers: int, capacity: int, growable: bool) -> None:
+    def __init__(self, num_layers: int, capacity: int, growable: bool, batch: int = 1) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = capacity
         self.growable = growable
+        self.batch = batch
         self.valid = 0  # positions [0, valid) hold the keys/values of the sequence the engine committed to
         self.write_at: torch.Tensor | None = None  # [q] positions of the current pass's tokens
         self.read_len: int | None = None  # keys handed to attention: the first read_len, or all (fixed)
+        self.rows: slice | None = None  # batch rows a pass reads and writes (None: all)
 
     # -- what the model calls ----------------------------------------------------------------------
 
@@ -44,12 +46,14 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None or values is None:
-            batch, heads, _, dim = key.shape
-            shape = (batch, heads, self.capacity)
+            _, heads, _, dim = key.shape
+            shape = (self.batch, heads, self.capacity)
             keys = key.new_zeros(*shape, dim)
             values = value.new_zeros(*shape, value.shape[-1])
             self.keys[layer_idx], self.values[layer_idx] = keys, values
         assert self.write_at is not None, "KVCache.write_at must be set before a forward pass"
+        if self.rows is not None:
+            keys, values = keys[self.rows], values[self.rows]
         keys.index_copy_(2, self.write_at, key.to(keys.dtype))
         values.index_copy_(2, self.write_at, value.to(values.dtype))
         if self.read_len is None:

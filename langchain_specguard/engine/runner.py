@@ -154,7 +154,7 @@ class ModelRunner:
         self.device = weight.device
         self.batch = batch
         self.rows = rows
-        self.cache = KVCache(int(view.config.num_hidden_layers), capacity, growable)
+        self.cache = KVCache(int(view.config.num_hidden_layers), capacity, growable, batch)
         self.windows = tuple(layer_windows(view.config))
         self.use_graphs = graphs and not growable
         self.compile_decode = compile_decode and self.use_graphs
@@ -305,11 +305,34 @@ class ModelRunner:
 
     def prefill(self, tokens: Sequence[int], start: int) -> None:
         """Write the keys/values of ``tokens`` at ``start...`` (a prompt, or a catch-up), in bucket-sized
-        chunks; the logits are not needed (the next pass feeds the last token again)."""
+        chunks; the logits are not needed (the next pass feeds the last token again).
+
+        Every row holds the same sequence, so eagerly (growable caches) the pass runs on row 0 alone and
+        the rows are copied: a batch of candidates costs one prefill, not one per row.
+        """
+        if not tokens:
+            return
+        if self.cache.growable and self.batch > 1:
+            self.cache.rows = slice(0, 1)
+            try:
+                self._prefill(tokens, start, rows=1)
+            finally:
+                self.cache.rows = None
+            self.cache.copy_row(0, start, start + len(tokens))
+        else:
+            self._prefill(tokens, start, rows=self.batch)
+        self.cache.valid = start + len(tokens)
+
+    def _prefill(self, tokens: Sequence[int], start: int, rows: int) -> None:
         for offset in range(0, len(tokens), MAX_BUCKET):
-            self.forward(tokens[offset : offset + MAX_BUCKET], start + offset, keep=1)
-        if tokens:
-            self.cache.valid = start + len(tokens)
+            chunk = tokens[offset : offset + MAX_BUCKET]
+            if rows == self.batch:
+                self.forward(chunk, start + offset, keep=1)
+                continue
+            q, at = len(chunk), start + offset
+            self.cache.ensure(at + q)
+            ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device)[None]
+            model_pass(self.view, self.cache, self.windows, ids, self._positions(at, q), at + q, keep=1)
 
     # -- the decode loop -----------------------------------------------------------------------------
 

@@ -2,19 +2,18 @@
 
 Steps end by text rules (see :mod:`.steps`), which need decoding. Decoding every token of every
 candidate was the engine's main host cost, so the rules are checked only at tokens that *can* end a
-step: :func:`may_end_table` marks, once per tokenizer and set of patterns, every token whose text
-contains the last character of a delimiter, stop sequence or tool-call marker (or a partial UTF-8
-byte), and EOS ends a step by itself. Every other token is skipped with one array lookup.
+step: :class:`MayEnd` says, per tokenizer and set of patterns, whether a token's text contains the
+last character of a delimiter, stop sequence or tool-call marker (or a partial UTF-8 byte), and EOS
+ends a step by itself. Every other token is skipped with one dictionary lookup.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import numpy as np
 
 from .loading import decode
 from .steps import (
@@ -27,30 +26,45 @@ from .steps import (
     tool_step_complete,
 )
 
-_TEXTS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
-_TABLES: weakref.WeakKeyDictionary[Any, dict[frozenset[str], np.ndarray]] = weakref.WeakKeyDictionary()
 
+class MayEnd:
+    """Whether token ``t`` may complete one of the patterns: a superset, the exact text check decides.
 
-def token_texts(tokenizer: Any) -> list[str]:
-    """Each token's text as it reads after other text (SentencePiece keeps its leading space there)."""
-    texts = _TEXTS.get(tokenizer)
-    if texts is None:
+    A token may complete a pattern only if its text (as it reads after other text, so SentencePiece's
+    leading space counts) holds the pattern's last character, or a partial UTF-8 byte. Answers are
+    computed when a token is first met and kept per tokenizer and pattern set, so a 262k-token
+    vocabulary costs nothing up front.
+    """
+
+    def __init__(self, tokenizer: Any, last_chars: frozenset[str]) -> None:
+        self.tokenizer = tokenizer
+        self.last_chars = last_chars
+        self.known: dict[int, bool] = {}
         anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
-        base = decode(tokenizer, [anchor])
-        decoded = tokenizer.batch_decode([[anchor, t] for t in range(len(tokenizer))], skip_special_tokens=True)
-        texts = [s[len(base) :] if s.startswith(base) else s for s in decoded]
-        _TEXTS[tokenizer] = texts
-    return texts
+        self.anchor = anchor
+        self.base = decode(tokenizer, [anchor])
+
+    def __call__(self, token: int) -> bool:
+        answer = self.known.get(token)
+        if answer is None:
+            text = decode(self.tokenizer, [self.anchor, token])
+            text = text[len(self.base) :] if text.startswith(self.base) else text
+            answer = self.known[token] = any(c in text for c in self.last_chars)
+        return answer
 
 
-def may_end_table(tokenizer: Any, patterns: Iterable[str]) -> np.ndarray:
-    """``table[t]``: token ``t`` may complete one of ``patterns`` (a superset: the text check decides)."""
+_TABLES: weakref.WeakKeyDictionary[Any, dict[frozenset[str], MayEnd]] = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()
+
+
+def may_end_table(tokenizer: Any, patterns: Iterable[str]) -> MayEnd:
+    """The (shared, lazily filled) :class:`MayEnd` of ``tokenizer`` for ``patterns``."""
     last_chars = frozenset(p[-1] for p in patterns if p) | {"\ufffd"}
-    tables = _TABLES.setdefault(tokenizer, {})
-    if last_chars not in tables:
-        texts = token_texts(tokenizer)
-        tables[last_chars] = np.fromiter((any(c in s for c in last_chars) for s in texts), dtype=bool, count=len(texts))
-    return tables[last_chars]
+    with _TABLES_LOCK:
+        tables = _TABLES.setdefault(tokenizer, {})
+        if last_chars not in tables:
+            tables[last_chars] = MayEnd(tokenizer, last_chars)
+        return tables[last_chars]
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -127,12 +141,11 @@ class OutputText:
 
     def step_end(self, step: list[int], start: int = 0) -> int | None:
         """Length of the shortest prefix of ``step``, longer than ``start``, that ends the step; else None."""
-        table = self.may_end
         for j in range(start, len(step)):
             token = step[j]
             if token in self.eos:
                 return j + 1
-            maybe = token >= len(table) or bool(table[token]) or (j + 1) in self.checkpoints
+            maybe = self.may_end(token) or (j + 1) in self.checkpoints
             if maybe and self.is_boundary(step[: j + 1]):
                 return j + 1
         return None
