@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -110,15 +108,23 @@ def _is_path(spec: str) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    """Whether the Hugging Face endpoint answers within ``timeout`` seconds.
+
+    Asked the way huggingface_hub itself asks: its HTTP session (proxies, certificates) against
+    ``HF_ENDPOINT`` (a mirror, any port), and never when ``HF_HUB_OFFLINE`` is set. Any HTTP answer,
+    even an error status, means the endpoint is there.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception:  # connection refused, DNS failure, timeout, proxy error...
         return False
+    return True
 
 
 def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str) -> Any:

@@ -109,3 +109,44 @@ def test_instances_with_the_same_models_share_one_loaded_pair() -> None:
     del base, other, configurable, different
     gc.collect()
     assert key not in chat_models._PAIRS  # freed once no instance with these loading options is left
+
+
+def test_hub_reachability_follows_the_configured_endpoint(monkeypatch: object) -> None:
+    """A mirror on any host and port counts as the Hub; offline mode and a dead endpoint do not."""
+    import http.server
+    import socket
+    import threading
+
+    from langchain_specguard.engine import loading
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    from huggingface_hub import constants
+
+    setenv = monkeypatch.setenv  # type: ignore[attr-defined]
+    delenv = monkeypatch.delenv  # type: ignore[attr-defined]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # type: ignore[attr-defined]  # tests/conftest sets it
+    try:
+        delenv("HF_HUB_OFFLINE", raising=False)
+        setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert loading.hub_reachable(timeout=5)
+        setenv("HF_HUB_OFFLINE", "1")
+        assert not loading.hub_reachable(timeout=5)
+        delenv("HF_HUB_OFFLINE")
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            dead = free.getsockname()[1]
+        setenv("HF_ENDPOINT", f"http://127.0.0.1:{dead}")
+        started = time.perf_counter()
+        assert not loading.hub_reachable(timeout=2)
+        assert time.perf_counter() - started < 10
+    finally:
+        server.shutdown()
