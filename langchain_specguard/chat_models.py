@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal
 
 from jinja2.exceptions import TemplateError
@@ -27,17 +28,25 @@ from langchain_core.callbacks import (
     CallbackManager,
     CallbackManagerForLLMRun,
 )
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableLambda,
+    RunnableMap,
+    RunnablePassthrough,
+    ensure_config,
+)
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.utils import LC_ID_PREFIX
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from transformers import PreTrainedModel
 
 from .callbacks import (
@@ -511,17 +520,33 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
-        """Structured output through a forced tool call (pydantic, TypedDict or JSON schema).
+        """Structured output through a forced call of the schema's own tool (pydantic, TypedDict or JSON schema).
 
-        Every ``method`` goes through tool calling: the schema is bound as the only tool and the
-        call is forced, so the answer is a ``<tool_call>`` whose arguments are the object, checked
-        against the schema step by step. ("json_mode" needs a schema here too.)
+        Every ``method`` answers the same way: the schema is bound as the only tool and the answer starts
+        inside a call that names it, so the model writes the arguments, which are checked against the
+        schema step by step. The parsed object is validated once more; when the model wrote no usable
+        call, the error says why (``parsing_error`` with ``include_raw=True``, else an
+        ``OutputParserException``), never a silent ``None``. ``json_mode`` needs a schema here too.
         """
         if method not in ("function_calling", "json_schema", "json_mode"):
-            raise ValueError(f"unknown method {method!r}; use 'function_calling' or 'json_schema'")
+            raise ValueError(f"unknown method {method!r}; use 'function_calling', 'json_schema' or 'json_mode'")
         if schema is None:
             raise ValueError("with_structured_output needs a schema (pydantic model, TypedDict or JSON schema)")
-        return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        kwargs.pop("strict", None)
+        if kwargs:
+            raise ValueError(f"unsupported arguments {sorted(kwargs)}")
+        name = _openai_tools([schema])[0]["function"]["name"]
+        llm = self.bind_tools(
+            [schema],
+            tool_choice=name,
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
+        )
+        parser = RunnableLambda(_structured_parser(schema, name), name="specguard_structured_output")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     def _message_fields(self, text: str, setup: _ToolSetup) -> tuple[str, dict[str, Any]]:
         """Content and tool-call fields of the final message for ``text`` (the generated answer).
@@ -968,6 +993,29 @@ def _checked_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> Any:
     if tool_choice in ("any", "required", True) and not names:
         raise ValueError(f"tool_choice={tool_choice!r} forces a tool call, but no tools are bound")
     return None if tool_choice is False else tool_choice
+
+
+def _structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
+    """The parser of a structured answer: the named call's arguments, validated into ``schema``."""
+    model_class = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+
+    def parse(message: AIMessage) -> Any:
+        calls = [c for c in message.tool_calls if c["name"] == name]
+        if not calls:
+            reasons = [str(c.get("error")) for c in message.invalid_tool_calls if c.get("error")]
+            why = "; ".join(reasons) or "it wrote no call"
+            raise OutputParserException(
+                f"the model wrote no valid {name!r} call: {why}", llm_output=str(message.content)
+            )
+        args = calls[0]["args"]
+        if model_class is None:
+            return args
+        try:
+            return model_class.model_validate(args)
+        except ValidationError as exc:
+            raise OutputParserException(f"the {name!r} call does not fit the schema: {exc}") from exc
+
+    return parse
 
 
 def _forced_tool_name(tool_choice: Any) -> str | None:

@@ -298,3 +298,29 @@ def test_agent_loop_with_two_real_tools() -> None:
     tool_steps = [s for s in collector.steps if s["kind"] == "tool_call"]
     assert len(tool_steps) == 2 and all(s["text"].lstrip().startswith("<tool_call>") for s in tool_steps)
     assert all(s["reason"] in ("accepted", "score") for s in collector.steps)  # scripted calls fit the schemas
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema", "json_mode"])
+def test_structured_output_forces_the_schemas_own_tool(method: str) -> None:
+    llm = make_llm()
+    pair = llm.load()
+    script = lambda prompt: call_block("Answer", {"number": 7, "city": "Oslo"})  # noqa: E731
+    force_script(pair.draft, pair.tokenizer, script)
+    force_script(pair.target, pair.tokenizer, script)
+    out = llm.with_structured_output(Answer, method=method, include_raw=True).invoke("A number and a city?")
+    assert out["parsed"] == Answer(number=7, city="Oslo") and out["parsing_error"] is None
+    setup = llm._tool_setup([convert_to_openai_tool(Answer)], "Answer")  # the answer starts naming the tool
+    assert setup.prefix.endswith('{"name": "Answer", "arguments": ')
+
+
+def test_structured_output_failure_is_a_parsing_error() -> None:
+    llm = make_llm()
+    pair = llm.load()
+    broken = lambda prompt: call_block("Answer", {"number": "many", "city": "Oslo"})  # noqa: E731
+    force_script(pair.draft, pair.tokenizer, broken)
+    force_script(pair.target, pair.tokenizer, broken)
+    out = llm.with_structured_output(Answer, include_raw=True).invoke("A number and a city?")
+    assert out["parsed"] is None and out["parsing_error"] is not None
+    assert "number" in str(out["parsing_error"])
+    with pytest.raises(Exception, match="no valid 'Answer' call"):
+        llm.with_structured_output(Answer).invoke("A number and a city?")
