@@ -106,7 +106,7 @@ class SpecGuardLangSmithParams(LangSmithParams, total=False):
 
     specguard_target: str
     specguard_draft: str
-    acceptance_threshold: float
+    acceptance_threshold: float | str
     signal_source: str
     n_candidates: int
     decision: str

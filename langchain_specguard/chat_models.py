@@ -58,7 +58,7 @@ from .callbacks import (
     TraceSteps,
     langsmith_params,
 )
-from .engine.decoding import StepEvent, generate_steps, score_layers, summarize
+from .engine.decoding import StepEvent, generate_steps, score_layers, summarize, threshold_calibrator
 from .engine.loading import ModelPair, context_window, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
 from .tools import (
@@ -547,6 +547,23 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         failed = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+
+    def calibrate(self, inputs: Sequence[LanguageModelInput], **kwargs: Any) -> float:
+        """Run ``inputs`` with ``acceptance_threshold="auto"`` and return the threshold they settle on.
+
+        "auto" learns from the target's verification of every step (``engine/calibration.py``); this
+        feeds it prompts like the ones you will send, up front. What it learns stays with the loaded
+        pair, so every "auto" call of this pair starts from it; to fix it instead, pass the returned
+        value as ``acceptance_threshold``. ``kwargs`` are per-call options for these runs.
+        """
+        if isinstance(inputs, (str, BaseMessage)) or not inputs:
+            raise ValueError("calibrate needs a non-empty list of inputs (prompts or message lists)")
+        options = {**kwargs, "acceptance_threshold": "auto"}
+        for item in inputs:
+            self.invoke(item, **options)
+        calibrator = threshold_calibrator(self.load(), self.engine_params(**options))
+        assert calibrator is not None
+        return calibrator.threshold()
 
     def _message_fields(self, text: str, setup: _ToolSetup) -> tuple[str, dict[str, Any]]:
         """Content and tool-call fields of the final message for ``text`` (the generated answer).

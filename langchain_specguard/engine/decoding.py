@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .attention import decoder_layers
+from .calibration import ThresholdCalibrator, calibrator_for
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .loading import ModelPair, decode, weight_bytes
 from .params import SpecGuardParams
@@ -36,7 +37,7 @@ from .propose import propose
 from .runner import MAX_BUCKET, ModelRunner
 from .text import OutputText
 from .verify import verify
-from .view import engine_view
+from .view import engine_view, layer_windows
 from .write import Agreement, write
 
 __all__ = ["EVENT_VERSION", "GenerationResult", "StepEvent", "generate", "generate_steps", "summarize"]
@@ -46,9 +47,19 @@ MAX_IDLE_RUNTIMES = 2
 
 
 def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tuple[int, ...]:
-    """The layers whose attention is scored: the requested ones, or the last third."""
+    """The layers whose attention is scored: the requested ones, or by default the last third.
+
+    On models that mix sliding-window and full-attention layers (Gemma 2/3, ...), the default is the
+    full-attention layers of the upper half instead: a sliding layer cannot see a prompt longer than
+    its window, so its attention cannot say whether the step builds on that prompt.
+    """
     n = len(decoder_layers(model))
     if requested is None:
+        windows = layer_windows(model.config.get_text_config())[:n]
+        full = [i for i, w in enumerate(windows) if w is None]
+        if full and len(full) < n:
+            upper = [i for i in full if i >= n // 2]
+            return tuple(upper or full[-1:])
         return tuple(range(n - max(1, n // 3), n))
     bad = [i for i in requested if not -n <= i < n]
     if bad or not requested:
@@ -160,10 +171,18 @@ class Generation:
     draft_layers: tuple[int, ...]
     target_layers: tuple[int, ...]
     agreement: Agreement
+    calibrator: ThresholdCalibrator | None = None  # with acceptance_threshold="auto"
     index: int = 0
 
     def uniform(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, device=self.generator.device)
+
+    def threshold(self) -> float:
+        """The acceptance threshold in force for the next step."""
+        if self.calibrator is not None:
+            return self.calibrator.threshold()
+        assert not isinstance(self.params.acceptance_threshold, str)
+        return self.params.acceptance_threshold
 
     def step(self) -> StepEvent:
         started = time.perf_counter()
@@ -191,7 +210,7 @@ class Generation:
             grounding=verdict.grounding,
             confidence=verdict.confidence,
             score=verdict.score,
-            threshold=self.params.acceptance_threshold,
+            threshold=verdict.threshold,
             accepted=verdict.accepted,
             reason=verdict.reason,
             seconds=time.perf_counter() - started,
@@ -222,6 +241,15 @@ def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator
     else:
         gen.seed()
     return gen
+
+
+def threshold_calibrator(pair: ModelPair, params: SpecGuardParams) -> ThresholdCalibrator | None:
+    """The pair's calibrator for this way of scoring, with ``acceptance_threshold="auto"``."""
+    if params.acceptance_threshold != "auto":
+        return None
+    layers = score_layers(pair.target, params.score_layers)
+    key = (params.signal_source, params.decision, params.grounding_weight, params.grounding_method, layers)
+    return calibrator_for(pair.extra, key, params.calibration_quantile)
 
 
 def check_prompt(pair: ModelPair, prompt_ids: Sequence[int]) -> None:
@@ -290,6 +318,7 @@ def generate_steps(
             draft_layers=score_layers(pair.draft, params.score_layers) if params.signal_source == "draft" else (),
             target_layers=score_layers(pair.target, params.score_layers) if params.signal_source == "target" else (),
             agreement=Agreement(cost=runtime.cost),
+            calibrator=threshold_calibrator(pair, params),
         )
         while True:
             # inference mode per step, never across a yield: the consumer may resume us in another thread

@@ -20,12 +20,21 @@ class SpecGuardParams(BaseModel):
         le=64,
         description="Draft continuations sampled per step, in one batch; the most consistent is verified.",
     )
-    acceptance_threshold: float = Field(
+    acceptance_threshold: float | Literal["auto"] = Field(
         default=0.5,
         description=(
             "A draft step is accepted when its combined score is >= this. Any finite value: above 1 every "
-            "step goes to the target, below 0 every draft step is accepted."
+            "step goes to the target, below 0 every draft step is accepted. 'auto': a low quantile "
+            "(calibration_quantile) of the scores of steps the target would have written itself, learned "
+            "online per loaded pair (engine/calibration.py); needs signal_source='target'."
         ),
+    )
+    calibration_quantile: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description="With acceptance_threshold='auto': the share of the target's own steps that would fail "
+        "the threshold in force (lower accepts more draft steps).",
     )
     decision: Literal["both", "weighted"] = Field(
         default="both",
@@ -114,10 +123,21 @@ class SpecGuardParams(BaseModel):
 
     @field_validator("acceptance_threshold")
     @classmethod
-    def _finite_threshold(cls, value: float) -> float:
+    def _finite_threshold(cls, value: float | str) -> float | str:
+        if isinstance(value, str):
+            return value
         if not math.isfinite(value):
             raise ValueError(f"acceptance_threshold must be a finite number, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _auto_needs_the_target(self) -> SpecGuardParams:
+        if self.acceptance_threshold == "auto" and self.signal_source != "target":
+            raise ValueError(
+                "acceptance_threshold='auto' needs signal_source='target': it learns from the target's verification "
+                "of every step, which signal_source='draft' skips"
+            )
+        return self
 
     @model_validator(mode="after")
     def _compile_needs_static(self) -> SpecGuardParams:

@@ -23,14 +23,15 @@ _EPS = 1e-9
 
 
 def grounding_mean(sink: torch.Tensor, context: torch.Tensor, step: torch.Tensor) -> float:
-    """Share of the non-sink attention that lands on the context, averaged over layers and queries.
+    """Share of the non-sink attention that lands on the context, averaged over layers and measured queries.
 
     The sink is left out of the denominator: many models park most of their attention on the first
-    token as a no-op, and how much they park says nothing about what the step builds on.
+    token as a no-op, and how much they park says nothing about what the step builds on. Query 0 is
+    left out too (see :func:`grounding_score`).
     """
     del sink
-    own = step.sum(-1)
-    share = context / (context + own).clamp_min(_EPS)
+    own = step[:, 1:].sum(-1)
+    share = context[:, 1:] / (context[:, 1:] + own).clamp_min(_EPS)
     return float(share.mean())
 
 
@@ -41,26 +42,27 @@ def grounding_rollout(sink: torch.Tensor, context: torch.Tensor, step: torch.Ten
     down through those tokens' rows of the next lower layer, until it reaches the context, the sink
     or the bottom layer. Context tokens are terminal: once information comes from outside the step it
     counts as grounded, so only the step's own rows are needed and the cost is ``O(m k^2)``.
-    Returns the context share of the non-sink mass.
+
+    Mass that reaches the bottom scored layer by the residual alone (a position carrying itself down,
+    never attending anywhere) says nothing about where the step looked: the layers below decide where
+    it came from, so it is left out of the share rather than counted as the step's own. Otherwise the
+    ``0.5^m`` residual would pull every step towards "ungrounded" and uniform attention would score
+    about 0.5 whatever the step did. Returns the context share of the non-sink mass that attention
+    moved, over the measured queries.
     """
     m, k = context.shape
     dtype = context.dtype
     eye = torch.eye(k, dtype=dtype, device=context.device)
-    own_eye = eye.clone()
-    own_eye[0, 0] = 0.0  # query 0's residual points at the last verified token: context
-    residual_ctx = torch.zeros(k, dtype=dtype, device=context.device)
-    residual_ctx[0] = 1.0
-
-    top = m - 1
-    ctx = 0.5 * context[top] + 0.5 * residual_ctx
-    snk = 0.5 * sink[top]
-    flow = 0.5 * step[top] + 0.5 * own_eye  # [k (from query), k (to step query)]
-    for layer in range(top - 1, -1, -1):
-        ctx = ctx + flow @ (0.5 * context[layer] + 0.5 * residual_ctx)
-        snk = snk + flow @ (0.5 * sink[layer])
-        flow = flow @ (0.5 * step[layer] + 0.5 * own_eye)
-    own = flow.sum(-1)
-    share = ctx / (ctx + own).clamp_min(_EPS)
+    ctx = torch.zeros(k, dtype=dtype, device=context.device)
+    moved = torch.zeros(k, k, dtype=dtype, device=context.device)  # flow that took >= 1 attention hop
+    stayed = 1.0  # flow each query carried down by the residual alone (the same on every query)
+    for layer in range(m - 1, -1, -1):
+        hop = 0.5 * step[layer]  # [k (from), k (to)]
+        ctx = ctx + moved @ (0.5 * context[layer]) + stayed * 0.5 * context[layer]
+        moved = moved @ (hop + 0.5 * eye) + stayed * hop
+        stayed *= 0.5
+    own = moved.sum(-1)
+    share = ctx[1:] / (ctx[1:] + own[1:]).clamp_min(_EPS)
     return float(share.mean())
 
 
@@ -70,8 +72,14 @@ def grounding_score(
     step: torch.Tensor,
     method: Literal["rollout", "mean"] = "rollout",
 ) -> float:
-    """Grounding in [0, 1] with the chosen method; see :func:`grounding_rollout` and :func:`grounding_mean`."""
-    if context.numel() == 0:
+    """Grounding in [0, 1] with the chosen method; see :func:`grounding_rollout` and :func:`grounding_mean`.
+
+    Only queries 1..k-1 are measured. Query 0 is the last verified token predicting the step's first
+    token: it cannot attend to the step, so counting it would add a floor of ``1/k`` (a one-token step
+    would always score 1). A one-token step therefore has no grounding (NaN), and is judged on
+    confidence alone (:func:`combine_scores`).
+    """
+    if context.shape[-1] < 2:
         return float("nan")
     if method == "rollout":
         return grounding_rollout(sink, context, step)
@@ -93,10 +101,13 @@ def combine_scores(
 ) -> float:
     """One score in [0, 1]: ``min`` of the two ("both must be strong") or their weighted sum.
 
-    NaN (a signal that could not be computed) propagates, and a NaN score is never accepted.
+    A step too short to measure grounding on (one token) is scored on confidence alone; without a
+    confidence (an empty step) the score is NaN, and a NaN score is never accepted.
     """
-    if math.isnan(grounding) or math.isnan(confidence):
+    if math.isnan(confidence):
         return float("nan")
+    if math.isnan(grounding):
+        return confidence
     if decision == "both":
         return min(grounding, confidence)
     return grounding_weight * grounding + (1.0 - grounding_weight) * confidence

@@ -35,6 +35,7 @@ class Verdict:
     target_forwards: int
     agree: int  # leading tokens of the step the target keeps (all of them when accepted)
     next_token: int | None  # the target's own token after those, when it disagrees within the step
+    threshold: float  # the acceptance threshold in force
 
 
 def _grounding(record: StepAttention, row: int, k: int, gen: Generation) -> float:
@@ -75,12 +76,21 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
         forwards = 0
     confidence = confidence_score(logp.double().cpu())
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
-    accepted = params.acceptance_threshold < 0 or score >= params.acceptance_threshold
+    threshold = gen.threshold()
+    accepted = threshold < 0 or score >= threshold
+    if gen.calibrator is not None and logits is not None:
+        # a step made only of the target's own first choices is one it writes itself: its score is a
+        # sample of how the target's steps score, whatever this step's verdict (calibration.py)
+        step_tokens = draft.out_tokens[row, :k].to(logits.device)
+        if bool((logits.argmax(dim=-1) == step_tokens).all()):
+            gen.calibrator.observe(score)
     # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema is rejected
     # whatever its score: the scores judge reasoning, not whether a call can run
     problem = gen.out.check_call(proposal.tokens, gen.validate_step)
     reason: Literal["accepted", "score", "schema"] = "schema" if problem else "accepted" if accepted else "score"
-    verdict = Verdict(grounding, confidence, score, accepted and problem is None, reason, problem, forwards, k, None)
+    verdict = Verdict(
+        grounding, confidence, score, accepted and problem is None, reason, problem, forwards, k, None, threshold
+    )
     if verdict.accepted:
         if logits is not None and params.temperature == 0:  # what the target thinks of it still informs speculation
             keep_prefix(gen, proposal, logits)

@@ -29,50 +29,75 @@ STEP = torch.tensor(
 
 
 def test_grounding_mean_by_hand() -> None:
-    # per (layer, query): 1, .5/(.5+.5), 1, .2/(.2+.8) -> mean (1 + .5 + 1 + .2) / 4
-    assert grounding_mean(SINK, CONTEXT, STEP) == pytest.approx(0.675)
+    # q0 is not measured (it cannot see the step); q1 per layer: .5/(.5+.5), .2/(.2+.8) -> (.5 + .2) / 2
+    assert grounding_mean(SINK, CONTEXT, STEP) == pytest.approx(0.35)
 
 
 def test_grounding_rollout_by_hand() -> None:
-    # q0 is grounded at once (its residual is the last verified token).
-    # q1, top: context .5*.2 = .1, own .5*.8 + .5 = .9; the .9 flows through q1's bottom row
-    # (context .25, own .75): context .1 + .9*.25 = .325, own .9*.75 = .675 -> share .325.
-    assert grounding_rollout(SINK, CONTEXT, STEP) == pytest.approx((1.0 + 0.325) / 2)
+    # q1, top: context .5*.2 = .1; attention moves .5*.8 = .4 onto q1's own input; .5 stays (residual).
+    # bottom: the moved .4 pays .5*.5 to the context (.1) and keeps .4*(.25 + .5) = .3 inside the step;
+    # the residual .5 pays .5*.5*.5 = .125 to the context and moves .125 inside the step; the .25 that
+    # only ever stayed is undetermined and left out. context .325, own .425 -> .325 / .75
+    assert grounding_rollout(SINK, CONTEXT, STEP) == pytest.approx(0.325 / 0.75)
 
 
-def test_rollout_single_layer_keeps_the_residual() -> None:
-    # one layer, q1 pays .6 to the context and .4 to itself: rollout halves the attention and adds
-    # the residual on q1 itself: context .3, own .2 + .5 -> .3
+def test_rollout_on_one_layer_equals_the_mean() -> None:
+    # one layer, q1 pays .6 to the context and .4 to itself: the residual half is undetermined, and
+    # the attention half splits .3 / .2 -> .6, what the plain share says
     sink = torch.zeros(1, 2)
     context = torch.tensor([[1.0, 0.6]])
     step = torch.tensor([[[0.0, 0.0], [0.0, 0.4]]])
-    assert grounding_rollout(sink, context, step) == pytest.approx((1.0 + 0.3) / 2)
-    assert grounding_mean(sink, context, step) == pytest.approx((1.0 + 0.6) / 2)
+    assert grounding_rollout(sink, context, step) == pytest.approx(0.6)
+    assert grounding_mean(sink, context, step) == pytest.approx(0.6)
+
+
+def test_uniform_attention_scores_its_context_share_not_one_half() -> None:
+    # every query spreads its attention evenly over 96 context tokens and the step tokens it can
+    # see: the measure must follow that share (high), not sit near 0.5 because of the residual
+    k, m, ctx_len = 8, 6, 96
+    context = torch.zeros(m, k, dtype=torch.float64)
+    step = torch.zeros(m, k, k, dtype=torch.float64)
+    for q in range(k):
+        seen = ctx_len + q
+        context[:, q] = ctx_len / seen
+        step[:, q, 1 : q + 1] = 1.0 / seen
+    sink = torch.zeros(m, k, dtype=torch.float64)
+    share = float((context[0, 1:] / (context[0, 1:] + step[0, 1:].sum(-1))).mean())
+    assert grounding_mean(sink, context, step) == pytest.approx(share)
+    assert share < grounding_rollout(sink, context, step) <= 1.0  # a step leaning on the context compounds
 
 
 def test_sink_is_left_out_of_the_share() -> None:
-    # q0 pays .9 to the sink and .1 to context: still fully grounded
-    sink = torch.tensor([[0.9]])
-    context = torch.tensor([[0.1]])
-    step = torch.zeros(1, 1, 1)
+    # q1 pays .9 to the sink and .1 to context: still fully grounded
+    sink = torch.tensor([[0.0, 0.9]])
+    context = torch.tensor([[1.0, 0.1]])
+    step = torch.zeros(1, 2, 2)
     assert grounding_mean(sink, context, step) == pytest.approx(1.0)
     assert grounding_score(sink, context, step, "rollout") == pytest.approx(1.0)
 
 
-def test_self_absorbed_step_scores_low() -> None:
+def test_self_absorbed_step_scores_zero() -> None:
     k = 4
     context = torch.zeros(3, k)
     context[:, 0] = 1.0
     step = torch.zeros(3, k, k)
     for q in range(1, k):
         step[:, q, q] = 1.0  # every later query looks only at itself
-    score = grounding_score(torch.zeros(3, k), context, step, "rollout")
-    assert score == pytest.approx(0.25)  # only query 0 is grounded
+    assert grounding_score(torch.zeros(3, k), context, step, "rollout") == pytest.approx(0.0)
+    assert grounding_score(torch.zeros(3, k), context, step, "mean") == pytest.approx(0.0)
+
+
+def test_one_token_steps_have_no_grounding_and_are_judged_on_confidence() -> None:
+    # query 0 cannot attend to the step, so a one-token step has nothing to measure (no 1/k floor)
+    assert math.isnan(grounding_score(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1, 1)))
+    assert combine_scores(float("nan"), 0.3, "both") == pytest.approx(0.3)
+    assert combine_scores(float("nan"), 0.3, "weighted") == pytest.approx(0.3)
 
 
 def test_empty_step_is_nan() -> None:
     assert math.isnan(grounding_score(torch.zeros(1, 0), torch.zeros(1, 0), torch.zeros(1, 0, 0)))
     assert math.isnan(confidence_score(torch.tensor([])))
+    assert math.isnan(combine_scores(0.5, float("nan")))
 
 
 def test_confidence_is_geometric_mean_probability() -> None:
@@ -86,7 +111,6 @@ def test_combine_scores() -> None:
     assert combine_scores(0.9, 0.3, "weighted", 0.5) == pytest.approx(0.6)
     assert combine_scores(0.9, 0.3, "weighted", 1.0) == pytest.approx(0.9)
     assert combine_scores(0.9, 0.3, "weighted", 0.0) == pytest.approx(0.3)
-    assert math.isnan(combine_scores(float("nan"), 0.3))
 
 
 def test_consistency_selection_picks_the_medoid() -> None:
