@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The accuracy testbed on the GPU machine, in stages that fit the device tool's limits (64 MiB carried
-# per call, 10 minutes per command): the Gemma 3 270M GGUF travels in four parts (.gpu1...4, split with
-# `split -n 4 -d`), then train, then evaluate. State lives in /tmp/w while the machine stays warm.
-#   bash research/accuracy/gpu.sh part 1 | part 2 | part 3 | train | eval | bench
+# per call, 10 minutes per command): the Gemma 3 270M GGUF travels in five parts (.gpu1...5, split with
+# `split -n 5 -d`), then train, then evaluate. State lives in /tmp/w while the machine stays warm.
+#   bash research/accuracy/gpu.sh part 1 | ... | part 4 | train | eval
 set -uo pipefail
 W=/tmp/w
 mkdir -p $W/gguf
@@ -15,7 +15,7 @@ case "$1" in
       nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
     fi ;;
   train)
-    cp .gpu4/part03 $W/ && cat $W/part00 $W/part01 $W/part02 $W/part03 > $W/gguf/gemma-3-270m-q4_k_m.gguf
+    cp .gpu5/part04 $W/ && cat $W/part00 $W/part01 $W/part02 $W/part03 $W/part04 > $W/gguf/gemma-3-270m-q4_k_m.gguf
     echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $W/gguf/gemma-3-270m-q4_k_m.gguf" | sha256sum -c - || exit 1
     python3 -m research.accuracy.train --model $W/gguf --gguf gemma-3-270m-q4_k_m.gguf --out $W/run "${@:2}" 2>&1 \
       | grep -v Writing | tee $OUT/train.log
