@@ -69,13 +69,13 @@ def _layer_sets(model: Any) -> dict[str, tuple[int, ...]]:
     return {"default": score_layers(model, None), "last_third": tuple(range(n - max(1, n // 3), n))}
 
 
-def _init(target: str, draft: str, device: str) -> None:
+def _init(target: str, draft: str, device: str, dtype: str) -> None:
     import langchain_specguard.engine.verify as verify
     from langchain_specguard.engine import load_pair
     from langchain_specguard.engine.signals import grounding_mean, grounding_rollout, grounding_score
 
     torch.set_num_threads(1)
-    pair = load_pair(target, draft, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+    pair = load_pair(target, draft, dtype=dtype, device=device)
     _STATE.update(pair=pair, variants=[], sets={"target": _layer_sets(pair.target), "draft": _layer_sets(pair.draft)})
 
     def instrumented(record: Any, row: int, k: int, gen: Any) -> float:
@@ -237,7 +237,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         tag = "greedy" if temperature == 0 else f"t={temperature:g}"
         for model in ("target", "draft"):
             add(f"{model}[{tag}]", "baseline", [list(range(n))], model=model, temperature=temperature)
-    add("assisted[greedy]", "baseline", [list(range(min(n, args.assisted)))], model="assisted", temperature=0.0)
+    if args.assisted > 0:
+        add("assisted[greedy]", "baseline", [list(range(min(n, args.assisted)))], model="assisted", temperature=0.0)
     greedy_thresholds: list[Any] = [float(t) for t in args.thresholds.split(",")] + ["auto"]
     for threshold in greedy_thresholds:
         add(f"specguard[greedy,{threshold}]", "specguard", slices, params={"acceptance_threshold": threshold})
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float32", help="float32: the fine-tuned weights' own precision")
     parser.add_argument("--problems", type=int, default=100, help="problems per seed")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--chunk", type=int, default=25)
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     finished = 0
     ctx = mp.get_context("spawn")
-    pool = ctx.Pool(args.workers, initializer=_init, initargs=(args.target, args.draft, args.device))
+    pool = ctx.Pool(args.workers, initializer=_init, initargs=(args.target, args.draft, args.device, args.dtype))
     try:
         for batch in pool.imap_unordered(_run, jobs):
             records.extend(batch)

@@ -21,6 +21,7 @@ case "$1" in
       | grep -v Writing | tee $OUT/train.log
     cp $W/run/train_report.json $OUT/ ;;
   eval)
+    nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on: worker processes share the GPU without time-slicing"
     python3 -m research.accuracy.evaluate --target $W/run/target --draft $W/run/draft --out $OUT/eval.json "${@:2}" 2>&1 \
       | tee $OUT/eval.log | grep -v "jobs," ; tail -3 $OUT/eval.log ;;
 esac
