@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="directory of the pretrained model (or of its GGUF)")
     parser.add_argument("--gguf", default=None, help="GGUF file name inside --model")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's own)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--train-problems", type=int, default=24000)
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     started = time.time()
     model = load_model(args.model, device=args.device, dtype=torch.float32, gguf_file=args.gguf)
-    tokenizer = load_tokenizer(None, model, gguf_file=args.gguf)
+    # transformers before 5.2x converts Gemma's GGUF tokenizer wrongly (no BOS, broken merges; seen on 5.17),
+    # so the tokenizer can come from a directory saved where the conversion is right
+    tokenizer = load_tokenizer(args.tokenizer, model, gguf_file=None if args.tokenizer else args.gguf)
     model.hf_quantizer = None  # dequantised from the GGUF: what we save is a plain model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
