@@ -105,6 +105,8 @@ class TokenBytes:
         if token in self.added:
             return str(self.added[token]).encode("utf-8")
         piece = self.tokenizer.convert_ids_to_tokens(token)
+        if piece is None:  # an LM-head row past the vocabulary (padded heads): no text
+            return b""
         if isinstance(piece, str):
             if self.byte_decoder is not None and all(c in self.byte_decoder for c in piece):
                 return bytes(self.byte_decoder[c] for c in piece)

@@ -426,3 +426,8 @@ def test_bind_tools_options_are_checked_when_bound() -> None:
         llm.invoke("hi", tools=[lookup], strict="yes")
     with pytest.raises(ValidationError, match="temperature"):
         llm.bind_tools([lookup], temperature=-1)
+
+
+def test_token_bytes_of_a_head_row_past_the_vocabulary_is_empty() -> None:
+    tok = bpe_tokenizer()
+    assert token_bytes(tok, len(tok) + 3) == b""
