@@ -55,10 +55,10 @@ def profile_runtime(rt: Any, prompt: list[int], compiled: bool, target_shape: st
 
     def draft_iteration() -> None:
         if draft.decoded >= 24:
-            draft.start_decode(prompt[-1], start, temps, 1.0)
+            draft.start_decode(prompt[-1], start, temps)
         draft.decode(1, generator)
 
-    draft.start_decode(prompt[-1], start, temps, 1.0)
+    draft.start_decode(prompt[-1], start, temps)
     t0 = time.perf_counter()
     draft.decode(1, generator)
     torch.cuda.synchronize()
@@ -67,7 +67,7 @@ def profile_runtime(rt: Any, prompt: list[int], compiled: bool, target_shape: st
     timings[f"draft iteration, {draft.batch} rows, {label} (ms)"] = events_ms(draft_iteration, inner=8)
     if compiled:
         return timings
-    draft.start_decode(prompt[-1], start, temps, 1.0)
+    draft.start_decode(prompt[-1], start, temps)
     torch.cuda.set_sync_debug_mode("error")  # no host synchronisation inside a chunk of decode iterations
     try:
         draft.decode(4, generator)
@@ -88,10 +88,10 @@ def profile_runtime(rt: Any, prompt: list[int], compiled: bool, target_shape: st
 
     def target_iteration() -> None:
         if target.decoded >= 24:
-            target.start_decode(prompt[-1], start, [0.0], 1.0)
+            target.start_decode(prompt[-1], start, [0.0])
         target.decode(1, None)
 
-    target.start_decode(prompt[-1], start, [0.0], 1.0)
+    target.start_decode(prompt[-1], start, [0.0])
     timings["target decode iteration (ms)"] = events_ms(target_iteration, inner=8)
     return timings
 

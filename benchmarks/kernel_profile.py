@@ -111,16 +111,16 @@ def main(shapes: str = "qwen2.5-7b:qwen2.5-0.5b") -> None:
 
         def draft_iteration() -> None:
             if draft.decoded >= 60:
-                draft.start_decode(prompt[-1], 199, [0.0, 0.8, 0.8, 0.8], 1.0)
+                draft.start_decode(prompt[-1], 199, [0.0, 0.8, 0.8, 0.8])
             draft.decode(1, generator)
 
         def target_iteration() -> None:
             if target.decoded >= 60:
-                target.start_decode(prompt[-1], 199, [0.0], 1.0)
+                target.start_decode(prompt[-1], 199, [0.0])
             target.decode(1, None)
 
-        draft.start_decode(prompt[-1], 199, [0.0, 0.8, 0.8, 0.8], 1.0)
-        target.start_decode(prompt[-1], 199, [0.0], 1.0)
+        draft.start_decode(prompt[-1], 199, [0.0, 0.8, 0.8, 0.8])
+        target.start_decode(prompt[-1], 199, [0.0])
         kernels("draft iteration, eager", draft_iteration)
         kernels("target decode iteration, eager", target_iteration)
         target.tokens_in[:, :24].copy_(torch.tensor(prompt[:24]))

@@ -48,6 +48,9 @@ over, and why, in four places that carry the same data:
     In ``response_metadata["specguard"]`` the same dict is stored; with ``return_step_details`` its
     ``steps`` key holds the list of step events instead of the count (``num_steps`` keeps the count).
 
+A step's token log-probabilities (``logprobs=True``) are not in the event: they are the message's
+``response_metadata["logprobs"]`` (on each step's chunk when streaming).
+
 Consumers should read ``version`` and ignore keys they do not know: new keys may be added without a
 version change; a change in the meaning of a key bumps it.
 

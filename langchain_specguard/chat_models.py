@@ -33,7 +33,7 @@ from langchain_core.language_models import BaseChatModel, LangSmithParams, Langu
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import invalid_tool_call, tool_call_chunk
+from langchain_core.messages.tool import ToolCall, invalid_tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import (
     Runnable,
@@ -61,6 +61,7 @@ from .callbacks import (
 from .engine.decoding import StepEvent, generate_steps, score_layers, summarize, threshold_calibrator
 from .engine.loading import ModelPair, context_window, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
+from .engine.text import token_bytes
 from .tools import (
     HERMES_MARKERS,
     ToolCallStyle,
@@ -433,6 +434,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         kwargs = dict(kwargs)
         tools: list[dict[str, Any]] | None = kwargs.pop("tools", None)
         tool_choice = kwargs.pop("tool_choice", None)
+        parallel = _tool_flag("parallel_tool_calls", kwargs.pop("parallel_tool_calls", None))
+        _tool_flag("strict", kwargs.pop("strict", None))  # calls are always schema-checked (see bind_tools)
         kwargs.pop("ls_structured_output_format", None)
         stops = [*(self.stop or []), *(stop or [])]
         if any(not isinstance(s, str) or not s for s in stops):
@@ -445,6 +448,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             tools = formatted
         if tools and tool_choice != "none":
             setup = self._tool_setup(tools, tool_choice)
+            setup.single_call = parallel is False
             if setup.markers is not None and "tool_call_markers" not in kwargs:
                 kwargs["tool_call_markers"] = setup.markers
         params = self.engine_params(**kwargs)
@@ -477,7 +481,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         generator, so interleaved generations give the same output as sequential ones; the price is
         that memory grows with the number of generations in flight (one KV cache pair each).
         """
-        steps = generate_steps(pair, prompt, params, stops, setup.validate, setup.prefix)
+        steps = generate_steps(pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call)
         started = time.monotonic()
         try:
             while True:
@@ -499,6 +503,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
         *,
         tool_choice: dict[str, Any] | str | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (LangChain tools, pydantic models, TypedDicts, functions or OpenAI dicts).
@@ -507,10 +513,29 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         True forces some call; a tool name (or ``{"type": "function", "function": {"name": ...}}``)
         forces that tool. A call is forced by starting the answer inside the call (``<tool_call>``
         and, for a named tool, its name), which the model then completes.
+
+        ``parallel_tool_calls=False``: at most one call per answer. The answer ends with its first
+        complete call; where calls are not steps (``tool_call_format="json"``, whose answer may be a
+        list of calls) any call after the first goes to ``invalid_tool_calls``, never run.
+        ``strict``: calls are always checked against their tool's JSON schema (a draft call that breaks
+        it is rejected and written by the target; a final call that breaks it is an ``invalid_tool_call``),
+        so ``strict=True`` is what happens anyway and ``False`` does not turn the check off.
+        Other keywords must be decoding fields (``temperature=0.2``), checked here.
         """
         formatted = _openai_tools(tools)
         tool_choice = _checked_tool_choice(tool_choice, formatted)
-        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+        flags = {"parallel_tool_calls": parallel_tool_calls, "strict": strict}
+        for name, value in flags.items():
+            _tool_flag(name, value)
+        unknown = sorted(set(kwargs) - set(PARAM_FIELDS) - {"stop", "ls_structured_output_format"})
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword argument(s) {unknown} for bind_tools; it takes tool_choice, parallel_tool_calls, "
+                f"strict, stop and the decoding fields {list(PARAM_FIELDS)}"
+            )
+        self.engine_params(**{k: v for k, v in kwargs.items() if k in PARAM_FIELDS})  # bad values fail here
+        bound = {name: value for name, value in flags.items() if value is not None}
+        return super().bind(tools=formatted, tool_choice=tool_choice, **bound, **kwargs)
 
     def with_structured_output(
         self,
@@ -532,13 +557,15 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             raise ValueError(f"unknown method {method!r}; use 'function_calling', 'json_schema' or 'json_mode'")
         if schema is None:
             raise ValueError("with_structured_output needs a schema (pydantic model, TypedDict or JSON schema)")
-        kwargs.pop("strict", None)
+        strict = kwargs.pop("strict", None)
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)}")
         name = _openai_tools([schema])[0]["function"]["name"]
         llm = self.bind_tools(
             [schema],
             tool_choice=name,
+            parallel_tool_calls=False,  # the answer is one call: generation ends with it
+            strict=strict,
             ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
         )
         parser = RunnableLambda(_structured_parser(schema, name), name="specguard_structured_output")
@@ -575,9 +602,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             return text, {}
         parsed = parse_tool_calls(setup.prefix + text, setup.style)
         schemas = tools_by_name(setup.tools)
-        calls, invalid = [], list(parsed.invalid_tool_calls)
+        calls: list[ToolCall] = []
+        invalid = list(parsed.invalid_tool_calls)
         for call in parsed.tool_calls:
             reason = validate_tool_call(call, schemas)
+            if reason is None and setup.single_call and calls:
+                reason = "parallel_tool_calls=False allows one call per answer: this one was not made"
             if reason is None:
                 calls.append(call)
             else:
@@ -591,12 +621,15 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         summary = summarize(steps, seconds, len(prompt))
         if self.return_step_details:
             summary["steps"] = [s.to_dict() for s in steps]
-        return {
+        metadata = {
             "model_name": pair.name,
             "model_provider": "specguard",
             "finish_reason": (steps[-1].finish_reason if steps else None) or "length",
             "specguard": summary,
         }
+        if steps and steps[0].logprobs is not None:
+            metadata["logprobs"] = {"content": [e for s in steps for e in _openai_logprobs(pair.tokenizer, s)]}
+        return metadata
 
     @staticmethod
     def _usage(prompt: list[int], steps: list[StepEvent]) -> UsageMetadata:
@@ -619,7 +652,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         relay = _ChunkRelay(setup, run_manager)
         for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
             steps.append(event)
-            if (chunk := relay.step(event.text)) is not None and run_manager is not None:
+            if (chunk := relay.step(event.text, pair, event)) is not None and run_manager is not None:
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
         final = self._final_message(pair, prompt, steps, setup)
         emitter.summary(final.response_metadata["specguard"])
@@ -651,7 +684,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         shown = _ShownContent(setup)
         for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
             steps.append(event)
-            yield ChatGenerationChunk(message=AIMessageChunk(content=shown.add(event.text)))
+            yield _step_chunk(shown.add(event.text), pair, event)
         last = self._last_chunk(self._final_message(pair, prompt, steps, setup), shown)
         emitter.summary(last.message.response_metadata["specguard"])
         yield last
@@ -669,10 +702,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             tool_call_chunk(name=bad.get("name"), args=bad.get("args"), id=bad.get("id"), index=len(chunks) + i)
             for i, bad in enumerate(final.invalid_tool_calls)
         ]
+        # the steps' chunks carried the log-probabilities: chunks add up to the final message
+        metadata = {k: v for k, v in final.response_metadata.items() if k != "logprobs"}
         return ChatGenerationChunk(
             message=AIMessageChunk(
                 content=rest,
-                response_metadata=final.response_metadata,
+                response_metadata=metadata,
                 usage_metadata=final.usage_metadata,
                 tool_call_chunks=chunks,
                 chunk_position="last",
@@ -695,7 +730,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         shown = _ShownContent(setup)
         async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
             steps.append(event)
-            yield ChatGenerationChunk(message=AIMessageChunk(content=shown.add(event.text)))
+            yield _step_chunk(shown.add(event.text), pair, event)
         last = self._last_chunk(self._final_message(pair, prompt, steps, setup), shown)
         await emitter.asummary(last.message.response_metadata["specguard"])
         yield last
@@ -713,7 +748,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         relay = _ChunkRelay(setup, run_manager)
         async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
             steps.append(event)
-            if (chunk := relay.step(event.text)) is not None and run_manager is not None:
+            if (chunk := relay.step(event.text, pair, event)) is not None and run_manager is not None:
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
         final = self._final_message(pair, prompt, steps, setup)
         await emitter.asummary(final.response_metadata["specguard"])
@@ -817,6 +852,7 @@ class _ToolSetup:
     markers: tuple[str, str] | None = None
     validate: Callable[[str], str | None] | None = None
     prefix: str = ""
+    single_call: bool = False  # parallel_tool_calls=False: the answer ends with its first call
 
 
 @dataclass
@@ -858,9 +894,13 @@ class _ChunkRelay:
         self.shown = _ShownContent(setup)
         self.id = f"{LC_ID_PREFIX}-{run_manager.run_id}" if run_manager is not None else None
 
-    def step(self, text: str) -> ChatGenerationChunk | None:
+    def step(self, text: str, pair: ModelPair, event: StepEvent) -> ChatGenerationChunk | None:
         delta = self.shown.add(text)
-        return ChatGenerationChunk(message=AIMessageChunk(content=delta, id=self.id)) if delta else None
+        if not delta and event.logprobs is None:
+            return None
+        chunk = _step_chunk(delta, pair, event)
+        chunk.message.id = self.id
+        return chunk
 
     def last(self, chunk: ChatGenerationChunk) -> ChatGenerationChunk | None:
         message = chunk.message
@@ -874,6 +914,33 @@ class _ChunkRelay:
     def result(self, message: AIMessage) -> ChatResult:
         message.id = self.id
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def _step_chunk(content: str, pair: ModelPair, event: StepEvent) -> ChatGenerationChunk:
+    """A step's message chunk; with ``logprobs`` it carries the step's entries, which chunk addition
+    concatenates into the final message's list."""
+    metadata = {} if event.logprobs is None else {"logprobs": {"content": _openai_logprobs(pair.tokenizer, event)}}
+    return ChatGenerationChunk(message=AIMessageChunk(content=content, response_metadata=metadata))
+
+
+def _openai_logprobs(tokenizer: Any, event: StepEvent) -> list[dict[str, Any]]:
+    """The step's token log-probabilities in ChatOpenAI's shape: ``token``, ``bytes``, ``logprob``, ``top_logprobs``."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(tokenizer, token)
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob}
+
+    return [
+        {**entry(item.token, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
+        for item in event.logprobs or []
+    ]
+
+
+def _tool_flag(name: str, value: Any) -> bool | None:
+    """``parallel_tool_calls``/``strict`` checked: a bool or None, never silently a truthy string."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None, got {value!r}")
+    return value
 
 
 def _visible_content(text: str, style: ToolCallStyle) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,9 +32,11 @@ from .attention import decoder_layers
 from .calibration import ThresholdCalibrator, calibrator_for
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .loading import ModelPair, decode, weight_bytes
+from .logprobs import StepLogprobs
 from .params import SpecGuardParams
 from .propose import propose
 from .runner import MAX_BUCKET, ModelRunner
+from .sampling import Controls
 from .text import OutputText
 from .verify import verify
 from .view import engine_view, layer_windows
@@ -173,6 +175,12 @@ class Generation:
     agreement: Agreement
     calibrator: ThresholdCalibrator | None = None  # with acceptance_threshold="auto"
     index: int = 0
+    logprobs: StepLogprobs | None = None  # the current step's, when the call reports log-probabilities
+    controls: Controls = field(init=False)
+    _seen: dict[tuple[torch.device, int], tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.controls = Controls.of(self.params)
 
     def uniform(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, device=self.generator.device)
@@ -184,9 +192,25 @@ class Generation:
         assert not isinstance(self.params.acceptance_threshold, str)
         return self.params.acceptance_threshold
 
+    def seen(self, runner: ModelRunner, extra: Sequence[int] = ()) -> torch.Tensor | None:
+        """Mask ``[V]`` of the tokens in ``ids`` and ``extra`` on ``runner``'s device, or None without a
+        repetition penalty. The mask of the committed ids is kept and extended as they grow (one small
+        copy per step, none per token)."""
+        if not self.controls.penalised:
+            return None
+        key = (runner.device, runner.vocab)
+        mask, count = self._seen.get(key) or (torch.zeros(runner.vocab, dtype=torch.bool, device=runner.device), 0)
+        if count < len(self.ids):
+            mask.index_fill_(0, torch.tensor(self.ids[count:], device=runner.device), True)
+        self._seen[key] = (mask, len(self.ids))
+        if not extra:
+            return mask
+        return mask.clone().index_fill_(0, torch.tensor(list(extra), device=runner.device), True)
+
     def step(self) -> StepEvent:
         started = time.perf_counter()
         self.out.begin_step()
+        self.logprobs = StepLogprobs(self.params.top_logprobs or 0) if self.params.logprobs else None
         limit = min(self.params.step_cap, self.budget - len(self.out.generated))
         proposal = propose(self, limit)
         drafted = time.perf_counter()
@@ -198,6 +222,7 @@ class Generation:
             tokens = written.tokens
         wrote = time.perf_counter()
         committed = self.out.commit(tokens, self.budget)
+        logprobs = self.logprobs.read(len(committed.tokens)) if self.logprobs is not None else None
         self.ids.extend(committed.tokens)
         for runner in (self.runtime.draft, self.runtime.target):
             runner.cache.valid = min(runner.cache.valid, len(self.ids) - 1)
@@ -226,6 +251,7 @@ class Generation:
             detail=verdict.detail,
             kept_tokens=0 if verdict.accepted else min(verdict.agree, len(committed.tokens)),
             speculated_tokens=written.speculated if written else 0,
+            logprobs=logprobs,
         )
         self.index += 1
         return event
@@ -269,6 +295,7 @@ def generate_steps(
     stop: Sequence[str] | None = None,
     validate_step: Callable[[str], str | None] | None = None,
     prefix: str = "",
+    single_call: bool = False,
 ) -> Iterator[StepEvent]:
     """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
 
@@ -278,7 +305,8 @@ def generate_steps(
     draft tool call in, a rejection reason or None out) then rejects a bad draft call whatever its
     score, and the target writes that step instead (``reason="schema"``). ``prefix`` is assistant
     text already rendered at the end of the prompt (e.g. a forced ``<tool_call>``): it counts when
-    deciding whether a call is open, and is not part of the yielded text.
+    deciding whether a call is open, and is not part of the yielded text. ``single_call``: the output
+    ends (``finish_reason`` "stop") with the step that closes its first tool call.
     """
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
@@ -301,6 +329,7 @@ def generate_steps(
         params.max_step_tokens,
         params.max_tool_call_tokens,
         prefix,
+        single_call,
     )
     pool = RuntimePool.for_pair(pair)
     runtime = pool.take(params, len(prompt_ids) + budget, params.step_cap + 1, pair.device)
@@ -344,9 +373,12 @@ def warm_up(pair: ModelPair, params: SpecGuardParams, prompt_tokens: int = 64) -
     try:
         with torch.inference_mode():
             draft_temperatures = params.candidate_temperatures
+            controls, top = Controls.of(params), (params.top_logprobs or 0) if params.logprobs else 0
             for runner, temps in ((runtime.draft, draft_temperatures), (runtime.target, [params.temperature])):
                 runner.prefill([token] * (prompt_tokens - 1), 0)
-                runner.start_decode(token, prompt_tokens - 1, temps, params.top_p)
+                seen = torch.zeros(runner.vocab, dtype=torch.bool, device=runner.device)
+                seen[token] = True
+                runner.start_decode(token, prompt_tokens - 1, temps, controls, seen=seen, top_logprobs=top)
                 runner.decode(2, generator)
     finally:
         pool.give(runtime)
@@ -360,11 +392,12 @@ def generate(
     on_step: Callable[[StepEvent], None] | None = None,
     validate_step: Callable[[str], str | None] | None = None,
     prefix: str = "",
+    single_call: bool = False,
 ) -> GenerationResult:
     """Run SpecGuard to the end and return the text, the token ids and every step."""
     started = time.perf_counter()
     steps: list[StepEvent] = []
-    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix):
+    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix, single_call):
         steps.append(event)
         if on_step is not None:
             on_step(event)

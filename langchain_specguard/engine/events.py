@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .logprobs import TokenLogprob
 
 EVENT_VERSION = 3
 
@@ -47,9 +50,14 @@ class StepEvent:
     # how many tokens of the rest the draft proposed and the target accepted (speculated)
     kept_tokens: int = 0
     speculated_tokens: int = 0
+    # with ``logprobs=True``: one entry per token of ``token_ids`` (see :mod:`.logprobs` for whose they
+    # are). Not part of the event's dict (the custom events, the traces): it is the message's
+    # ``response_metadata["logprobs"]``, and would weigh on every trace
+    logprobs: list[TokenLogprob] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, logprobs=None))
+        del data["logprobs"]
         for key in ("grounding", "confidence", "score"):
             if isinstance(data[key], float) and math.isnan(data[key]):
                 data[key] = None

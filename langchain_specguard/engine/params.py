@@ -86,7 +86,38 @@ class SpecGuardParams(BaseModel):
         le=100.0,
         description="With temperature 0, candidate 0 is greedy and the others are sampled at this temperature.",
     )
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the most probable tokens up to this mass."
+    )
+    top_k: int | None = Field(
+        default=None, ge=0, description="Sample among the k most probable tokens only; 0 or None = off."
+    )
+    min_p: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="Drop tokens less probable than min_p times the most probable one; 0 or None = off.",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Divide the positive logits (multiply the negative ones) of every token already in the "
+        "prompt or the output by this, as transformers' generate does; 1 = off, above 1 discourages repeats. "
+        "Applies to greedy decoding too.",
+    )
+    logprobs: bool = Field(
+        default=False,
+        description="Report each output token's log-probability in response_metadata['logprobs'] (ChatOpenAI's "
+        "shape): the target's own distribution where the target scored the token, the draft's for steps the draft "
+        "wrote under signal_source='draft'.",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="With logprobs, also report the most probable alternatives at each position (0 to 20).",
+    )
     seed: int | None = Field(
         default=None,
         ge=0,
@@ -137,6 +168,12 @@ class SpecGuardParams(BaseModel):
                 "acceptance_threshold='auto' needs signal_source='target': it learns from the target's verification "
                 "of every step, which signal_source='draft' skips"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> SpecGuardParams:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True")
         return self
 
     @model_validator(mode="after")

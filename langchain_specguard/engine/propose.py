@@ -33,7 +33,11 @@ def propose(gen: Generation, limit: int) -> Proposal:
     draft, ids = gen.runtime.draft, gen.ids
     start = len(ids) - 1  # the last committed token is fed again: its logits start every candidate
     draft.prefill(ids[draft.cache.valid : start], draft.cache.valid)
-    draft.start_decode(ids[-1], start, gen.params.candidate_temperatures, gen.params.top_p)
+    # the draft's own log-probabilities are reported only for steps it scores itself (else the target's are)
+    top = gen.logprobs.top if gen.logprobs is not None and gen.params.signal_source == "draft" else 0
+    draft.start_decode(
+        ids[-1], start, gen.params.candidate_temperatures, gen.controls, seen=gen.seen(draft), top_logprobs=top
+    )
     record = None
     if gen.params.signal_source == "draft":
         record = draft.record(gen.draft_layers)

@@ -24,12 +24,21 @@ from transformers import PreTrainedModel
 
 from .attention import StepAttention, recording
 from .cache import KVCache, causal_mask
-from .sampling import sample
+from .sampling import NO_CONTROLS, Controls, raw_logprobs, sample
 from .view import layer_windows
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per position the decode loop records (``top_logprobs``'s range, as OpenAI's)."""
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Query lengths a fixed-cache pass is padded to (one CUDA graph each); longer inputs go in chunks."""
 MAX_BUCKET = BUCKETS[-1]
+
+
+def output_vocab(view: PreTrainedModel) -> int:
+    """Logit columns a pass produces (the LM head's outputs; may exceed the tokenizer's length)."""
+    head = view.get_output_embeddings()
+    size = getattr(head, "out_features", None)
+    return int(size) if isinstance(size, int) else int(view.config.vocab_size)
 
 
 def bucket(q: int) -> int | None:
@@ -84,9 +93,12 @@ class DecodeState(NamedTuple):
     temps: torch.Tensor  # [B] sampling temperature per row (0: greedy)
     uniform: torch.Tensor  # [B] U(0, 1) draws for this iteration
     follow: torch.Tensor  # [] bool: every row feeds row 0's token (rows stay alike)
+    seen: torch.Tensor  # [B, V] bool: tokens each row's sequence holds (the repetition penalty's input)
     tokens: torch.Tensor  # [B, T] sampled tokens
-    logp: torch.Tensor  # [B, T] their raw log-probabilities
+    logp: torch.Tensor  # [B, T] their raw log-probabilities (the model's own distribution)
     logq: torch.Tensor  # [B, T] their log-probabilities under the distribution sampled from
+    top_logp: torch.Tensor  # [B, T, MAX_TOP_LOGPROBS] the most probable tokens' raw log-probabilities...
+    top_ids: torch.Tensor  # [B, T, MAX_TOP_LOGPROBS] ...and ids (filled only when asked for)
 
 
 def decode_iteration(
@@ -94,25 +106,35 @@ def decode_iteration(
     cache: KVCache,
     windows: tuple[int | None, ...],
     state: DecodeState,
-    top_p: float,
+    controls: Controls,
     sampling: bool,
     end: int | None,
     forward: Callable[..., torch.Tensor] = model_pass,
+    top: int = 0,
 ) -> None:
     """One decode step for every row: forward the current tokens, sample, store, advance. No host reads.
 
     ``forward`` is :func:`model_pass` or its compiled form; sampling and bookkeeping stay eager (they are
-    a few small kernels, captured in the same CUDA graph).
+    a few small kernels, captured in the same CUDA graph). With a repetition penalty the rows' seen-token
+    masks are read and updated in place; ``top`` > 0 also records that many most probable tokens.
+    Neither costs anything when off.
     """
     logits = forward(view, cache, windows, state.cur[:, None], state.pos.view(1), end)[:, -1]
-    tokens, logq = sample(logits, state.temps, top_p, state.uniform if sampling else None)
+    seen = state.seen if controls.penalised else None
+    tokens, logq = sample(logits, state.temps, controls, state.uniform if sampling else None, seen)
     tokens = torch.where(state.follow, tokens[:1].expand_as(tokens), tokens)
     logq = torch.where(state.follow, logq[:1].expand_as(logq), logq)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])
+    raw = raw_logprobs(logits).to(state.logp.dtype)
     column = state.it.view(1)
     state.tokens.index_copy_(1, column, tokens[:, None])
-    state.logp.index_copy_(1, column, logp)
-    state.logq.index_copy_(1, column, logq[:, None])
+    state.logp.index_copy_(1, column, raw.gather(-1, tokens[:, None]))
+    state.logq.index_copy_(1, column, logq[:, None].to(state.logq.dtype))
+    if top:
+        values, ids = raw.topk(top, dim=-1)
+        state.top_logp[:, :, :top].index_copy_(1, column, values[:, None])
+        state.top_ids[:, :, :top].index_copy_(1, column, ids[:, None])
+    if seen is not None:
+        seen.scatter_(1, tokens[:, None], True)
     state.cur.copy_(tokens)
     state.pos.add_(1)
     state.it.add_(1)
@@ -164,21 +186,28 @@ class ModelRunner:
         self.start = torch.zeros((), dtype=torch.long, device=dev)
         self._arange = torch.arange(MAX_BUCKET, dtype=torch.long, device=dev)
 
-        def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        work = torch.promote_types(view.dtype, torch.float32)  # log-probabilities: float32, or float64 models'
+
+        def zeros(*shape: int, dtype: torch.dtype = work) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=dev)
 
+        self.vocab = output_vocab(view)
         self.state = DecodeState(
             cur=zeros(batch, dtype=torch.long),
             pos=zeros(dtype=torch.long),
             it=zeros(dtype=torch.long),
             temps=zeros(batch),
-            uniform=zeros(batch),
+            uniform=zeros(batch, dtype=torch.float32),
             follow=zeros(dtype=torch.bool),
+            seen=zeros(batch, self.vocab, dtype=torch.bool),
             tokens=zeros(batch, rows, dtype=torch.long),
             logp=zeros(batch, rows),
             logq=zeros(batch, rows),
+            top_logp=zeros(batch, rows, MAX_TOP_LOGPROBS),
+            top_ids=zeros(batch, rows, MAX_TOP_LOGPROBS, dtype=torch.long),
         )
-        self.top_p = 1.0
+        self.controls = NO_CONTROLS
+        self.top = 0  # most probable tokens recorded per iteration
         self.sampling = False  # some row samples (host mirror of ``temps > 0``)
         self.decode_pos = 0  # host mirror of ``state.pos``
         self.decoded = 0  # host mirror of ``state.it``
@@ -218,7 +247,7 @@ class ModelRunner:
             return body()
         entry = self._graphs.get(key)
         if entry is None:
-            moving = (self.state.cur, self.state.pos, self.state.it)
+            moving = (self.state.cur, self.state.pos, self.state.it, self.state.seen)
             saved = [t.clone() for t in moving]
 
             def reset() -> None:
@@ -337,24 +366,40 @@ class ModelRunner:
     # -- the decode loop -----------------------------------------------------------------------------
 
     def start_decode(
-        self, token: int, position: int, temperatures: Sequence[float], top_p: float, follow_first: bool = False
+        self,
+        token: int,
+        position: int,
+        temperatures: Sequence[float],
+        controls: Controls = NO_CONTROLS,
+        follow_first: bool = False,
+        seen: torch.Tensor | None = None,
+        top_logprobs: int = 0,
     ) -> None:
         """Every row feeds ``token`` at ``position`` next; rows sample at their own temperature.
 
         ``follow_first``: every row feeds row 0's token, so the rows stay alike (speculating for one
-        sequence with a batch-``B`` cache).
+        sequence with a batch-``B`` cache). ``seen`` (``[V]`` bool, needed with a repetition penalty):
+        the tokens of the sequence up to ``token`` included. ``top_logprobs``: how many most probable
+        tokens each iteration records (see :attr:`DecodeState.top_ids`).
         """
+        if controls.penalised and seen is None:
+            raise ValueError("a repetition penalty needs the seen-token mask of the sequence")
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
         state = self.state
         state.cur.fill_(token)
         state.pos.fill_(position)
         state.it.zero_()
         state.follow.fill_(follow_first)
+        if seen is not None:
+            state.seen.copy_(seen.to(self.device)[None].expand_as(state.seen))
         key = tuple(float(t) for t in temperatures)
         if key not in self._temps:
-            self._temps[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
+            self._temps[key] = torch.tensor(key, dtype=state.temps.dtype, device=self.device)
         state.temps.copy_(self._temps[key])
         self.sampling = any(t > 0 for t in key)
-        self.top_p = top_p
+        self.controls = controls
+        self.top = top_logprobs
         self.decode_pos = position
         self.decoded = 0
 
@@ -365,18 +410,18 @@ class ModelRunner:
         compiled = self.compile_decode and record is None  # (compiled passes cannot record attention)
         forward = compiled_model_pass() if compiled else model_pass
         sampling = self.sampling and generator is not None
-        state, top_p = self.state, self.top_p
+        state, controls, top = self.state, self.controls, self.top
 
         def body() -> None:
             end = None if not self.cache.growable else self.decode_pos + 1
             if record is None:
-                decode_iteration(self.view, self.cache, self.windows, state, top_p, sampling, end, forward)
+                decode_iteration(self.view, self.cache, self.windows, state, controls, sampling, end, forward, top)
                 return
             with recording(record):
                 record.rows = state.it.view(1)
-                decode_iteration(self.view, self.cache, self.windows, state, top_p, sampling, end, forward)
+                decode_iteration(self.view, self.cache, self.windows, state, controls, sampling, end, forward, top)
 
-        key = ("decode", compiled, sampling, top_p, record.layers if record is not None else None)
+        key = ("decode", compiled, sampling, controls, top, record.layers if record is not None else None)
         for _ in range(n):
             self.cache.ensure(self.decode_pos + 1)
             if self.sampling and generator is not None:

@@ -9,6 +9,8 @@ ends a step by itself. Every other token is skipped with one dictionary lookup.
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -67,6 +69,80 @@ def may_end_table(tokenizer: Any, patterns: Iterable[str]) -> MayEnd:
         return tables[last_chars]
 
 
+class TokenBytes:
+    """The exact UTF-8 bytes of each token, also of tokens that hold part of a character.
+
+    Decoding one token alone loses what a partial character holds (it decodes to U+FFFD), so the
+    bytes come from the token's vocabulary entry where the tokenizer stores bytes: byte-level BPE
+    (GPT-2, Llama 3, Qwen) maps each byte to a printable character (transformers' ``bytes_to_unicode``),
+    and SentencePiece's byte fallback writes a byte as ``<0xNN>``. Other tokens (and added tokens)
+    are whole text: their text as it reads after other text, so SentencePiece's leading space counts.
+    Filled per token as they are met, and kept per tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer = tokenizer
+        kinds = _decoder_kinds(tokenizer)
+        slow_map = getattr(tokenizer, "byte_decoder", None)
+        self.byte_decoder: dict[str, int] | None = (
+            {char: byte for byte, char in bytes_to_unicode().items()} if "ByteLevel" in kinds else slow_map
+        )
+        self.byte_fallback = "ByteFallback" in kinds
+        self.added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+        self.anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
+        self.base = tokenizer.decode([self.anchor])
+        self.known: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        found = self.known.get(token)
+        if found is None:
+            found = self.known[token] = self._bytes(token)
+        return found
+
+    def _bytes(self, token: int) -> bytes:
+        if token in self.added:
+            return str(self.added[token]).encode("utf-8")
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if piece is None:  # an LM-head row past the vocabulary (padded heads): no text
+            return b""
+        if isinstance(piece, str):
+            if self.byte_decoder is not None and all(c in self.byte_decoder for c in piece):
+                return bytes(self.byte_decoder[c] for c in piece)
+            fallback = _BYTE_PIECE.fullmatch(piece)
+            if self.byte_fallback and fallback:
+                return bytes([int(fallback.group(1), 16)])
+        text = self.tokenizer.decode([self.anchor, token])
+        text = text[len(self.base) :] if text.startswith(self.base) else self.tokenizer.decode([token])
+        return str(text).encode("utf-8")
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_kinds(tokenizer: Any) -> set[str]:
+    """Types of the fast tokenizer's decoder and of its parts (``ByteLevel``, ``ByteFallback``...)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    state = json.loads(decoder.__getstate__())
+    parts = state.get("decoders") or [state]
+    return {str(part.get("type")) for part in parts if isinstance(part, dict)}
+
+
+_BYTES: weakref.WeakKeyDictionary[Any, TokenBytes] = weakref.WeakKeyDictionary()
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The exact bytes of ``token`` (see :class:`TokenBytes`); tables are shared per tokenizer."""
+    with _TABLES_LOCK:
+        table = _BYTES.get(tokenizer)
+        if table is None:
+            table = _BYTES[tokenizer] = TokenBytes(tokenizer)
+    return table(token)
+
+
 def held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that could still grow into a stop sequence."""
     hold = 0
@@ -99,6 +175,7 @@ class OutputText:
         max_step_tokens: int,
         max_tool_call_tokens: int,
         prefix: str = "",
+        single_call: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos = eos
@@ -113,6 +190,7 @@ class OutputText:
         self.full = ""  # decode(generated), cut at a stop sequence
         self.emitted = 0  # characters of ``full`` already handed out
         self.continues = False  # the current step starts inside a tool call left open
+        self.single_call = single_call  # the output ends with its first complete tool call
         patterns = [*self.delimiters, *(markers or ())]
         self.may_end = may_end_table(tokenizer, patterns)
         self.checkpoints = {max_step_tokens, max_tool_call_tokens} if markers else set()
@@ -181,10 +259,12 @@ class OutputText:
         may end inside one), are held back until later steps decide them.
         """
         kind: Literal["text", "tool_call"] = "text"
+        call_closed = False
         if self.markers is not None:
             text = self.step_text(step)
             if is_tool_call_step(text, self.markers, self.continues):
                 kind = "tool_call"
+                call_closed = tool_step_complete(text, self.markers, self.continues)
             else:
                 at = marker_split(text, self.markers)
                 keep = self._token_cut(step, at) if at is not None else 0
@@ -198,7 +278,7 @@ class OutputText:
         if cut is not None:
             self.full = self.full[:cut]
             finish = "stop"
-        elif step[-1] in self.eos:
+        elif step[-1] in self.eos or (call_closed and self.single_call):
             finish = "stop"
         elif len(self.generated) >= budget:
             finish = "length"

@@ -17,7 +17,7 @@ import torch
 
 from .attention import StepAttention
 from .propose import Proposal
-from .sampling import processed_logprobs, residual_sample
+from .sampling import greedy, processed_logprobs, raw_logprobs, residual_sample, seen_rows
 from .signals import combine_scores, confidence_score, grounding_score
 
 if TYPE_CHECKING:
@@ -62,11 +62,13 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     params, draft = gen.params, gen.runtime.draft
     k, row = len(proposal.tokens), proposal.row
     logits: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
     if params.signal_source == "target":
         record = gen.runtime.target.record(gen.target_layers)
         logits = target_pass(gen, proposal, record)
         step = draft.out_tokens[row, :k].to(logits.device)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, step[:, None]).squeeze(-1)
+        raw = raw_logprobs(logits)
+        logp = raw.gather(-1, step[:, None]).squeeze(-1)
         grounding = _grounding(record, 0, k, gen)
         forwards = 1
     else:
@@ -94,11 +96,18 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     if verdict.accepted:
         if logits is not None and params.temperature == 0:  # what the target thinks of it still informs speculation
             keep_prefix(gen, proposal, logits)
+        if gen.logprobs is not None and raw is not None:
+            gen.logprobs.add_logprobs(raw, proposal.tokens)  # the target's, from the verification pass
+        elif gen.logprobs is not None:
+            gen.logprobs.add_decoded(draft, row, 0, k)  # scored by the draft alone: the draft's
         return verdict
     if logits is None:
         logits = target_pass(gen, proposal, None)
         verdict.target_forwards += 1
     verdict.agree, verdict.next_token = keep_prefix(gen, proposal, logits)
+    if gen.logprobs is not None:  # the kept tokens and the target's own next one, all scored by this pass
+        kept = proposal.tokens[: verdict.agree] + ([] if verdict.next_token is None else [verdict.next_token])
+        gen.logprobs.add_logprobs(raw_logprobs(logits[: len(kept)]) if raw is None else raw[: len(kept)], kept)
     for runner in (gen.runtime.target, draft):
         runner.cache.valid = min(runner.cache.valid, len(gen.ids) + verdict.agree)
     return verdict
@@ -107,20 +116,25 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
 def keep_prefix(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> tuple[int, int | None]:
     """How many leading step tokens the target keeps, and its own next token (None if it keeps all ``k``).
 
-    Greedy: the tokens equal to the target's argmax, then the argmax. Sampling: speculative rejection
-    sampling, accepting token ``i`` with probability ``min(1, p(x_i) / q(x_i))`` and, at the first
-    rejection, drawing from ``max(0, p - q)``. The kept candidate was chosen among several, so with
-    ``n_candidates > 1`` the result is close to, not exactly, a sample of the target.
+    Greedy: the tokens equal to the target's argmax (of its penalised logits), then the argmax.
+    Sampling: speculative rejection sampling, accepting token ``i`` with probability
+    ``min(1, p(x_i) / q(x_i))`` and, at the first rejection, drawing from ``max(0, p - q)``, where ``p``
+    and ``q`` are the target's and the draft's processed distributions (the same penalty and filters).
+    The kept candidate was chosen among several, so with ``n_candidates > 1`` the result is close to,
+    not exactly, a sample of the target.
     """
-    params, draft = gen.params, gen.runtime.draft
+    params, draft, controls = gen.params, gen.runtime.draft, gen.controls
     k, tokens = len(proposal.tokens), proposal.tokens
+    before = gen.seen(gen.runtime.target)
+    fed = [gen.ids[-1], *tokens[: k - 1]]  # what the pass fed: row i's logits follow fed[: i + 1]
+    seen = None if before is None else seen_rows(before, torch.tensor(fed).to(logits.device))
     if params.temperature == 0:
-        top = logits.argmax(dim=-1).tolist()
+        top = greedy(logits, controls, seen).tolist()
         agree = next((i for i in range(k) if top[i] != tokens[i]), k)
         gen.agreement.observe(agree, agree < k)
         return agree, (top[agree] if agree < k else None)
-    temperature = torch.tensor(params.temperature, device=logits.device)
-    logp = processed_logprobs(logits, temperature, params.top_p)  # [k, V]
+    temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
+    logp = processed_logprobs(logits, temperature, controls, seen)  # [k, V]
     step = torch.tensor(tokens, device=logits.device)
     p = logp.gather(-1, step[:, None]).squeeze(-1)
     q = draft.out_logq[proposal.row, :k].to(logits.device)
@@ -130,7 +144,7 @@ def keep_prefix(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> tu
     if agree == k:
         return k, None
     start = len(gen.ids) - 1 + agree  # recompute the draft's distribution there (rows are identical)
-    fed = gen.ids[-1] if agree == 0 else tokens[agree - 1]
-    draft_logits = draft.forward([fed], start)[proposal.row, -1]
-    logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), params.top_p).to(logits.device)
-    return agree, int(residual_sample(logp[agree], logq, gen.uniform(1)[0].to(logq.device)))
+    draft_logits = draft.forward([fed[agree]], start)[proposal.row, -1]
+    draft_seen = gen.seen(draft, tokens[:agree])
+    logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
+    return agree, int(residual_sample(logp[agree], logq.to(logits.device), gen.uniform(1)[0].to(logits.device)))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import draw, processed_logprobs, residual_sample
+from .sampling import draw, greedy, processed_logprobs, residual_sample, seen_rows
 
 if TYPE_CHECKING:
     from .decoding import Generation
@@ -93,13 +93,18 @@ def write(gen: Generation, proposal_tokens: list[int], agree: int, next_token: i
 def _start_target_decoding(gen: Generation, tokens: list[int]) -> None:
     target, seq = gen.runtime.target, [*gen.ids, *tokens]
     target.prefill(seq[target.cache.valid : len(seq) - 1], target.cache.valid)
-    target.start_decode(seq[-1], len(seq) - 1, [gen.params.temperature], gen.params.top_p)
+    top = gen.logprobs.top if gen.logprobs is not None else 0
+    target.start_decode(
+        seq[-1], len(seq) - 1, [gen.params.temperature], gen.controls, seen=gen.seen(target, tokens), top_logprobs=top
+    )
 
 
 def _target_token(gen: Generation) -> list[int]:
     target = gen.runtime.target
     target.decode(1, gen.generator)
     target.cache.valid = target.decode_pos
+    if gen.logprobs is not None:
+        gen.logprobs.add_decoded(target, 0, target.decoded - 1, target.decoded)
     return [int(target.out_tokens[0, target.decoded - 1])]
 
 
@@ -109,20 +114,26 @@ def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written)
     seq = [*gen.ids, *tokens]
     last = len(seq) - 1
     draft.prefill(seq[draft.cache.valid : last], draft.cache.valid)
-    draft.start_decode(seq[-1], last, [params.temperature] * draft.batch, params.top_p, follow_first=True)
+    temperatures = [params.temperature] * draft.batch
+    draft.start_decode(seq[-1], last, temperatures, gen.controls, follow_first=True, seen=gen.seen(draft, tokens))
     draft.decode(gamma, gen.generator)
     target.prefill(seq[target.cache.valid : last], target.cache.valid)
     target.tokens_in[:, 0].fill_(seq[-1])
     target.tokens_in[:, 1 : gamma + 1].copy_(draft.out_tokens[0, :gamma])
     logits = target.forward(None, last, q=gamma + 1)[0]  # [gamma + 1, V]
     proposed = draft.out_tokens[0, :gamma].tolist()
+    fed = [seq[-1], *proposed]
+    before = gen.seen(target, tokens)
+    seen = None if before is None else seen_rows(before, torch.tensor(fed).to(logits.device))
     if params.temperature == 0:
-        top = logits.argmax(dim=-1).tolist()
+        top = greedy(logits, gen.controls, seen).tolist()
         agree = next((i for i in range(gamma) if proposed[i] != top[i]), gamma)
         new = [*proposed[:agree], top[agree]]
     else:
-        agree, token = _rejection_sample(gen, logits, [seq[-1], *proposed], last)
+        agree, token = _rejection_sample(gen, logits, seen, fed, tokens, last)
         new = [*proposed[:agree], token]
+    if gen.logprobs is not None:
+        gen.logprobs.add_logits(logits[: agree + 1], new)
     draft.cache.valid = last + 1 + min(agree, gamma - 1)
     target.cache.valid = last + 1 + agree
     gen.agreement.observe(agree, agree < gamma)
@@ -132,17 +143,20 @@ def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written)
     return new
 
 
-def _rejection_sample(gen: Generation, logits: torch.Tensor, fed: list[int], last: int) -> tuple[int, int]:
+def _rejection_sample(
+    gen: Generation, logits: torch.Tensor, seen: torch.Tensor | None, fed: list[int], tokens: list[int], last: int
+) -> tuple[int, int]:
     """Speculative sampling over one round: the accepted proposals, then a token of the residual or the target.
 
     ``fed`` is what the round fed the target: the last token of the sequence (at ``last``), then the
-    proposals; ``logits [gamma + 1, V]`` are the target's after each.
+    proposals; ``logits [gamma + 1, V]`` are the target's after each and ``seen`` their seen-token
+    masks; ``tokens`` is the step so far (before the round).
     """
-    params, draft = gen.params, gen.runtime.draft
+    params, draft, controls = gen.params, gen.runtime.draft, gen.controls
     proposed = fed[1:]
     gamma = len(proposed)
-    temperature = torch.tensor(params.temperature, device=logits.device)
-    logp = processed_logprobs(logits, temperature, params.top_p)  # [gamma + 1, V]
+    temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
+    logp = processed_logprobs(logits, temperature, controls, seen)  # [gamma + 1, V]
     p = logp[:gamma].gather(-1, torch.tensor(proposed, device=logits.device)[:, None]).squeeze(-1)
     q = draft.out_logq[0, :gamma].to(logits.device)
     keep = (gen.uniform(gamma).to(logits.device).log() < p - q).tolist()
@@ -152,5 +166,6 @@ def _rejection_sample(gen: Generation, logits: torch.Tensor, fed: list[int], las
         return agree, int(draw(logp[gamma].exp(), uniform))
     # the draft's distribution at the rejected position, computed again (its rows are all alike)
     draft_logits = draft.forward([fed[agree]], last + agree)[0, -1]
-    logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), params.top_p).to(logits.device)
-    return agree, int(residual_sample(logp[agree], logq, uniform))
+    draft_seen = gen.seen(draft, [*tokens, *proposed[:agree]])
+    logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
+    return agree, int(residual_sample(logp[agree], logq.to(logits.device), uniform))

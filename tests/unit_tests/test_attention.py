@@ -64,7 +64,7 @@ def test_decode_loop_records_the_same_rows_as_one_pass() -> None:
         loop.prefill(TOKENS[: L - 1], 0)
         # greedy decoding from L-1 writes its own tokens; feed the same ones by forcing the first rows
         for offset, token in enumerate(TOKENS[L - 1 :]):
-            loop.start_decode(token, L - 1 + offset, [0.0, 0.0], 1.0)
+            loop.start_decode(token, L - 1 + offset, [0.0, 0.0])
             loop.state.it.fill_(offset)
             loop.decoded = offset
             loop.decode(1, None, second)

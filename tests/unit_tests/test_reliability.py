@@ -155,6 +155,38 @@ BAD_CALLS: list[tuple[str, Callable[[ChatSpecGuard], Any], type[Exception], str]
         "acceptance_threshold must be a finite number",
     ),
     ("top_p zero", lambda m: m.invoke("Hello", top_p=0.0), ValidationError, "top_p\n  Input should be greater than 0"),
+    ("top_k negative", lambda m: m.invoke("Hello", top_k=-1), ValidationError, "top_k\n  Input should be greater"),
+    ("min_p one", lambda m: m.invoke("Hello", min_p=1.0), ValidationError, "min_p\n  Input should be less than 1"),
+    (
+        "repetition_penalty zero",
+        lambda m: m.bind(repetition_penalty=0.0).invoke("Hello"),
+        ValidationError,
+        "repetition_penalty\n  Input should be greater than 0",
+    ),
+    (
+        "top_logprobs without logprobs",
+        lambda m: m.invoke("Hello", top_logprobs=3),
+        ValidationError,
+        "top_logprobs=3 needs logprobs=True",
+    ),
+    (
+        "top_logprobs above 20",
+        lambda m: m.invoke("Hello", logprobs=True, top_logprobs=21),
+        ValidationError,
+        "top_logprobs\n  Input should be less than or equal to 20",
+    ),
+    (
+        "bind_tools unknown keyword",
+        lambda m: m.bind_tools([], strictness=True),
+        TypeError,
+        r"unexpected keyword argument\(s\) \['strictness'\] for bind_tools",
+    ),
+    (
+        "parallel_tool_calls not a bool",
+        lambda m: m.invoke("Hello", tools=[], parallel_tool_calls="no"),
+        TypeError,
+        "parallel_tool_calls must be True, False or None, got 'no'",
+    ),
     (
         "temperature negative",
         lambda m: m.invoke("Hello", temperature=-1.0),
