@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-EVENT_VERSION = 3
+EVENT_VERSION = 4
 
 
 @dataclass
@@ -47,6 +47,10 @@ class StepEvent:
     # how many tokens of the rest the draft proposed and the target accepted (speculated)
     kept_tokens: int = 0
     speculated_tokens: int = 0
+    # with tools bound: how many of the n_candidates drafts finished a tool call (each was schema-checked),
+    # and how many of those calls fit the bound tools (a broken call never wins the vote over one that fits)
+    call_candidates: int = 0
+    valid_call_candidates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -76,9 +76,9 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     confidence = confidence_score(logp.double().cpu())
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     accepted = params.acceptance_threshold < 0 or score >= params.acceptance_threshold
-    # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema is rejected
-    # whatever its score: the scores judge reasoning, not whether a call can run
-    problem = gen.out.check_call(proposal.tokens, gen.validate_step)
+    # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
+    # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
+    problem = proposal.problem
     reason: Literal["accepted", "score", "schema"] = "schema" if problem else "accepted" if accepted else "score"
     verdict = Verdict(grounding, confidence, score, accepted and problem is None, reason, problem, forwards, k, None)
     if verdict.accepted:
