@@ -250,7 +250,7 @@ class MarkerCalls:
 
     def __init__(self, markers: tuple[str, str]) -> None:
         self.markers = markers
-        self.patterns = markers
+        self.patterns: tuple[str, ...] = markers
         self.continues = False  # the step starts inside a call left open (cut by the token cap)
         self.open_text = ""
 
@@ -269,7 +269,7 @@ class MarkerCalls:
 class JsonCalls:
     """Bare JSON calls at the start of the answer (:func:`json_region`); each call is one step."""
 
-    patterns = ("}", "]")
+    patterns: tuple[str, ...] = ("}", "]")
 
     def __init__(self) -> None:
         self.closed = False  # the calls are over (or there were none): every step is text
@@ -289,9 +289,9 @@ class JsonCalls:
         if region.spans:
             start, end = region.spans[0]
             return CallStep(True, True, True, joined[start:end])
-        start = region.open_at if region.open_at is not None else region.opening_at
-        if start is not None:  # an open call, or the start of one (a step cut by the cap may end there)
-            return CallStep(True, True, False, joined[start:])
+        at = region.open_at if region.open_at is not None else region.opening_at
+        if at is not None:  # an open call, or the start of one (a step cut by the cap may end there)
+            return CallStep(True, True, False, joined[at:])
         return CallStep(False, region.growing, False, "")
 
 

@@ -76,10 +76,13 @@ def test_the_llama3_style_template_renders_and_reads_json_calls() -> None:
 
 
 def test_a_json_call_is_one_verified_step() -> None:
-    """Delimiters inside the call ("\\n", ", ", braces in a string) do not cut it: it ends at its balancing brace."""
+    """Delimiters inside the call ("\\n", ", ", braces in a string) do not cut it: it ends at its balancing brace.
+
+    The answer starts with Llama's ``<|python_tag|>`` control token, which is not part of the text.
+    """
     llm = make_json_llm(step_delimiters=["\n", ", "])
     call = '{"name": "lookup",\n "parameters": {"country": "France {the one}, ok"}}'
-    script(llm, call, call)
+    script(llm, "<|python_tag|>" + call, "<|python_tag|>" + call)
     collector = Collector()
     message = llm.bind_tools([lookup]).invoke("Capital of France?", config={"callbacks": [collector]})
     first, *rest = collector.steps
@@ -99,12 +102,8 @@ def test_a_schema_invalid_json_draft_call_is_rejected_and_the_target_writes_it()
     message = llm.bind_tools([lookup]).invoke("Capital of Japan?", config={"callbacks": [collector]})
     first = collector.steps[0]
     assert first["draft_text"] == bad and first["text"] == good
-    assert (first["kind"], first["source"], first["reason"], first["accepted"]) == (
-        "tool_call",
-        "target",
-        "schema",
-        False,
-    )
+    assert first["kind"] == "tool_call" and first["source"] == "target"
+    assert first["reason"] == "schema" and not first["accepted"]
     assert "$.country: expected string" in first["detail"]
     assert (first["call_candidates"], first["valid_call_candidates"]) == (2, 0)  # no candidate fits: the target
     assert [(c["name"], c["args"]) for c in message.tool_calls] == [("lookup", {"country": "Japan"})]
