@@ -133,7 +133,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     tool_call_format: Literal["auto", "hermes", "json"] = Field(
         default="auto",
         description="How the model writes tool calls: 'hermes' (<tool_call>{...}</tool_call>, Qwen/Hermes and "
-        'the fallback prompt) or \'json\' (the whole answer is {"name": ..., "parameters": ...}, Llama 3). '
+        'the fallback prompt) or \'json\' (the answer opens with {"name": ..., "parameters": ...} calls, Llama 3). '
         "'auto': 'json' for templates that take tools but never mention <tool_call>, else 'hermes'.",
     )
     # what LangChain code passes to every chat model; a local model has no endpoint, key or retries
