@@ -20,7 +20,7 @@ over, and why, in four places that carry the same data:
   the list of step events (on the last chunk when streaming), so the record survives without any
   callback.
 
-``specguard_step`` (``StepEvent.to_dict()``, schema version 3: ``EVENT_VERSION``)
+``specguard_step`` (``StepEvent.to_dict()``, schema version 4: ``EVENT_VERSION``)
     ``version`` (int), ``index`` (0-based step number in the call), ``source`` (``"draft"`` or
     ``"target"``: who wrote the committed step), ``accepted`` (the draft step passed; equals
     ``source == "draft"``), ``reason`` (``"accepted"`` or why the draft step was rejected:
@@ -36,10 +36,12 @@ over, and why, in four places that carry the same data:
     ``"length"``, or ``null`` before the last step), ``seconds`` (wall time of the step) split into
     ``draft_seconds``, ``verify_seconds`` and ``target_seconds`` (drafting, scoring, the target's
     rewrite; the remainder is detokenizing), ``kept_tokens`` (of a rejected step, the draft's leading
-    tokens the target would have written itself and kept) and ``speculated_tokens`` (draft tokens the
-    target accepted while writing the rest).
+    tokens the target would have written itself and kept), ``speculated_tokens`` (draft tokens the
+    target accepted while writing the rest), and, with tools bound, ``call_candidates`` (draft
+    candidates that finished a tool call, each schema-checked) and ``valid_call_candidates`` (those
+    whose call fits the bound tools; a broken call never wins the candidate vote over one that fits).
 
-``specguard_summary`` (``engine.events.summarize``, schema version 3)
+``specguard_summary`` (``engine.events.summarize``, schema version 4)
     ``version``, ``num_steps`` (also as ``steps``), ``accepted_steps``, ``accepted_share``,
     ``prompt_tokens``, ``output_tokens``, ``draft_tokens`` / ``target_tokens`` (output tokens each
     model wrote), ``kept_tokens``, ``speculated_tokens``, ``drafted_tokens``, ``target_forwards``,

@@ -61,6 +61,7 @@ from .callbacks import (
 from .engine.decoding import StepEvent, generate_steps, score_layers, summarize, threshold_calibrator
 from .engine.loading import ModelPair, context_window, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
+from .engine.steps import json_region
 from .engine.text import token_bytes
 from .tools import (
     HERMES_MARKERS,
@@ -133,7 +134,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     tool_call_format: Literal["auto", "hermes", "json"] = Field(
         default="auto",
         description="How the model writes tool calls: 'hermes' (<tool_call>{...}</tool_call>, Qwen/Hermes and "
-        'the fallback prompt) or \'json\' (the whole answer is {"name": ..., "parameters": ...}, Llama 3). '
+        'the fallback prompt) or \'json\' (the answer opens with {"name": ..., "parameters": ...} calls, Llama 3). '
         "'auto': 'json' for templates that take tools but never mention <tool_call>, else 'hermes'.",
     )
     # what LangChain code passes to every chat model; a local model has no endpoint, key or retries
@@ -449,8 +450,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         if tools and tool_choice != "none":
             setup = self._tool_setup(tools, tool_choice)
             setup.single_call = parallel is False
-            if setup.markers is not None and "tool_call_markers" not in kwargs:
-                kwargs["tool_call_markers"] = setup.markers
+            if setup.markers is not None:
+                kwargs.setdefault("tool_call_markers", setup.markers)
+            elif kwargs.get("tool_call_markers", self.tool_call_markers) is None:
+                kwargs.setdefault("json_tool_calls", True)  # each JSON call is a checked step, as marker calls are
+            else:
+                setup.validate = None  # JSON-style output read between the caller's own markers: checked at the end
         params = self.engine_params(**kwargs)
         return pair, self.render_prompt(messages, setup.tools, setup.prefix), params, stops, setup
 
@@ -467,7 +472,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             prefix = f'{{"name": {json.dumps(name)}, "parameters": '
         elif style == "json" and tool_choice in ("any", "required", True):
             prefix = '{"name": "'  # the answer is a call; the model names the tool
-        validate = step_validator(tools, markers) if markers is not None else None
+        validate = step_validator(tools, style)
         return _ToolSetup(tools=tools, style=style, markers=markers, validate=validate, prefix=prefix)
 
     def _locked_steps(
@@ -949,11 +954,9 @@ def _visible_content(text: str, style: ToolCallStyle) -> str:
     An end that could still grow into an opening marker (``ab<tool_``) is held back too, so what is
     streamed is always a prefix of the final content.
     """
-    if style == "json":
-        body = text.lstrip()
-        if not body or body.startswith(("{", "[", "`", "<|python_tag|>")):
-            return ""
-        return text
+    if style == "json":  # the calls open the answer: what follows them is content once they are over
+        region = json_region(text)
+        return "" if region.growing else text[region.content :]
     content = parse_tool_calls(text, "hermes").content
     opening = HERMES_MARKERS[0]
     for size in range(min(len(opening) - 1, len(content)), 0, -1):

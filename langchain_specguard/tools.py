@@ -10,9 +10,12 @@ Two output styles are understood:
 * **hermes** (Qwen 2.5/3, Hermes, and this package's fallback prompt):
   ``<tool_call>{"name": "f", "arguments": {...}}</tool_call>``, any number of them, with free text
   around them.
-* **json** (Llama 3.x and other templates that ask for a bare JSON answer): the whole message is one
-  ``{"name": "f", "parameters": {...}}`` object (or a list of them), optionally in a Markdown
-  code fence or after Llama's ``<|python_tag|>``.
+* **json** (Llama 3.x and other templates that ask for a bare JSON answer): the answer opens with
+  ``{"name": "f", "parameters": {...}}`` (or a list of such objects), optionally after Llama's
+  ``<|python_tag|>`` or in a Markdown code fence; further calls may follow, separated by ``;``
+  (Llama's parallel calls). What counts as a call is one rule, :func:`~.engine.steps.json_region`,
+  shared with the engine's step boundaries: text after the calls is content, and JSON anywhere else
+  (in prose, or an object whose first key is not ``"name"``) is content too.
 
 The engine sees none of this: it gets a plain ``validate_step(text) -> reason | None`` callable
 built by :func:`step_validator`, so it stays free of LangChain.
@@ -21,7 +24,6 @@ built by :func:`step_validator`, so it stays free of LangChain.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,12 +32,13 @@ from typing import Any, Literal
 from langchain_core.messages import InvalidToolCall, ToolCall
 from langchain_core.messages.tool import invalid_tool_call, tool_call
 
+from .engine.steps import json_region
+
 ToolCallStyle = Literal["hermes", "json"]
 HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
 
 # nesting deeper than this is refused before json.loads can hit Python's recursion limit
 _MAX_DEPTH = 64
-_FENCE = re.compile(r"^```[A-Za-z_]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
 @dataclass
@@ -131,29 +134,35 @@ def parse_hermes(text: str, markers: tuple[str, str] = HERMES_MARKERS) -> Parsed
     return parsed
 
 
-def parse_json_style(text: str) -> ParsedOutput | None:
-    """The whole message as one JSON call (or a list of calls); None when it is not JSON-shaped."""
-    body = text.strip()
-    if body.startswith("<|python_tag|>"):
-        body = body[len("<|python_tag|>") :].strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1).strip()
-    if not body.startswith(("{", "[")):
-        return None
-    value, error = load_json(body)
-    parsed = ParsedOutput(content="")
+def json_value_calls(raw: str) -> list[ToolCall | InvalidToolCall]:
+    """The calls in one JSON value: an object is one call, a list holds one per item."""
+    value, error = load_json(raw)
     if error is not None:
-        # JSON-shaped but broken: a call the model meant to make, reported as invalid
-        if '"name"' in body:
-            parsed.invalid_tool_calls.append(invalid_tool_call(name=None, args=body, id=new_call_id(), error=error))
-            return parsed
-        return None
+        return [invalid_tool_call(name=None, args=raw, id=new_call_id(), error=error)]
     items = value if isinstance(value, list) else [value]
-    if not items or not all(isinstance(item, dict) and "name" in item for item in items):
-        return None  # JSON, but not tool calls: leave it as content
-    for item in items:
-        _add(parsed, call_from_json(json.dumps(item), item))
+    if not items:
+        return [invalid_tool_call(name=None, args=raw, id=new_call_id(), error="an empty list of tool calls")]
+    return [call_from_json(json.dumps(item), item) for item in items]
+
+
+def parse_json_style(text: str) -> ParsedOutput | None:
+    """The JSON calls that open ``text`` (:func:`~.engine.steps.json_region`) and the content after them.
+
+    None when the text opens with no call (it is all content). A call the text breaks off is an
+    invalid call holding its raw text.
+    """
+    region = json_region(text)
+    if not region.spans and region.open_at is None:
+        return None
+    parsed = ParsedOutput(content=text[region.content :])
+    for start, end in region.spans:
+        for call in json_value_calls(text[start:end]):
+            _add(parsed, call)
+    if region.open_at is not None:
+        raw = text[region.open_at :].strip()
+        _, error = load_json(raw)
+        reason = error or "the JSON tool call is not finished"
+        parsed.invalid_tool_calls.append(invalid_tool_call(name=None, args=raw, id=new_call_id(), error=reason))
     return parsed
 
 
@@ -275,16 +284,23 @@ def validate_tool_call(call: ToolCall | InvalidToolCall, tools: Mapping[str, Map
 
 
 def step_validator(
-    tools: Sequence[Mapping[str, Any]], markers: tuple[str, str] = HERMES_MARKERS
+    tools: Sequence[Mapping[str, Any]], style: ToolCallStyle = "hermes", markers: tuple[str, str] = HERMES_MARKERS
 ) -> Callable[[str], str | None]:
-    """The engine's ``validate_step``: the text of one tool-call step in, a rejection reason or None out."""
+    """The engine's ``validate_step``: the text of one tool-call step in, a rejection reason or None out.
+
+    Hermes: the step's ``<tool_call>`` blocks. JSON: the step is one call's JSON value (the engine
+    hands over exactly the balanced ``{...}``), an object or a list of calls.
+    """
     schemas = tools_by_name(tools)
 
     def validate(text: str) -> str | None:
-        parsed = parse_hermes(text, markers)
-        calls: list[ToolCall | InvalidToolCall] = [*parsed.tool_calls, *parsed.invalid_tool_calls]
-        if not calls:
-            return f"no {markers[0]} block in the step"
+        if style == "json":
+            calls = json_value_calls(text.strip())
+        else:
+            parsed = parse_hermes(text, markers)
+            calls = [*parsed.tool_calls, *parsed.invalid_tool_calls]
+            if not calls:
+                return f"no {markers[0]} block in the step"
         for call in calls:
             reason = validate_tool_call(call, schemas)
             if reason is not None:

@@ -9,14 +9,16 @@ the LangChain message round trip - is the real code.
 
 The engine passes explicit ``position_ids``, so the patch knows each query's absolute position: it
 remembers the tokens fed at each position (a generation starts again at position 0), finds where the
-answer starts (after the last ``<|im_start|>assistant\\n``), and scripts every position after it, so
-batched draft candidates, verification and speculation passes are forced consistently.
+answer starts (after the last assistant header, ``<|im_start|>assistant\\n`` by default), and scripts
+every position after it, so batched draft candidates, verification and speculation passes are forced
+consistently. A script may also give one text per batch row, so the draft's candidates differ: row
+``r`` is forced along text ``r`` position by position (rows past the list take the last text).
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,19 +29,30 @@ BIAS = 1e4
 
 
 def force_script(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, script: Callable[[str], str]
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    script: Callable[[str], str | Sequence[str]],
+    header: str = ASSISTANT,
+    end_token: str = "<|im_end|>",
 ) -> PreTrainedModel:
-    """Make ``model`` write ``script(prompt_text)`` after the assistant header, then ``<|im_end|>``."""
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    marker = tokenizer(ASSISTANT, add_special_tokens=False)["input_ids"]
-    state: dict[str, Any] = {"seen": {}, "start": None, "answer": []}
+    """Make ``model`` write ``script(prompt_text)`` after ``header``, then ``end_token``.
+
+    ``script`` returns one text for every batch row, or a list of texts, one per row.
+    """
+    end = tokenizer.convert_tokens_to_ids(end_token)
+    marker = tokenizer(header, add_special_tokens=False)["input_ids"]
+    state: dict[str, Any] = {"seen": {}, "start": None, "answers": [[]]}
+
+    def tokens_of(text: str) -> list[int]:
+        ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
 
     def forward(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
         input_ids: torch.Tensor = kwargs["input_ids"]
         positions: list[int] = kwargs["position_ids"][0].tolist()
         out = type(self).forward(self, *args, **kwargs)  # the real forward of whichever object runs
         if positions[0] == 0:  # a new generation
-            state.update(seen={}, start=None, answer=[])
+            state.update(seen={}, start=None, answers=[[]])
         seen: dict[int, int] = state["seen"]
         for position, token in zip(positions, input_ids[0].tolist(), strict=True):
             seen[position] = token  # the latest write wins: padded passes write placeholders past the end
@@ -47,20 +60,21 @@ def force_script(
         starts = [i + len(marker) for i in range(len(row) - len(marker) + 1) if row[i : i + len(marker)] == marker]
         if starts and starts[-1] != state["start"]:  # the prompt may arrive in chunks: the last header wins
             state["start"] = starts[-1]
-            state["answer"] = tokenizer(script(tokenizer.decode(row[: starts[-1]])), add_special_tokens=False)[
-                "input_ids"
-            ]
+            texts = script(tokenizer.decode(row[: starts[-1]]))
+            state["answers"] = [tokens_of(texts)] if isinstance(texts, str) else [tokens_of(t) for t in texts]
         if state["start"] is None:
             return out
         logits = out.logits
         keep = logits.shape[1]
         bias = torch.zeros_like(logits)
+        answers: list[list[int]] = state["answers"]
         for j, position in enumerate(positions[len(positions) - keep :]):
             offset = position + 1 - state["start"]
             if offset < 0:
                 continue
-            token = state["answer"][offset] if offset < len(state["answer"]) else end
-            bias[:, j, token] = BIAS
+            for r in range(logits.shape[0]):
+                answer = answers[min(r, len(answers) - 1)]
+                bias[r, j, answer[offset] if offset < len(answer) else end] = BIAS
         out.logits = logits + bias
         return out
 

@@ -34,7 +34,13 @@ CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:
 
 
 def make_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    return _char_tokenizer(SPECIALS, ["<|im_start|>", "<|im_end|>"], "<s>", "</s>", CHATML, extra)
+
+
+def _char_tokenizer(
+    specials: list[str], additional: list[str], bos: str, eos: str, template: str, extra: str = ""
+) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for piece in [*CHARS, "\n\n", *extra]:
         vocab.setdefault(piece, len(vocab))
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
@@ -43,13 +49,56 @@ def make_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
     inner.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=inner,
-        bos_token="<s>",
-        eos_token="</s>",
+        bos_token=bos,
+        eos_token=eos,
         pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=additional,
     )
-    tok.chat_template = CHATML
+    tok.chat_template = template
     return tok
+
+
+LLAMA3_SPECIALS = [
+    "<pad>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+]
+LLAMA3_EOS = [2, 5, 6]  # end_of_text, eot and eom, as Llama 3.1's generation config lists them
+LLAMA3_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+# Written for these tests in the shape of Llama 3.1's template: custom tools in the first user turn with the
+# instruction to answer {"name": ..., "parameters": ...}, a call turn rendered as that JSON (parallel calls
+# joined by "; ") and ended by <|eom_id|>, tool results in an ipython turn. It names no <tool_call>, so
+# ChatSpecGuard reads its calls in the JSON style.
+LLAMA3_STYLE_TEMPLATE = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+    "<|start_header_id|>system<|end_header_id|>\n\n{% if tools %}Environment: ipython\n{% endif %}"
+    "{{ system }}<|eot_id|>"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and m.get('tool_calls') %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% for c in m['tool_calls'] %}{% if not loop.first %}; {% endif %}"
+    '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}'
+    "{% endfor %}<|eom_id|>"
+    "{%- elif m['role'] == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{%- else %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if loop.first and tools %}Given the following functions, respond with a JSON for a function call. "
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\n\n'
+    "{% for t in tools %}{{ t | tojson }}\n\n{% endfor %}{% endif %}"
+    "{{ m['content'] }}<|eot_id|>{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def make_llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level, with Llama 3's control tokens and a Llama-3.1-style tool template."""
+    return _char_tokenizer(
+        LLAMA3_SPECIALS, LLAMA3_SPECIALS[3:], "<|begin_of_text|>", "<|eot_id|>", LLAMA3_STYLE_TEMPLATE
+    )
 
 
 def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: Path) -> str:
@@ -58,7 +107,9 @@ def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: Path) -> s
     return str(path)
 
 
-def _llama(vocab: int, layers: int, seed: int, hidden: int = 64, positions: int = 512) -> LlamaForCausalLM:
+def _llama(
+    vocab: int, layers: int, seed: int, hidden: int = 64, positions: int = 512, eos: list[int] | None = None
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
@@ -69,7 +120,7 @@ def _llama(vocab: int, layers: int, seed: int, hidden: int = 64, positions: int 
         num_key_value_heads=2,
         max_position_embeddings=positions,
         bos_token_id=1,
-        eos_token_id=[2, 4],
+        eos_token_id=eos or [2, 4],
         pad_token_id=0,
     )
     return LlamaForCausalLM(cfg)
@@ -136,6 +187,17 @@ def long_llama_pair() -> tuple[str, str]:
     return (
         _save(_llama(len(tok), 4, seed=0, positions=4096), tok, root / "long-llama-target"),
         _save(_llama(len(tok), 2, seed=1, positions=4096), tok, root / "long-llama-draft"),
+    )
+
+
+@functools.cache
+def llama3_pair() -> tuple[str, str]:
+    """A Llama pair speaking a Llama-3-style tokenizer and chat template (bare JSON tool calls)."""
+    tok = make_llama3_tokenizer()
+    root = tiny_dir()
+    return (
+        _save(_llama(len(tok), 4, seed=0, positions=4096, eos=LLAMA3_EOS), tok, root / "llama3-target"),
+        _save(_llama(len(tok), 2, seed=1, positions=4096, eos=LLAMA3_EOS), tok, root / "llama3-draft"),
     )
 
 

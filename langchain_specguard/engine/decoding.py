@@ -37,6 +37,7 @@ from .params import SpecGuardParams
 from .propose import propose
 from .runner import MAX_BUCKET, ModelRunner
 from .sampling import Controls
+from .steps import call_syntax
 from .text import OutputText
 from .verify import verify
 from .view import engine_view, layer_windows
@@ -252,6 +253,8 @@ class Generation:
             kept_tokens=0 if verdict.accepted else min(verdict.agree, len(committed.tokens)),
             speculated_tokens=written.speculated if written else 0,
             logprobs=logprobs,
+            call_candidates=proposal.call_candidates,
+            valid_call_candidates=proposal.valid_call_candidates,
         )
         self.index += 1
         return event
@@ -301,12 +304,15 @@ def generate_steps(
 
     With ``params.tool_call_markers`` set, a tool call is one step from its opening to its closing
     marker: it never ends at a CoT delimiter, and a text step that runs into an opening marker is cut
-    just before it, so the call starts a step of its own. ``validate_step`` (the text of a finished
-    draft tool call in, a rejection reason or None out) then rejects a bad draft call whatever its
-    score, and the target writes that step instead (``reason="schema"``). ``prefix`` is assistant
-    text already rendered at the end of the prompt (e.g. a forced ``<tool_call>``): it counts when
-    deciding whether a call is open, and is not part of the yielded text. ``single_call``: the output
-    ends (``finish_reason`` "stop") with the step that closes its first tool call.
+    just before it, so the call starts a step of its own. With ``params.json_tool_calls`` set, each
+    bare JSON call that opens the answer (:func:`~.steps.json_region`) is one step from its ``{`` to
+    the brace that balances it. ``validate_step`` (the text of a finished draft tool call in, a
+    rejection reason or None out) checks every candidate's call: a broken call loses the candidate
+    vote to any candidate that fits, and a kept broken call is rejected whatever its score, so the
+    target writes that step instead (``reason="schema"``). ``prefix`` is assistant text already
+    rendered at the end of the prompt (e.g. a forced ``<tool_call>``): it counts when deciding whether
+    a call is open, and is not part of the yielded text. ``single_call``: the output ends
+    (``finish_reason`` "stop") with the step that closes its first tool call.
     """
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
@@ -325,7 +331,7 @@ def generate_steps(
         pair.eos_token_ids,
         params.step_delimiters,
         stops,
-        params.tool_call_markers,
+        call_syntax(params.tool_call_markers, params.json_tool_calls),
         params.max_step_tokens,
         params.max_tool_call_tokens,
         prefix,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from .logprobs import TokenLogprob
 
-EVENT_VERSION = 3
+EVENT_VERSION = 4
 
 
 @dataclass
@@ -54,6 +54,10 @@ class StepEvent:
     # are). Not part of the event's dict (the custom events, the traces): it is the message's
     # ``response_metadata["logprobs"]``, and would weigh on every trace
     logprobs: list[TokenLogprob] | None = None
+    # with tools bound: how many of the n_candidates drafts finished a tool call (each was schema-checked),
+    # and how many of those calls fit the bound tools (a broken call never wins the vote over one that fits)
+    call_candidates: int = 0
+    valid_call_candidates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(replace(self, logprobs=None))

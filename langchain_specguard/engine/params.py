@@ -68,6 +68,12 @@ class SpecGuardParams(BaseModel):
         "call is then one step from its opening to its closing marker, whatever the CoT delimiters. "
         "ChatSpecGuard sets this itself when tools are bound.",
     )
+    json_tool_calls: bool = Field(
+        default=False,
+        description='Bare JSON tool calls (Llama 3.x: the answer starts with {"name": ...}) are steps: each call '
+        "is one step from its opening brace to the brace that balances it, whatever the CoT delimiters. "
+        "ChatSpecGuard sets this itself when tools are bound and the model writes JSON-style calls.",
+    )
     max_tool_call_tokens: int = Field(
         default=256, ge=1, description="Hard cap on one tool-call step's length (calls run longer than CoT steps)."
     )
@@ -141,7 +147,8 @@ class SpecGuardParams(BaseModel):
     @property
     def step_cap(self) -> int:
         """The most tokens one step can take (tool-call steps may run longer than reasoning steps)."""
-        return max(self.max_step_tokens, self.max_tool_call_tokens) if self.tool_call_markers else self.max_step_tokens
+        calls = self.tool_call_markers is not None or self.json_tool_calls
+        return max(self.max_step_tokens, self.max_tool_call_tokens) if calls else self.max_step_tokens
 
     @property
     def candidate_temperatures(self) -> list[float]:
@@ -182,6 +189,14 @@ class SpecGuardParams(BaseModel):
             raise ValueError(
                 "compile_decode=True needs cache_implementation='static' or 'auto' (it compiles what a CUDA graph "
                 "replays, and graphs need fixed addresses)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_call_syntax(self) -> SpecGuardParams:
+        if self.json_tool_calls and self.tool_call_markers is not None:
+            raise ValueError(
+                "tool_call_markers and json_tool_calls are two tool-call syntaxes: set one of them, not both"
             )
         return self
 

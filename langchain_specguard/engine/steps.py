@@ -3,11 +3,17 @@
 Steps are found in decoded text, not in token ids: tokenizers merge a delimiter such as a blank
 line into many different tokens (``".\\n\\n"``, ``"\\n\\n\\n"``...), so matching ids would miss most of
 them. Tokens are atomic, so a step ends *with* the token that completes its delimiter.
+
+A tool call is one step whatever the delimiters say. Two call syntaxes are known (:class:`CallSyntax`):
+calls between markers (``<tool_call>...</tool_call>``, :class:`MarkerCalls`) and bare JSON calls that
+open the answer (Llama 3.x, :class:`JsonCalls`; the rule is :func:`json_calls`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 
 def step_complete(text: str, delimiters: Sequence[str]) -> bool:
@@ -92,3 +98,205 @@ def marker_split(text: str, markers: tuple[str, str] | None) -> int | None:
     if at <= 0 or not text[:at].strip():
         return None
     return at
+
+
+# --------------------------------------------------------------------------------------------------
+# bare JSON tool calls (Llama 3.x: the answer is ``{"name": ..., "parameters": {...}}``)
+
+PYTHON_TAG = "<|python_tag|>"
+FENCE = "```"
+_CALL_OPENING = ("{", '"name"', ":")
+
+
+def json_end(text: str, start: int) -> int | None:
+    """Index just past the JSON object or array opened at ``text[start]``, else None while it is open.
+
+    Brackets are matched outside strings only (a ``}`` inside ``"a}"`` or after ``\\"`` does not
+    count), so the end is found without parsing; whether the value is valid JSON is the validator's
+    question.
+    """
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        char = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _skip_separators(text: str, i: int) -> tuple[int, bool]:
+    """Past the whitespace, ``;``, ``<|python_tag|>`` and code fences at ``i``; and whether the text ends there.
+
+    The text also ends "there" when what is left may still grow into a tag or a fence (``<|pyth``,
+    ````` ``js`` `````).
+    """
+    n = len(text)
+    while i < n:
+        if text[i].isspace() or text[i] == ";":
+            i += 1
+        elif text.startswith(PYTHON_TAG, i):
+            i += len(PYTHON_TAG)
+        elif text.startswith(FENCE, i):
+            j = i + len(FENCE)
+            while j < n and (text[j].isalpha() or text[j] == "_"):  # the fence's language word
+                j += 1
+            if j == n:
+                return i, True
+            if j > i + len(FENCE) and not text[j].isspace():
+                return i, False  # letters glued to a fence: prose, not a fence opener
+            i = j
+        else:
+            rest = text[i:]
+            return i, PYTHON_TAG.startswith(rest) or FENCE.startswith(rest)
+    return i, True
+
+
+def _call_opening(text: str, i: int) -> Literal["call", "maybe", "no"]:
+    """Whether ``text[i:]`` opens a call: ``{"name":`` or ``[{"name":``, whitespace allowed between the parts.
+
+    ``maybe``: the text ends in a prefix of such an opening.
+    """
+    n = len(text)
+    if text.startswith("[", i):
+        i += 1
+    for piece in _CALL_OPENING:
+        while i < n and text[i].isspace():
+            i += 1
+        got = text[i : i + len(piece)]
+        if got != piece:
+            return "maybe" if i + len(got) == n and piece.startswith(got) else "no"
+        i += len(piece)
+    return "call"
+
+
+@dataclass(frozen=True)
+class JsonRegion:
+    """The bare-JSON tool calls that open a text, as :func:`json_region` reads them."""
+
+    spans: tuple[tuple[int, int], ...]  # each finished call's JSON value (an object, or a list of them)
+    open_at: int | None  # where a call still open at the end of the text starts
+    content: int  # where the content after the calls starts (0: no call, the whole text is content)
+    growing: bool  # the text ends where the calls may still go on (inside one, between two, in an opening)
+    opening_at: int | None = None  # the text ends in what may still become a call's opening (``{"na``): there
+
+
+def json_region(text: str) -> JsonRegion:
+    """The JSON tool calls that open ``text``: the one rule for "this JSON is a tool call".
+
+    A call is a JSON object whose first key is ``"name"`` (``{"name": ...}``, whitespace allowed), or
+    a list that starts with one, and it counts only where the answer starts: after nothing but
+    whitespace, Llama's ``<|python_tag|>`` or a Markdown code fence. Further calls may follow, separated
+    by ``;`` (Llama's parallel calls), whitespace or fences. The first other character ends the calls
+    for good: what follows is content, and JSON inside prose (``the set {"name": 1}``) never is a call.
+    Each call ends at the bracket that balances its first one (outside strings).
+    """
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while True:
+        at, ends = _skip_separators(text, i)
+        if ends:
+            return JsonRegion(tuple(spans), None, len(text) if spans else 0, True)
+        opening = _call_opening(text, at)
+        if opening == "maybe":
+            return JsonRegion(tuple(spans), None, at if spans else 0, True, at)
+        if opening == "no":
+            return JsonRegion(tuple(spans), None, at if spans else 0, False)
+        end = json_end(text, at)
+        if end is None:
+            return JsonRegion(tuple(spans), at, len(text), True)
+        spans.append((at, end))
+        i = end
+
+
+# --------------------------------------------------------------------------------------------------
+# one interface over both syntaxes, for the step rules in :mod:`.text`
+
+
+@dataclass(frozen=True)
+class CallStep:
+    """A step (so far) as the tool-call rules see it."""
+
+    call: bool  # the step is (part of) a tool call: it is committed with kind "tool_call"
+    maybe: bool  # the step is, or may still become, a call: no CoT delimiter may end it
+    complete: bool  # the call in the step is finished: the step ends here
+    call_text: str  # the call from its opening (maybe in an earlier step) to its end, for the validator
+    split: int | None = None  # a text step that ran into a call: where the call starts (the step is cut there)
+
+
+class CallSyntax(Protocol):
+    """How tool calls look in the output; :meth:`begin` once per step, then :meth:`read` any number of times."""
+
+    patterns: tuple[str, ...]  # texts whose last character may end a call step (for the may-end table)
+
+    def begin(self, context: str) -> None: ...
+
+    def read(self, text: str) -> CallStep: ...
+
+
+class MarkerCalls:
+    """Calls between an opening and a closing marker, anywhere in the answer (Hermes ``<tool_call>``)."""
+
+    def __init__(self, markers: tuple[str, str]) -> None:
+        self.markers = markers
+        self.patterns: tuple[str, ...] = markers
+        self.continues = False  # the step starts inside a call left open (cut by the token cap)
+        self.open_text = ""
+
+    def begin(self, context: str) -> None:
+        start = open_call_start(context, self.markers)
+        self.continues = start is not None
+        self.open_text = context[start:] if start is not None else ""
+
+    def read(self, text: str) -> CallStep:
+        maybe = is_tool_call_step(text, self.markers, self.continues)
+        complete = maybe and tool_step_complete(text, self.markers, self.continues)
+        split = None if maybe else marker_split(text, self.markers)
+        return CallStep(maybe, maybe, complete, self.open_text + text.lstrip(), split)
+
+
+class JsonCalls:
+    """Bare JSON calls at the start of the answer (:func:`json_region`); each call is one step."""
+
+    patterns: tuple[str, ...] = ("}", "]")
+
+    def __init__(self) -> None:
+        self.closed = False  # the calls are over (or there were none): every step is text
+        self.base = ""  # committed text after the last finished call: separators, or an open call
+
+    def begin(self, context: str) -> None:
+        region = json_region(context)
+        self.closed = not region.growing
+        last = region.spans[-1][1] if region.spans else 0
+        self.base = context[last:]
+
+    def read(self, text: str) -> CallStep:
+        if self.closed:
+            return CallStep(False, False, False, "")
+        joined = self.base + text
+        region = json_region(joined)
+        if region.spans:
+            start, end = region.spans[0]
+            return CallStep(True, True, True, joined[start:end])
+        at = region.open_at if region.open_at is not None else region.opening_at
+        if at is not None:  # an open call, or the start of one (a step cut by the cap may end there)
+            return CallStep(True, True, False, joined[at:])
+        return CallStep(False, region.growing, False, "")
+
+
+def call_syntax(markers: tuple[str, str] | None, json_calls: bool) -> CallSyntax | None:
+    """The syntax a generation's tool calls are read in (None: no call is a step)."""
+    if markers is not None:
+        return MarkerCalls(markers)
+    return JsonCalls() if json_calls else None

@@ -3,8 +3,9 @@
 Steps end by text rules (see :mod:`.steps`), which need decoding. Decoding every token of every
 candidate was the engine's main host cost, so the rules are checked only at tokens that *can* end a
 step: :class:`MayEnd` says, per tokenizer and set of patterns, whether a token's text contains the
-last character of a delimiter, stop sequence or tool-call marker (or a partial UTF-8 byte), and EOS
-ends a step by itself. Every other token is skipped with one dictionary lookup.
+last character of a delimiter, stop sequence or tool-call end (a marker, or a JSON call's closing
+bracket), or a partial UTF-8 byte, and EOS ends a step by itself. Every other token is skipped with
+one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -13,20 +14,12 @@ import json
 import re
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .loading import decode
-from .steps import (
-    find_stop,
-    is_tool_call_step,
-    marker_split,
-    new_text,
-    open_call_start,
-    step_complete,
-    tool_step_complete,
-)
+from .steps import CallSyntax, find_stop, new_text, step_complete
 
 
 class MayEnd:
@@ -171,7 +164,7 @@ class OutputText:
         eos: frozenset[int],
         delimiters: Sequence[str],
         stops: Sequence[str],
-        markers: tuple[str, str] | None,
+        calls: CallSyntax | None,
         max_step_tokens: int,
         max_tool_call_tokens: int,
         prefix: str = "",
@@ -182,21 +175,21 @@ class OutputText:
         self.stops = list(stops)
         self.delimiters = [*delimiters, *stops]
         self.max_stop = max((len(s) for s in stops), default=0)
-        self.markers = markers
+        self.calls = calls
         self.max_step = max_step_tokens
         self.max_call = max_tool_call_tokens
         self.prefix = prefix  # assistant text already in the prompt (e.g. a forced "<tool_call>")
         self.generated: list[int] = []
         self.full = ""  # decode(generated), cut at a stop sequence
         self.emitted = 0  # characters of ``full`` already handed out
-        self.continues = False  # the current step starts inside a tool call left open
         self.single_call = single_call  # the output ends with its first complete tool call
-        patterns = [*self.delimiters, *(markers or ())]
+        patterns = [*self.delimiters, *(calls.patterns if calls else ())]
         self.may_end = may_end_table(tokenizer, patterns)
-        self.checkpoints = {max_step_tokens, max_tool_call_tokens} if markers else set()
+        self.checkpoints = {max_step_tokens, max_tool_call_tokens} if calls else set()
 
     def begin_step(self) -> None:
-        self.continues = open_call_start(self.prefix + self.full, self.markers) is not None
+        if self.calls is not None:
+            self.calls.begin(self.prefix + self.full)
 
     # -- where a step ends -----------------------------------------------------------------------------
 
@@ -210,10 +203,11 @@ class OutputText:
             tail = self.full[-self.max_stop :] if self.max_stop else ""
             if find_stop(tail + text, self.stops) is not None:
                 return True
-        if self.markers is not None:
-            if is_tool_call_step(text, self.markers, self.continues):
-                return tool_step_complete(text, self.markers, self.continues) or len(step) >= self.max_call
-            if len(step) >= self.max_step or self.markers[0] in text:
+        if self.calls is not None:
+            read = self.calls.read(text)
+            if read.maybe:
+                return read.complete or len(step) >= self.max_call
+            if len(step) >= self.max_step or read.split is not None:
                 return True  # a text step that ran into a call ends there (and is cut before it on commit)
         return step_complete(text, self.delimiters)
 
@@ -228,19 +222,17 @@ class OutputText:
                 return j + 1
         return None
 
-    def check_call(self, step: list[int], validate: Callable[[str], str | None] | None) -> str | None:
-        """Why a finished tool-call step is unacceptable, or None (also for text steps)."""
-        if validate is None or self.markers is None or not step:
+    def finished_call(self, step: list[int]) -> str | None:
+        """The whole tool call a finished step completes (or breaks off with EOS), for the schema check.
+
+        None for text steps and for a call cut by the token cap (judged at the step that closes it).
+        """
+        if self.calls is None or not step:
             return None
-        text = self.step_text(step)
-        if not is_tool_call_step(text, self.markers, self.continues):
+        read = self.calls.read(self.step_text(step))
+        if not read.call or not (read.complete or step[-1] in self.eos):
             return None
-        if not tool_step_complete(text, self.markers, self.continues) and step[-1] not in self.eos:
-            return None  # cut by the token cap: judged at the step that closes it
-        context = self.prefix + self.full
-        start = open_call_start(context, self.markers)
-        call = (context[start:] if self.continues and start is not None else "") + text.lstrip()
-        return validate(call)
+        return read.call_text
 
     # -- committing --------------------------------------------------------------------------------------
 
@@ -260,14 +252,14 @@ class OutputText:
         """
         kind: Literal["text", "tool_call"] = "text"
         call_closed = False
-        if self.markers is not None:
+        if self.calls is not None:
             text = self.step_text(step)
-            if is_tool_call_step(text, self.markers, self.continues):
+            read = self.calls.read(text)
+            if read.call:
                 kind = "tool_call"
-                call_closed = tool_step_complete(text, self.markers, self.continues)
-            else:
-                at = marker_split(text, self.markers)
-                keep = self._token_cut(step, at) if at is not None else 0
+                call_closed = read.complete
+            elif read.split is not None:
+                keep = self._token_cut(step, read.split)
                 if keep > 0:
                     step = step[:keep]
         self.generated.extend(step)

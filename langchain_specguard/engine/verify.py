@@ -86,9 +86,9 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
         step_tokens = draft.out_tokens[row, :k].to(logits.device)
         if bool((logits.argmax(dim=-1) == step_tokens).all()):
             gen.calibrator.observe(score)
-    # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema is rejected
-    # whatever its score: the scores judge reasoning, not whether a call can run
-    problem = gen.out.check_call(proposal.tokens, gen.validate_step)
+    # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
+    # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
+    problem = proposal.problem
     reason: Literal["accepted", "score", "schema"] = "schema" if problem else "accepted" if accepted else "score"
     verdict = Verdict(
         grounding, confidence, score, accepted and problem is None, reason, problem, forwards, k, None, threshold

@@ -52,9 +52,7 @@ def auc(pos: list[float], neg: list[float]) -> float:
 
 def auc_interval(pos: list[float], neg: list[float], rounds: int = 300) -> tuple[float, float]:
     rng = random.Random(0)
-    values = sorted(
-        auc([rng.choice(pos) for _ in pos], [rng.choice(neg) for _ in neg]) for _ in range(rounds)
-    )
+    values = sorted(auc([rng.choice(pos) for _ in pos], [rng.choice(neg) for _ in neg]) for _ in range(rounds))
     return values[int(0.025 * rounds)], values[int(0.975 * rounds) - 1]
 
 
@@ -85,7 +83,7 @@ def signal_table(records: list[dict[str, Any]], source: str) -> list[dict[str, A
         for s in r.get("steps", [])
         if s["draft_right"] is not None
     ]
-    names = ["score", "confidence", "grounding"] + sorted({k for s in steps for k in s.get("variants", {})})
+    names = ["score", "confidence", "grounding", *sorted({k for s in steps for k in s.get("variants", {})})]
     rows = []
     for name in names:
         pos, neg = [], []
@@ -95,7 +93,15 @@ def signal_table(records: list[dict[str, Any]], source: str) -> list[dict[str, A
                 continue
             (pos if s["draft_right"] else neg).append(value)
         if pos and neg:
-            rows.append({"signal": name, "auc": auc(pos, neg), "ci": auc_interval(pos, neg), "right": len(pos), "wrong": len(neg)})
+            rows.append(
+                {
+                    "signal": name,
+                    "auc": auc(pos, neg),
+                    "ci": auc_interval(pos, neg),
+                    "right": len(pos),
+                    "wrong": len(neg),
+                }
+            )
     return rows
 
 
@@ -112,11 +118,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         low, high = row["ci"]
         x, y = row["draft_token_share"], row["accuracy"]
         ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="o", capsize=3)
-        ax.annotate(row["method"].removeprefix("specguard"), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            row["method"].removeprefix("specguard"), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
     for row in rows:
         if row["method"] == "assisted[greedy]":
             ax.axhline(row["accuracy"], ls="--", c="grey", lw=1)
-            ax.annotate("target alone (greedy, via assisted generation)", (0.02, row["accuracy"]), fontsize=7, va="bottom")
+            ax.annotate(
+                "target alone (greedy, via assisted generation)", (0.02, row["accuracy"]), fontsize=7, va="bottom"
+            )
     ax.set_xlabel("share of output tokens written by the draft")
     ax.set_ylabel("accuracy (95% Wilson interval)")
     ax.set_title("SpecGuard on fine-tuned Gemma 3 270M / 6-layer early-exit draft")
@@ -141,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             if "accepted_steps" in r
             else "| |"
         )
-        print(f"| {r['method']}{flag} | {r['n']} | {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {extra} |")
+        print(
+            f"| {r['method']}{flag} | {r['n']} | {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {extra} |"
+        )
     subset = {(r["seed"], r["index"]) for r in records if r["method"] == "assisted[greedy]"}
     if subset:
         print(f"\nOn the {len(subset)} problems assisted generation ran on:")
@@ -152,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print("| signal | AUC [95% bootstrap] | right / wrong steps |")
         print("|---|---|---|")
         for s in signal_table(records, source):
-            print(f"| {s['signal']} | {s['auc']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] | {s['right']} / {s['wrong']} |")
+            print(
+                f"| {s['signal']} | {s['auc']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] | {s['right']} / {s['wrong']} |"
+            )
     if args.plot:
         plot(rows, args.plot)
     return 0

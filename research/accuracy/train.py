@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded in {time.time() - started:.0f} s", flush=True)
     problems = dataset(TRAIN_SEED, args.train_problems)
     check = dataset(TRAIN_SEED + 1, args.check)
-    report: dict[str, Any] = {"args": vars(args), "base_accuracy": quick_accuracy(model, tokenizer, check[:8], args.device)}
+    report: dict[str, Any] = {
+        "args": vars(args),
+        "base_accuracy": quick_accuracy(model, tokenizer, check[:8], args.device),
+    }
     rng = random.Random(0)
     report["target_loss"] = train(
         model, batches(tokenizer, problems, args.batch, rng), args.target_steps, args.target_lr, args.device, "target"

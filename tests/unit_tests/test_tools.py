@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 
-from langchain_specguard.engine.steps import is_tool_call_step, marker_split, open_call_start, tool_step_complete
+from langchain_specguard.chat_models import _visible_content
+from langchain_specguard.engine.steps import (
+    CallStep,
+    JsonCalls,
+    is_tool_call_step,
+    json_end,
+    json_region,
+    marker_split,
+    open_call_start,
+    tool_step_complete,
+)
 from langchain_specguard.tools import (
     HERMES_MARKERS,
     fallback_tool_prompt,
@@ -167,6 +177,78 @@ def test_tool_call_step_boundaries() -> None:
     assert open_call_start("<tool_call>{}</tool_call> done", markers) is None
 
 
+def test_json_end_matches_brackets_outside_strings() -> None:
+    assert json_end('{"a": "}"} tail', 0) == len('{"a": "}"}')
+    nested = '{"a": "\\"}", "b": [1, {"c": "]["}]}'
+    assert json_end(nested + "; more", 0) == len(nested)
+    assert json_end('{"a": [1, 2}', 0) is None  # still open (whether it is valid JSON is the validator's question)
+    assert json_end('x [{"name": "a"}, {"name": "b"}]', 2) == len('x [{"name": "a"}, {"name": "b"}]')
+
+
+A = '{"name": "a", "parameters": {"q": "}{"}}'
+B = '{"name": "b", "parameters": {}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "calls", "content", "growing"),
+    [
+        (A, [A], "", True),  # after a call another may still follow
+        (f"  <|python_tag|>{A}", [A], "", True),
+        (f"{A}; {B}", [A, B], "", True),  # Llama's parallel calls
+        (f"{A}\n\nThe capital is Paris.", [A], "The capital is Paris.", False),
+        (f"```json\n{A}\n```", [A], "", True),
+        (f"[{A}, {B}]", [f"[{A}, {B}]"], "", True),  # a list of calls is one value
+        ('{ "name" : "a"}', ['{ "name" : "a"}'], "", True),
+        ('The set {"name": 1}.', [], 'The set {"name": 1}.', False),  # JSON in prose is never a call
+        ('{"answer": 4}', [], '{"answer": 4}', False),
+        ('{"parameters": {}, "name": "a"}', [], '{"parameters": {}, "name": "a"}', False),  # "name" comes first
+        ('{"na', [], '{"na', True),  # may still become a call
+        ("<|pyth", [], "<|pyth", True),
+        ("```python\nprint(1)\n```", [], "```python\nprint(1)\n```", False),
+    ],
+)
+def test_json_calls_open_the_answer(text: str, calls: list[str], content: str, growing: bool) -> None:
+    region = json_region(text)
+    assert [text[a:b] for a, b in region.spans] == calls and region.growing == growing
+    parsed = parse_tool_calls(text, "json")
+    assert parsed.content == content
+    assert len(parsed.tool_calls) == sum(len(json.loads(c)) if c.startswith("[") else 1 for c in calls)
+
+
+def test_json_parallel_calls_and_broken_ones() -> None:
+    parsed = parse_tool_calls('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "arguments": {"x": 1}}')
+    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("a", {}), ("b", {"x": 1})]
+    cut = parse_tool_calls('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": ', "json")
+    assert [c["name"] for c in cut.tool_calls] == ["a"] and "not valid JSON" in str(cut.invalid_tool_calls[0]["error"])
+    broken = parse_tool_calls('{"name": "a", "parameters": {1}}', "json")
+    assert not broken.tool_calls and broken.invalid_tool_calls[0]["args"] == '{"name": "a", "parameters": {1}}'
+
+
+def test_json_call_steps() -> None:
+    """What the engine's step rules read: a call is one step from its brace to the one that balances it."""
+    calls = JsonCalls()
+    calls.begin("")
+    assert calls.read("\n{") == CallStep(True, True, False, "{")  # the start of a call: no delimiter may end it
+    assert calls.read("  ") == CallStep(False, True, False, "")  # blank: may still become a call
+    assert calls.read(A + " and") == CallStep(True, True, True, A)
+    assert calls.read("Hello {") == CallStep(False, False, False, "")
+    calls.begin('{"name": "a", "parameters": {"q": ')  # a call cut by the token cap (or a forced prefix)
+    assert calls.read("1}} ") == CallStep(True, True, True, '{"name": "a", "parameters": {"q": 1}}')
+    calls.begin(A)
+    assert calls.read(f"; {B}") == CallStep(True, True, True, B)
+    calls.begin("Sure.\n\n")  # the answer began with text: no JSON after it is a call
+    assert calls.read(B) == CallStep(False, False, False, "")
+
+
+def test_json_step_validator() -> None:
+    validate = step_validator(TOOLS, "json")
+    assert validate('{"name": "search", "parameters": {"query": "q"}}') is None
+    both = '[{"name": "search", "parameters": {"query": "q"}}, {"name": "Weather", "parameters": {}}]'
+    assert "missing required property 'city'" in str(validate(both))
+    assert "not valid JSON" in str(validate('{"name": "search", "parameters": {"query": '))
+    assert "unknown tool" in str(validate('{"name": "nope", "parameters": {}}'))
+
+
 def test_fallback_prompt_lists_every_tool() -> None:
     block = fallback_tool_prompt(TOOLS)
     assert '"name": "Weather"' in block and '"name": "search"' in block and "<tool_call>" in block
@@ -192,3 +274,13 @@ def test_fuzz_parser_never_raises(text: str) -> None:
         assert parsed.content == text
     reason = step_validator(TOOLS)(text)
     assert reason is None or isinstance(reason, str)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(ALPHABET, st.sampled_from([";", "x ", "}}"])), max_size=30).map("".join))
+def test_fuzz_streamed_json_content_is_a_prefix_of_the_final_content(text: str) -> None:
+    """What streaming shows of any partial answer is a prefix of the final content: never a piece of a call."""
+    final = parse_tool_calls(text, "json")
+    for cut in range(len(text) + 1):
+        assert final.content.startswith(_visible_content(text[:cut], "json"))
+    assert step_validator(TOOLS, "json")(text) is None or isinstance(step_validator(TOOLS, "json")(text), str)
