@@ -241,6 +241,7 @@ def generate_steps(
     stop: Sequence[str] | None = None,
     validate_step: Callable[[str], str | None] | None = None,
     prefix: str = "",
+    thinking: bool = False,
 ) -> Iterator[StepEvent]:
     """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
 
@@ -251,6 +252,12 @@ def generate_steps(
     score, and the target writes that step instead (``reason="schema"``). ``prefix`` is assistant
     text already rendered at the end of the prompt (e.g. a forced ``<tool_call>``): it counts when
     deciding whether a call is open, and is not part of the yielded text.
+
+    With ``params.reasoning_markers`` set, a think block that opens the output (``<think>...</think>``,
+    reasoning models) is stepped like any chain of thought, its closing marker ends a step so the answer
+    starts a new one, its steps have ``kind="reasoning"``, and tool-call rules apply only after it.
+    ``thinking``: the prompt already opened the block (the chat template's generation prompt ends with
+    ``<think>``), so the output starts inside it.
     """
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
@@ -273,6 +280,8 @@ def generate_steps(
         params.max_step_tokens,
         params.max_tool_call_tokens,
         prefix,
+        params.reasoning_markers,
+        thinking and params.reasoning_markers is not None,
     )
     pool = RuntimePool.for_pair(pair)
     runtime = pool.take(params, len(prompt_ids) + budget, params.step_cap + 1, pair.device)
@@ -331,11 +340,12 @@ def generate(
     on_step: Callable[[StepEvent], None] | None = None,
     validate_step: Callable[[str], str | None] | None = None,
     prefix: str = "",
+    thinking: bool = False,
 ) -> GenerationResult:
     """Run SpecGuard to the end and return the text, the token ids and every step."""
     started = time.perf_counter()
     steps: list[StepEvent] = []
-    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix):
+    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix, thinking):
         steps.append(event)
         if on_step is not None:
             on_step(event)

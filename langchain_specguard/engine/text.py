@@ -13,13 +13,16 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from .events import StepKind
 from .loading import decode
 from .steps import (
     find_stop,
     is_tool_call_step,
+    leading_thought,
     marker_split,
+    may_open_thought,
     new_text,
     open_call_start,
     step_complete,
@@ -83,7 +86,7 @@ class Committed:
     tokens: list[int]  # the step as committed (a text step that ran into a tool call is cut before it)
     text: str  # what the step adds to the shown answer
     finish: str | None
-    kind: Literal["text", "tool_call"]
+    kind: StepKind
 
 
 class OutputText:
@@ -99,6 +102,8 @@ class OutputText:
         max_step_tokens: int,
         max_tool_call_tokens: int,
         prefix: str = "",
+        reasoning: tuple[str, str] | None = None,
+        thinking: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos = eos
@@ -113,12 +118,33 @@ class OutputText:
         self.full = ""  # decode(generated), cut at a stop sequence
         self.emitted = 0  # characters of ``full`` already handed out
         self.continues = False  # the current step starts inside a tool call left open
-        patterns = [*self.delimiters, *(markers or ())]
+        self.reasoning = reasoning  # (opening, closing) of the think block a reasoning model starts with
+        self.opened = thinking  # the prompt opened the think block: the output starts inside it
+        self.thinking = thinking  # the current step starts inside the think block
+        self.undecided = False  # nothing written yet that says whether the output opens a think block
+        self.answer = ""  # the output past the think block (all of it when there is none)
+        patterns = [*self.delimiters, *(markers or ()), *(reasoning[1:] if reasoning else ())]
         self.may_end = may_end_table(tokenizer, patterns)
         self.checkpoints = {max_step_tokens, max_tool_call_tokens} if markers else set()
 
     def begin_step(self) -> None:
-        self.continues = open_call_start(self.prefix + self.full, self.markers) is not None
+        self.answer, self.thinking, self.undecided = self.full, False, False
+        if self.reasoning is not None:
+            thought = leading_thought(self.full, self.reasoning, self.opened)
+            if thought is None:
+                self.undecided = may_open_thought(self.full, self.reasoning[0])
+            elif thought.answer is None:
+                self.answer, self.thinking = "", True
+            else:
+                self.answer = self.full[thought.answer :]
+        # tool calls live in the answer: a call mentioned while thinking is reasoning text
+        self.continues = open_call_start(self.prefix + self.answer, self.markers) is not None
+
+    def step_thinks(self, text: str) -> bool:
+        """Whether the step with this text belongs to the think block (starts inside it, or opens it)."""
+        if self.reasoning is None:
+            return False
+        return self.thinking or (self.undecided and text.lstrip().startswith(self.reasoning[0]))
 
     # -- where a step ends -----------------------------------------------------------------------------
 
@@ -132,6 +158,11 @@ class OutputText:
             tail = self.full[-self.max_stop :] if self.max_stop else ""
             if find_stop(tail + text, self.stops) is not None:
                 return True
+        if self.reasoning is not None and self.step_thinks(text):
+            # a reasoning step follows the CoT rules, and the closing marker ends it: the answer starts a step
+            opening, closing = self.reasoning
+            inner = text if self.thinking else text.lstrip()[len(opening) :]
+            return closing in inner or len(step) >= self.max_step or step_complete(inner, self.delimiters)
         if self.markers is not None:
             if is_tool_call_step(text, self.markers, self.continues):
                 return tool_step_complete(text, self.markers, self.continues) or len(step) >= self.max_call
@@ -155,11 +186,11 @@ class OutputText:
         if validate is None or self.markers is None or not step:
             return None
         text = self.step_text(step)
-        if not is_tool_call_step(text, self.markers, self.continues):
+        if self.step_thinks(text) or not is_tool_call_step(text, self.markers, self.continues):
             return None
         if not tool_step_complete(text, self.markers, self.continues) and step[-1] not in self.eos:
             return None  # cut by the token cap: judged at the step that closes it
-        context = self.prefix + self.full
+        context = self.prefix + self.answer
         start = open_call_start(context, self.markers)
         call = (context[start:] if self.continues and start is not None else "") + text.lstrip()
         return validate(call)
@@ -180,9 +211,11 @@ class OutputText:
         Text that could still become a stop sequence, and a trailing partial UTF-8 character (a step
         may end inside one), are held back until later steps decide them.
         """
-        kind: Literal["text", "tool_call"] = "text"
-        if self.markers is not None:
-            text = self.step_text(step)
+        kind: StepKind = "text"
+        text = self.step_text(step) if self.markers is not None or self.reasoning is not None else ""
+        if self.step_thinks(text):
+            kind = "reasoning"
+        elif self.markers is not None:
             if is_tool_call_step(text, self.markers, self.continues):
                 kind = "tool_call"
             else:
