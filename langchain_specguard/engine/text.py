@@ -142,9 +142,27 @@ class OutputText:
 
     def step_thinks(self, text: str) -> bool:
         """Whether the step with this text belongs to the think block (starts inside it, or opens it)."""
+        return self._in_thought(text) is not None
+
+    def _in_thought(self, text: str) -> tuple[str, str] | None:
+        """``(before, inside)`` for a step of the think block, else None.
+
+        ``inside`` is what the step writes inside the block (past an opening marker it completes);
+        ``before`` is the end of the block written before the step, which a closing marker split across
+        steps starts in. A step of an output that is still only the start of an opening marker counts as
+        one of the block.
+        """
         if self.reasoning is None:
-            return False
-        return self.thinking or (self.undecided and text.lstrip().startswith(self.reasoning[0]))
+            return None
+        opening, closing = self.reasoning
+        if self.thinking:
+            return self.full[len(self.full) - len(closing) + 1 :], text
+        if not self.undecided:
+            return None
+        so_far = (self.full + text).lstrip()
+        if so_far.startswith(opening):
+            return "", so_far[len(opening) :]
+        return ("", "") if so_far and opening.startswith(so_far) else None
 
     # -- where a step ends -----------------------------------------------------------------------------
 
@@ -158,11 +176,13 @@ class OutputText:
             tail = self.full[-self.max_stop :] if self.max_stop else ""
             if find_stop(tail + text, self.stops) is not None:
                 return True
-        if self.reasoning is not None and self.step_thinks(text):
+        thought = self._in_thought(text)
+        if thought is not None:
             # a reasoning step follows the CoT rules, and the closing marker ends it: the answer starts a step
-            opening, closing = self.reasoning
-            inner = text if self.thinking else text.lstrip()[len(opening) :]
-            return closing in inner or len(step) >= self.max_step or step_complete(inner, self.delimiters)
+            before, inside = thought
+            assert self.reasoning is not None
+            closing = self.reasoning[1]
+            return closing in before + inside or len(step) >= self.max_step or step_complete(inside, self.delimiters)
         if self.markers is not None:
             if is_tool_call_step(text, self.markers, self.continues):
                 return tool_step_complete(text, self.markers, self.continues) or len(step) >= self.max_call

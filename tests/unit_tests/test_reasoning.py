@@ -176,10 +176,15 @@ def test_steps_inside_the_think_block_are_verified_reasoning_steps() -> None:
     ids=["opened-by-template", "opened-by-model"],
 )
 async def test_markers_split_across_steps_never_leak(pair: Any, overrides: dict[str, Any], script: str) -> None:
-    llm = make_llm(pair(), script=script, max_step_tokens=3, **overrides)
+    llm = make_llm(pair(), script=script, max_step_tokens=4, **overrides)
     collector = Steps()
     invoked = llm.invoke("How many apples?", config={"callbacks": [collector]})
     assert any("<" in s["text"] and ">" not in s["text"] for s in collector.steps)  # a marker did split
+    kinds = [s["kind"] for s in collector.steps]
+    thinking = kinds.count("reasoning")
+    assert kinds == ["reasoning"] * thinking + ["text"] * (len(kinds) - thinking)
+    closing = llm.reasoning_markers[1] if llm.reasoning_markers else THINK_MARKERS[1]
+    assert "".join(s["text"] for s in collector.steps[:thinking]).endswith(closing)  # still ends a step
     assert invoked.content == ANSWER and invoked.additional_kwargs["reasoning_content"] == THOUGHT
     for chunks in (list(llm.stream("How many apples?")), [c async for c in llm.astream("How many apples?")]):
         assert all(set("<>/").isdisjoint(str(c.content)) for c in chunks)
