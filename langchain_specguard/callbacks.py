@@ -25,7 +25,8 @@ over, and why, in four places that carry the same data:
     ``"target"``: who wrote the committed step), ``accepted`` (the draft step passed; equals
     ``source == "draft"``), ``reason`` (``"accepted"`` or why the draft step was rejected:
     ``"score"``, or ``"schema"`` for a draft tool call that failed to parse or validate), ``kind``
-    (``"text"`` or ``"tool_call"``: the committed step), ``detail`` (the validator's message, if
+    (``"text"``, ``"tool_call"``, or ``"reasoning"`` for a step of a reasoning model's think block, the
+    one holding the closing marker included; version 4 added it), ``detail`` (the validator's message, if
     any), ``grounding``, ``confidence``, ``score`` (the kept draft candidate's attention
     grounding, log-prob confidence and their combination, in [0, 1]; ``null`` if not computable),
     ``threshold`` (the acceptance threshold in force), ``text`` (the text this step added to the
@@ -44,7 +45,8 @@ over, and why, in four places that carry the same data:
 ``specguard_summary`` (``engine.events.summarize``, schema version 4)
     ``version``, ``num_steps`` (also as ``steps``), ``accepted_steps``, ``accepted_share``,
     ``prompt_tokens``, ``output_tokens``, ``draft_tokens`` / ``target_tokens`` (output tokens each
-    model wrote), ``kept_tokens``, ``speculated_tokens``, ``drafted_tokens``, ``target_forwards``,
+    model wrote), ``reasoning_tokens`` (output tokens of ``"reasoning"`` steps), ``kept_tokens``,
+    ``speculated_tokens``, ``drafted_tokens``, ``target_forwards``,
     ``draft_seconds`` / ``verify_seconds`` / ``target_seconds`` (where the step time went), ``seconds``
     (sum of step times).
     In ``response_metadata["specguard"]`` the same dict is stored; with ``return_step_details`` its

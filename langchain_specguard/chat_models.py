@@ -15,9 +15,9 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -63,6 +63,15 @@ from .engine.loading import ModelPair, context_window, load_embedded_pair, load_
 from .engine.params import PARAM_FIELDS, SpecGuardParams
 from .engine.steps import json_region
 from .engine.text import token_bytes
+from .reasoning import (
+    DEFAULT_MARKERS,
+    ThoughtSpec,
+    model_thinks,
+    opens_thought,
+    reasoning_of,
+    template_kwargs,
+    without_reasoning,
+)
 from .tools import (
     HERMES_MARKERS,
     ToolCallStyle,
@@ -120,6 +129,19 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     )
     trust_remote_code: bool = False
     chat_template: str | None = Field(default=None, description="Jinja chat template overriding the tokenizer's.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="Extra variables for the chat template, e.g. {'enable_thinking': False} for Qwen3 (also a "
+        "per-call argument, merged over this).",
+    )
+    reasoning: bool | None = Field(
+        default=None,
+        description="Reasoning models' think blocks (reasoning_markers, default <think>...</think>). True: the model "
+        "thinks (the template gets enable_thinking=True) and the thinking goes to "
+        "additional_kwargs['reasoning_content'] (a 'reasoning' content block), not content. False: the template "
+        "gets enable_thinking=False, and any thinking stays in content as written. None: the template's default, "
+        "and the thinking is separated as with True when the tokenizer or template knows the opening marker.",
+    )
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     return_step_details: bool = Field(
         default=False,
@@ -186,6 +208,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 "drafts with its own first layers, set with draft_layers)"
             )
         self._check_score_layers()
+        template_kwargs(self.chat_template_kwargs)
         if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop sequences must be non-empty strings")
         return self
@@ -218,6 +241,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             "torch_dtype": self.torch_dtype,
             "device": self.device,
             "chat_template": self.chat_template,
+            "chat_template_kwargs": self.chat_template_kwargs,
+            "reasoning": self.reasoning,
             "tool_call_format": self.tool_call_format,
             "tool_prompt": self.tool_prompt,
             "return_step_details": self.return_step_details,
@@ -363,6 +388,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         messages: Sequence[BaseMessage],
         tools: Sequence[dict[str, Any]] | None = None,
         prefix: str = "",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template, ready for the assistant turn.
 
@@ -370,8 +396,35 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         them; otherwise a system block describes them (:func:`~langchain_specguard.tools.fallback_tool_prompt`)
         and past tool calls and ``ToolMessage`` results are written into the turns as
         ``<tool_call>``/``<tool_response>`` text, so templates that know only ``content`` keep them.
-        ``prefix`` is appended after the generation prompt (the start of the assistant's answer).
+        ``prefix`` is appended after the generation prompt (the start of the answer; a think block the
+        generation prompt opened is closed before it). ``chat_template_kwargs`` are template variables for
+        this call, over the instance's (``reasoning`` sets ``enable_thinking`` under both). The reasoning of
+        past assistant messages reaches templates that read ``reasoning_content``, and no others.
         """
+        markers = self.reasoning_markers or DEFAULT_MARKERS
+        variables = self._template_variables(self.reasoning, chat_template_kwargs)
+        return self._render(messages, tools, prefix, variables, markers, self._thinks(self.reasoning, markers))[0]
+
+    def _thinks(self, reasoning: bool | None, markers: tuple[str, str]) -> bool:
+        """Whether outputs are split into reasoning and answer (see ``reasoning``)."""
+        if reasoning is None:
+            return model_thinks(self.load().tokenizer, self.template, markers[0])
+        return reasoning
+
+    def _template_variables(self, reasoning: bool | None, per_call: Mapping[str, Any] | None) -> dict[str, Any]:
+        thinking = {"enable_thinking": reasoning} if reasoning is not None else None
+        return template_kwargs(thinking, self.chat_template_kwargs, per_call)
+
+    def _render(
+        self,
+        messages: Sequence[BaseMessage],
+        tools: Sequence[dict[str, Any]] | None,
+        prefix: str,
+        variables: dict[str, Any],
+        markers: tuple[str, str],
+        thinks: bool,
+    ) -> tuple[list[int], ThoughtSpec | None]:
+        """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer."""
         if not messages:
             raise ValueError("messages is empty: give at least one message")
         for message in messages:
@@ -386,10 +439,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 "template) to ChatSpecGuard"
             )
         rendered = _template_messages(messages)
+        if "reasoning_content" not in template:  # past thinking reaches only templates that render it
+            rendered = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in rendered]
         native = self.template_takes_tools()
         rendered = _render_tool_turns(rendered, native)
         data = _message_strings(rendered)  # what came from messages: text, never control tokens
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(variables)
         if tools and native:
             extra["tools"] = list(tools)
         elif tools:
@@ -399,31 +454,41 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             else:
                 rendered.insert(0, {"role": "system", "content": block})
 
-        def render(conversation: list[dict[str, Any]]) -> str:
+        def render(conversation: list[dict[str, Any]], generation: bool = True) -> str:
             try:
                 text = tokenizer.apply_chat_template(
-                    conversation, chat_template=template, add_generation_prompt=True, tokenize=False, **extra
+                    conversation, chat_template=template, add_generation_prompt=generation, tokenize=False, **extra
                 )
             except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
                 raise ValueError(f"the chat template of {self.model_name!r} rejected the messages: {exc}") from exc
             assert isinstance(text, str)
-            return text + prefix
+            return text
 
-        ids = tokenize_prompt(tokenizer, render(rendered), data)
-        specials = _control_tokens(tokenizer)
-        if any(marker in piece for piece in data for marker in specials):
+        prompt = render(rendered)
+        thought = None
+        if thinks:
+            opened = opens_thought(prompt, render(rendered, generation=False), markers)
+            if opened and prefix:  # a forced start (a tool call) goes after the thinking, which it skips
+                prefix, opened = f"{markers[1]}\n\n{prefix}", False
+            thought = ThoughtSpec(markers, opened)
+        # the think markers are control text too where they are tokens of their own (Qwen3, R1 distills)
+        protected = [m for m in markers if m in tokenizer.get_added_vocab()]
+        ids = tokenize_prompt(tokenizer, prompt + prefix, data, protected)
+        controls = sorted({*_control_tokens(tokenizer), *protected}, key=len, reverse=True)
+        if any(marker in piece for piece in data for marker in controls):
             # safety net for templates that transform message text: the control tokens must be exactly those
             # of the same conversation with the look-alikes removed (the template's own)
-            clean = tokenizer(render(_without(rendered, specials)), add_special_tokens=False)["input_ids"]
-            ids_of = {tokenizer.convert_tokens_to_ids(m) for m in specials}
+            clean_text = render(_without(rendered, controls)) + prefix
+            clean = tokenizer(clean_text, add_special_tokens=False)["input_ids"]
+            ids_of = {tokenizer.convert_tokens_to_ids(m) for m in controls}
             if Counter(t for t in ids if t in ids_of) != Counter(t for t in clean if t in ids_of):
                 raise ValueError(
                     "a message holds control-token text that the chat template turned into real control tokens; "
-                    f"remove {sorted(m for m in specials if any(m in piece for piece in data))} from the messages"
+                    f"remove {sorted(m for m in controls if any(m in piece for piece in data))} from the messages"
                 )
         if not ids:
             raise ValueError("the chat template rendered the messages to an empty prompt")
-        return ids
+        return ids, thought
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -438,6 +503,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         parallel = _tool_flag("parallel_tool_calls", kwargs.pop("parallel_tool_calls", None))
         _tool_flag("strict", kwargs.pop("strict", None))  # calls are always schema-checked (see bind_tools)
         kwargs.pop("ls_structured_output_format", None)
+        reasoning = kwargs.pop("reasoning", self.reasoning)
+        if reasoning is not None and not isinstance(reasoning, bool):
+            raise TypeError(f"reasoning must be True, False or None, got {reasoning!r}")
+        variables = self._template_variables(reasoning, kwargs.pop("chat_template_kwargs", None))
         stops = [*(self.stop or []), *(stop or [])]
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop sequences must be non-empty strings, got {stops!r}")
@@ -457,7 +526,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             else:
                 setup.validate = None  # JSON-style output read between the caller's own markers: checked at the end
         params = self.engine_params(**kwargs)
-        return pair, self.render_prompt(messages, setup.tools, setup.prefix), params, stops, setup
+        markers = params.reasoning_markers or DEFAULT_MARKERS
+        thinks = self._thinks(reasoning, markers)
+        params = params.model_copy(update={"reasoning_markers": markers if thinks else None})
+        prompt, thought = self._render(messages, setup.tools, setup.prefix, variables, markers, thinks)
+        return pair, prompt, params, stops, replace(setup, thought=thought)
 
     def _tool_setup(self, tools: list[dict[str, Any]], tool_choice: Any) -> _ToolSetup:
         """Format, step markers, validator and forced answer start for one call with tools bound."""
@@ -486,7 +559,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         generator, so interleaved generations give the same output as sequential ones; the price is
         that memory grows with the number of generations in flight (one KV cache pair each).
         """
-        steps = generate_steps(pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call)
+        thinking = setup.thought is not None and setup.thought.opened
+        steps = generate_steps(
+            pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call, thinking
+        )
         started = time.monotonic()
         try:
             while True:
@@ -639,7 +715,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     @staticmethod
     def _usage(prompt: list[int], steps: list[StepEvent]) -> UsageMetadata:
         out = sum(s.num_tokens for s in steps)
-        return UsageMetadata(input_tokens=len(prompt), output_tokens=out, total_tokens=len(prompt) + out)
+        usage = UsageMetadata(input_tokens=len(prompt), output_tokens=out, total_tokens=len(prompt) + out)
+        thinking = sum(s.num_tokens for s in steps if s.kind == "reasoning")
+        if thinking:
+            usage["output_token_details"] = {"reasoning": thinking}
+        return usage
 
     # ------------------------------------------------------------------------------------------
     # sync
@@ -669,11 +749,17 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         self, pair: ModelPair, prompt: list[int], steps: list[StepEvent], setup: _ToolSetup
     ) -> AIMessage:
         metadata = self._final_metadata(pair, prompt, steps)
-        content, calls = self._message_fields("".join(s.text for s in steps), setup)
+        text = "".join(s.text for s in steps)
+        reasoning, answer = setup.thought.split(text) if setup.thought is not None else ("", text)
+        content, calls = self._message_fields(answer, setup)
         if calls.get("tool_calls") and metadata["finish_reason"] == "stop":
             metadata["finish_reason"] = "tool_calls"
         return AIMessage(
-            content=content, response_metadata=metadata, usage_metadata=self._usage(prompt, steps), **calls
+            content=content,
+            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            response_metadata=metadata,
+            usage_metadata=self._usage(prompt, steps),
+            **calls,
         )
 
     def _stream(
@@ -696,9 +782,9 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     @staticmethod
     def _last_chunk(final: AIMessage, shown: _ShownContent) -> ChatGenerationChunk:
-        """The closing chunk of ``final``: usage, summary, any content held back, and the tool calls as chunks."""
-        content = str(final.content)
-        rest = content[len(shown.sent) :] if content.startswith(shown.sent) else ""
+        """The closing chunk of ``final``: usage, summary, any content or reasoning held back, the tool calls."""
+        rest = _growth(shown.sent, str(final.content))
+        thinking = _growth(shown.reasoning, str(final.additional_kwargs.get("reasoning_content", "")))
         chunks = [
             tool_call_chunk(name=call["name"], args=json.dumps(call["args"]), id=call["id"], index=i)
             for i, call in enumerate(final.tool_calls)
@@ -712,6 +798,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         return ChatGenerationChunk(
             message=AIMessageChunk(
                 content=rest,
+                additional_kwargs={"reasoning_content": thinking} if thinking else {},
                 response_metadata=metadata,
                 usage_metadata=final.usage_metadata,
                 tool_call_chunks=chunks,
@@ -850,7 +937,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
 @dataclass
 class _ToolSetup:
-    """Everything one call needs to know about its bound tools (empty when none are bound)."""
+    """Everything one call needs to know about its bound tools (empty when none are bound), and its think block."""
 
     tools: list[dict[str, Any]] | None = None
     style: ToolCallStyle = "hermes"
@@ -858,6 +945,7 @@ class _ToolSetup:
     validate: Callable[[str], str | None] | None = None
     prefix: str = ""
     single_call: bool = False  # parallel_tool_calls=False: the answer ends with its first call
+    thought: ThoughtSpec | None = None  # set when the output is split into reasoning and answer
 
 
 @dataclass
@@ -867,23 +955,31 @@ class _ShownContent:
     The content shown so far is always a prefix of the final ``AIMessage.content`` that
     ``invoke`` returns: text inside an open or finished ``<tool_call>`` block (or an answer that may
     be a bare-JSON call) is held, and the calls arrive as ``tool_call_chunks`` in the last chunk.
+    A reasoning model's thinking goes out as ``reasoning_content`` instead of content, under the same
+    rule (:meth:`~langchain_specguard.reasoning.ThoughtSpec.split` holds back a marker still incomplete).
     """
 
     setup: _ToolSetup
     text: str = ""
     sent: str = ""
+    reasoning: str = ""  # the reasoning sent so far
 
-    def add(self, step_text: str) -> str:
+    def add(self, step_text: str) -> AIMessageChunk:
+        """The chunk for one more step of text: what it adds to the reasoning and to the content shown."""
         self.text += step_text
-        if self.setup.tools is None:
-            self.sent += step_text
-            return step_text
-        visible = _visible_content(self.setup.prefix + self.text, self.setup.style)
-        if not visible.startswith(self.sent):
-            return ""
-        delta = visible[len(self.sent) :]
-        self.sent = visible
-        return delta
+        thought = self.setup.thought
+        reasoning, answer = thought.split(self.text, final=False) if thought is not None else ("", self.text)
+        thinking = _growth(self.reasoning, reasoning)
+        self.reasoning += thinking
+        visible = answer if self.setup.tools is None else _visible_content(self.setup.prefix + answer, self.setup.style)
+        delta = _growth(self.sent, visible)
+        self.sent += delta
+        return AIMessageChunk(content=delta, additional_kwargs={"reasoning_content": thinking} if thinking else {})
+
+
+def _growth(shown: str, now: str) -> str:
+    """What ``now`` adds to ``shown``; nothing if it does not extend it (shown text is never taken back)."""
+    return now[len(shown) :] if now.startswith(shown) else ""
 
 
 class _ChunkRelay:
@@ -901,7 +997,7 @@ class _ChunkRelay:
 
     def step(self, text: str, pair: ModelPair, event: StepEvent) -> ChatGenerationChunk | None:
         delta = self.shown.add(text)
-        if not delta and event.logprobs is None:
+        if not delta.content and not delta.additional_kwargs and event.logprobs is None:
             return None
         chunk = _step_chunk(delta, pair, event)
         chunk.message.id = self.id
@@ -910,10 +1006,15 @@ class _ChunkRelay:
     def last(self, chunk: ChatGenerationChunk) -> ChatGenerationChunk | None:
         message = chunk.message
         assert isinstance(message, AIMessageChunk)
-        if not message.content and not message.tool_call_chunks:
+        if not message.content and not message.tool_call_chunks and not message.additional_kwargs:
             return None
         return ChatGenerationChunk(
-            message=AIMessageChunk(content=message.content, tool_call_chunks=message.tool_call_chunks, id=self.id)
+            message=AIMessageChunk(
+                content=message.content,
+                additional_kwargs=message.additional_kwargs,
+                tool_call_chunks=message.tool_call_chunks,
+                id=self.id,
+            )
         )
 
     def result(self, message: AIMessage) -> ChatResult:
@@ -921,11 +1022,12 @@ class _ChunkRelay:
         return ChatResult(generations=[ChatGeneration(message=message)])
 
 
-def _step_chunk(content: str, pair: ModelPair, event: StepEvent) -> ChatGenerationChunk:
+def _step_chunk(delta: AIMessageChunk, pair: ModelPair, event: StepEvent) -> ChatGenerationChunk:
     """A step's message chunk; with ``logprobs`` it carries the step's entries, which chunk addition
     concatenates into the final message's list."""
-    metadata = {} if event.logprobs is None else {"logprobs": {"content": _openai_logprobs(pair.tokenizer, event)}}
-    return ChatGenerationChunk(message=AIMessageChunk(content=content, response_metadata=metadata))
+    if event.logprobs is not None:
+        delta.response_metadata = {"logprobs": {"content": _openai_logprobs(pair.tokenizer, event)}}
+    return ChatGenerationChunk(message=delta)
 
 
 def _openai_logprobs(tokenizer: Any, event: StepEvent) -> list[dict[str, Any]]:
@@ -1148,7 +1250,7 @@ def _render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dic
                 ]
                 content = message.get("content") or ""  # verbatim: the model's own words, spaces included
                 text = "\n".join([content, *blocks]) if content else "\n".join(blocks)
-                message = {"role": "assistant", "content": text}
+                message = {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
         elif message["role"] == "tool" and not native:
             message = {"role": "user", "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>"}
         out.append(message)
@@ -1161,7 +1263,8 @@ def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     Chat templates render whatever role they are given (or fold unknown ones into a user turn), so
     a typo such as ``ChatMessage(role="robot")`` would silently reach the model; it is an error
     here instead. ``developer`` (OpenAI's newer name for ``system``) becomes ``system``, which is
-    the role local chat templates know.
+    the role local chat templates know. An assistant message's reasoning (``reasoning_content``, or v1
+    ``reasoning`` blocks) becomes the ``reasoning_content`` key that templates such as Qwen3's read.
     """
     for message in messages:
         parts = message.content if isinstance(message.content, list) else []
@@ -1176,8 +1279,16 @@ def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
                 raise TypeError(
                     f"a {who} message has a text part whose 'text' is {type(part.get('text')).__name__}, not str"
                 )
+    converted: list[dict[str, Any]] = []
+    for original in messages:
+        thought = reasoning_of(original)
+        for openai_message in convert_to_openai_messages([without_reasoning(original)], text_format="string"):
+            assert isinstance(openai_message, dict)
+            if thought and openai_message.get("role") == "assistant":
+                openai_message["reasoning_content"] = thought
+            converted.append(openai_message)
     rendered: list[dict[str, Any]] = []
-    for message in convert_to_openai_messages(list(messages), text_format="string"):  # type: ignore[assignment]
+    for message in converted:  # type: ignore[assignment]
         assert isinstance(message, dict)
         role = message.get("role")
         if role == "developer":
@@ -1207,11 +1318,13 @@ def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
 def _message_strings(messages: list[dict[str, Any]]) -> list[str]:
     """Every string the rendered prompt takes from the messages, in rendering order.
 
-    Message contents, and for templates that render tool calls themselves each call's name and each
-    string in its arguments (as JSON writes them inside a string).
+    Past reasoning (for templates that read ``reasoning_content``), message contents, and for templates
+    that render tool calls themselves each call's name and each string in its arguments (as JSON writes
+    them inside a string).
     """
     strings: list[str] = []
     for message in messages:
+        strings.append(str(message.get("reasoning_content") or ""))  # templates render past thinking first
         strings.append(str(message.get("content") or ""))
         for call in message.get("tool_calls") or []:
             function = call.get("function", {})
@@ -1251,16 +1364,18 @@ def _without(value: Any, markers: Sequence[str]) -> Any:
     return value
 
 
-def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str]) -> list[int]:
+def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str], protected: Sequence[str] = ()) -> list[int]:
     """Token ids of a rendered prompt in which text that came from messages can never be a control token.
 
     The template's own markers (``<|im_start|>``, ``<start_of_turn>``...) are special tokens, but the same
     strings inside a message, a tool result or tool arguments are data: each piece of ``data`` that holds
     one is located in ``text`` (in order) and tokenized with special-token parsing off, so it becomes
-    plain text tokens. (A piece the template changed is not found here; :meth:`ChatSpecGuard.render_prompt`
-    then refuses the prompt if it holds more control tokens than the template's own.)
+    plain text tokens. ``protected`` are more such texts that are tokens of their own without being special
+    (``<think>`` in Qwen3): special-token parsing does not split those, so each is tokenized in two parts.
+    (A piece the template changed is not found here; :meth:`ChatSpecGuard.render_prompt` then refuses the
+    prompt if it holds more control tokens than the template's own.)
     """
-    specials = _control_tokens(tokenizer)
+    specials = [*_control_tokens(tokenizer), *protected]
     spans: list[tuple[int, int]] = []
     cursor = 0
     for piece in data:
@@ -1277,9 +1392,22 @@ def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str]) -> list[int]
     position = 0
     for start, end in spans:
         ids += tokenizer(text[position:start], add_special_tokens=False)["input_ids"]
-        ids += tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids += _data_ids(tokenizer, text[start:end], protected)
         position = end
     ids += tokenizer(text[position:], add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _data_ids(tokenizer: Any, text: str, protected: Sequence[str]) -> list[int]:
+    """Token ids of message text holding control-token look-alikes, none of which becomes a control token."""
+    alternatives = "|".join(re.escape(p) for p in sorted(protected, key=len, reverse=True))
+    pieces = re.split(f"({alternatives})", text) if protected else [text]
+    parts: list[str] = []
+    for i, piece in enumerate(pieces):  # odd pieces are protected texts: split so that no added token matches
+        parts += [piece[:1], piece[1:]] if i % 2 else [piece]
+    ids: list[int] = []
+    for part in filter(None, parts):
+        ids += tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids
 
 

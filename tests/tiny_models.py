@@ -279,3 +279,46 @@ def bpe_pair() -> tuple[str, str]:
         _save(_qwen(len(tok), 3, seed=7), tok, root / "bpe-target"),
         _save(_qwen(len(tok), 1, seed=8), tok, root / "bpe-draft"),
     )
+
+
+THINK_MARKERS = ("<think>", "</think>")
+THINKING_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
+    "Reply with <tool_call></tool_call> blocks.<|im_end|>\n{% endif %}"
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.index0 > ns.last_user and m.reasoning_content %}"
+    "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking "
+    "is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)
+"""A reasoning model's template in the style of Qwen3-Thinking and DeepSeek-R1 distills: the generation prompt
+opens the think block (``enable_thinking=False`` closes it at once, as Qwen3 does), tools and tool turns are
+rendered Qwen-style, and the reasoning of assistant turns after the last user message (a tool loop) is rendered
+back from ``reasoning_content`` (earlier turns' thinking is dropped)."""
+
+
+def thinking_tokenizer() -> PreTrainedTokenizerFast:
+    """The character-level tokenizer with ``<think>``/``</think>`` as tokens of their own (not special: as in
+    Qwen3 and the R1 distills) and :data:`THINKING_TEMPLATE`."""
+    tok = make_tokenizer()
+    tok.add_tokens(list(THINK_MARKERS))
+    tok.chat_template = THINKING_TEMPLATE
+    return tok
+
+
+@functools.cache
+def thinking_pair() -> tuple[str, str]:
+    """A Llama pair speaking :func:`thinking_tokenizer` (a 4096-token window: tool prompts are long in characters)."""
+    tok = thinking_tokenizer()
+    root = tiny_dir()
+    return (
+        _save(_llama(len(tok), 4, seed=10, positions=4096), tok, root / "thinking-target"),
+        _save(_llama(len(tok), 2, seed=11, positions=4096), tok, root / "thinking-draft"),
+    )

@@ -299,6 +299,7 @@ def generate_steps(
     validate_step: Callable[[str], str | None] | None = None,
     prefix: str = "",
     single_call: bool = False,
+    thinking: bool = False,
 ) -> Iterator[StepEvent]:
     """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
 
@@ -313,6 +314,12 @@ def generate_steps(
     rendered at the end of the prompt (e.g. a forced ``<tool_call>``): it counts when deciding whether
     a call is open, and is not part of the yielded text. ``single_call``: the output ends
     (``finish_reason`` "stop") with the step that closes its first tool call.
+
+    With ``params.reasoning_markers`` set, a think block that opens the output (``<think>...</think>``,
+    reasoning models) is stepped like any chain of thought, its closing marker ends a step so the answer
+    starts a new one, its steps have ``kind="reasoning"``, and tool-call rules apply only after it.
+    ``thinking``: the prompt already opened the block (the chat template's generation prompt ends with
+    ``<think>``), so the output starts inside it.
     """
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
@@ -336,6 +343,8 @@ def generate_steps(
         params.max_tool_call_tokens,
         prefix,
         single_call,
+        params.reasoning_markers,
+        thinking and params.reasoning_markers is not None,
     )
     pool = RuntimePool.for_pair(pair)
     runtime = pool.take(params, len(prompt_ids) + budget, params.step_cap + 1, pair.device)
@@ -399,11 +408,12 @@ def generate(
     validate_step: Callable[[str], str | None] | None = None,
     prefix: str = "",
     single_call: bool = False,
+    thinking: bool = False,
 ) -> GenerationResult:
     """Run SpecGuard to the end and return the text, the token ids and every step."""
     started = time.perf_counter()
     steps: list[StepEvent] = []
-    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix, single_call):
+    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix, single_call, thinking):
         steps.append(event)
         if on_step is not None:
             on_step(event)

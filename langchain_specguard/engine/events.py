@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 EVENT_VERSION = 4
 
+StepKind = Literal["text", "tool_call", "reasoning"]
+"""What a step is: "tool_call" (one step, opening to closing marker), "reasoning" (a step of the think block a
+reasoning model opens its answer with, the one holding the closing marker included), "text" (the rest)."""
+
 
 @dataclass
 class StepEvent:
@@ -38,7 +42,7 @@ class StepEvent:
     target_forwards: int
     finish_reason: str | None = None  # "stop" (EOS or stop sequence), "length", or None
     token_ids: list[int] = field(default_factory=list)
-    kind: Literal["text", "tool_call"] = "text"  # a tool call is one step, opening to closing marker
+    kind: StepKind = "text"
     detail: str | None = None  # with reason "schema": what was wrong with the draft's tool call
     version: int = EVENT_VERSION
     # where ``seconds`` went: drafting the candidates, scoring the kept one (selection, signals and
@@ -96,6 +100,7 @@ def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) ->
         "output_tokens": sum(s.num_tokens for s in steps),
         "draft_tokens": sum(s.num_tokens for s in steps if s.source == "draft"),
         "target_tokens": sum(s.num_tokens for s in steps if s.source == "target"),
+        "reasoning_tokens": sum(s.num_tokens for s in steps if s.kind == "reasoning"),
         "kept_tokens": sum(s.kept_tokens for s in steps),
         "speculated_tokens": sum(s.speculated_tokens for s in steps),
         "drafted_tokens": sum(s.drafted_tokens for s in steps),

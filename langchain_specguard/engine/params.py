@@ -77,6 +77,13 @@ class SpecGuardParams(BaseModel):
     max_tool_call_tokens: int = Field(
         default=256, ge=1, description="Hard cap on one tool-call step's length (calls run longer than CoT steps)."
     )
+    reasoning_markers: tuple[str, str] | None = Field(
+        default=None,
+        description="(opening, closing) markers of the think block reasoning models open their answer with, e.g. "
+        "('<think>', '</think>'). The block is stepped and verified like any chain of thought, its closing marker "
+        "ends a step, and its steps are reported with kind 'reasoning'. ChatSpecGuard uses ('<think>', '</think>') "
+        "when this is None and the model thinks (see its `reasoning` option); set it for models with other markers.",
+    )
     max_tokens: int = Field(
         default=256,
         ge=1,
@@ -205,6 +212,16 @@ class SpecGuardParams(BaseModel):
     def _non_empty_markers(cls, value: tuple[str, str] | None) -> tuple[str, str] | None:
         if value is not None and (not value[0] or not value[1]):
             raise ValueError("tool_call_markers must be two non-empty strings, e.g. ('<tool_call>', '</tool_call>')")
+        return value
+
+    @field_validator("reasoning_markers")
+    @classmethod
+    def _distinct_reasoning_markers(cls, value: tuple[str, str] | None) -> tuple[str, str] | None:
+        if value is not None and (not value[0].strip() or not value[1].strip() or value[0] == value[1]):
+            raise ValueError(
+                "reasoning_markers must be two different non-blank strings, e.g. ('<think>', '</think>'); "
+                f"got {value!r}"
+            )
         return value
 
     @field_validator("step_delimiters")

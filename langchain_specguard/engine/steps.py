@@ -300,3 +300,39 @@ def call_syntax(markers: tuple[str, str] | None, json_calls: bool) -> CallSyntax
     if markers is not None:
         return MarkerCalls(markers)
     return JsonCalls() if json_calls else None
+
+
+@dataclass(frozen=True)
+class Thought:
+    """Where the think block that opens an answer lies in it (reasoning models' ``<think>...</think>``)."""
+
+    start: int  # where the reasoning starts (past the opening marker)
+    end: int  # where it ends: the closing marker, or the end of the text while the block is open
+    answer: int | None  # where the answer starts (past the closing marker); None while the block is open
+
+
+def leading_thought(text: str, markers: tuple[str, str], opened: bool) -> Thought | None:
+    """The think block at the start of ``text`` (the output), or None when the output does not open with one.
+
+    Only a block at the very start counts (after whitespace): that is where reasoning models think, and a
+    marker later in the answer is answer text. ``opened``: the prompt already opened the block (templates
+    that put ``<think>`` in the generation prompt), so the output starts inside it; an opening marker the
+    model writes again there is skipped.
+    """
+    opening, closing = markers
+    body = text.lstrip()
+    start = len(text) - len(body)
+    if body.startswith(opening):
+        start += len(opening)
+    elif not opened:
+        return None
+    end = text.find(closing, start)
+    if end < 0:
+        return Thought(start, len(text), None)
+    return Thought(start, end, end + len(closing))
+
+
+def may_open_thought(text: str, opening: str) -> bool:
+    """True while ``text`` (blank, or the start of ``opening``) could still grow into an opening marker."""
+    body = text.lstrip()
+    return len(body) < len(opening) and opening.startswith(body)

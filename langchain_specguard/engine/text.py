@@ -16,10 +16,11 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from .events import StepKind
 from .loading import decode
-from .steps import CallSyntax, find_stop, new_text, step_complete
+from .steps import CallSyntax, find_stop, leading_thought, may_open_thought, new_text, step_complete
 
 
 class MayEnd:
@@ -152,7 +153,7 @@ class Committed:
     tokens: list[int]  # the step as committed (a text step that ran into a tool call is cut before it)
     text: str  # what the step adds to the shown answer
     finish: str | None
-    kind: Literal["text", "tool_call"]
+    kind: StepKind
 
 
 class OutputText:
@@ -169,6 +170,8 @@ class OutputText:
         max_tool_call_tokens: int,
         prefix: str = "",
         single_call: bool = False,
+        reasoning: tuple[str, str] | None = None,
+        thinking: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.eos = eos
@@ -183,13 +186,52 @@ class OutputText:
         self.full = ""  # decode(generated), cut at a stop sequence
         self.emitted = 0  # characters of ``full`` already handed out
         self.single_call = single_call  # the output ends with its first complete tool call
-        patterns = [*self.delimiters, *(calls.patterns if calls else ())]
+        self.reasoning = reasoning  # (opening, closing) of the think block a reasoning model starts with
+        self.opened = thinking  # the prompt opened the think block: the output starts inside it
+        self.thinking = thinking  # the current step starts inside the think block
+        self.undecided = False  # nothing written yet that says whether the output opens a think block
+        self.answer = ""  # the output past the think block (all of it when there is none)
+        patterns = [*self.delimiters, *(calls.patterns if calls else ()), *(reasoning[1:] if reasoning else ())]
         self.may_end = may_end_table(tokenizer, patterns)
         self.checkpoints = {max_step_tokens, max_tool_call_tokens} if calls else set()
 
     def begin_step(self) -> None:
+        self.answer, self.thinking, self.undecided = self.full, False, False
+        if self.reasoning is not None:
+            thought = leading_thought(self.full, self.reasoning, self.opened)
+            if thought is None:
+                self.undecided = may_open_thought(self.full, self.reasoning[0])
+            elif thought.answer is None:
+                self.answer, self.thinking = "", True
+            else:
+                self.answer = self.full[thought.answer :]
+        # tool calls live in the answer: a call mentioned while thinking is reasoning text
         if self.calls is not None:
-            self.calls.begin(self.prefix + self.full)
+            self.calls.begin(self.prefix + self.answer)
+
+    def step_thinks(self, text: str) -> bool:
+        """Whether the step with this text belongs to the think block (starts inside it, or opens it)."""
+        return self._in_thought(text) is not None
+
+    def _in_thought(self, text: str) -> tuple[str, str] | None:
+        """``(before, inside)`` for a step of the think block, else None.
+
+        ``inside`` is what the step writes inside the block (past an opening marker it completes);
+        ``before`` is the end of the block written before the step, which a closing marker split across
+        steps starts in. A step of an output that is still only the start of an opening marker counts as
+        one of the block.
+        """
+        if self.reasoning is None:
+            return None
+        opening, closing = self.reasoning
+        if self.thinking:
+            return self.full[len(self.full) - len(closing) + 1 :], text
+        if not self.undecided:
+            return None
+        so_far = (self.full + text).lstrip()
+        if so_far.startswith(opening):
+            return "", so_far[len(opening) :]
+        return ("", "") if so_far and opening.startswith(so_far) else None
 
     # -- where a step ends -----------------------------------------------------------------------------
 
@@ -203,6 +245,13 @@ class OutputText:
             tail = self.full[-self.max_stop :] if self.max_stop else ""
             if find_stop(tail + text, self.stops) is not None:
                 return True
+        thought = self._in_thought(text)
+        if thought is not None:
+            # a reasoning step follows the CoT rules, and the closing marker ends it: the answer starts a step
+            before, inside = thought
+            assert self.reasoning is not None
+            closing = self.reasoning[1]
+            return closing in before + inside or len(step) >= self.max_step or step_complete(inside, self.delimiters)
         if self.calls is not None:
             read = self.calls.read(text)
             if read.maybe:
@@ -229,7 +278,10 @@ class OutputText:
         """
         if self.calls is None or not step:
             return None
-        read = self.calls.read(self.step_text(step))
+        text = self.step_text(step)
+        if self.step_thinks(text):
+            return None
+        read = self.calls.read(text)
         if not read.call or not (read.complete or step[-1] in self.eos):
             return None
         return read.call_text
@@ -250,10 +302,12 @@ class OutputText:
         Text that could still become a stop sequence, and a trailing partial UTF-8 character (a step
         may end inside one), are held back until later steps decide them.
         """
-        kind: Literal["text", "tool_call"] = "text"
+        kind: StepKind = "text"
         call_closed = False
-        if self.calls is not None:
-            text = self.step_text(step)
+        text = self.step_text(step) if self.calls is not None or self.reasoning is not None else ""
+        if self.step_thinks(text):
+            kind = "reasoning"
+        elif self.calls is not None:
             read = self.calls.read(text)
             if read.call:
                 kind = "tool_call"
