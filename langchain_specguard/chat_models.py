@@ -560,9 +560,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         that memory grows with the number of generations in flight (one KV cache pair each).
         """
         thinking = setup.thought is not None and setup.thought.opened
-        steps = generate_steps(
-            pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call, thinking
-        )
+        steps = generate_steps(pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call, thinking)
         started = time.monotonic()
         try:
             while True:

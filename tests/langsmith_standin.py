@@ -273,7 +273,7 @@ def main() -> None:
             seed=0,
             decision="weighted",
             grounding_weight=0.8,
-            acceptance_threshold=0.478,
+            acceptance_threshold=0.7515,
         )
         chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | llm | StrOutputParser()
         chain.invoke({"question": "Hello"})

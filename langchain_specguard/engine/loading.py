@@ -404,6 +404,24 @@ def embedded_gguf_path() -> Path:
     return target
 
 
+def check_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a Gemma tokenizer that transformers converted wrongly from the GGUF file.
+
+    Some transformers releases (5.17, seen) build Gemma's tokenizer from GGUF metadata without its BOS
+    token and with broken merges: "Hello world" becomes a dozen pieces, and the model, which never saw
+    such input, answers with nonsense. Checked by what the tokenizer does, not by version number.
+    """
+    import transformers
+
+    ids = tokenizer("Hello world")["input_ids"]
+    if tokenizer.bos_token_id is None or not ids or ids[0] != tokenizer.bos_token_id or len(ids) > 4:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} converted the embedded model's GGUF tokenizer wrongly "
+            f"('Hello world' -> {len(ids)} tokens {ids[:8]}...; expected <bos> and two words): upgrade "
+            "transformers (5.23 converts it right): pip install -U transformers"
+        )
+
+
 def load_embedded_pair(
     *, draft_layers: int = 15, device: str | None = None, dtype: str | torch.dtype | None = None
 ) -> ModelPair:
@@ -416,6 +434,7 @@ def load_embedded_pair(
         dtype=dtype,
         gguf_file=path.name,
     )
+    check_gguf_tokenizer(pair.tokenizer)
     if pair.tokenizer.chat_template is None:
         pair.tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     end_of_turn = pair.tokenizer.convert_tokens_to_ids("<end_of_turn>")

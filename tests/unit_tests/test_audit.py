@@ -353,3 +353,12 @@ def test_target_written_call_that_breaks_the_schema_is_invalid() -> None:
     message = llm.bind_tools([lookup]).invoke("Capital?")
     assert message.tool_calls == []
     assert message.invalid_tool_calls and "country" in str(message.invalid_tool_calls[0]["error"])
+
+
+def test_a_wrongly_converted_gguf_tokenizer_is_refused() -> None:
+    """transformers 5.17 turns Gemma's GGUF tokenizer into one without BOS and merges; it must not load silently."""
+    from langchain_specguard.engine.loading import check_gguf_tokenizer
+    from tests.tiny_models import make_tokenizer
+
+    with pytest.raises(RuntimeError, match="converted the embedded model's GGUF tokenizer wrongly"):
+        check_gguf_tokenizer(make_tokenizer())  # one token per character, no BOS added

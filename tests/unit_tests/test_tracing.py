@@ -28,8 +28,8 @@ from tests.langsmith_standin import LangSmithStandIn, trim_run
 from tests.tiny_models import llama_pair
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "langsmith_chat_model_run.json"
-# on this pair, 0.478 leaves the first steps of a call to the target and accepts the later ones
-MIXED = {"decision": "weighted", "grounding_weight": 0.8, "acceptance_threshold": 0.478}
+# on this pair, 0.7515 leaves the first steps of a call to the target and accepts the later ones
+MIXED = {"decision": "weighted", "grounding_weight": 0.8, "acceptance_threshold": 0.7515}
 
 
 def make_llm(**overrides: Any) -> ChatSpecGuard:
