@@ -83,8 +83,7 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     if gen.calibrator is not None and logits is not None:
         # a step made only of the target's own first choices is one it writes itself: its score is a
         # sample of how the target's steps score, whatever this step's verdict (calibration.py)
-        step_tokens = draft.out_tokens[row, :k].to(logits.device)
-        if bool((logits.argmax(dim=-1) == step_tokens).all()):
+        if bool((logits.argmax(dim=-1) == step).all()):
             gen.calibrator.observe(score)
     # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
     # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
