@@ -80,11 +80,10 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     threshold = gen.threshold()
     accepted = threshold < 0 or score >= threshold
-    if gen.calibrator is not None and logits is not None:
-        # a step made only of the target's own first choices is one it writes itself: its score is a
-        # sample of how the target's steps score, whatever this step's verdict (calibration.py)
-        if bool((logits.argmax(dim=-1) == step).all()):
-            gen.calibrator.observe(score)
+    # a step made only of the target's own first choices is one it writes itself: its score is a
+    # sample of how the target's steps score, whatever this step's verdict (calibration.py)
+    if gen.calibrator is not None and logits is not None and bool((logits.argmax(dim=-1) == step).all()):
+        gen.calibrator.observe(score)
     # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
     # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
     problem = proposal.problem
