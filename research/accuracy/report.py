@@ -2,9 +2,10 @@
 
     python -m research.accuracy.report research/accuracy/results/gemma270m_h100_eval.json.gz [--plot out.png]
 
-Target- and draft-alone baselines that ran as one left-padded batch are printed but flagged: on this
-model and transformers 5.17 padding broke their first tokens (see the README), so the target's greedy
-accuracy is taken from assisted generation, which is lossless under greedy decoding and ran unpadded.
+In the committed H100 run the target- and draft-alone baselines ran as one left-padded batch, which
+broke their first tokens on that model and transformers version (see the README): they are printed
+flagged, and the target's greedy accuracy comes from assisted generation (lossless under greedy
+decoding, unpadded). ``evaluate.py`` now runs every baseline unpadded, one problem at a time.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def accuracy_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["accepted_steps"] = sum(s["accepted"] for s in steps) / len(steps)
             row["draft_token_share"] = sum(r["draft_tokens"] for r in runs) / max(1, sum(r["tokens"] for r in runs))
             row["mean_threshold"] = sum(s["threshold"] for s in steps) / len(steps)
-        row["batched"] = method.startswith(("target[", "draft["))
+        row["batched"] = method.startswith(("target[", "draft[")) and not runs[0].get("unpadded")
         rows.append(row)
     return rows
 
