@@ -36,7 +36,7 @@ from .logprobs import StepLogprobs
 from .params import SpecGuardParams
 from .propose import propose
 from .runner import MAX_BUCKET, ModelRunner
-from .sampling import Controls
+from .sampling import Controls, seen_rows
 from .steps import call_syntax
 from .text import OutputText
 from .verify import verify
@@ -207,6 +207,14 @@ class Generation:
         if not extra:
             return mask
         return mask.clone().index_fill_(0, torch.tensor(list(extra), device=runner.device), True)
+
+    def seen_rows(
+        self, runner: ModelRunner, extra: Sequence[int], fed: Sequence[int], device: torch.device
+    ) -> torch.Tensor | None:
+        """Seen-token masks ``[len(fed), V]`` for the rows of a pass of ``runner`` that fed ``fed`` after
+        ``ids + extra`` (row ``j`` has also seen ``fed[: j + 1]``), or None without a repetition penalty."""
+        before = self.seen(runner, extra)
+        return None if before is None else seen_rows(before, torch.tensor(list(fed), device=device))
 
     def step(self) -> StepEvent:
         started = time.perf_counter()

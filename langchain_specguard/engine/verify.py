@@ -17,7 +17,7 @@ import torch
 
 from .attention import StepAttention
 from .propose import Proposal
-from .sampling import greedy, processed_logprobs, raw_logprobs, residual_sample, seen_rows
+from .sampling import greedy, processed_logprobs, raw_logprobs, residual_sample
 from .signals import combine_scores, confidence_score, grounding_score
 
 if TYPE_CHECKING:
@@ -80,9 +80,10 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     threshold = gen.threshold()
     accepted = threshold < 0 or score >= threshold
+    own = target_choices(gen, proposal, logits) if logits is not None and gen.calibrator is not None else None
     # a step made only of the target's own first choices is one it writes itself: its score is a
     # sample of how the target's steps score, whatever this step's verdict (calibration.py)
-    if gen.calibrator is not None and logits is not None and bool((logits.argmax(dim=-1) == step).all()):
+    if gen.calibrator is not None and own == proposal.tokens:
         gen.calibrator.observe(score)
     # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
     # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
@@ -93,7 +94,7 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     )
     if verdict.accepted:
         if logits is not None and params.temperature == 0:  # what the target thinks of it still informs speculation
-            keep_prefix(gen, proposal, logits)
+            keep_prefix(gen, proposal, logits, own)
         if gen.logprobs is not None and raw is not None:
             gen.logprobs.add_logprobs(raw, proposal.tokens)  # the target's, from the verification pass
         elif gen.logprobs is not None:
@@ -102,7 +103,7 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     if logits is None:
         logits = target_pass(gen, proposal, None)
         verdict.target_forwards += 1
-    verdict.agree, verdict.next_token = keep_prefix(gen, proposal, logits)
+    verdict.agree, verdict.next_token = keep_prefix(gen, proposal, logits, own)
     if gen.logprobs is not None:  # the kept tokens and the target's own next one, all scored by this pass
         kept = proposal.tokens[: verdict.agree] + ([] if verdict.next_token is None else [verdict.next_token])
         gen.logprobs.add_logprobs(raw_logprobs(logits[: len(kept)]) if raw is None else raw[: len(kept)], kept)
@@ -111,10 +112,19 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     return verdict
 
 
-def keep_prefix(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> tuple[int, int | None]:
+def target_choices(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> list[int]:
+    """The target's own greedy token after each position its pass over the step fed (penalised logits)."""
+    fed = [gen.ids[-1], *proposal.tokens[:-1]]  # row i's logits follow fed[: i + 1]
+    return greedy(logits, gen.controls, gen.seen_rows(gen.runtime.target, (), fed, logits.device)).tolist()
+
+
+def keep_prefix(
+    gen: Generation, proposal: Proposal, logits: torch.Tensor, own: list[int] | None = None
+) -> tuple[int, int | None]:
     """How many leading step tokens the target keeps, and its own next token (None if it keeps all ``k``).
 
-    Greedy: the tokens equal to the target's argmax (of its penalised logits), then the argmax.
+    Greedy: the tokens equal to the target's argmax (of its penalised logits; ``own`` when already
+    computed by :func:`target_choices`), then the argmax.
     Sampling: speculative rejection sampling, accepting token ``i`` with probability
     ``min(1, p(x_i) / q(x_i))`` and, at the first rejection, drawing from ``max(0, p - q)``, where ``p``
     and ``q`` are the target's and the draft's processed distributions (the same penalty and filters).
@@ -123,14 +133,13 @@ def keep_prefix(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> tu
     """
     params, draft, controls = gen.params, gen.runtime.draft, gen.controls
     k, tokens = len(proposal.tokens), proposal.tokens
-    before = gen.seen(gen.runtime.target)
-    fed = [gen.ids[-1], *tokens[: k - 1]]  # what the pass fed: row i's logits follow fed[: i + 1]
-    seen = None if before is None else seen_rows(before, torch.tensor(fed).to(logits.device))
     if params.temperature == 0:
-        top = greedy(logits, controls, seen).tolist()
+        top = own if own is not None else target_choices(gen, proposal, logits)
         agree = next((i for i in range(k) if top[i] != tokens[i]), k)
         gen.agreement.observe(agree, agree < k)
         return agree, (top[agree] if agree < k else None)
+    fed = [gen.ids[-1], *tokens[: k - 1]]  # what the pass fed: row i's logits follow fed[: i + 1]
+    seen = gen.seen_rows(gen.runtime.target, (), fed, logits.device)
     temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
     logp = processed_logprobs(logits, temperature, controls, seen)  # [k, V]
     step = torch.tensor(tokens, device=logits.device)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import draw, greedy, processed_logprobs, residual_sample, seen_rows
+from .sampling import draw, greedy, processed_logprobs, residual_sample
 
 if TYPE_CHECKING:
     from .decoding import Generation
@@ -123,8 +123,7 @@ def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written)
     logits = target.forward(None, last, q=gamma + 1)[0]  # [gamma + 1, V]
     proposed = draft.out_tokens[0, :gamma].tolist()
     fed = [seq[-1], *proposed]
-    before = gen.seen(target, tokens)
-    seen = None if before is None else seen_rows(before, torch.tensor(fed).to(logits.device))
+    seen = gen.seen_rows(target, tokens, fed, logits.device)
     if params.temperature == 0:
         top = greedy(logits, gen.controls, seen).tolist()
         agree = next((i for i in range(gamma) if proposed[i] != top[i]), gamma)
