@@ -285,7 +285,14 @@ def threshold_calibrator(pair: ModelPair, params: SpecGuardParams) -> ThresholdC
     if params.acceptance_threshold != "auto":
         return None
     layers = score_layers(pair.target, params.score_layers)
-    key = (params.signal_source, params.decision, params.grounding_weight, params.grounding_method, layers)
+    key = (
+        params.signal_source,
+        params.decision,
+        params.grounding_weight,
+        params.grounding_method,
+        params.confidence_method,
+        layers,
+    )
     return calibrator_for(pair.extra, key, params.calibration_quantile)
 
 

@@ -42,6 +42,11 @@ class SpecGuardParams(BaseModel):
         "'weighted': grounding_weight * grounding + (1 - grounding_weight) * confidence.",
     )
     grounding_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    confidence_method: Literal["mean", "min"] = Field(
+        default="mean",
+        description="'mean': the geometric-mean probability of the step's tokens; 'min': the probability of "
+        "its least likely token, since one wrong token (a number, a name) can make a whole step wrong.",
+    )
     signal_source: Literal["draft", "target"] = Field(
         default="target",
         description="Which model's attention and log-probs score the step. 'target' costs one parallel "
@@ -55,7 +60,8 @@ class SpecGuardParams(BaseModel):
     )
     score_layers: list[int] | None = Field(
         default=None,
-        description="Decoder layer indices (negative allowed) whose attention is scored; None = last third.",
+        description="Decoder layer indices (negative allowed) whose attention is scored; None = the last third, "
+        "or on models mixing sliding-window and full attention the full-attention layers of the upper half.",
     )
     step_delimiters: list[str] = Field(
         default_factory=lambda: ["\n\n"],

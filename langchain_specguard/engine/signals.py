@@ -86,11 +86,16 @@ def grounding_score(
     return grounding_mean(sink, context, step)
 
 
-def confidence_score(logprobs: torch.Tensor) -> float:
-    """Geometric-mean probability of the step's tokens, ``exp(mean log p)``, in [0, 1]."""
+def confidence_score(logprobs: torch.Tensor, method: Literal["mean", "min"] = "mean") -> float:
+    """How likely the scoring model finds the step, in [0, 1]: ``exp(mean log p)`` or ``exp(min log p)``.
+
+    The mean forgives one unlikely token in a long step; the minimum does not, which matters where a
+    single token carries the step's content (a digit of a result).
+    """
     if logprobs.numel() == 0:
         return float("nan")
-    return float(torch.exp(logprobs.float().mean()))
+    logprobs = logprobs.double()
+    return float(torch.exp(logprobs.mean() if method == "mean" else logprobs.min()))
 
 
 def combine_scores(

@@ -76,7 +76,7 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
         logp = draft.out_logp[row, :k]
         grounding = _grounding(proposal.record, row, k, gen)
         forwards = 0
-    confidence = confidence_score(logp.double().cpu())
+    confidence = confidence_score(logp.double().cpu(), params.confidence_method)
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     threshold = gen.threshold()
     accepted = threshold < 0 or score >= threshold

@@ -5,10 +5,11 @@
 
 Every problem is generated from ``--seeds`` (never the training seed); each seed also seeds sampling.
 SpecGuard runs through the library's own engine (``generate``) in worker processes that share the GPU
-(small-batch decoding leaves it mostly idle), one loaded pair per worker. Baselines: the target and
-the draft alone (batched ``generate``, greedy and sampled) and assisted generation (token-level SD,
-one problem at a time). Each verified step is logged with its signals and two labels: whether the
-draft's kept candidate was right (the signal study) and whether the committed step was.
+(small-batch decoding leaves it mostly idle), one loaded pair per worker, under each way of scoring in
+``--scorings`` at fixed thresholds and "auto", greedy and sampled. Baselines: the target and the draft
+alone and assisted generation (token-level SD), greedy and sampled, one problem at a time. Each
+verified step is logged with its signals and two labels: whether the draft's kept candidate was right
+(the signal study) and whether the committed step was.
 
 The signal study also scores every step with grounding variants computed from the same attention:
 rollout and mean, as the engine now computes them and as it did before the audit (query 0 counted,
@@ -72,7 +73,7 @@ def _layer_sets(model: Any) -> dict[str, tuple[int, ...]]:
 def _init(target: str, draft: str, device: str, dtype: str) -> None:
     import langchain_specguard.engine.verify as verify
     from langchain_specguard.engine import load_pair
-    from langchain_specguard.engine.signals import grounding_mean, grounding_rollout, grounding_score
+    from langchain_specguard.engine.signals import confidence_score, grounding_mean, grounding_rollout, grounding_score
 
     torch.set_num_threads(1)
     pair = load_pair(target, draft, dtype=dtype, device=device)
@@ -99,7 +100,16 @@ def _init(target: str, draft: str, device: str, dtype: str) -> None:
         idx = chosen["default"]
         return grounding_score(sink[idx], context[idx], step[idx], gen.params.grounding_method)
 
+    def confidence(logprobs: torch.Tensor, method: Any = "mean") -> float:
+        # both ways of scoring the step's log-probabilities, whichever one decides
+        if _STATE["variants"]:
+            _STATE["variants"][-1].update(
+                {f"confidence_{name}": _num(confidence_score(logprobs, name)) for name in ("mean", "min")}
+            )
+        return confidence_score(logprobs, method)
+
     verify._grounding = instrumented  # type: ignore[assignment]
+    verify.confidence_score = confidence  # type: ignore[assignment]
 
 
 def _scored_layers(source: str) -> list[int]:
@@ -221,6 +231,15 @@ def _num(value: float) -> float | None:
 # --------------------------------------------------------------------------------------------------
 
 
+SCORINGS: dict[str, dict[str, Any]] = {
+    "both": {},  # the engine's default: min(grounding, mean confidence)
+    "confidence": {"decision": "weighted", "grounding_weight": 0.0},
+    "min-confidence": {"decision": "weighted", "grounding_weight": 0.0, "confidence_method": "min"},
+    "weighted": {"decision": "weighted", "grounding_weight": 0.5},
+}
+"""Ways of scoring a step that the evaluation compares (``--scorings``)."""
+
+
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (method, seed, slice of problems) job."""
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -238,18 +257,17 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         for model in ("target", "draft", "assisted"):
             if model != "assisted" or args.assisted:
                 add(f"{model}[{tag}]", "baseline", slices, model=model, temperature=temperature)
-    greedy_thresholds: list[Any] = [float(t) for t in args.thresholds.split(",")] + ["auto"]
-    for threshold in greedy_thresholds:
-        add(f"specguard[greedy,{threshold}]", "specguard", slices, params={"acceptance_threshold": threshold})
-    add(
-        "specguard[greedy,0.5,draft-signals]",
-        "specguard",
-        slices,
-        params={"acceptance_threshold": 0.5, "signal_source": "draft"},
-    )
-    for threshold in [float(t) for t in args.sampling_thresholds.split(",")] + ["auto"]:
-        params = {"acceptance_threshold": threshold, "temperature": args.temperature}
-        add(f"specguard[t={args.temperature:g},{threshold}]", "specguard", slices, params=params)
+    for scoring in args.scorings.split(";"):
+        name, _, thresholds = scoring.partition(":")
+        options = SCORINGS[name]
+        for threshold in [float(t) for t in thresholds.split(",") if t] + ["auto"]:
+            params = {**options, "acceptance_threshold": threshold}
+            add(f"specguard[greedy,{name},{threshold}]", "specguard", slices, params=params)
+        params = {**options, "acceptance_threshold": "auto", "temperature": args.temperature}
+        add(f"specguard[t={args.temperature:g},{name},auto]", "specguard", slices, params=params)
+    if args.draft_signals:
+        params = {"acceptance_threshold": args.draft_signals, "signal_source": "draft"}
+        add(f"specguard[greedy,both,{args.draft_signals},draft-signals]", "specguard", slices, params=params)
     return jobs
 
 
@@ -264,17 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--chunk", type=int, default=25)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--thresholds", default="0.3,0.5,0.7,0.9")
-    parser.add_argument("--sampling-thresholds", default="0.5")
+    parser.add_argument(
+        "--scorings",
+        default="both:0.5;confidence:0.7,0.9;min-confidence:0.1,0.3",
+        help="';'-separated NAME:THRESHOLDS (NAME from SCORINGS); each also runs 'auto', greedy and sampled",
+    )
+    parser.add_argument("--draft-signals", type=float, default=None, help="also: threshold with draft signals")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--assisted", type=int, default=1, help="0: leave assisted generation out")
     parser.add_argument("--deadline", type=float, default=None, help="seconds: stop and save what is done")
     args = parser.parse_args(argv)
 
     jobs = plan(args)
-    # baselines first (long batched calls), then every method's first slices before anyone's later ones,
-    # so a run cut at the deadline still covers every method evenly
-    jobs.sort(key=lambda j: (j["kind"] != "baseline", j["indices"][0], j["seed"]))
+    # every method's first slices before anyone's later ones, so a run cut at the deadline still covers
+    # every method evenly (the slowest, assisted generation, first within a slice)
+    jobs.sort(key=lambda j: (j["indices"][0], j["seed"], j["name"] != "assisted[greedy]"))
     started = time.time()
     records: list[dict[str, Any]] = []
     finished = 0

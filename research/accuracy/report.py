@@ -75,6 +75,21 @@ def accuracy_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def derived_signals(step: dict[str, Any]) -> dict[str, float]:
+    """Ways of combining the engine's grounding with either confidence, scored after the fact."""
+    grounding, out = step.get("grounding"), {}
+    for kind in ("mean", "min"):
+        confidence = step.get("variants", {}).get(f"confidence_{kind}")
+        if confidence is None:
+            continue
+        # a one-token step has no grounding: the engine judges it on confidence alone
+        grounding_or_conf = confidence if grounding is None else grounding
+        out[f"min(grounding, confidence_{kind})"] = min(grounding_or_conf, confidence)
+        for w in (0.1, 0.25, 0.5):
+            out[f"{w:g}*grounding + {1 - w:g}*confidence_{kind}"] = w * grounding_or_conf + (1 - w) * confidence
+    return out
+
+
 def signal_table(records: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
     """ROC AUC of each signal for telling right from wrong draft steps (the kept candidate)."""
     steps = [
@@ -84,12 +99,21 @@ def signal_table(records: list[dict[str, Any]], source: str) -> list[dict[str, A
         for s in r.get("steps", [])
         if s["draft_right"] is not None
     ]
-    names = ["score", "confidence", "grounding", *sorted({k for s in steps for k in s.get("variants", {})})]
+    for s in steps:
+        s["derived"] = derived_signals(s)
+    names = [
+        "score",
+        "confidence",
+        "grounding",
+        *sorted({k for s in steps for k in s.get("variants", {})}),
+        *sorted({k for s in steps for k in s["derived"]}),
+    ]
     rows = []
     for name in names:
         pos, neg = [], []
         for s in steps:
-            value = s.get(name) if name in ("score", "confidence", "grounding") else s["variants"].get(name)
+            extra = {**s["variants"], **s["derived"]}
+            value = s.get(name) if name in ("score", "confidence", "grounding") else extra.get(name)
             if value is None:
                 continue
             (pos if s["draft_right"] else neg).append(value)
@@ -106,7 +130,7 @@ def signal_table(records: list[dict[str, Any]], source: str) -> list[dict[str, A
     return rows
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
+def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,14 +147,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             row["method"].removeprefix("specguard"), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
         )
     for row in rows:
-        if row["method"] == "assisted[greedy]":
-            ax.axhline(row["accuracy"], ls="--", c="grey", lw=1)
-            ax.annotate(
-                "target alone (greedy, via assisted generation)", (0.02, row["accuracy"]), fontsize=7, va="bottom"
-            )
+        if row["method"] in ("target[greedy]", "target[t=0.7]") and not row["batched"]:
+            ax.axhline(row["accuracy"], ls="--" if "greedy" in row["method"] else ":", c="grey", lw=1)
+            label = row["method"].replace("target", "target alone ")
+            ax.annotate(label, (0.02, row["accuracy"]), fontsize=7, va="bottom")
     ax.set_xlabel("share of output tokens written by the draft")
     ax.set_ylabel("accuracy (95% Wilson interval)")
-    ax.set_title("SpecGuard on fine-tuned Gemma 3 270M / 6-layer early-exit draft")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
@@ -139,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--title", default="SpecGuard on fine-tuned Gemma 3 270M with an early-exit draft")
     args = parser.parse_args(argv)
     data = load(args.path)
     records = [r for r in data["records"] if "error" not in r]
@@ -169,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {s['signal']} | {s['auc']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] | {s['right']} / {s['wrong']} |"
             )
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, args.title)
     return 0
 
 

@@ -64,6 +64,8 @@ def test_auto_learns_from_the_target_and_events_report_the_threshold_in_force() 
     # another way of scoring learns separately
     generate(pair, prompt, params.model_copy(update={"decision": "weighted"}))
     assert len(pair.extra["threshold_calibrators"]) == 2
+    generate(pair, prompt, params.model_copy(update={"confidence_method": "min"}))
+    assert len(pair.extra["threshold_calibrators"]) == 3
 
 
 def test_auto_with_the_threshold_it_learned_is_what_a_fixed_threshold_gives() -> None:

@@ -106,6 +106,14 @@ def test_confidence_is_geometric_mean_probability() -> None:
     assert confidence_score(torch.zeros(3)) == pytest.approx(1.0)
 
 
+def test_min_confidence_is_the_least_likely_tokens_probability() -> None:
+    # one unlikely token in a long, otherwise certain step: the mean forgives it, the minimum does not
+    step = torch.log(torch.tensor([1.0] * 9 + [0.01], dtype=torch.float64))
+    assert confidence_score(step) == pytest.approx(0.01**0.1)
+    assert confidence_score(step, "min") == pytest.approx(0.01)
+    assert math.isnan(confidence_score(torch.tensor([]), "min"))
+
+
 def test_combine_scores() -> None:
     assert combine_scores(0.9, 0.3, "both") == pytest.approx(0.3)
     assert combine_scores(0.9, 0.3, "weighted", 0.5) == pytest.approx(0.6)
