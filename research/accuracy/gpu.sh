@@ -2,7 +2,7 @@
 # The accuracy testbed on the GPU machine, in stages that fit the device tool's limits (64 MiB carried
 # per call, 10 minutes per command): the Gemma 3 270M GGUF travels in five parts (.gpu1...5, split with
 # `split -n 5 -d`), then train, then evaluate. State lives in /tmp/w while the machine stays warm.
-#   bash research/accuracy/gpu.sh part 1 | ... | part 4 | train | eval
+#   bash research/accuracy/gpu.sh part 1 | ... | part 4 | train | draft | eval
 set -uo pipefail
 W=/tmp/w
 mkdir -p $W/gguf
@@ -26,6 +26,10 @@ case "$1" in
     nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on: worker processes share the GPU without time-slicing"
     python3 -m research.accuracy.evaluate --target $W/run/target --draft $W/run/draft --out $OUT/eval.json \
       --deadline $(( ${BUDGET:-560} - SECONDS )) "$@" 2>&1 | tee $OUT/eval.log | grep -v "jobs," ; tail -3 $OUT/eval.log ;;
+  draft)  # a new draft from the target trained above
+    python3 -m research.accuracy.train --model $W/gguf --trained-target $W/run/target --out $W/run ${TRAIN_ARGS:-} \
+      2>&1 | grep -v Writing | tee $OUT/train_draft.log
+    cp $W/run/train_report.json $OUT/train_draft_report.json ;;
   eval)
     nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on: worker processes share the GPU without time-slicing"
     python3 -m research.accuracy.evaluate --target $W/run/target --draft $W/run/draft --out $OUT/eval.json "${@:2}" 2>&1 \

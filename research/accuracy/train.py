@@ -121,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-steps", type=int, default=1200)
     parser.add_argument("--draft-lr", type=float, default=2e-4)
     parser.add_argument("--check", type=int, default=40, help="problems for the quick accuracy check")
+    parser.add_argument("--trained-target", default=None, help="a target fine-tuned before: train only a new draft")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     out = Path(args.out)
     started = time.time()
-    model = load_model(args.model, device=args.device, dtype=torch.float32, gguf_file=args.gguf)
+    if args.trained_target:  # only a new draft, from a target fine-tuned before
+        model = load_model(args.trained_target, device=args.device, dtype=torch.float32)
+        args.tokenizer = args.tokenizer or args.trained_target
+    else:
+        model = load_model(args.model, device=args.device, dtype=torch.float32, gguf_file=args.gguf)
     # transformers before 5.2x converts Gemma's GGUF tokenizer wrongly (no BOS, broken merges; seen on 5.17),
     # so the tokenizer can come from a directory saved where the conversion is right
     tokenizer = load_tokenizer(args.tokenizer, model, gguf_file=None if args.tokenizer else args.gguf)
@@ -141,16 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         "base_accuracy": quick_accuracy(model, tokenizer, check[:8], args.device),
     }
     rng = random.Random(0)
-    report["target_loss"] = train(
-        model, batches(tokenizer, problems, args.batch, rng), args.target_steps, args.target_lr, args.device, "target"
-    )
+    if not args.trained_target:
+        report["target_loss"] = train(
+            model,
+            batches(tokenizer, problems, args.batch, rng),
+            args.target_steps,
+            args.target_lr,
+            args.device,
+            "target",
+        )
     draft = early_exit_draft(model, args.draft_layers)
     report["draft_loss"] = train(
         draft, batches(tokenizer, problems, args.batch, rng), args.draft_steps, args.draft_lr, args.device, "draft"
     )
     report["target_accuracy"] = quick_accuracy(model, tokenizer, check, args.device)
     report["draft_accuracy"] = quick_accuracy(draft, tokenizer, check, args.device)
-    for name, net in (("target", model), ("draft", draft)):
+    for name, net in (("target", model), ("draft", draft))[1 if args.trained_target else 0 :]:
         # float32: fine-tuning moves weights by less than bfloat16 can represent (2^-8 of their size),
         # so rounding to bfloat16 would undo much of it (seen: 81% -> 0% accuracy)
         net.save_pretrained(out / name)
