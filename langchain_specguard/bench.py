@@ -184,6 +184,10 @@ def _specguard_runner(pair: ModelPair, params: SpecGuardParams) -> Callable[[lis
     return run
 
 
+def _thresholds(text: str) -> list[float | str]:
+    return [t.strip() if t.strip() == "auto" else float(t) for t in text.split(",")]
+
+
 def specguard_params(args: argparse.Namespace, **overrides: Any) -> SpecGuardParams:
     """The engine's defaults, with what the command line sets."""
     values: dict[str, Any] = {
@@ -192,7 +196,7 @@ def specguard_params(args: argparse.Namespace, **overrides: Any) -> SpecGuardPar
         "n_candidates": _arg(args, "n_candidates", 4),
         "step_delimiters": ["\n"],
         "grounding_method": _arg(args, "grounding", "rollout"),
-        "decision": _arg(args, "decision", "both"),
+        "decision": _arg(args, "decision", "confidence"),
         "grounding_weight": _arg(args, "grounding_weight", 0.5),
     }
     values.update(overrides)
@@ -215,9 +219,10 @@ def build_methods(
             methods["assisted"] = _hf_runner(pair, pair.target, max_tokens, assistant=pair.draft)
         elif name == "specguard":
             for source in _arg(args, "signal_sources", "target").split(","):
-                for threshold in (float(t) for t in _arg(args, "thresholds", "0.5").split(",")):
+                for threshold in _thresholds(_arg(args, "thresholds", "auto")):
                     params = specguard_params(args, acceptance_threshold=threshold, signal_source=source.strip())
-                    label = f"specguard[{source.strip()},t={threshold:g}]"
+                    shown = threshold if isinstance(threshold, str) else f"{threshold:g}"
+                    label = f"specguard[{source.strip()},t={shown}]"
                     methods[label] = _specguard_runner(pair, params)
                     if _arg(args, "eager", False):
                         eager = params.model_copy(update={"cache_implementation": "dynamic"})
@@ -472,12 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=10, help="problems (synthetic: prompts)")
     parser.add_argument("--methods", default="target,draft,assisted,specguard")
     parser.add_argument("--prompt", default="chat", choices=["chat", "raw"], help="raw: the testbed's format")
-    parser.add_argument("--thresholds", default="0.5")
+    parser.add_argument("--thresholds", default="auto", help="comma-separated: numbers and/or 'auto'")
     parser.add_argument("--eager", action="store_true", help="also run each SpecGuard setting with dynamic caches")
     parser.add_argument("--compile", action="store_true", help="also run each SpecGuard setting with compile_decode")
     parser.add_argument("--signal-sources", default="target")
     parser.add_argument("--grounding", default="rollout", choices=["rollout", "mean"])
-    parser.add_argument("--decision", default="both", choices=["both", "weighted"])
+    parser.add_argument("--decision", default="confidence", choices=["confidence", "both", "weighted"])
     parser.add_argument("--grounding-weight", type=float, default=0.5)
     parser.add_argument("--n-candidates", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -210,6 +210,7 @@ def signal_separation(pair: Any, questions: list[str], *, max_tokens: int = 64) 
                 acceptance_threshold=-1.0,
                 n_candidates=1,
                 signal_source=source,
+                decision="both",  # records attention, so grounding is measured too
                 grounding_method=method,
                 step_delimiters=["\n"],
                 max_tokens=max_tokens,

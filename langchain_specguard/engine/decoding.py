@@ -361,6 +361,9 @@ def generate_steps(
         params.reasoning_markers,
         thinking and params.reasoning_markers is not None,
     )
+    grounding = params.signal_source if params.uses_grounding else None  # the model whose attention is scored
+    # the requested layers must exist in the scoring model even when this decision does not read them
+    layers = score_layers(pair.target if params.signal_source == "target" else pair.draft, params.score_layers)
     pool = RuntimePool.for_pair(pair)
     runtime = pool.take(params, len(prompt_ids) + budget, params.step_cap + 1, pair.device)
     try:
@@ -373,9 +376,9 @@ def generate_steps(
             budget=budget,
             generator=_generator(pair.device, params),
             validate_step=validate_step,
-            # only the model that computes the signals is scored (and must have the requested layers)
-            draft_layers=score_layers(pair.draft, params.score_layers) if params.signal_source == "draft" else (),
-            target_layers=score_layers(pair.target, params.score_layers) if params.signal_source == "target" else (),
+            # only the model that computes the signals is scored, when the decision reads grounding
+            draft_layers=layers if grounding == "draft" else (),
+            target_layers=layers if grounding == "target" else (),
             agreement=Agreement(cost=runtime.cost),
             calibrator=threshold_calibrator(pair, params),
         )

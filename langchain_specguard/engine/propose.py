@@ -47,7 +47,7 @@ def propose(gen: Generation, limit: int) -> Proposal:
         ids[-1], start, gen.params.candidate_temperatures, gen.controls, seen=gen.seen(draft), top_logprobs=top
     )
     record = None
-    if gen.params.signal_source == "draft":
+    if gen.params.signal_source == "draft" and gen.params.uses_grounding:
         record = draft.record(gen.draft_layers)
         record.context_len.fill_(len(ids))
     rows: list[list[int]] = [[] for _ in range(draft.batch)]

@@ -101,17 +101,17 @@ def confidence_score(logprobs: torch.Tensor, method: Literal["mean", "min"] = "m
 def combine_scores(
     grounding: float,
     confidence: float,
-    decision: Literal["both", "weighted"] = "both",
+    decision: Literal["confidence", "both", "weighted"] = "both",
     grounding_weight: float = 0.5,
 ) -> float:
-    """One score in [0, 1]: ``min`` of the two ("both must be strong") or their weighted sum.
+    """One score in [0, 1]: confidence alone, ``min`` of the two ("both must be strong") or their weighted sum.
 
     A step too short to measure grounding on (one token) is scored on confidence alone; without a
     confidence (an empty step) the score is NaN, and a NaN score is never accepted.
     """
     if math.isnan(confidence):
         return float("nan")
-    if math.isnan(grounding):
+    if decision == "confidence" or math.isnan(grounding):
         return confidence
     if decision == "both":
         return min(grounding, confidence)

@@ -10,6 +10,7 @@ target writes next; :mod:`.write` continues from there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -63,18 +64,20 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     k, row = len(proposal.tokens), proposal.row
     logits: torch.Tensor | None = None
     raw: torch.Tensor | None = None
+    grounding = math.nan  # not measured unless the decision reads it
     if params.signal_source == "target":
-        record = gen.runtime.target.record(gen.target_layers)
+        record = gen.runtime.target.record(gen.target_layers) if params.uses_grounding else None
         logits = target_pass(gen, proposal, record)
         step = draft.out_tokens[row, :k].to(logits.device)
         raw = raw_logprobs(logits)
         logp = raw.gather(-1, step[:, None]).squeeze(-1)
-        grounding = _grounding(record, 0, k, gen)
+        if record is not None:
+            grounding = _grounding(record, 0, k, gen)
         forwards = 1
     else:
-        assert proposal.record is not None
         logp = draft.out_logp[row, :k]
-        grounding = _grounding(proposal.record, row, k, gen)
+        if proposal.record is not None:
+            grounding = _grounding(proposal.record, row, k, gen)
         forwards = 0
     confidence = confidence_score(logp.double().cpu(), params.confidence_method)
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)

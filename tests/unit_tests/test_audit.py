@@ -281,7 +281,9 @@ def test_score_layers_checked_against_the_scoring_model() -> None:
     llm = ChatSpecGuard(target_model=target, draft_model=draft, score_layers=[3], max_tokens=4, seed=0)
     assert llm.invoke("hi").content is not None  # layer 3 exists in the target, which scores
     with pytest.raises(ValueError, match=r"score_layers must be .* in \[-2, 1\]"):
-        ChatSpecGuard(target_model=target, draft_model=draft, score_layers=[3], signal_source="draft").load()
+        ChatSpecGuard(
+            target_model=target, draft_model=draft, score_layers=[3], signal_source="draft", acceptance_threshold=0.5
+        ).load()
     loaded = AutoModelForCausalLM.from_pretrained(target)
     with pytest.raises(ValidationError, match=r"score_layers must be .* in \[-4, 3\]"):  # known at construction
         ChatSpecGuard(

@@ -103,7 +103,13 @@ def test_hybrid_models_score_their_full_attention_layers_by_default() -> None:
 def test_chat_model_calibrate_returns_the_threshold_later_auto_calls_use() -> None:
     target, _ = llama_pair()
     llm = ChatSpecGuard(
-        model=target, draft_model=target, max_tokens=16, max_step_tokens=4, seed=0, return_step_details=True
+        model=target,
+        draft_model=target,
+        max_tokens=16,
+        max_step_tokens=4,
+        seed=0,
+        return_step_details=True,
+        acceptance_threshold=0.5,
     )
     with pytest.raises(ValueError, match="non-empty list"):
         llm.calibrate("just one string")

@@ -9,6 +9,7 @@ Float64 keeps near-ties in random logits from flipping greedy choices between ba
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -102,7 +103,9 @@ def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str, cache: 
 
 def test_step_events_carry_scores_and_counts() -> None:
     p = pair("llama")
-    params = SpecGuardParams(acceptance_threshold=0.3, n_candidates=4, max_tokens=30, max_step_tokens=5, seed=1)
+    params = SpecGuardParams(
+        acceptance_threshold=0.3, n_candidates=4, max_tokens=30, max_step_tokens=5, seed=1, decision="both"
+    )
     result = generate(p, ids(p, PROMPTS[0]), params)
     assert sum(s.num_tokens for s in result.steps) == len(result.token_ids) <= 30
     for i, step in enumerate(result.steps):
@@ -117,6 +120,25 @@ def test_step_events_carry_scores_and_counts() -> None:
     summary = result.summary
     assert summary["steps"] == len(result.steps)
     assert summary["draft_tokens"] + summary["target_tokens"] == len(result.token_ids)
+
+
+def test_default_decision_is_confidence_alone_without_recording_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_specguard.engine.runner import ModelRunner
+
+    p = pair("llama")
+    base = SpecGuardParams(acceptance_threshold=0.3, n_candidates=4, max_tokens=30, max_step_tokens=5, seed=1)
+    assert base.decision == "confidence" and not base.uses_grounding
+    weighted = generate(p, ids(p, PROMPTS[0]), base.model_copy(update={"decision": "weighted", "grounding_weight": 0}))
+
+    def no_recording(*args: object) -> None:
+        raise AssertionError("attention recorded for a decision that does not read it")
+
+    monkeypatch.setattr(ModelRunner, "record", no_recording)
+    result = generate(p, ids(p, PROMPTS[0]), base)
+    assert result.token_ids == weighted.token_ids
+    for step in result.steps:
+        assert math.isnan(step.grounding) and step.to_dict()["grounding"] is None
+        assert step.score == step.confidence and step.accepted == (step.confidence >= 0.3)
 
 
 def test_same_seed_same_output_when_sampling() -> None:

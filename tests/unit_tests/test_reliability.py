@@ -197,7 +197,7 @@ BAD_CALLS: list[tuple[str, Callable[[ChatSpecGuard], Any], type[Exception], str]
         "unknown decision",
         lambda m: m.invoke("Hello", decision="either"),
         ValidationError,
-        "decision\n  Input should be 'both' or 'weighted'",
+        "decision\n  Input should be 'confidence', 'both' or 'weighted'",
     ),
     (
         "step_delimiters empty",
