@@ -55,11 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--threshold", type=float, default=0.5, help="acceptance_threshold")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument(
+        "--decision",
+        default="confidence",
+        choices=["confidence", "both", "weighted"],
+        help="what a step's score is ('both' also measures attention grounding)",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     llm = ChatSpecGuard(
         acceptance_threshold=args.threshold,
+        decision=args.decision,
         max_tokens=args.max_tokens,
         step_delimiters=["\n"],
         stop_sequences=[TERMINATOR],

@@ -232,8 +232,8 @@ def _num(value: float) -> float | None:
 
 
 SCORINGS: dict[str, dict[str, Any]] = {
-    "both": {},  # the engine's default: min(grounding, mean confidence)
-    "confidence": {"decision": "weighted", "grounding_weight": 0.0},
+    "both": {"decision": "both"},  # min(grounding, mean confidence), the default before these measurements
+    "confidence": {"decision": "weighted", "grounding_weight": 0.0},  # = decision="confidence", the default now
     "min-confidence": {"decision": "weighted", "grounding_weight": 0.0, "confidence_method": "min"},
     "weighted": {"decision": "weighted", "grounding_weight": 0.5},
 }

@@ -75,6 +75,23 @@ def accuracy_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_difference(
+    records: list[dict[str, Any]], a: str, b: str, rounds: int = 2000
+) -> tuple[float, tuple[float, float], int] | None:
+    """Accuracy of ``a`` minus ``b`` on the problems both ran, with a 95% bootstrap interval over problems."""
+    runs: dict[str, dict[tuple[int, int], bool]] = {a: {}, b: {}}
+    for r in records:
+        if r["method"] in runs:
+            runs[r["method"]][(r["seed"], r["index"])] = bool(r["correct"])
+    common = sorted(set(runs[a]) & set(runs[b]))
+    if not common:
+        return None
+    diffs = [int(runs[a][key]) - int(runs[b][key]) for key in common]
+    rng = random.Random(0)
+    boot = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(rounds))
+    return sum(diffs) / len(diffs), (boot[int(0.025 * rounds)], boot[int(0.975 * rounds) - 1]), len(common)
+
+
 def derived_signals(step: dict[str, Any]) -> dict[str, float]:
     """Ways of combining the engine's grounding with either confidence, scored after the fact."""
     grounding, out = step.get("grounding"), {}
@@ -136,24 +153,23 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for row in rows:
-        if "draft_token_share" not in row:
-            continue
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    markers = "osD^v<>ph*"
+    for i, row in enumerate(r for r in rows if "draft_token_share" in r):
         low, high = row["ci"]
         x, y = row["draft_token_share"], row["accuracy"]
-        ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="o", capsize=3)
-        ax.annotate(
-            row["method"].removeprefix("specguard"), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
-        )
+        label = row["method"].removeprefix("specguard")
+        color = plt.get_cmap("tab20")(i % 20)
+        ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt=markers[i % len(markers)], c=color, capsize=3, label=label)
     for row in rows:
         if row["method"] in ("target[greedy]", "target[t=0.7]") and not row["batched"]:
-            ax.axhline(row["accuracy"], ls="--" if "greedy" in row["method"] else ":", c="grey", lw=1)
+            style = "--" if "greedy" in row["method"] else ":"
             label = row["method"].replace("target", "target alone ")
-            ax.annotate(label, (0.02, row["accuracy"]), fontsize=7, va="bottom")
+            ax.axhline(row["accuracy"], ls=style, c="grey", lw=1, label=label)
     ax.set_xlabel("share of output tokens written by the draft")
     ax.set_ylabel("accuracy (95% Wilson interval)")
     ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
@@ -184,6 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nOn the {len(subset)} problems assisted generation ran on:")
         for r in accuracy_table([x for x in records if (x["seed"], x["index"]) in subset]):
             print(f"  {r['method']:40s} {r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+    names = {r["method"] for r in records}
+    pairs = [
+        (a, b)
+        for a in sorted(names)
+        if a.startswith("specguard[")
+        for b in ("target[greedy]", "assisted[greedy]", "target[t=0.7]", "assisted[t=0.7]")
+        if b in names and ("greedy" in a) == ("greedy" in b)
+    ]
+    if pairs:
+        print("\nPaired on the same problems: SpecGuard minus a baseline (95% bootstrap over problems)")
+        print("| SpecGuard | baseline | difference [95% CI] | problems |")
+        print("|---|---|---|---|")
+        for a, b in pairs:
+            found = paired_difference(records, a, b)
+            if found is not None:
+                d, (low, high), n = found
+                print(f"| {a} | {b} | {d:+.3f} [{low:+.3f}, {high:+.3f}] | {n} |")
     for source in ("target", "draft"):
         print(f"\nSignals computed by the {source}: ROC AUC for right vs wrong draft steps")
         print("| signal | AUC [95% bootstrap] | right / wrong steps |")

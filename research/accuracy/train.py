@@ -141,10 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded in {time.time() - started:.0f} s", flush=True)
     problems = dataset(TRAIN_SEED, args.train_problems)
     check = dataset(TRAIN_SEED + 1, args.check)
-    report: dict[str, Any] = {
-        "args": vars(args),
-        "base_accuracy": quick_accuracy(model, tokenizer, check[:8], args.device),
-    }
+    report: dict[str, Any] = {"args": vars(args)}
+    if not args.trained_target:  # the pretrained model before fine-tuning
+        report["base_accuracy"] = quick_accuracy(model, tokenizer, check[:8], args.device)
     rng = random.Random(0)
     if not args.trained_target:
         report["target_loss"] = train(
