@@ -236,6 +236,7 @@ SCORINGS: dict[str, dict[str, Any]] = {
     "confidence": {"decision": "weighted", "grounding_weight": 0.0},  # = decision="confidence", the default now
     "min-confidence": {"decision": "weighted", "grounding_weight": 0.0, "confidence_method": "min"},
     "weighted": {"decision": "weighted", "grounding_weight": 0.5},
+    "weighted-0.1": {"decision": "weighted", "grounding_weight": 0.1},
 }
 """Ways of scoring a step that the evaluation compares (``--scorings``)."""
 
@@ -252,12 +253,14 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             for indices in indices_list:
                 jobs.append({"name": name, "kind": kind, "seed": seed, "problems": n, "indices": indices, **extra})
 
+    wanted = args.baselines.split(",") if args.baselines else None
     for temperature in (0.0, args.temperature):
         tag = "greedy" if temperature == 0 else f"t={temperature:g}"
         for model in ("target", "draft", "assisted"):
-            if model != "assisted" or args.assisted:
-                add(f"{model}[{tag}]", "baseline", slices, model=model, temperature=temperature)
-    for scoring in args.scorings.split(";"):
+            name = f"{model}[{tag}]"
+            if (model != "assisted" or args.assisted) and (wanted is None or name in wanted):
+                add(name, "baseline", slices, model=model, temperature=temperature)
+    for scoring in filter(None, args.scorings.split(";")):
         name, _, thresholds = scoring.partition(":")
         options = SCORINGS[name]
         for threshold in [float(t) for t in thresholds.split(",") if t] + ["auto"]:
@@ -265,6 +268,17 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             add(f"specguard[greedy,{name},{threshold}]", "specguard", slices, params=params)
         params = {**options, "acceptance_threshold": "auto", "temperature": args.temperature}
         add(f"specguard[t={args.temperature:g},{name},auto]", "specguard", slices, params=params)
+    for spec in filter(None, args.extra.split(";")):
+        # SCORING,THRESHOLD,N_CANDIDATES,TEMPERATURE: e.g. "confidence,auto,1,0.7"
+        name, threshold, candidates, temperature = spec.split(",")
+        params = {
+            **SCORINGS[name],
+            "acceptance_threshold": threshold if threshold == "auto" else float(threshold),
+            "n_candidates": int(candidates),
+            "temperature": float(temperature),
+        }
+        tag = "greedy" if float(temperature) == 0 else f"t={float(temperature):g}"
+        add(f"specguard[{tag},{name},{threshold},n={candidates}]", "specguard", slices, params=params)
     if args.draft_signals:
         params = {"acceptance_threshold": args.draft_signals, "signal_source": "draft"}
         add(f"specguard[greedy,both,{args.draft_signals},draft-signals]", "specguard", slices, params=params)
@@ -288,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         help="';'-separated NAME:THRESHOLDS (NAME from SCORINGS); each also runs 'auto', greedy and sampled",
     )
     parser.add_argument("--draft-signals", type=float, default=None, help="also: threshold with draft signals")
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="';'-separated SCORING,THRESHOLD,N_CANDIDATES,TEMPERATURE, e.g. confidence,auto,1,0.7",
+    )
+    parser.add_argument("--baselines", default="", help="e.g. target[greedy],assisted[t=0.7] (default: all six)")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--assisted", type=int, default=1, help="0: leave assisted generation out")
     parser.add_argument("--deadline", type=float, default=None, help="seconds: stop and save what is done")
