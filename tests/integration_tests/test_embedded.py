@@ -38,4 +38,11 @@ def test_embedded_chain_answers_with_step_events(gemma: ChatSpecGuard) -> None:
     assert answer.strip()
     assert "Answer:" in answer
     assert table.steps and {s["source"] for s in table.steps} <= {"draft", "target"}
-    assert all(s["grounding"] is not None and 0 <= s["grounding"] <= 1 for s in table.steps)
+    # the default decision reads the target's confidence alone and records no attention
+    assert all(s["grounding"] is None and s["score"] == s["confidence"] for s in table.steps)
+    assert all(0 <= s["confidence"] <= 1 and 0 <= s["threshold"] <= 1 for s in table.steps)
+    grounded = StepTable()
+    gemma.invoke(DEFAULT_QUESTION, decision="both", max_tokens=12, config={"callbacks": [grounded]})
+    assert grounded.steps
+    assert all(s["grounding"] is None or 0 <= s["grounding"] <= 1 for s in grounded.steps)
+    assert any(s["grounding"] is not None for s in grounded.steps)
