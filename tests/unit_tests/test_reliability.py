@@ -200,6 +200,12 @@ BAD_CALLS: list[tuple[str, Callable[[ChatSpecGuard], Any], type[Exception], str]
         "decision\n  Input should be 'confidence', 'both' or 'weighted'",
     ),
     (
+        "unknown confidence_method",
+        lambda m: m.invoke("Hello", confidence_method="max"),
+        ValidationError,
+        "confidence_method\n  Input should be 'mean' or 'min'",
+    ),
+    (
         "step_delimiters empty",
         lambda m: m.invoke("Hello", step_delimiters=[]),
         ValidationError,
