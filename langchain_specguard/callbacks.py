@@ -28,7 +28,8 @@ over, and why, in four places that carry the same data:
     (``"text"``, ``"tool_call"``, or ``"reasoning"`` for a step of a reasoning model's think block, the
     one holding the closing marker included; version 4 added it), ``detail`` (the validator's message, if
     any), ``grounding``, ``confidence``, ``score`` (the kept draft candidate's attention
-    grounding, log-prob confidence and their combination, in [0, 1]; ``null`` if not computable),
+    grounding, log-prob confidence and the score the decision compares, in [0, 1]; ``null`` if not
+    computed: grounding only when the decision reads it and the step has two tokens or more),
     ``threshold`` (the acceptance threshold in force), ``text`` (the text this step added to the
     answer; may be empty while a possible stop sequence is held back), ``num_tokens`` and
     ``token_ids`` (the committed step), ``draft_text`` (the draft's proposal, also when rejected),
