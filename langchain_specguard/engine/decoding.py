@@ -284,15 +284,13 @@ def threshold_calibrator(pair: ModelPair, params: SpecGuardParams) -> ThresholdC
     """The pair's calibrator for this way of scoring, with ``acceptance_threshold="auto"``."""
     if params.acceptance_threshold != "auto":
         return None
-    layers = score_layers(pair.target, params.score_layers)
-    key = (
-        params.signal_source,
-        params.decision,
-        params.grounding_weight,
-        params.grounding_method,
-        params.confidence_method,
-        layers,
-    )
+    # one calibrator per way of scoring: rules that compute the same score (confidence alone, or a
+    # weighted sum with no grounding weight) share one, whatever their unused grounding settings
+    grounding: tuple[Any, ...] = ()
+    if params.uses_grounding:
+        layers = score_layers(pair.target, params.score_layers)
+        grounding = (params.decision, params.grounding_weight, params.grounding_method, layers)
+    key = (params.signal_source, params.confidence_method, grounding)
     return calibrator_for(pair.extra, key, params.calibration_quantile)
 
 

@@ -66,6 +66,10 @@ def test_auto_learns_from_the_target_and_events_report_the_threshold_in_force() 
     assert len(pair.extra["threshold_calibrators"]) == 2
     generate(pair, prompt, params.model_copy(update={"confidence_method": "min"}))
     assert len(pair.extra["threshold_calibrators"]) == 3
+    # the same score under another name shares the calibrator: no grounding weight is confidence alone
+    generate(pair, prompt, params.model_copy(update={"decision": "weighted", "grounding_weight": 0.0}))
+    generate(pair, prompt, params.model_copy(update={"grounding_method": "mean"}))
+    assert len(pair.extra["threshold_calibrators"]) == 3
 
 
 def test_auto_with_the_threshold_it_learned_is_what_a_fixed_threshold_gives() -> None:
