@@ -32,6 +32,10 @@ def test_auto_needs_target_signals() -> None:
     SpecGuardParams(acceptance_threshold="auto")
     with pytest.raises(ValidationError, match="signal_source='target'"):
         SpecGuardParams(acceptance_threshold="auto", signal_source="draft")
+    # "auto" is the default, so draft signals alone need a number, and the error says so
+    with pytest.raises(ValidationError, match=r"\(the default\).*a fixed acceptance_threshold, e.g. 0.5"):
+        SpecGuardParams(signal_source="draft")
+    assert SpecGuardParams(signal_source="draft", acceptance_threshold=0.5).acceptance_threshold == 0.5
     with pytest.raises(ValidationError):
         SpecGuardParams(acceptance_threshold="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
