@@ -23,6 +23,8 @@ LONG = "<s>" + "Step one, then step two; and the sum of 3 and 5 is 8. " * 2  # f
 KINDS = ["llama", "qwen", "self", "gemma", "bpe"]
 """Llama and Qwen pairs, a self-speculative draft, a Gemma-3-style pair (sliding-window layers, window 8,
 prompts longer than it) and a Qwen pair with a byte-level BPE tokenizer."""
+DECISIONS = ["confidence", "both"]
+"""The default, whose passes record no attention, and a decision that records and reads it."""
 
 
 @functools.cache
@@ -59,7 +61,8 @@ def prompts(kind: str) -> list[str]:
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("signal_source", ["target", "draft"])
-def test_all_fallback_equals_target_greedy(kind: str, signal_source: str, cache: str) -> None:
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_all_fallback_equals_target_greedy(kind: str, signal_source: str, cache: str, decision: str) -> None:
     p = pair(kind)
     params = SpecGuardParams(
         acceptance_threshold=1.5,
@@ -68,6 +71,7 @@ def test_all_fallback_equals_target_greedy(kind: str, signal_source: str, cache:
         max_step_tokens=6,
         step_delimiters=["\n"],
         signal_source=signal_source,
+        decision=decision,
         seed=0,
         cache_implementation=cache,
     )
@@ -82,7 +86,8 @@ def test_all_fallback_equals_target_greedy(kind: str, signal_source: str, cache:
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("signal_source", ["target", "draft"])
-def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str, cache: str) -> None:
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str, cache: str, decision: str) -> None:
     p = pair(kind)
     params = SpecGuardParams(
         acceptance_threshold=-1.0,
@@ -91,6 +96,7 @@ def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str, cache: 
         max_step_tokens=6,
         step_delimiters=["\n"],
         signal_source=signal_source,
+        decision=decision,
         cache_implementation=cache,
     )
     for text in prompts(kind):
@@ -207,7 +213,8 @@ def test_budget_is_clipped_to_the_context_window() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("signal_source", ["target", "draft"])
-def test_static_cache_path_matches_dynamic(kind: str, signal_source: str) -> None:
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_static_cache_path_matches_dynamic(kind: str, signal_source: str, decision: str) -> None:
     """The static-cache path (what CUDA graphs run on) decodes exactly like the dynamic one, over reused caches."""
     p = pair(kind)
     for threshold in (2.0, -1.0, 0.4):
@@ -218,6 +225,7 @@ def test_static_cache_path_matches_dynamic(kind: str, signal_source: str) -> Non
             max_step_tokens=5,
             seed=3,
             signal_source=signal_source,
+            decision=decision,
         )
         static = dynamic.model_copy(update={"cache_implementation": "static"})
         for text in prompts(kind):
