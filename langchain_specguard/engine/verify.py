@@ -115,10 +115,15 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     return verdict
 
 
+def _fed(gen: Generation, proposal: Proposal) -> list[int]:
+    """What the target's pass over the step fed: row ``i``'s logits follow ``fed[: i + 1]``."""
+    return [gen.ids[-1], *proposal.tokens[:-1]]
+
+
 def target_choices(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> list[int]:
     """The target's own greedy token after each position its pass over the step fed (penalised logits)."""
-    fed = [gen.ids[-1], *proposal.tokens[:-1]]  # row i's logits follow fed[: i + 1]
-    return greedy(logits, gen.controls, gen.seen_rows(gen.runtime.target, (), fed, logits.device)).tolist()
+    seen = gen.seen_rows(gen.runtime.target, (), _fed(gen, proposal), logits.device)
+    return greedy(logits, gen.controls, seen).tolist()
 
 
 def keep_prefix(
@@ -141,7 +146,7 @@ def keep_prefix(
         agree = next((i for i in range(k) if top[i] != tokens[i]), k)
         gen.agreement.observe(agree, agree < k)
         return agree, (top[agree] if agree < k else None)
-    fed = [gen.ids[-1], *tokens[: k - 1]]  # what the pass fed: row i's logits follow fed[: i + 1]
+    fed = _fed(gen, proposal)
     seen = gen.seen_rows(gen.runtime.target, (), fed, logits.device)
     temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
     logp = processed_logprobs(logits, temperature, controls, seen)  # [k, V]
