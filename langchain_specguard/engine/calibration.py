@@ -10,17 +10,20 @@ sample of how the target's own steps score. The threshold in force is a low quan
 a draft step passes when it scores about as well as the target's own steps do.
 
 The scores come from every verified step whatever its verdict, so which steps were accepted does not
-bias them. Until enough have been seen, the estimate is shrunk towards a prior (the fixed default of
-0.5), and it keeps only recent steps, so it follows the kind of text a pair is being used for.
-Calibrators live on the loaded pair, one per way of scoring (signal source, decision rule, layers),
-and are shared by every call and instance that uses the pair.
+bias them. Until enough have been seen, the estimate is shrunk towards a prior (0.5), and it keeps only
+recent steps.
+
+A calibrator belongs to one generation (``decoding.threshold_calibrator``): a call's threshold, and so
+its text, never depends on what other calls did. It starts at the prior on every call, so "auto" suits
+long outputs; ``ChatSpecGuard.calibrate`` runs prompts through one calibrator up front and returns the
+threshold they settle on, to be fixed as ``acceptance_threshold``. This is for the 'mean' and 'min'
+confidence methods, whose scale varies by model; the default 'ratio' needs no calibration.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any
 
 PRIOR_THRESHOLD = 0.5
 """The threshold before any observation: the fixed default."""
@@ -58,16 +61,3 @@ class ThresholdCalibrator:
         high = min(low + 1, n - 1)
         estimate = scores[low] + (scores[high] - scores[low]) * (position - low)
         return (PRIOR_WEIGHT * self.prior + n * estimate) / (PRIOR_WEIGHT + n)
-
-
-def calibrator_for(extra: dict[Any, Any], key: tuple[Any, ...], quantile: float) -> ThresholdCalibrator:
-    """The pair's calibrator for one way of scoring (``extra`` is the pair's per-pair state)."""
-    calibrators = extra.setdefault("threshold_calibrators", {})
-    with _LOCK:
-        found = calibrators.get((key, quantile))
-        if found is None:
-            found = calibrators[(key, quantile)] = ThresholdCalibrator(quantile)
-        return found
-
-
-_LOCK = threading.Lock()

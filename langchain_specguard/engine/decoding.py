@@ -29,13 +29,13 @@ import torch
 from transformers import PreTrainedModel
 
 from .attention import decoder_layers
-from .calibration import ThresholdCalibrator, calibrator_for
+from .calibration import ThresholdCalibrator
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
-from .loading import ModelPair, decode, weight_bytes
+from .loading import ModelPair, decode, embedding_rows, weight_bytes
 from .logprobs import StepLogprobs
 from .params import SpecGuardParams
 from .propose import propose
-from .runner import MAX_BUCKET, ModelRunner
+from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
 from .sampling import Controls, seen_rows
 from .steps import call_syntax
 from .text import OutputText
@@ -99,6 +99,7 @@ class RuntimePool:
         self.draft_view = engine_view(pair.draft)
         self.target_view = engine_view(pair.target)
         self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
+        self.vocab = vocab_rows(self.draft_view, self.target_view)
         self.idle: list[Runtime] = []
         self.lock = threading.Lock()
 
@@ -138,8 +139,12 @@ class RuntimePool:
                     growable=growable,
                     graphs=graphs,
                     compile_decode=compiled,
+                    vocab=vocab,
                 )
-                for view, batch in ((self.draft_view, params.n_candidates), (self.target_view, 1))
+                for view, batch, vocab in (
+                    (self.draft_view, params.n_candidates, self.vocab[0]),
+                    (self.target_view, 1, self.vocab[1]),
+                )
             ]
             draft, target = runners
             runtime = Runtime(draft, target, key=(*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
@@ -153,6 +158,18 @@ class RuntimePool:
 
 
 _POOL_LOCK = threading.Lock()
+
+
+def vocab_rows(draft: PreTrainedModel, target: PreTrainedModel) -> tuple[Rows | None, Rows | None]:
+    """How the draft's and the target's runners meet each other's vocabulary rows (None: nothing to adapt).
+
+    The draft proposes only tokens the target can embed; a token only the target can write is fed to the
+    draft as its last row. The target's own distribution is never cut: what it writes stays exactly its own.
+    """
+    draft_out, target_in = output_vocab(draft), embedding_rows(target)
+    target_out, draft_in = output_vocab(target), embedding_rows(draft)
+    rows = Rows(output=target_in if draft_out > target_in else None, embed=draft_in if target_out > draft_in else None)
+    return (rows if rows != Rows() else None), None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,11 +219,11 @@ class Generation:
         key = (runner.device, runner.vocab)
         mask, count = self._seen.get(key) or (torch.zeros(runner.vocab, dtype=torch.bool, device=runner.device), 0)
         if count < len(self.ids):
-            mask.index_fill_(0, torch.tensor(self.ids[count:], device=runner.device), True)
+            mask.index_fill_(0, _known(self.ids[count:], runner), True)
         self._seen[key] = (mask, len(self.ids))
         if not extra:
             return mask
-        return mask.clone().index_fill_(0, torch.tensor(list(extra), device=runner.device), True)
+        return mask.clone().index_fill_(0, _known(extra, runner), True)
 
     def seen_rows(
         self, runner: ModelRunner, extra: Sequence[int], fed: Sequence[int], device: torch.device
@@ -258,6 +275,7 @@ class Generation:
             token_ids=list(committed.tokens),
             kind=committed.kind,
             detail=verdict.detail,
+            signals=verdict.signals,
             kept_tokens=0 if verdict.accepted else min(verdict.agree, len(committed.tokens)),
             speculated_tokens=written.speculated if written else 0,
             logprobs=logprobs,
@@ -266,6 +284,11 @@ class Generation:
         )
         self.index += 1
         return event
+
+
+def _known(tokens: Sequence[int], runner: ModelRunner) -> torch.Tensor:
+    """``tokens`` that ``runner``'s model has rows for (a draft has none for rows only the target writes)."""
+    return torch.tensor([t for t in tokens if t < runner.vocab], dtype=torch.long, device=runner.device)
 
 
 def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator:
@@ -280,18 +303,14 @@ def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator
     return gen
 
 
-def threshold_calibrator(pair: ModelPair, params: SpecGuardParams) -> ThresholdCalibrator | None:
-    """The pair's calibrator for this way of scoring, with ``acceptance_threshold="auto"``."""
+def threshold_calibrator(params: SpecGuardParams) -> ThresholdCalibrator | None:
+    """A calibrator of its own for one generation with ``acceptance_threshold="auto"`` (None otherwise).
+
+    Nothing is shared between calls: a call's threshold, so its text, depends on that call alone.
+    """
     if params.acceptance_threshold != "auto":
         return None
-    # one calibrator per way of scoring: rules that compute the same score (confidence alone, or a
-    # weighted sum with no grounding weight) share one, whatever their unused grounding settings
-    grounding: tuple[Any, ...] = ()
-    if params.uses_grounding:
-        layers = score_layers(pair.target, params.score_layers)
-        grounding = (params.decision, params.grounding_weight, params.grounding_method, layers)
-    key = (params.signal_source, params.confidence_method, grounding)
-    return calibrator_for(pair.extra, key, params.calibration_quantile)
+    return ThresholdCalibrator(params.calibration_quantile)
 
 
 def check_prompt(pair: ModelPair, prompt_ids: Sequence[int]) -> None:
@@ -313,6 +332,7 @@ def generate_steps(
     prefix: str = "",
     single_call: bool = False,
     thinking: bool = False,
+    calibrator: ThresholdCalibrator | None = None,
 ) -> Iterator[StepEvent]:
     """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
 
@@ -333,6 +353,10 @@ def generate_steps(
     starts a new one, its steps have ``kind="reasoning"``, and tool-call rules apply only after it.
     ``thinking``: the prompt already opened the block (the chat template's generation prompt ends with
     ``<think>``), so the output starts inside it.
+
+    ``calibrator``: with ``acceptance_threshold="auto"``, where the threshold is learned; by default one
+    of the generation's own (:func:`threshold_calibrator`). Pass one to learn across prompts on purpose
+    (``ChatSpecGuard.calibrate``).
     """
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
@@ -378,7 +402,7 @@ def generate_steps(
             draft_layers=layers if grounding == "draft" else (),
             target_layers=layers if grounding == "target" else (),
             agreement=Agreement(cost=runtime.cost),
-            calibrator=threshold_calibrator(pair, params),
+            calibrator=calibrator if calibrator is not None else threshold_calibrator(params),
         )
         while True:
             # inference mode per step, never across a yield: the consumer may resume us in another thread

@@ -62,6 +62,9 @@ class StepEvent:
     # and how many of those calls fit the bound tools (a broken call never wins the vote over one that fits)
     call_candidates: int = 0
     valid_call_candidates: int = 0
+    # the kept candidate's confidence under each ``confidence_method`` the scoring pass allows ("mean", "min",
+    # and "ratio" when the target scored it), whichever one the decision used: for comparing methods
+    signals: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(replace(self, logprobs=None))
@@ -69,6 +72,7 @@ class StepEvent:
         for key in ("grounding", "confidence", "score"):
             if isinstance(data[key], float) and math.isnan(data[key]):
                 data[key] = None
+        data["signals"] = {k: None if math.isnan(v) else v for k, v in self.signals.items()}
         return data
 
 

@@ -61,7 +61,8 @@ def model_device(model: PreTrainedModel) -> torch.device:
     return weight.device
 
 
-def _vocab_rows(model: PreTrainedModel) -> int:
+def embedding_rows(model: PreTrainedModel) -> int:
+    """Token ids a model can take as input (its embedding's rows; may exceed the tokenizer's length)."""
     weight = model.get_input_embeddings().weight
     assert isinstance(weight, torch.Tensor)
     return int(weight.shape[0])
@@ -345,8 +346,8 @@ def load_pair(
                 draft_source, draft_model, gguf_file=draft_gguf_file, trust_remote_code=trust_remote_code
             )
             check_vocabularies(target_tok, draft_tok)
-        t_rows = _vocab_rows(target_model)
-        d_rows = _vocab_rows(draft_model)
+        t_rows = embedding_rows(target_model)
+        d_rows = embedding_rows(draft_model)
         if min(t_rows, d_rows) < len(target_tok):
             raise ValueError(
                 f"the tokenizer has {len(target_tok)} tokens but the target embeds {t_rows} and the draft {d_rows}: "

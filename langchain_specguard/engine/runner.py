@@ -53,12 +53,16 @@ def model_pass(
     positions: torch.Tensor,
     end: int | None,
     keep: int = 0,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
     """Logits ``[B, q, V]`` (the last ``keep``, or all) of ``tokens [B, q]`` at ``positions [q]``.
 
     ``end`` (eager, growable caches) is one past the last position: attention reads that many keys;
     ``None`` reads the whole fixed cache under the mask. Layers with a sliding window get their own mask.
+    ``rows`` limits a model of a pair whose vocabulary rows differ (:class:`Rows`).
     """
+    if rows is not None and rows.embed is not None:
+        tokens = tokens.clamp(max=rows.embed - 1)
     cache.write_at = positions
     cache.read_len = end
     length = cache.capacity if end is None else end
@@ -81,7 +85,22 @@ def model_pass(
         use_cache=True,
         logits_to_keep=keep,
     )
+    if rows is not None and rows.output is not None:
+        return out.logits[..., : rows.output]
     return out.logits
+
+
+class Rows(NamedTuple):
+    """How one model of a pair meets the other's vocabulary rows (Qwen2.5-7B has 152,064, its 0.5B draft
+    151,936; the tokenizer uses fewer than either).
+
+    ``output``: logit columns kept, so the draft never proposes a token the target cannot embed.
+    ``embed``: input ids at or past it, which only the other model can write, are fed as the last row
+    (the draft's proposals after such a token are poor, and the target checks them as always).
+    """
+
+    output: int | None = None
+    embed: int | None = None
 
 
 class DecodeState(NamedTuple):
@@ -111,6 +130,7 @@ def decode_iteration(
     end: int | None,
     forward: Callable[..., torch.Tensor] = model_pass,
     top: int = 0,
+    vocab: Rows | None = None,
 ) -> None:
     """One decode step for every row: forward the current tokens, sample, store, advance. No host reads.
 
@@ -119,7 +139,7 @@ def decode_iteration(
     masks are read and updated in place; ``top`` > 0 also records that many most probable tokens.
     Neither costs anything when off.
     """
-    logits = forward(view, cache, windows, state.cur[:, None], state.pos.view(1), end)[:, -1]
+    logits = forward(view, cache, windows, state.cur[:, None], state.pos.view(1), end, rows=vocab)[:, -1]
     seen = state.seen if controls.penalised else None
     tokens, logq = sample(logits, state.temps, controls, state.uniform if sampling else None, seen)
     tokens = torch.where(state.follow, tokens[:1].expand_as(tokens), tokens)
@@ -169,6 +189,7 @@ class ModelRunner:
         growable: bool,
         graphs: bool,
         compile_decode: bool = False,
+        vocab: Rows | None = None,
     ) -> None:
         weight = view.get_input_embeddings().weight
         assert isinstance(weight, torch.Tensor)
@@ -184,6 +205,7 @@ class ModelRunner:
         # forward inputs: tokens (padded) and where they start
         self.tokens_in = torch.zeros(batch, max(MAX_BUCKET, rows), dtype=torch.long, device=dev)
         self.start = torch.zeros((), dtype=torch.long, device=dev)
+        self.row_offset = torch.zeros((), dtype=torch.long, device=dev)  # first step-attention row of a pass
         self._arange = torch.arange(MAX_BUCKET, dtype=torch.long, device=dev)
 
         work = torch.promote_types(view.dtype, torch.float32)  # log-probabilities: float32, or float64 models'
@@ -191,7 +213,8 @@ class ModelRunner:
         def zeros(*shape: int, dtype: torch.dtype = work) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=dev)
 
-        self.vocab = output_vocab(view)
+        self.vocab_rows = vocab
+        self.vocab = min(output_vocab(view), vocab.output or 1 << 62) if vocab is not None else output_vocab(view)
         self.state = DecodeState(
             cur=zeros(batch, dtype=torch.long),
             pos=zeros(dtype=torch.long),
@@ -311,10 +334,11 @@ class ModelRunner:
                     self._positions(start, q),
                     start + q,
                     keep,
+                    self.vocab_rows,
                 )
         size = bucket(q)
         if size is None:
-            raise ValueError(f"a fixed-cache pass takes at most {MAX_BUCKET} tokens, got {q}")
+            return self._long_forward(start, record, keep, q)
         if start + size > self.cache.capacity:
             raise RuntimeError(f"KV cache holds {self.cache.capacity} positions, {start + size} needed")
         self.start.fill_(start)
@@ -325,12 +349,30 @@ class ModelRunner:
         def body() -> torch.Tensor:
             with recording(record):
                 if record is not None:
-                    record.rows = self._arange[:size]
+                    record.rows = self.row_offset + self._arange[:size]
                 positions = self.start + self._arange[:size]
-                return model_pass(self.view, self.cache, self.windows, self.tokens_in[:, :size], positions, None)
+                return model_pass(
+                    self.view, self.cache, self.windows, self.tokens_in[:, :size], positions, None, 0, self.vocab_rows
+                )
 
         logits = self._graphed(("forward", size, record.layers if record is not None else None), body)
         return logits[:, :q] if not keep else logits[:, q - keep : q]
+
+    def _long_forward(self, start: int, record: StepAttention | None, keep: int, q: int) -> torch.Tensor:
+        """A fixed-cache pass of more than ``MAX_BUCKET`` tokens: bucket-sized passes in turn, each reading
+        what the ones before it wrote (so a step of any length is verified in one call)."""
+        staged = self.tokens_in[:, :q].clone()
+        pieces = []
+        try:
+            for offset in range(0, q, MAX_BUCKET):
+                n = min(MAX_BUCKET, q - offset)
+                self.tokens_in[:, :n].copy_(staged[:, offset : offset + n])
+                self.row_offset.fill_(offset)  # the step-attention rows of this piece
+                pieces.append(self.forward(None, start + offset, record, q=n).clone())
+        finally:
+            self.row_offset.zero_()
+        logits = torch.cat(pieces, dim=1)
+        return logits if not keep else logits[:, q - keep :]
 
     def prefill(self, tokens: Sequence[int], start: int) -> None:
         """Write the keys/values of ``tokens`` at ``start...`` (a prompt, or a catch-up), in bucket-sized
@@ -361,7 +403,7 @@ class ModelRunner:
             q, at = len(chunk), start + offset
             self.cache.ensure(at + q)
             ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device)[None]
-            model_pass(self.view, self.cache, self.windows, ids, self._positions(at, q), at + q, keep=1)
+            model_pass(self.view, self.cache, self.windows, ids, self._positions(at, q), at + q, 1, self.vocab_rows)
 
     # -- the decode loop -----------------------------------------------------------------------------
 
@@ -415,11 +457,15 @@ class ModelRunner:
         def body() -> None:
             end = None if not self.cache.growable else self.decode_pos + 1
             if record is None:
-                decode_iteration(self.view, self.cache, self.windows, state, controls, sampling, end, forward, top)
+                decode_iteration(
+                    self.view, self.cache, self.windows, state, controls, sampling, end, forward, top, self.vocab_rows
+                )
                 return
             with recording(record):
                 record.rows = state.it.view(1)
-                decode_iteration(self.view, self.cache, self.windows, state, controls, sampling, end, forward, top)
+                decode_iteration(
+                    self.view, self.cache, self.windows, state, controls, sampling, end, forward, top, self.vocab_rows
+                )
 
         key = ("decode", compiled, sampling, controls, top, record.layers if record is not None else None)
         for _ in range(n):

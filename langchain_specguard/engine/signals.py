@@ -86,16 +86,29 @@ def grounding_score(
     return grounding_mean(sink, context, step)
 
 
-def confidence_score(logprobs: torch.Tensor, method: Literal["mean", "min"] = "mean") -> float:
-    """How likely the scoring model finds the step, in [0, 1]: ``exp(mean log p)`` or ``exp(min log p)``.
+ConfidenceMethod = Literal["mean", "min", "ratio"]
 
-    The mean forgives one unlikely token in a long step; the minimum does not, which matters where a
-    single token carries the step's content (a digit of a result).
+
+def confidence_score(logprobs: torch.Tensor, method: ConfidenceMethod = "mean") -> float:
+    """How well the scoring model rates the step, in [0, 1], from each token's log-score ``[k]``.
+
+    The log-scores are ``log p(x_i)`` for "mean" and "min", and for "ratio" ``log p(x_i) - log max p``: how
+    far the token falls short of the model's own first choice there (0 when it is that choice). A
+    probability means one thing on a model that is rarely more than 60% sure and another on one that
+    often is 95% sure; a ratio to the model's own choice means the same on both, so one threshold serves
+    every pair. "mean": ``exp(mean)``, the geometric-mean probability; it forgives one unlikely token in a
+    long step. "min" and "ratio": the worst token's, which does not, and which matters where a single
+    token carries the step's content (a digit of a result).
     """
     if logprobs.numel() == 0:
         return float("nan")
     logprobs = logprobs.double()
     return float(torch.exp(logprobs.mean() if method == "mean" else logprobs.min()))
+
+
+def per_token(method: ConfidenceMethod) -> bool:
+    """Whether a step's score is its worst token's, so each token passes or fails the threshold on its own."""
+    return method != "mean"
 
 
 def combine_scores(

@@ -2,24 +2,26 @@
 
 The pass feeds the last committed token and the step (``k`` tokens at positions ``L-1 ... L+k-2``), so
 its logits score every token of the step and its cache ends up holding the step. It runs as one CUDA
-graph per length bucket, records the scored layers' step attention in place, and reaches the host once.
-When the step is rejected, the same logits say how much of it the target would have written itself
-(greedy: the tokens equal to its argmax; sampling: speculative rejection sampling), and which token the
-target writes next; :mod:`.write` continues from there.
+graph per length bucket, records the scored layers' step attention in place when the decision reads
+grounding, and reaches the host once for the scores. When the step is rejected, the same logits say
+how much of it the target keeps (:mod:`.accept`: its own choices, and with a per-token confidence rule
+the tokens that passed the threshold, up to the first that failed) and which token the target writes
+there; :mod:`.write` continues from there.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .accept import Accepted, accept
 from .attention import StepAttention
 from .propose import Proposal
-from .sampling import greedy, processed_logprobs, raw_logprobs, residual_sample
-from .signals import combine_scores, confidence_score, grounding_score
+from .sampling import penalise, processed_logprobs, raw_logprobs
+from .signals import combine_scores, confidence_score, grounding_score, per_token
 
 if TYPE_CHECKING:
     from .decoding import Generation
@@ -37,6 +39,7 @@ class Verdict:
     agree: int  # leading tokens of the step the target keeps (all of them when accepted)
     next_token: int | None  # the target's own token after those, when it disagrees within the step
     threshold: float  # the acceptance threshold in force
+    signals: dict[str, float] = field(default_factory=dict)  # the confidence under each method (StepEvent.signals)
 
 
 def _grounding(record: StepAttention, row: int, k: int, gen: Generation) -> float:
@@ -68,25 +71,26 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     if params.signal_source == "target":
         record = gen.runtime.target.record(gen.target_layers) if params.uses_grounding else None
         logits = target_pass(gen, proposal, record)
-        step = draft.out_tokens[row, :k].to(logits.device)
         raw = raw_logprobs(logits)
-        logp = raw.gather(-1, step[:, None]).squeeze(-1)
+        step = draft.out_tokens[row, :k].to(raw.device)
+        # each token's log-probability and the best one there: one host read gives every confidence method
+        logp, top = torch.stack([raw.gather(-1, step[:, None]).squeeze(-1), raw.max(dim=-1).values]).double().cpu()
         if record is not None:
             grounding = _grounding(record, 0, k, gen)
         forwards = 1
     else:
-        logp = draft.out_logp[row, :k]
+        logp, top = draft.out_logp[row, :k].double().cpu(), None
         if proposal.record is not None:
             grounding = _grounding(proposal.record, row, k, gen)
         forwards = 0
-    confidence = confidence_score(logp.double().cpu(), params.confidence_method)
+    scores = logp - top if params.confidence_method == "ratio" and top is not None else logp
+    confidence = confidence_score(scores, params.confidence_method)
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     threshold = gen.threshold()
     accepted = threshold < 0 or score >= threshold
-    own = target_choices(gen, proposal, logits) if logits is not None and gen.calibrator is not None else None
     # a step made only of the target's own first choices is one it writes itself: its score is a
     # sample of how the target's steps score, whatever this step's verdict (calibration.py)
-    if gen.calibrator is not None and own == proposal.tokens:
+    if gen.calibrator is not None and logits is not None and own_choices(gen, proposal, logits).kept == k:
         gen.calibrator.observe(score)
     # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
     # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
@@ -95,9 +99,11 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     verdict = Verdict(
         grounding, confidence, score, accepted and problem is None, reason, problem, forwards, k, None, threshold
     )
+    verdict.signals = confidences(logp, top)
     if verdict.accepted:
-        if logits is not None and params.temperature == 0:  # what the target thinks of it still informs speculation
-            keep_prefix(gen, proposal, logits, own)
+        if logits is not None and params.temperature == 0:  # how often the draft agrees informs speculation
+            agreed = own_choices(gen, proposal, logits).kept
+            gen.agreement.observe(agreed, agreed < k)
         if gen.logprobs is not None and raw is not None:
             gen.logprobs.add_logprobs(raw, proposal.tokens)  # the target's, from the verification pass
         elif gen.logprobs is not None:
@@ -106,13 +112,26 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     if logits is None:
         logits = target_pass(gen, proposal, None)
         verdict.target_forwards += 1
-    verdict.agree, verdict.next_token = keep_prefix(gen, proposal, logits, own)
+    # with a per-token rule, the tokens before the first that failed passed the same test the step did
+    passed = None
+    if per_token(params.confidence_method) and params.decision == "confidence" and raw is not None and problem is None:
+        passed = (scores >= math.log(threshold)) if threshold > 0 else torch.ones(k, dtype=torch.bool)
+    kept = keep_prefix(gen, proposal, logits, passed)
+    verdict.agree, verdict.next_token = kept.kept, kept.token
     if gen.logprobs is not None:  # the kept tokens and the target's own next one, all scored by this pass
-        kept = proposal.tokens[: verdict.agree] + ([] if verdict.next_token is None else [verdict.next_token])
-        gen.logprobs.add_logprobs(raw_logprobs(logits[: len(kept)]) if raw is None else raw[: len(kept)], kept)
+        tokens = proposal.tokens[: kept.kept] + ([] if kept.token is None else [kept.token])
+        gen.logprobs.add_logprobs(raw_logprobs(logits[: len(tokens)]) if raw is None else raw[: len(tokens)], tokens)
     for runner in (gen.runtime.target, draft):
-        runner.cache.valid = min(runner.cache.valid, len(gen.ids) + verdict.agree)
+        runner.cache.valid = min(runner.cache.valid, len(gen.ids) + kept.kept)
     return verdict
+
+
+def confidences(logp: torch.Tensor, top: torch.Tensor | None) -> dict[str, float]:
+    """The step's confidence under every method the scoring model's pass allows (what research compares)."""
+    found = {method: confidence_score(logp, method) for method in ("mean", "min")}
+    if top is not None:
+        found["ratio"] = confidence_score(logp - top, "ratio")
+    return found
 
 
 def _fed(gen: Generation, proposal: Proposal) -> list[int]:
@@ -120,46 +139,52 @@ def _fed(gen: Generation, proposal: Proposal) -> list[int]:
     return [gen.ids[-1], *proposal.tokens[:-1]]
 
 
-def target_choices(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> list[int]:
-    """The target's own greedy token after each position its pass over the step fed (penalised logits)."""
+def own_choices(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> Accepted:
+    """How many leading step tokens are the target's own greedy choices (penalised logits), and its choice next."""
     seen = gen.seen_rows(gen.runtime.target, (), _fed(gen, proposal), logits.device)
-    return greedy(logits, gen.controls, seen).tolist()
+    step = torch.tensor(proposal.tokens, device=logits.device)
+    return accept(penalise(logits, seen, gen.controls.repetition_penalty), step, greedy=True)
 
 
 def keep_prefix(
-    gen: Generation, proposal: Proposal, logits: torch.Tensor, own: list[int] | None = None
-) -> tuple[int, int | None]:
+    gen: Generation, proposal: Proposal, logits: torch.Tensor, passed: torch.Tensor | None = None
+) -> Accepted:
     """How many leading step tokens the target keeps, and its own next token (None if it keeps all ``k``).
 
-    Greedy: the tokens equal to the target's argmax (of its penalised logits; ``own`` when already
-    computed by :func:`target_choices`), then the argmax.
-    Sampling: speculative rejection sampling, accepting token ``i`` with probability
-    ``min(1, p(x_i) / q(x_i))`` and, at the first rejection, drawing from ``max(0, p - q)``, where ``p``
-    and ``q`` are the target's and the draft's processed distributions (the same penalty and filters).
-    The kept candidate was chosen among several, so with ``n_candidates > 1`` the result is close to,
-    not exactly, a sample of the target.
+    The rule is :func:`.accept.accept` under the target's processed distribution (the same penalty and
+    filters as the draft's): greedy keeps its own choices, sampling runs speculative rejection sampling
+    against the draft's distribution; ``passed`` marks tokens the verification rule passed. The kept
+    candidate was chosen among several, so with ``n_candidates > 1`` sampling is close to, not exactly,
+    a sample of the target.
     """
     params, draft, controls = gen.params, gen.runtime.draft, gen.controls
     k, tokens = len(proposal.tokens), proposal.tokens
-    if params.temperature == 0:
-        top = own if own is not None else target_choices(gen, proposal, logits)
-        agree = next((i for i in range(k) if top[i] != tokens[i]), k)
-        gen.agreement.observe(agree, agree < k)
-        return agree, (top[agree] if agree < k else None)
-    fed = _fed(gen, proposal)
-    seen = gen.seen_rows(gen.runtime.target, (), fed, logits.device)
-    temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
-    logp = processed_logprobs(logits, temperature, controls, seen)  # [k, V]
     step = torch.tensor(tokens, device=logits.device)
-    p = logp.gather(-1, step[:, None]).squeeze(-1)
-    q = draft.out_logq[proposal.row, :k].to(logits.device)
-    keep = (gen.uniform(k).to(logits.device).log() < p - q).tolist()
-    agree = next((i for i in range(k) if not keep[i]), k)
-    gen.agreement.observe(agree, agree < k)
-    if agree == k:
-        return k, None
-    start = len(gen.ids) - 1 + agree  # recompute the draft's distribution there (rows are identical)
-    draft_logits = draft.forward([fed[agree]], start)[proposal.row, -1]
-    draft_seen = gen.seen(draft, tokens[:agree])
-    logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
-    return agree, int(residual_sample(logp[agree], logq.to(logits.device), gen.uniform(1)[0].to(logits.device)))
+    if params.temperature == 0 and passed is None:
+        result = own_choices(gen, proposal, logits)
+    elif params.temperature == 0:
+        seen = gen.seen_rows(gen.runtime.target, (), _fed(gen, proposal), logits.device)
+        result = accept(penalise(logits, seen, controls.repetition_penalty), step, greedy=True, passed=passed)
+    else:
+        fed = _fed(gen, proposal)
+        seen = gen.seen_rows(gen.runtime.target, (), fed, logits.device)
+        temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
+        logp = processed_logprobs(logits, temperature, controls, seen)  # [k, V]
+
+        def draft_logq_at(i: int) -> torch.Tensor:  # the draft's distribution there, computed again
+            draft_logits = draft.forward([fed[i]], len(gen.ids) - 1 + i)[proposal.row, -1]
+            draft_seen = gen.seen(draft, tokens[:i])
+            return processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
+
+        result = accept(
+            logp,
+            step,
+            greedy=False,
+            logq=draft.out_logq[proposal.row, :k],
+            uniforms=gen.uniform(k + 1),
+            passed=passed,
+            draft_logq_at=draft_logq_at,
+        )
+    if passed is None:  # (tokens passed by the threshold say nothing of how often the draft is the target)
+        gen.agreement.observe(result.kept, result.kept < k)
+    return result

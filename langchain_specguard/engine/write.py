@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import draw, greedy, processed_logprobs, residual_sample
+from .accept import accept
+from .sampling import penalise, processed_logprobs
 
 if TYPE_CHECKING:
     from .decoding import Generation
@@ -121,16 +122,30 @@ def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written)
     target.tokens_in[:, 0].fill_(seq[-1])
     target.tokens_in[:, 1 : gamma + 1].copy_(draft.out_tokens[0, :gamma])
     logits = target.forward(None, last, q=gamma + 1)[0]  # [gamma + 1, V]
-    proposed = draft.out_tokens[0, :gamma].tolist()
-    fed = [seq[-1], *proposed]
+    proposed = draft.out_tokens[0, :gamma]
+    fed = [seq[-1], *proposed.tolist()]
     seen = gen.seen_rows(target, tokens, fed, logits.device)
     if params.temperature == 0:
-        top = greedy(logits, gen.controls, seen).tolist()
-        agree = next((i for i in range(gamma) if proposed[i] != top[i]), gamma)
-        new = [*proposed[:agree], top[agree]]
+        result = accept(penalise(logits, seen, gen.controls.repetition_penalty), proposed, greedy=True)
     else:
-        agree, token = _rejection_sample(gen, logits, seen, fed, tokens, last)
-        new = [*proposed[:agree], token]
+        temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
+
+        def draft_logq_at(i: int) -> torch.Tensor:  # the draft's distribution there, computed again
+            draft_logits = draft.forward([fed[i]], last + i)[0, -1]
+            draft_seen = gen.seen(draft, [*tokens, *fed[1 : i + 1]])
+            return processed_logprobs(draft_logits, temperature.to(draft_logits.device), gen.controls, draft_seen)
+
+        result = accept(
+            processed_logprobs(logits, temperature, gen.controls, seen),
+            proposed,
+            greedy=False,
+            logq=draft.out_logq[0, :gamma],
+            uniforms=gen.uniform(gamma + 1),
+            draft_logq_at=draft_logq_at,
+        )
+    agree = result.kept
+    assert result.token is not None  # the round fed every proposal: the target always has a next token
+    new = [*fed[1 : agree + 1], result.token]
     if gen.logprobs is not None:
         gen.logprobs.add_logits(logits[: agree + 1], new)
     draft.cache.valid = last + 1 + min(agree, gamma - 1)
@@ -140,31 +155,3 @@ def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written)
     written.drafted += draft.batch * gamma
     written.target_forwards += 1
     return new
-
-
-def _rejection_sample(
-    gen: Generation, logits: torch.Tensor, seen: torch.Tensor | None, fed: list[int], tokens: list[int], last: int
-) -> tuple[int, int]:
-    """Speculative sampling over one round: the accepted proposals, then a token of the residual or the target.
-
-    ``fed`` is what the round fed the target: the last token of the sequence (at ``last``), then the
-    proposals; ``logits [gamma + 1, V]`` are the target's after each and ``seen`` their seen-token
-    masks; ``tokens`` is the step so far (before the round).
-    """
-    params, draft, controls = gen.params, gen.runtime.draft, gen.controls
-    proposed = fed[1:]
-    gamma = len(proposed)
-    temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
-    logp = processed_logprobs(logits, temperature, controls, seen)  # [gamma + 1, V]
-    p = logp[:gamma].gather(-1, torch.tensor(proposed, device=logits.device)[:, None]).squeeze(-1)
-    q = draft.out_logq[0, :gamma].to(logits.device)
-    keep = (gen.uniform(gamma).to(logits.device).log() < p - q).tolist()
-    agree = next((i for i in range(gamma) if not keep[i]), gamma)
-    uniform = gen.uniform(1)[0].to(logits.device)
-    if agree == gamma:
-        return agree, int(draw(logp[gamma].exp(), uniform))
-    # the draft's distribution at the rejected position, computed again (its rows are all alike)
-    draft_logits = draft.forward([fed[agree]], last + agree)[0, -1]
-    draft_seen = gen.seen(draft, [*tokens, *proposed[:agree]])
-    logq = processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
-    return agree, int(residual_sample(logp[agree], logq.to(logits.device), uniform))

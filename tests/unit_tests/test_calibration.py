@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.engine import SpecGuardParams, generate, load_pair
+from langchain_specguard.engine import SpecGuardParams, generate, generate_steps, load_pair
 from langchain_specguard.engine.calibration import PRIOR_THRESHOLD, PRIOR_WEIGHT, ThresholdCalibrator
 from langchain_specguard.engine.decoding import score_layers
 from tests.tiny_models import gemma_pair, llama_pair
@@ -28,70 +28,67 @@ def test_calibrator_starts_at_the_prior_and_moves_to_the_quantile() -> None:
     assert cal.threshold() == pytest.approx((PRIOR_WEIGHT * PRIOR_THRESHOLD + 512 * 0.9) / (PRIOR_WEIGHT + 512))
 
 
-def test_auto_needs_target_signals() -> None:
-    SpecGuardParams(acceptance_threshold="auto")
+def test_auto_needs_target_signals_and_a_scale_bound_method() -> None:
+    SpecGuardParams(acceptance_threshold="auto", confidence_method="mean")
     with pytest.raises(ValidationError, match="signal_source='target'"):
-        SpecGuardParams(acceptance_threshold="auto", signal_source="draft")
-    # "auto" is the default, so draft signals alone need a number, and the error says so
-    with pytest.raises(ValidationError, match=r"\(the default\).*a fixed acceptance_threshold, e.g. 0.5"):
+        SpecGuardParams(acceptance_threshold="auto", confidence_method="mean", signal_source="draft")
+    # the default ratio rule is scale-free: "auto" has nothing to learn there, and the error says what to give
+    with pytest.raises(ValidationError, match=r"already scale-free: give a number"):
+        SpecGuardParams(acceptance_threshold="auto")
+    # the ratio needs the target's own choices, which draft signals never compute
+    with pytest.raises(ValidationError, match=r"confidence_method='ratio' \(the default\).*signal_source='draft'"):
         SpecGuardParams(signal_source="draft")
-    assert SpecGuardParams(signal_source="draft", acceptance_threshold=0.5).acceptance_threshold == 0.5
+    assert SpecGuardParams(signal_source="draft", confidence_method="mean").acceptance_threshold == 0.3
     with pytest.raises(ValidationError):
         SpecGuardParams(acceptance_threshold="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
-        SpecGuardParams(acceptance_threshold="auto", calibration_quantile=1.0)
+        SpecGuardParams(acceptance_threshold="auto", confidence_method="mean", calibration_quantile=1.0)
 
 
-def test_auto_learns_from_the_target_and_events_report_the_threshold_in_force() -> None:
+AUTO = SpecGuardParams(
+    acceptance_threshold="auto",
+    confidence_method="mean",
+    n_candidates=2,
+    max_tokens=40,
+    max_step_tokens=5,
+    step_delimiters=["\n"],
+    seed=0,
+    cache_implementation="dynamic",
+)
+
+
+def test_auto_learns_within_the_call_and_events_report_the_threshold_in_force() -> None:
     target, _ = llama_pair()
     pair = load_pair(target, target, dtype="float64", device="cpu")  # a draft that is the target: it agrees
-    params = SpecGuardParams(
-        acceptance_threshold="auto",
-        n_candidates=2,
-        max_tokens=40,
-        max_step_tokens=5,
-        step_delimiters=["\n"],
-        seed=0,
-        cache_implementation="dynamic",
-    )
     prompt = pair.tokenizer("<s>The sum of 3 and 5 is", add_special_tokens=False)["input_ids"]
-    first = generate(pair, prompt, params)
+    first = generate(pair, prompt, AUTO)
     assert first.steps[0].threshold == PRIOR_THRESHOLD  # nothing learned yet
-    (calibrator,) = pair.extra["threshold_calibrators"].values()
-    learned = len(calibrator)
-    assert learned > 0  # some steps were the target's own choices
+    assert len({s.threshold for s in first.steps}) > 1  # some steps were the target's own: it moved
     for step in first.steps:  # every verdict was taken against the threshold in force at its step
         assert step.accepted == (step.score >= step.threshold)
-    before = calibrator.threshold()
-    second = generate(pair, prompt, params)
-    assert second.steps[0].threshold == pytest.approx(before) != PRIOR_THRESHOLD
-    # another way of scoring learns separately
-    generate(pair, prompt, params.model_copy(update={"decision": "weighted"}))
-    assert len(pair.extra["threshold_calibrators"]) == 2
-    generate(pair, prompt, params.model_copy(update={"confidence_method": "min"}))
-    assert len(pair.extra["threshold_calibrators"]) == 3
-    # the same score under another name shares the calibrator: no grounding weight is confidence alone
-    generate(pair, prompt, params.model_copy(update={"decision": "weighted", "grounding_weight": 0.0}))
-    generate(pair, prompt, params.model_copy(update={"grounding_method": "mean"}))
-    assert len(pair.extra["threshold_calibrators"]) == 3
+    second = generate(pair, prompt, AUTO)  # a call learns nothing from the calls before it
+    assert second.steps[0].threshold == PRIOR_THRESHOLD
+    assert second.token_ids == first.token_ids
+    assert [s.threshold for s in second.steps] == [s.threshold for s in first.steps]
 
 
-def test_auto_with_the_threshold_it_learned_is_what_a_fixed_threshold_gives() -> None:
-    """ "auto" only chooses the threshold: with the calibrator's value fixed, the output is the same."""
-    target, _ = llama_pair()
-    pair = load_pair(target, draft_layers=2, dtype="float64", device="cpu")
-    base = SpecGuardParams(n_candidates=2, max_tokens=24, max_step_tokens=5, step_delimiters=["\n"], seed=0)
+def test_a_calibrator_learned_up_front_then_fixed_is_what_a_fixed_threshold_gives() -> None:
+    """ "auto" only chooses the threshold: with a calibrator's value fixed, the output is the same."""
+    target, draft = llama_pair()
+    pair = load_pair(target, draft, dtype="float64", device="cpu")
+    agreeing = load_pair(target, target, dtype="float64", device="cpu")  # learns fast: its steps are the target's
     prompt = pair.tokenizer("<s>Hello there", add_special_tokens=False)["input_ids"]
-    auto = base.model_copy(update={"acceptance_threshold": "auto"})
+    calibrator = ThresholdCalibrator(AUTO.calibration_quantile)
+    list(generate_steps(agreeing, prompt, AUTO, calibrator=calibrator))
     for _ in range(3):
-        generate(pair, prompt, auto)
-    (calibrator,) = pair.extra["threshold_calibrators"].values()
+        list(generate_steps(pair, prompt, AUTO, calibrator=calibrator))
+    assert len(calibrator) > 0
     frozen = calibrator.threshold()
     calibrator.observe = lambda score: None  # type: ignore[method-assign]  # hold it still for the comparison
-    learned = generate(pair, prompt, auto)
-    fixed = generate(pair, prompt, base.model_copy(update={"acceptance_threshold": frozen}))
-    assert learned.token_ids == fixed.token_ids
-    assert [s.accepted for s in learned.steps] == [s.accepted for s in fixed.steps]
+    learned = list(generate_steps(pair, prompt, AUTO, calibrator=calibrator))
+    fixed = generate(pair, prompt, AUTO.model_copy(update={"acceptance_threshold": frozen}))
+    assert [t for s in learned for t in s.token_ids] == fixed.token_ids
+    assert [s.accepted for s in learned] == [s.accepted for s in fixed.steps]
 
 
 def test_hybrid_models_score_their_full_attention_layers_by_default() -> None:
@@ -108,7 +105,7 @@ def test_hybrid_models_score_their_full_attention_layers_by_default() -> None:
     assert score_layers(plain.target, None) == tuple(range(n - max(1, n // 3), n))
 
 
-def test_chat_model_calibrate_returns_the_threshold_later_auto_calls_use() -> None:
+def test_chat_model_calibrate_returns_a_threshold_and_changes_no_later_call() -> None:
     target, _ = llama_pair()
     llm = ChatSpecGuard(
         model=target,
@@ -118,11 +115,16 @@ def test_chat_model_calibrate_returns_the_threshold_later_auto_calls_use() -> No
         seed=0,
         return_step_details=True,
         acceptance_threshold=0.5,
+        confidence_method="mean",
     )
     with pytest.raises(ValueError, match="non-empty list"):
         llm.calibrate("just one string")
+    before = llm.invoke("Hello there", acceptance_threshold="auto")
     value = llm.calibrate(["Hello there", "The sum of 3 and 5 is"])
     assert 0.0 <= value <= 1.0 and value != PRIOR_THRESHOLD
     assert llm.acceptance_threshold == 0.5  # the instance's own setting is left as it was
-    message = llm.invoke("Hello there", acceptance_threshold="auto")
-    assert message.response_metadata["specguard"]["steps"][0]["threshold"] == pytest.approx(value)
+    after = llm.invoke("Hello there", acceptance_threshold="auto")  # calibrating stored nothing
+    assert after.response_metadata["specguard"]["steps"][0]["threshold"] == PRIOR_THRESHOLD
+    assert after.content == before.content
+    fixed = llm.invoke("Hello there", acceptance_threshold=value)  # the value is for fixing
+    assert fixed.response_metadata["specguard"]["steps"][0]["threshold"] == pytest.approx(value)

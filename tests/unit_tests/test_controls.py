@@ -142,6 +142,7 @@ def test_all_fallback_with_repetition_penalty_equals_target_greedy(kind: str, si
         max_step_tokens=6,
         step_delimiters=["\n"],
         signal_source=signal_source,
+        confidence_method="mean" if signal_source == "draft" else "ratio",  # ratio compares with the target
         repetition_penalty=1.8,
         top_k=3,  # no-ops at temperature 0
         min_p=0.3,
@@ -244,6 +245,7 @@ def test_logprobs_are_those_of_the_model_that_scored_each_token(
     params = SpecGuardParams(
         acceptance_threshold=threshold,
         signal_source=signal_source,
+        confidence_method="mean" if signal_source == "draft" else "ratio",  # ratio compares with the target
         temperature=temperature,
         repetition_penalty=1.2,  # reported values are the model's own, before any processing
         decision="weighted",  # on grounding alone (0.917 accepts some of these steps, not all)

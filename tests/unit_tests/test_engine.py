@@ -71,6 +71,7 @@ def test_all_fallback_equals_target_greedy(kind: str, signal_source: str, cache:
         max_step_tokens=6,
         step_delimiters=["\n"],
         signal_source=signal_source,
+        confidence_method="mean" if signal_source == "draft" else "ratio",  # ratio compares with the target
         decision=decision,
         seed=0,
         cache_implementation=cache,
@@ -96,6 +97,7 @@ def test_all_accepted_equals_draft_greedy(kind: str, signal_source: str, cache: 
         max_step_tokens=6,
         step_delimiters=["\n"],
         signal_source=signal_source,
+        confidence_method="mean" if signal_source == "draft" else "ratio",  # ratio compares with the target
         decision=decision,
         cache_implementation=cache,
     )
@@ -225,6 +227,7 @@ def test_static_cache_path_matches_dynamic(kind: str, signal_source: str, decisi
             max_step_tokens=5,
             seed=3,
             signal_source=signal_source,
+            confidence_method="mean" if signal_source == "draft" else "ratio",  # ratio compares with the target
             decision=decision,
         )
         static = dynamic.model_copy(update={"cache_implementation": "static"})

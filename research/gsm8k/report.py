@@ -1,0 +1,199 @@
+"""Tables from ``research.gsm8k.run`` results: accuracy with intervals, paired differences, draft share, AUCs.
+
+    python -m research.gsm8k.report results/train.jsonl --reference target [--markdown]
+    python -m research.gsm8k.report results/train.jsonl --select sweep.json   # the rule the defaults come from
+
+Accuracy intervals are Wilson 95%; a paired difference is over the problems both methods finished,
+mean +- 1.96 standard errors of the per-problem differences. "draft share" is the output tokens of
+accepted draft steps; "draft-computed share" adds what rejected steps kept of the draft's proposal and
+what the target accepted of the draft's speculation while writing (tokens the target would also have
+written greedily, computed by the draft). ROC AUC (right vs wrong draft steps, step_label) has a
+percentile-bootstrap 95% interval over steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def read(paths: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    by: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                by[row["method"]][row["index"]] = row
+    return dict(by)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> tuple[float, float, float, int]:
+    """Mean of correct(a) - correct(b) over the problems both have, and its 95% interval."""
+    common = sorted(a.keys() & b.keys())
+    d = [int(a[i]["correct"]) - int(b[i]["correct"]) for i in common]
+    n = len(d)
+    if n < 2:
+        return (math.nan, math.nan, math.nan, n)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def shares(rows: dict[int, dict[str, Any]]) -> tuple[float, float]:
+    tokens = sum(r["tokens"] for r in rows.values())
+    if not tokens or "draft_tokens" not in next(iter(rows.values())):
+        return (math.nan, math.nan)
+    draft = sum(r["draft_tokens"] for r in rows.values())
+    computed = draft + sum(r["kept_tokens"] + r["speculated_tokens"] for r in rows.values())
+    return draft / tokens, computed / tokens
+
+
+def auc(pairs: list[tuple[float, bool]]) -> float:
+    """P(score of a right step > score of a wrong one), ties counted half (Mann-Whitney)."""
+    ranked = sorted(pairs, key=lambda p: p[0])
+    pos = sum(1 for _, y in ranked if y)
+    neg = len(ranked) - pos
+    if pos == 0 or neg == 0:
+        return math.nan
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        average = (i + j + 1) / 2  # ranks are 1-based
+        rank_sum += average * sum(1 for _, y in ranked[i:j] if y)
+        i = j
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def auc_interval(pairs: list[tuple[float, bool]], rounds: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    rng = random.Random(seed)
+    values = sorted(auc([rng.choice(pairs) for _ in pairs]) for _ in range(rounds))
+    values = [v for v in values if v == v]
+    if not values:
+        return auc(pairs), math.nan, math.nan
+    return auc(pairs), values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+
+
+def signal_table(by: dict[str, dict[int, dict[str, Any]]]) -> list[tuple[str, str, int, int, float, float, float]]:
+    """AUC of each signal over each method's labelled draft steps (the kept candidate of every step)."""
+    rows = []
+    for method, problems in sorted(by.items()):
+        steps = [s for r in problems.values() for s in r.get("steps", []) if s.get("label") is not None]
+        if not steps:
+            continue
+        for signal in ("ratio", "min", "mean", "g", "both"):
+            values = []
+            for s in steps:
+                value = min(s["g"], s["mean"]) if signal == "both" and s.get("g") is not None else s.get(signal)
+                if signal == "both" and s.get("g") is None:
+                    value = None
+                if value is not None:
+                    values.append((float(value), bool(s["label"])))
+            if len(values) >= 20:
+                right = sum(y for _, y in values)
+                rows.append((method, signal, right, len(values) - right, *auc_interval(values)))
+    return rows
+
+
+def table(by: dict[str, dict[int, dict[str, Any]]], reference: str | None) -> list[dict[str, Any]]:
+    out = []
+    for method, rows in by.items():
+        k, n = sum(bool(r["correct"]) for r in rows.values()), len(rows)
+        low, high = wilson(k, n)
+        draft, computed = shares(rows)
+        entry: dict[str, Any] = {
+            "method": method,
+            "n": n,
+            "accuracy": k / n if n else math.nan,
+            "ci": (low, high),
+            "draft_share": draft,
+            "computed_share": computed,
+            "seconds": sorted(r["seconds"] for r in rows.values())[n // 2] if n else math.nan,
+        }
+        if reference and reference in by and method != reference:
+            entry["paired"] = paired(rows, by[reference])
+        out.append(entry)
+    return out
+
+
+def select(by: dict[str, dict[int, dict[str, Any]]], methods: list[dict[str, Any]], reference: str) -> dict[str, Any]:
+    """The rule the defaults come from, fixed before the test run: among deterministic rules (a fixed
+    threshold), the largest draft share whose train accuracy is within one point of the reference's
+    (paired, on the same problems); ties go to the earlier method in the sweep."""
+    best: tuple[float, int] | None = None
+    chosen: dict[str, Any] | None = None
+    for order, m in enumerate(methods):
+        params = m.get("params", {})
+        if m["kind"] != "engine" or m["name"] not in by or params.get("acceptance_threshold", 0) in ("auto", 2.0):
+            continue
+        if not isinstance(params.get("acceptance_threshold"), (int, float)) or params["acceptance_threshold"] > 1:
+            continue
+        diff, _, _, n = paired(by[m["name"]], by[reference])
+        draft, _ = shares(by[m["name"]])
+        if n and diff >= -0.01 and (best is None or (draft, -order) > best):
+            best, chosen = (draft, -order), m
+    if chosen is None:
+        raise SystemExit("no configuration held the reference's accuracy within one point on train")
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--reference", default="target")
+    parser.add_argument("--select", default=None, help="the sweep's methods JSON: print the chosen method")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    by = read(args.results)
+    if args.select:
+        print(json.dumps(select(by, json.loads(Path(args.select).read_text()), args.reference)))
+        return
+    sep = " | " if args.markdown else "  "
+    head = [
+        "method",
+        "n",
+        "accuracy [95% CI]",
+        f"vs {args.reference} [95% CI]",
+        "draft share",
+        "draft-computed",
+        "s/problem",
+    ]
+    print(("| " if args.markdown else "") + sep.join(head) + (" |" if args.markdown else ""))
+    if args.markdown:
+        print("|" + "---|" * len(head))
+    for e in table(by, args.reference):
+        p = e.get("paired")
+        cells = [
+            e["method"],
+            str(e["n"]),
+            f"{e['accuracy']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]",
+            f"{100 * p[0]:+.1f} [{100 * p[1]:+.1f}, {100 * p[2]:+.1f}] (n={p[3]})" if p else "-",
+            "-" if e["draft_share"] != e["draft_share"] else f"{e['draft_share']:.0%}",
+            "-" if e["computed_share"] != e["computed_share"] else f"{e['computed_share']:.0%}",
+            f"{e['seconds']:.2f}",
+        ]
+        print(("| " if args.markdown else "") + sep.join(cells) + (" |" if args.markdown else ""))
+    print()
+    print(sep.join(["method", "signal", "right", "wrong", "ROC AUC [95% CI]"]))
+    for method, signal, right, wrong, value, low, high in signal_table(by):
+        print(sep.join([method, signal, str(right), str(wrong), f"{value:.3f} [{low:.3f}, {high:.3f}]"]))
+
+
+if __name__ == "__main__":
+    main()
