@@ -25,15 +25,14 @@ Draft and target may have different numbers of output rows (Qwen2.5-7B has 152,0
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .sampling import draw, residual_sample
 
 
-@dataclass(frozen=True)
-class Accepted:
+class Accepted(NamedTuple):
     kept: int  # leading proposals kept
     token: int | None  # the target's own token after them; None when all were kept and no row follows
 
