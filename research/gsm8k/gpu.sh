@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GSM8K on the packaged Qwen2.5-Coder pair, on the GPU machine, in stages that fit the device tool
+# (64 MiB carried per call, 10 minutes per command). State lives in /tmp/w while the machine stays warm.
+#   ../shared/tools/device-chunks DRAFT.gguf TARGET.gguf     (here: .c00 ... .c25)
+#   bash research/gsm8k/gpu.sh setup            (carry .whl .dev .c00)
+#   bash research/gsm8k/gpu.sh chunk NN         (carry .cNN), NN = 01 ... 25
+#   bash research/gsm8k/gpu.sh convert draft|target   (after its last chunk; converts in the background)
+#   bash research/gsm8k/gpu.sh smoke | train | test | bench | synthetic
+set -uo pipefail
+W=/tmp/w
+mkdir -p $W/chunks $W/gguf
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
+DRAFT=qwen2.5-coder-0.5b-instruct.gguf
+TARGET=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+converted() { for r in target draft; do until [ -f $W/$r/.done ]; do sleep 2; done; done; }
+case "$1" in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
+    nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on"
+    cp -r .dev/tokenizer .dev/gsm8k $W/ && cp .c00/* $W/chunks/ && ls $W ;;
+  chunk)
+    cp .c$2/* $W/chunks/ && ls $W/chunks | wc -l ;;
+  convert)
+    name=$([ "$2" = draft ] && echo $DRAFT || echo $TARGET)
+    cat $W/chunks/$name.part-* > $W/gguf/$name && rm -f $W/chunks/$name.part-* && ls -la $W/gguf
+    setsid nohup bash -c "python3 -m research.gsm8k.convert --gguf-dir $W/gguf --tokenizer $W/tokenizer --out $W \
+      --only $2 > $W/convert_$2.log 2>&1 && touch $W/$2/.done" > /dev/null 2>&1 < /dev/null &
+    echo "converting $2 in the background" ;;
+  smoke)
+    converted; cat $W/convert_*.log | grep -v Converting
+    python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/train.jsonl --range 0:2 --methods research/gsm8k/sweep.json \
+      --only target,target-engine,ratio-0.3-lines,both-0.5-lines --workers 3 --hf-batch 2 --max-tokens 96 --deadline 90 \
+      --out $OUT/smoke.jsonl && python3 -m research.gsm8k.report $OUT/smoke.jsonl ;;
+  train)
+    python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/train.jsonl --range ${RANGE:-0:200} \
+      --methods research/gsm8k/sweep.json --workers ${WORKERS:-14} --deadline ${DEADLINE:-420} --out $OUT/train.jsonl \
+      2>&1 | tee $OUT/train.log | grep -v "^\[" ; tail -2 $OUT/train.log
+    cp $OUT/train.jsonl $W/train.jsonl
+    python3 -m research.gsm8k.report $OUT/train.jsonl | tee $OUT/train_report.txt
+    python3 -m research.gsm8k.report $OUT/train.jsonl --select research/gsm8k/sweep.json | tee $W/chosen.json $OUT/chosen.json ;;
+  test)
+    python3 -m research.gsm8k.plan $W/chosen.json > $W/test.json && cp $W/test.json $OUT/
+    python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/test.jsonl --range ${RANGE:-0:600} --methods $W/test.json \
+      --workers ${WORKERS:-14} --deadline ${DEADLINE:-440} --out $OUT/test.jsonl 2>&1 | tee $OUT/test.log | grep -v "^\["
+    tail -2 $OUT/test.log
+    python3 -m research.gsm8k.report $OUT/test.jsonl | tee $OUT/test_report.txt ;;
+  bench)  # the project's bench on the real pair: every method warmed for its shapes before timing
+    echo quit | nvidia-cuda-mps-control 2>/dev/null  # timings from one process, without MPS in between
+    python3 -m langchain_specguard.bench --target $W/target --draft $W/draft --tokenizer $W/tokenizer \
+      --data $W/gsm8k/test.jsonl --limit ${LIMIT:-10} --max-tokens 256 --stop "Done." \
+      --methods target,target-static,assisted,specguard $(python3 -m research.gsm8k.plan --bench-args $W/chosen.json) \
+      --out $OUT/bench_qwen_coder.json 2>&1 | tee $OUT/bench_qwen_coder.log | grep -v "Warning\|warn" ;;
+  synthetic)
+    python3 -m langchain_specguard.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement ${AGREEMENT:-1,0.97} \
+      --limit ${LIMIT:-3} --methods target,target-static,assisted,specguard --max-tokens 128 --max-step-tokens 24 \
+      --out $OUT/bench_synthetic.json 2>&1 | tee $OUT/bench_synthetic.log | grep -v "Warning\|warn" ;;
+esac
