@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GSM8K on the packaged Qwen2.5-Coder pair, on the GPU machine, in stages that fit the device tool
 # (64 MiB carried per call, 10 minutes per command). State lives in /tmp/w while the machine stays warm.
-#   ../shared/tools/device-chunks DRAFT.gguf TARGET.gguf     (here: .c00 ... .c25)
-#   bash research/gsm8k/gpu.sh setup            (carry .whl .dev .c00)
-#   bash research/gsm8k/gpu.sh chunk NN         (carry .cNN), NN = 01 ... 25
+#   split each GGUF (draft first) into 55 MiB pieces, one folder .cNN each (60 MiB pieces plus the
+#   working tree would pass the 64 MiB a call carries): .c00-.c08 the draft, .c09-.c28 the target
+#   bash research/gsm8k/gpu.sh setup            (carry .whl .dev)
+#   bash research/gsm8k/gpu.sh chunk NN         (carry .cNN), one call per chunk folder
 #   bash research/gsm8k/gpu.sh convert draft|target   (after its last chunk; converts in the background)
 #   bash research/gsm8k/gpu.sh smoke | train | test | bench | synthetic
 set -uo pipefail
@@ -18,7 +19,7 @@ case "$1" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
     nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on"
-    cp -r .dev/tokenizer .dev/gsm8k $W/ && cp .c00/* $W/chunks/ && ls $W ;;
+    cp -r .dev/tokenizer .dev/gsm8k $W/ && ls $W ;;
   chunk)
     cp .c$2/* $W/chunks/ && ls $W/chunks | wc -l ;;
   convert)
