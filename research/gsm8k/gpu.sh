@@ -31,7 +31,7 @@ case "$1" in
   smoke)
     converted; cat $W/convert_*.log | grep -v Converting
     python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/train.jsonl --range 0:2 --methods research/gsm8k/sweep.json \
-      --only target,target-engine,ratio-0.3-lines,both-0.5-lines --workers 3 --hf-batch 2 --max-tokens 96 --deadline 90 \
+      --only target,target-engine,ratio-0.5-lines,both-0.5-lines --workers 3 --hf-batch 2 --max-tokens 96 --deadline 90 \
       --out $OUT/smoke.jsonl && python3 -m research.gsm8k.report $OUT/smoke.jsonl ;;
   train)
     python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/train.jsonl --range ${RANGE:-0:200} \
