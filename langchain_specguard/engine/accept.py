@@ -38,10 +38,11 @@ class Accepted(NamedTuple):
 
 
 def accept(
-    logp: torch.Tensor,
+    logp: torch.Tensor | None,
     proposed: torch.Tensor,
     *,
     greedy: bool,
+    choices: torch.Tensor | None = None,
     logq: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
     passed: torch.Tensor | None = None,
@@ -49,30 +50,35 @@ def accept(
 ) -> Accepted:
     """Apply the rule to ``proposed [k]`` under the target's processed log-probabilities ``logp [k or k+1, V]``.
 
-    Sampling needs ``logq [k]`` (each proposal's log-probability under the distribution the draft drew it
-    from), ``uniforms [k + 1]`` (the acceptance draws and one for the target's own token) and
-    ``draft_logq_at(i)``, the draft's processed log-probabilities ``[V_draft]`` at position ``i`` (computed
-    only at the first rejection). ``passed [k]`` (bool) marks proposals the verification rule already
-    accepted. One host read.
+    Greedy reads only the target's choice at each row: ``choices [k or k+1]`` when the caller already has
+    them (e.g. read to the host with the step's scores, so the rule costs no device round trip), else the
+    argmax of ``logp`` (penalised logits do as well). Sampling needs ``logp``, ``logq [k]`` (each proposal's
+    log-probability under the distribution the draft drew it from), ``uniforms [k + 1]`` (the acceptance
+    draws and one for the target's own token) and ``draft_logq_at(i)``, the draft's processed
+    log-probabilities ``[V_draft]`` at position ``i`` (computed only at the first rejection). ``passed [k]``
+    (bool) marks proposals the verification rule already accepted. At most one host read.
     """
-    k, rows = int(proposed.shape[0]), int(logp.shape[0])
-    proposed = proposed.to(logp.device)
-    top = logp.argmax(-1)  # [rows]
+    if choices is None:
+        assert logp is not None, "accept needs the target's log-probabilities or its choices"
+        choices = logp.argmax(-1)
+    top = choices  # [rows]
+    k, rows, device = int(proposed.shape[0]), int(top.shape[0]), top.device
+    proposed = proposed.to(device)
     if greedy:
         keep = proposed == top[:k]
     else:
-        assert logq is not None and uniforms is not None, "sampling needs logq and uniforms"
+        assert logp is not None and logq is not None and uniforms is not None, "sampling needs logq and uniforms"
         p = logp[:k].gather(-1, proposed[:, None]).squeeze(-1)
-        keep = uniforms[:k].to(logp.device).log() < p - logq.to(logp.device)
+        keep = uniforms[:k].to(device).log() < p - logq.to(device)
     if passed is not None:
-        keep = keep | passed.to(logp.device)
+        keep = keep | passed.to(device)
     first_t = torch.cat([~keep, keep.new_ones(1)]).int().argmax()  # the first token not kept (k: none)
     first, token = torch.stack([first_t, top[first_t.clamp(max=rows - 1)]]).tolist()  # the one host read
     if first == k and rows <= k:
         return Accepted(k, None)
     if greedy:
         return Accepted(first, token)
-    assert uniforms is not None
+    assert logp is not None and uniforms is not None
     u = uniforms[k].to(logp.device)
     if first == k:
         return Accepted(k, int(draw(logp[k].exp(), u)))

@@ -67,14 +67,22 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     k, row = len(proposal.tokens), proposal.row
     logits: torch.Tensor | None = None
     raw: torch.Tensor | None = None
+    choices: torch.Tensor | None = None  # the target's own greedy token after each fed position, on the host
     grounding = math.nan  # not measured unless the decision reads it
     if params.signal_source == "target":
         record = gen.runtime.target.record(gen.target_layers) if params.uses_grounding else None
         logits = target_pass(gen, proposal, record)
         raw = raw_logprobs(logits)
         step = draft.out_tokens[row, :k].to(raw.device)
-        # each token's log-probability and the best one there: one host read gives every confidence method
-        logp, top = torch.stack([raw.gather(-1, step[:, None]).squeeze(-1), raw.max(dim=-1).values]).double().cpu()
+        # each token's log-probability, the best one there and the target's own choice: one host read gives
+        # every confidence method and, greedy, the whole accept rule (token ids are exact in float32)
+        rows = [
+            raw.gather(-1, step[:, None]).squeeze(-1),
+            raw.max(dim=-1).values,
+            target_choices(gen, proposal, logits),
+        ]
+        logp, top, chosen = torch.stack([r.to(raw.dtype) for r in rows]).double().cpu()
+        choices = chosen.long()
         if record is not None:
             grounding = _grounding(record, 0, k, gen)
         forwards = 1
@@ -88,9 +96,11 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     score = combine_scores(grounding, confidence, params.decision, params.grounding_weight)
     threshold = gen.threshold()
     accepted = threshold < 0 or score >= threshold
+    tokens = torch.tensor(proposal.tokens)
+    agreed = accept(None, tokens, greedy=True, choices=choices).kept if choices is not None else None
     # a step made only of the target's own first choices is one it writes itself: its score is a
     # sample of how the target's steps score, whatever this step's verdict (calibration.py)
-    if gen.calibrator is not None and logits is not None and own_choices(gen, proposal, logits).kept == k:
+    if gen.calibrator is not None and agreed == k:
         gen.calibrator.observe(score)
     # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
     # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
@@ -101,8 +111,7 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     )
     verdict.signals = confidences(logp, top)
     if verdict.accepted:
-        if logits is not None and params.temperature == 0:  # how often the draft agrees informs speculation
-            agreed = own_choices(gen, proposal, logits).kept
+        if agreed is not None and params.temperature == 0:  # how often the draft agrees informs speculation
             gen.agreement.observe(agreed, agreed < k)
         if gen.logprobs is not None and raw is not None:
             gen.logprobs.add_logprobs(raw, proposal.tokens)  # the target's, from the verification pass
@@ -116,11 +125,18 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     passed = None
     if per_token(params.confidence_method) and params.decision == "confidence" and raw is not None and problem is None:
         passed = (scores >= math.log(threshold)) if threshold > 0 else torch.ones(k, dtype=torch.bool)
-    kept = keep_prefix(gen, proposal, logits, passed)
+    if params.temperature == 0:
+        if choices is None:  # scored by the draft: the target's choices come from the pass just run
+            choices = target_choices(gen, proposal, logits).cpu()
+        kept = accept(None, tokens, greedy=True, choices=choices, passed=passed)
+        if passed is None:  # (tokens passed by the threshold say nothing of how often the draft is the target)
+            gen.agreement.observe(kept.kept, kept.kept < k)
+    else:
+        kept = rejection_sample(gen, proposal, logits, passed)
     verdict.agree, verdict.next_token = kept.kept, kept.token
     if gen.logprobs is not None:  # the kept tokens and the target's own next one, all scored by this pass
-        tokens = proposal.tokens[: kept.kept] + ([] if kept.token is None else [kept.token])
-        gen.logprobs.add_logprobs(raw_logprobs(logits[: len(tokens)]) if raw is None else raw[: len(tokens)], tokens)
+        written = proposal.tokens[: kept.kept] + ([] if kept.token is None else [kept.token])
+        gen.logprobs.add_logprobs(raw_logprobs(logits[: len(written)]) if raw is None else raw[: len(written)], written)
     for runner in (gen.runtime.target, draft):
         runner.cache.valid = min(runner.cache.valid, len(gen.ids) + kept.kept)
     return verdict
@@ -139,52 +155,42 @@ def _fed(gen: Generation, proposal: Proposal) -> list[int]:
     return [gen.ids[-1], *proposal.tokens[:-1]]
 
 
-def own_choices(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> Accepted:
-    """How many leading step tokens are the target's own greedy choices (penalised logits), and its choice next."""
+def target_choices(gen: Generation, proposal: Proposal, logits: torch.Tensor) -> torch.Tensor:
+    """The target's own greedy token after each position its pass over the step fed (penalised logits)."""
     seen = gen.seen_rows(gen.runtime.target, (), _fed(gen, proposal), logits.device)
-    step = torch.tensor(proposal.tokens, device=logits.device)
-    return accept(penalise(logits, seen, gen.controls.repetition_penalty), step, greedy=True)
+    return penalise(logits, seen, gen.controls.repetition_penalty).argmax(dim=-1)
 
 
-def keep_prefix(
+def rejection_sample(
     gen: Generation, proposal: Proposal, logits: torch.Tensor, passed: torch.Tensor | None = None
 ) -> Accepted:
-    """How many leading step tokens the target keeps, and its own next token (None if it keeps all ``k``).
+    """Sampling: how many leading step tokens the target keeps by speculative rejection sampling against the
+    draft's distribution (both processed with the same penalty and filters), and the token it draws next.
 
-    The rule is :func:`.accept.accept` under the target's processed distribution (the same penalty and
-    filters as the draft's): greedy keeps its own choices, sampling runs speculative rejection sampling
-    against the draft's distribution; ``passed`` marks tokens the verification rule passed. The kept
-    candidate was chosen among several, so with ``n_candidates > 1`` sampling is close to, not exactly,
-    a sample of the target.
+    ``passed`` marks tokens the verification rule passed. The kept candidate was chosen among several, so with
+    ``n_candidates > 1`` the result is close to, not exactly, a sample of the target.
     """
     params, draft, controls = gen.params, gen.runtime.draft, gen.controls
     k, tokens = len(proposal.tokens), proposal.tokens
-    step = torch.tensor(tokens, device=logits.device)
-    if params.temperature == 0 and passed is None:
-        result = own_choices(gen, proposal, logits)
-    elif params.temperature == 0:
-        seen = gen.seen_rows(gen.runtime.target, (), _fed(gen, proposal), logits.device)
-        result = accept(penalise(logits, seen, controls.repetition_penalty), step, greedy=True, passed=passed)
-    else:
-        fed = _fed(gen, proposal)
-        seen = gen.seen_rows(gen.runtime.target, (), fed, logits.device)
-        temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
-        logp = processed_logprobs(logits, temperature, controls, seen)  # [k, V]
+    fed = _fed(gen, proposal)
+    seen = gen.seen_rows(gen.runtime.target, (), fed, logits.device)
+    temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
+    logp = processed_logprobs(logits, temperature, controls, seen)  # [k, V]
 
-        def draft_logq_at(i: int) -> torch.Tensor:  # the draft's distribution there, computed again
-            draft_logits = draft.forward([fed[i]], len(gen.ids) - 1 + i)[proposal.row, -1]
-            draft_seen = gen.seen(draft, tokens[:i])
-            return processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
+    def draft_logq_at(i: int) -> torch.Tensor:  # the draft's distribution there, computed again
+        draft_logits = draft.forward([fed[i]], len(gen.ids) - 1 + i)[proposal.row, -1]
+        draft_seen = gen.seen(draft, tokens[:i])
+        return processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
 
-        result = accept(
-            logp,
-            step,
-            greedy=False,
-            logq=draft.out_logq[proposal.row, :k],
-            uniforms=gen.uniform(k + 1),
-            passed=passed,
-            draft_logq_at=draft_logq_at,
-        )
-    if passed is None:  # (tokens passed by the threshold say nothing of how often the draft is the target)
+    result = accept(
+        logp,
+        torch.tensor(tokens, device=logits.device),
+        greedy=False,
+        logq=draft.out_logq[proposal.row, :k],
+        uniforms=gen.uniform(k + 1),
+        passed=passed,
+        draft_logq_at=draft_logq_at,
+    )
+    if passed is None:
         gen.agreement.observe(result.kept, result.kept < k)
     return result

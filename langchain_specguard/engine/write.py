@@ -123,11 +123,17 @@ def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written)
     target.tokens_in[:, 1 : gamma + 1].copy_(draft.out_tokens[0, :gamma])
     logits = target.forward(None, last, q=gamma + 1)[0]  # [gamma + 1, V]
     proposed = draft.out_tokens[0, :gamma]
-    fed = [seq[-1], *proposed.tolist()]
-    seen = gen.seen_rows(target, tokens, fed, logits.device)
-    if params.temperature == 0:
+    if params.temperature == 0 and not gen.controls.penalised:  # proposals and choices in one host read
+        both = torch.cat([proposed.to(logits.device), logits.argmax(dim=-1)]).cpu()
+        fed = [seq[-1], *both[:gamma].tolist()]
+        result = accept(None, both[:gamma], greedy=True, choices=both[gamma:])
+    elif params.temperature == 0:
+        fed = [seq[-1], *proposed.tolist()]
+        seen = gen.seen_rows(target, tokens, fed, logits.device)
         result = accept(penalise(logits, seen, gen.controls.repetition_penalty), proposed, greedy=True)
     else:
+        fed = [seq[-1], *proposed.tolist()]
+        seen = gen.seen_rows(target, tokens, fed, logits.device)
         temperature = torch.tensor(params.temperature, dtype=torch.float64, device=logits.device)
 
         def draft_logq_at(i: int) -> torch.Tensor:  # the draft's distribution there, computed again
