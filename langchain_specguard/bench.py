@@ -151,8 +151,8 @@ def _hf_runner(
         kwargs: dict[str, Any] = {"assistant_model": assistant} if assistant is not None else {}
         if static:  # what a user picks for speed: transformers compiles the decode step when the cache is static
             kwargs["cache_implementation"] = "static"
-        if stop:  # the same stop sequences SpecGuard honours, checked by generate's own stopping criteria
-            kwargs.update(stop_strings=stop, tokenizer=pair.tokenizer)
+        if stop and assistant is None:  # the same stop sequences SpecGuard honours, checked by generate itself
+            kwargs.update(stop_strings=stop, tokenizer=pair.tokenizer)  # (assisted generate fails on stop strings)
         out = model.generate(  # type: ignore[operator]
             ids,
             attention_mask=torch.ones_like(ids),
