@@ -23,6 +23,13 @@ from .loading import decode
 from .steps import CallSyntax, find_stop, leading_thought, may_open_thought, new_text, step_complete
 
 
+def _alive(ref: weakref.ref[Any]) -> Any:
+    tokenizer = ref()
+    if tokenizer is None:
+        raise ReferenceError("the tokenizer of this table was freed")
+    return tokenizer
+
+
 class MayEnd:
     """Whether token ``t`` may complete one of the patterns: a superset, the exact text check decides.
 
@@ -33,12 +40,16 @@ class MayEnd:
     """
 
     def __init__(self, tokenizer: Any, last_chars: frozenset[str]) -> None:
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # weak: the shared tables must not keep a tokenizer alive
         self.last_chars = last_chars
         self.known: dict[int, bool] = {}
         anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
         self.anchor = anchor
         self.base = decode(tokenizer, [anchor])
+
+    @property
+    def tokenizer(self) -> Any:
+        return _alive(self._tokenizer)
 
     def __call__(self, token: int) -> bool:
         answer = self.known.get(token)
@@ -49,6 +60,8 @@ class MayEnd:
         return answer
 
 
+# Per-tokenizer tables, dropped with their tokenizer: the tables refer to it only weakly (a strong
+# reference in a value of a weak-key dictionary would keep the key alive for good).
 _TABLES: weakref.WeakKeyDictionary[Any, dict[frozenset[str], MayEnd]] = weakref.WeakKeyDictionary()
 _TABLES_LOCK = threading.Lock()
 
@@ -77,7 +90,7 @@ class TokenBytes:
     def __init__(self, tokenizer: Any) -> None:
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # weak, as in MayEnd
         kinds = _decoder_kinds(tokenizer)
         slow_map = getattr(tokenizer, "byte_decoder", None)
         self.byte_decoder: dict[str, int] | None = (
@@ -88,6 +101,10 @@ class TokenBytes:
         self.anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
         self.base = tokenizer.decode([self.anchor])
         self.known: dict[int, bytes] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        return _alive(self._tokenizer)
 
     def __call__(self, token: int) -> bytes:
         found = self.known.get(token)
