@@ -9,12 +9,14 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 from transformers import AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair
 from langchain_specguard.engine.text import token_bytes
 from tests.tiny_models import bpe_pair
+from tests.unit_tests.test_audit import scripted_llm
 
 # 8. every loaded tokenizer was kept forever by the per-tokenizer tables
 
@@ -50,3 +52,37 @@ def test_tokenizer_of_a_chat_model_is_freed_after_the_model_is_dropped() -> None
     del llm, message
     gc.collect()
     assert tokenizer() is None
+
+
+# 12. a stop sequence holding U+FFFD cut the output at the placeholder of a half-decoded character
+
+# "猫" is not in the BPE tokenizer's training text, so it is three byte tokens: after its first byte the output
+# decodes to "...\ufffd", a placeholder that is no character of the answer. The real U+FFFD comes later.
+STOP_CASES = [
+    ("猫猫 x 猫\ufffd y.", "猫\ufffd", True),  # the first "猫" and half of the second read as the stop
+    ("猫猫 x 猫\ufffd y.", "\ufffd", True),  # every half-written "猫" reads as the stop
+    ("猫猫 x 猫\ufffd", "猫\ufffd", True),  # the real stop ends the output (EOS follows it)
+    ("猫猫 x \ufffd猫 y.", "\ufffd猫", False),  # the stop starts with the real U+FFFD
+]
+
+
+@pytest.mark.parametrize(("script", "stop", "half_decoded_holds_it"), STOP_CASES)
+@pytest.mark.parametrize("max_step_tokens", [1, 2, 4])
+@pytest.mark.parametrize("threshold", [-1.0, 2.0])  # the draft writes every step / the target writes every step
+def test_stop_holding_the_replacement_character_cuts_where_it_occurs(
+    script: str, stop: str, half_decoded_holds_it: bool, max_step_tokens: int, threshold: float
+) -> None:
+    llm = scripted_llm(bpe_pair(), script, max_step_tokens=max_step_tokens, acceptance_threshold=threshold)
+    tokenizer = llm.load().tokenizer
+    ids = tokenizer(script, add_special_tokens=False)["input_ids"]
+    # whether the text of the first tokens, decoded with a character still half written, holds the stop early
+    early = [tokenizer.decode(ids[:j]).find(stop) for j in range(1, len(ids))]
+    assert any(0 <= at < script.index(stop) for at in early) == half_decoded_holds_it
+    whole = str(llm.invoke("hi").content)
+    assert whole == script
+    expected = whole[: whole.index(stop)]
+    message = llm.invoke("hi", stop=[stop])
+    assert message.content == expected
+    assert message.response_metadata["finish_reason"] == "stop"
+    chunks = [str(c.content) for c in llm.stream("hi", stop=[stop])]
+    assert "".join(chunks) == expected
