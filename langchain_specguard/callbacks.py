@@ -548,11 +548,14 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
         top.set_ylim(min([0.0, *limits]) - 0.05, max([1.0, *limits]) + 0.05)
         top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)  # outside: never hides a point
         totals = self.summary()
-        top.set_title(
+        # a figure title, which the layout keeps inside the figure (an axes title is centred on the axes, which the
+        # legends push left, so on a short run's narrow figure it ran off the edge); long ones wrap
+        fig.suptitle(
             title
             or f"SpecGuard steps: {totals['calls']} call(s), acceptance {totals['acceptance_rate']:.0%}, "
             f"target wrote {totals['target_token_share']:.0%} of tokens",
             fontsize=10,
+            wrap=True,
         )
 
         draft_tokens = [int(r.get("num_tokens", 0)) if r.get("source") == "draft" else 0 for r in records]
