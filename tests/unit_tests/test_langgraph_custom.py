@@ -8,7 +8,7 @@ outside a graph write nothing and still report to callbacks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -71,6 +71,19 @@ def one_node_graph(node: Callable[[MessagesState], Any]) -> Any:
     return builder.compile()
 
 
+def split(items: Iterable[tuple[str, Any]]) -> tuple[list[Any], BaseMessage]:
+    """A ``stream_mode=["custom", "values"]`` run's custom items, and the last message of its final state."""
+    custom: list[Any] = []
+    answer: BaseMessage | None = None
+    for mode, data in items:
+        if mode == "custom":
+            custom.append(data)
+        else:
+            answer = data["messages"][-1]
+    assert isinstance(answer, AIMessage)
+    return custom, answer
+
+
 def check(custom: list[Any], answer: BaseMessage) -> None:
     """``custom``: the graph's custom items; ``answer``: the message the node returned in the same run."""
     metadata = answer.response_metadata["specguard"]
@@ -87,31 +100,21 @@ def check(custom: list[Any], answer: BaseMessage) -> None:
 @pytest.mark.parametrize("call", ["invoke", "stream"])
 def test_custom_mode_yields_each_step_in_order(call: str) -> None:
     graph = one_node_graph(sync_nodes(make_llm())[call])
-    custom: list[Any] = []
-    answer: BaseMessage | None = None
-    for mode, data in graph.stream(INPUTS, stream_mode=["custom", "values"]):
-        if mode == "custom":
-            custom.append(data)
-        else:
-            answer = data["messages"][-1]
-    assert isinstance(answer, AIMessage)
+    custom, answer = split(graph.stream(INPUTS, stream_mode=["custom", "values"]))
     check(custom, answer)
-    assert list(graph.stream(INPUTS, stream_mode="custom")) != []  # custom mode alone
+    alone = list(graph.stream(INPUTS, stream_mode="custom"))  # custom mode alone: the same items (greedy)
+
+    def texts(items: list[Any]) -> list[str | None]:
+        return [item[STEP_EVENT]["text"] if STEP_EVENT in item else None for item in items]
+
+    assert texts(alone) == texts(custom)
     assert graph.invoke(INPUTS)["messages"][-1].content == answer.content  # a plain graph run is unchanged
 
 
 @pytest.mark.parametrize("call", ["ainvoke", "astream"])
 async def test_custom_mode_yields_each_step_in_async_graphs(call: str) -> None:
     graph = one_node_graph(async_nodes(make_llm())[call])
-    custom: list[Any] = []
-    answer: BaseMessage | None = None
-    async for mode, data in graph.astream(INPUTS, stream_mode=["custom", "values"]):
-        if mode == "custom":
-            custom.append(data)
-        else:
-            answer = data["messages"][-1]
-    assert isinstance(answer, AIMessage)
-    check(custom, answer)
+    check(*split([item async for item in graph.astream(INPUTS, stream_mode=["custom", "values"])]))
 
 
 @pytest.mark.parametrize("call", ["invoke", "stream"])
