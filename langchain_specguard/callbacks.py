@@ -1,7 +1,7 @@
 """Step-level tracing for ``ChatSpecGuard``: the event schema, how steps reach traces, and a stats handler.
 
 Every call of a ``ChatSpecGuard`` reports which steps the draft wrote, which the target had to take
-over, and why, in four places that carry the same data:
+over, and why, in five places that carry the same data:
 
 * **Callback custom events** (``on_custom_event``), attributed to the chat-model run: one
   ``specguard_step`` per step, in step order, each sent before the chunk that carries the step's
@@ -16,6 +16,11 @@ over, and why, in four places that carry the same data:
 * **Child runs**, with ``trace_steps="runs"``: each step is also a ``chain`` run named
   ``specguard_step`` under the chat-model run, opened when the step starts and closed with the step
   event as its outputs, so the trace is a tree with per-step latency.
+* **LangGraph's custom stream**: called inside a LangGraph node (or ``@task``), each step event is also
+  written with ``get_stream_writer()`` as ``{"specguard_step": <event>}`` as the step is verified, and
+  the summary as ``{"specguard_summary": <summary>}``, so ``graph.stream(..., stream_mode="custom")``
+  (or ``astream``) yields them in step order; ``stream_mode=["messages", "custom"]`` interleaves them
+  with the step chunks. Outside a graph nothing is written.
 * **The message**, with ``return_step_details=True``: ``response_metadata["specguard"]["steps"]`` is
   the list of step events (on the last chunk when streaming), so the record survives without any
   callback.
@@ -66,10 +71,11 @@ into records, totals and a plot.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -170,6 +176,22 @@ def summary_event(summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def graph_writer() -> Callable[[Any], None] | None:
+    """LangGraph's ``stream_mode="custom"`` writer when called inside a graph node or task, else None.
+
+    Outside a graph run ``get_stream_writer()`` raises (no runnable context, or one without LangGraph's
+    runtime); without LangGraph loaded no graph can be running, so it is not imported.
+    """
+    if "langgraph" not in sys.modules:
+        return None
+    try:
+        from langgraph.config import get_stream_writer
+
+        return get_stream_writer()
+    except (ImportError, RuntimeError, KeyError):
+        return None
+
+
 _RunManager = CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun
 
 
@@ -229,6 +251,7 @@ class StepReporter:
                 name, data, run_id=run_id
             )
             record_on_tracers(self.handlers, run_id, name, data)
+        self._write(name, data)
 
     async def aemit(self, name: str, data: dict[str, Any]) -> None:
         run_id = self._active()
@@ -237,6 +260,18 @@ class StepReporter:
                 name, data, run_id=run_id
             )
             record_on_tracers(self.handlers, run_id, name, data)
+        self._write(name, data)
+
+    @staticmethod
+    def _write(name: str, data: dict[str, Any]) -> None:
+        """Inside a LangGraph node, also to the graph's custom stream: ``{name: data}``.
+
+        The writer is looked up at each event, in the context that reports it (the node's), so a
+        reporter never holds on to a graph run that is over.
+        """
+        writer = graph_writer()
+        if writer is not None:
+            writer({name: data})
 
     def summary(self, summary: dict[str, Any]) -> None:
         self.emit(SUMMARY_EVENT, summary_event(summary))
@@ -513,11 +548,14 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
         top.set_ylim(min([0.0, *limits]) - 0.05, max([1.0, *limits]) + 0.05)
         top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)  # outside: never hides a point
         totals = self.summary()
-        top.set_title(
+        # a figure title, which the layout keeps inside the figure (an axes title is centred on the axes, which the
+        # legends push left, so on a short run's narrow figure it ran off the edge); long ones wrap
+        fig.suptitle(
             title
             or f"SpecGuard steps: {totals['calls']} call(s), acceptance {totals['acceptance_rate']:.0%}, "
             f"target wrote {totals['target_token_share']:.0%} of tokens",
             fontsize=10,
+            wrap=True,
         )
 
         draft_tokens = [int(r.get("num_tokens", 0)) if r.get("source") == "draft" else 0 for r in records]

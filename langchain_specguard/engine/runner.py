@@ -15,6 +15,7 @@ eagerly (CPU, dynamic caches) or is captured once and replayed as a CUDA graph (
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -43,6 +44,25 @@ def output_vocab(view: PreTrainedModel) -> int:
 
 def bucket(q: int) -> int | None:
     return next((b for b in BUCKETS if b >= q), None)
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword ``model``'s forward takes the KV cache by.
+
+    transformers 5 (5.24 and 5.25 at least) renamed ``past_key_values`` to ``cache``: the old name warns that it
+    "will be removed in version 5.40.0". Earlier releases (the declared range starts at 4.56), and models whose
+    own code keeps the old signature, know only ``past_key_values`` and would take ``cache`` as an unknown
+    keyword and ignore it. So the forward's signature decides, once per model class.
+    """
+    kind = type(model)
+    name = _CACHE_ARGUMENT.get(kind)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(kind.forward).parameters else "past_key_values"
+        _CACHE_ARGUMENT[kind] = name
+    return name
 
 
 def model_pass(
@@ -81,7 +101,7 @@ def model_pass(
         input_ids=tokens,
         position_ids=positions[None].expand(tokens.shape[0], -1),
         attention_mask=mask,
-        past_key_values=cache,
+        **{cache_argument(view): cache},
         use_cache=True,
         logits_to_keep=keep,
     )

@@ -23,6 +23,13 @@ from .loading import decode
 from .steps import CallSyntax, find_stop, leading_thought, may_open_thought, new_text, step_complete
 
 
+def _alive(ref: weakref.ref[Any]) -> Any:
+    tokenizer = ref()
+    if tokenizer is None:
+        raise ReferenceError("the tokenizer of this table was freed")
+    return tokenizer
+
+
 class MayEnd:
     """Whether token ``t`` may complete one of the patterns: a superset, the exact text check decides.
 
@@ -33,12 +40,16 @@ class MayEnd:
     """
 
     def __init__(self, tokenizer: Any, last_chars: frozenset[str]) -> None:
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # weak: the shared tables must not keep a tokenizer alive
         self.last_chars = last_chars
         self.known: dict[int, bool] = {}
         anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
         self.anchor = anchor
         self.base = decode(tokenizer, [anchor])
+
+    @property
+    def tokenizer(self) -> Any:
+        return _alive(self._tokenizer)
 
     def __call__(self, token: int) -> bool:
         answer = self.known.get(token)
@@ -49,6 +60,8 @@ class MayEnd:
         return answer
 
 
+# Per-tokenizer tables, dropped with their tokenizer: the tables refer to it only weakly (a strong
+# reference in a value of a weak-key dictionary would keep the key alive for good).
 _TABLES: weakref.WeakKeyDictionary[Any, dict[frozenset[str], MayEnd]] = weakref.WeakKeyDictionary()
 _TABLES_LOCK = threading.Lock()
 
@@ -77,7 +90,7 @@ class TokenBytes:
     def __init__(self, tokenizer: Any) -> None:
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # weak, as in MayEnd
         kinds = _decoder_kinds(tokenizer)
         slow_map = getattr(tokenizer, "byte_decoder", None)
         self.byte_decoder: dict[str, int] | None = (
@@ -88,6 +101,10 @@ class TokenBytes:
         self.anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
         self.base = tokenizer.decode([self.anchor])
         self.known: dict[int, bytes] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        return _alive(self._tokenizer)
 
     def __call__(self, token: int) -> bytes:
         found = self.known.get(token)
@@ -241,10 +258,8 @@ class OutputText:
     def is_boundary(self, step: list[int]) -> bool:
         """The exact rule: does the step end with its last token?"""
         text = decode(self.tokenizer, step)
-        if self.stops:
-            tail = self.full[-self.max_stop :] if self.max_stop else ""
-            if find_stop(tail + text, self.stops) is not None:
-                return True
+        if self.stops and self._stop_in(step, text):
+            return True
         thought = self._in_thought(text)
         if thought is not None:
             # a reasoning step follows the CoT rules, and the closing marker ends it: the answer starts a step
@@ -259,6 +274,29 @@ class OutputText:
             if len(step) >= self.max_step or read.split is not None:
                 return True  # a text step that ran into a call ends there (and is cut before it on commit)
         return step_complete(text, self.delimiters)
+
+    def _stop_in(self, step: list[int], text: str) -> bool:
+        """Whether a stop sequence ends in the output's text up to the end of ``step`` (``text``: its own decoding).
+
+        A trailing U+FFFD may be the placeholder of a character still half written (a step may end inside one),
+        so no stop may end in it yet: it is searched once more text follows, or when the output ends
+        (:meth:`commit`). When the output so far ends in one, the step may complete that character, and only
+        decoding them together tells which.
+        """
+        if self.full.endswith("\ufffd"):
+            whole = decode(self.tokenizer, self.generated + step)
+            return find_stop(self._settled(whole), self.stops, self._searched()) is not None
+        tail = self.full[-self.max_stop :] if self.max_stop else ""
+        return find_stop(tail + self._settled(text), self.stops) is not None
+
+    @staticmethod
+    def _settled(text: str) -> str:
+        """``text`` without a trailing placeholder of a character that may still be completed."""
+        return text.rstrip("\ufffd")
+
+    def _searched(self) -> int:
+        """Where a search for stop sequences in the output so far, and what follows it, starts."""
+        return max(0, len(self._settled(self.full)) - self.max_stop)
 
     def step_end(self, step: list[int], start: int = 0) -> int | None:
         """Length of the shortest prefix of ``step``, longer than ``start``, that ends the step; else None."""
@@ -316,19 +354,18 @@ class OutputText:
                 keep = self._token_cut(step, read.split)
                 if keep > 0:
                     step = step[:keep]
+        start = self._searched()
         self.generated.extend(step)
-        previous = self.full
         self.full = decode(self.tokenizer, self.generated)
-        finish: str | None = None
-        cut = find_stop(self.full, self.stops, max(0, len(previous) - self.max_stop)) if self.stops else None
+        ended = step[-1] in self.eos or (call_closed and self.single_call)
+        finish: str | None = "stop" if ended else "length" if len(self.generated) >= budget else None
+        # a stop sequence never ends in the placeholder of a character still half written, only in text; a
+        # trailing U+FFFD is text once the output ends with it
+        cut = find_stop(self.full if finish else self._settled(self.full), self.stops, start) if self.stops else None
         if cut is not None:
             self.full = self.full[:cut]
             finish = "stop"
-        elif step[-1] in self.eos or (call_closed and self.single_call):
-            finish = "stop"
-        elif len(self.generated) >= budget:
-            finish = "length"
-        settled = self.full if finish else self.full.rstrip("\ufffd")  # a partial character may still complete
+        settled = self.full if finish else self._settled(self.full)  # a partial character may still complete
         upto = len(settled) - (0 if finish else held_back(settled, self.stops))
         shown = new_text(self.full[: self.emitted], self.full[:upto]) if upto >= self.emitted else ""
         self.emitted = max(self.emitted, upto)
