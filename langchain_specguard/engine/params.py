@@ -21,7 +21,7 @@ class SpecGuardParams(BaseModel):
         description="Draft continuations sampled per step, in one batch; the most consistent is verified.",
     )
     acceptance_threshold: float | Literal["auto"] = Field(
-        default=0.3,
+        default=0.5,
         description=(
             "A draft step is accepted when its score is >= this. Any finite value: above 1 every step goes to "
             "the target, below 0 every draft step is accepted. With the default confidence_method='ratio' the "
@@ -72,10 +72,12 @@ class SpecGuardParams(BaseModel):
         "or on models mixing sliding-window and full attention the full-attention layers of the upper half.",
     )
     step_delimiters: list[str] = Field(
-        default_factory=lambda: ["\n\n"],
-        description="A chain-of-thought step ends at the first of these after some content.",
+        default_factory=lambda: ["\n"],
+        description="A chain-of-thought step ends at the first of these after some content. Lines (default) "
+        "measured better than paragraphs ('\\n\\n') on a real pair: fewer draft tokens wasted after a wrong one, "
+        "and more of the draft's text kept (README, accuracy).",
     )
-    max_step_tokens: int = Field(default=64, ge=1, description="Hard cap on one step's length.")
+    max_step_tokens: int = Field(default=48, ge=1, description="Hard cap on one step's length.")
     tool_call_markers: tuple[str, str] | None = Field(
         default=None,
         description="(opening, closing) markers of a tool call, e.g. ('<tool_call>', '</tool_call>'). A tool "
@@ -211,7 +213,7 @@ class SpecGuardParams(BaseModel):
         if self.acceptance_threshold == "auto" and self.confidence_method == "ratio":
             raise ValueError(
                 "acceptance_threshold='auto' calibrates scores whose scale varies by model ('mean', 'min'); "
-                "confidence_method='ratio' (the default) is already scale-free: give a number (default 0.3)"
+                "confidence_method='ratio' (the default) is already scale-free: give a number (default 0.5)"
             )
         return self
 

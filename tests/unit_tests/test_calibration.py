@@ -38,7 +38,7 @@ def test_auto_needs_target_signals_and_a_scale_bound_method() -> None:
     # the ratio needs the target's own choices, which draft signals never compute
     with pytest.raises(ValidationError, match=r"confidence_method='ratio' \(the default\).*signal_source='draft'"):
         SpecGuardParams(signal_source="draft")
-    assert SpecGuardParams(signal_source="draft", confidence_method="mean").acceptance_threshold == 0.3
+    assert SpecGuardParams(signal_source="draft", confidence_method="mean").acceptance_threshold == 0.5
     with pytest.raises(ValidationError):
         SpecGuardParams(acceptance_threshold="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
