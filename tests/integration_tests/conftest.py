@@ -24,7 +24,16 @@ NEEDS_A_REAL_TOOL_CALL = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+QWEN_RUNS = {"test_tool_calling", "test_tool_calling_with_no_arguments", "test_structured_output"}
+"""The standard tests the real Qwen2.5-Coder pair runs (test_qwen_coder.py): the tool tests a random pair
+cannot pass; the rest of the suite runs on the tiny pair, minutes faster."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skipped = [i for i in items if "TestQwenCoderStandard" in i.nodeid and i.originalname not in QWEN_RUNS]  # type: ignore[attr-defined]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [i for i in items if i not in skipped]
     for item in items:
         if "TestChatSpecGuardIntegration" in item.nodeid and item.originalname in NEEDS_A_REAL_TOOL_CALL:  # type: ignore[attr-defined]
             item.add_marker(pytest.mark.xfail(reason=RANDOM_MODEL_CANNOT_CALL_TOOLS, strict=True))
