@@ -162,10 +162,23 @@ def load_model(
     trust_remote_code: bool = False,
     role: str = "target",
     max_memory: dict[Any, str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a model object (used as is, never modified), a local directory or a Hub id."""
+    """A causal LM from a model object (used as is, never modified), a local directory or a Hub id.
+
+    ``model_kwargs`` go to ``from_pretrained`` as they are (``quantization_config``, ``attn_implementation``,
+    ``revision``...), except what the named arguments already say; a quantized model is placed by
+    ``device_map`` (such models cannot be moved with ``.to()``).
+    """
     if isinstance(spec, torch.nn.Module):
         return spec
+    extra = dict(model_kwargs or {})
+    clashes = sorted(set(extra) & OWN_LOADING_ARGS)
+    if clashes:
+        raise ValueError(
+            f"{role} model_kwargs cannot set {clashes}: use the dedicated options (torch_dtype, device, device_map, "
+            "gguf_file, trust_remote_code, max_memory) instead"
+        )
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(
             f"{role}_model must be a model id, a local path or a PreTrainedModel, got {type(spec).__name__}"
@@ -176,9 +189,11 @@ def load_model(
         name = str(local)
     elif _is_path(name):
         raise FileNotFoundError(f"{role}_model path {name!r} does not exist")
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **extra}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if device_map is None and "quantization_config" in extra:
+        device_map = {"": device}  # quantized weights are placed where they load, never moved after
     if device_map is not None:
         kwargs["device_map"] = device_map
         if max_memory is not None:
@@ -187,6 +202,21 @@ def load_model(
     if device_map is None:
         model = model.to(device)
     return model.eval()
+
+
+OWN_LOADING_ARGS = frozenset(
+    {
+        "dtype",
+        "torch_dtype",
+        "device",
+        "device_map",
+        "gguf_file",
+        "trust_remote_code",
+        "max_memory",
+        "pretrained_model_name_or_path",
+    }
+)
+"""``from_pretrained`` arguments that ``load_model``'s own arguments set (``model_kwargs`` may not)."""
 
 
 def load_tokenizer(
@@ -297,8 +327,14 @@ def load_pair(
     draft_gguf_file: str | None = None,
     trust_remote_code: bool = False,
     max_memory: dict[Any, str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    draft_model_kwargs: dict[str, Any] | None = None,
 ) -> ModelPair:
-    """Load and check a pair. ``draft=None`` with ``draft_layers=k`` makes a self-speculative draft."""
+    """Load and check a pair. ``draft=None`` with ``draft_layers=k`` makes a self-speculative draft.
+
+    ``model_kwargs`` / ``draft_model_kwargs`` go to each model's ``from_pretrained`` (e.g. a 4-bit
+    ``quantization_config`` for the target only).
+    """
     if draft is None and draft_layers is None:
         raise ValueError("give a draft_model, or draft_layers=k to draft with the target's first k layers")
     if draft is not None and draft_layers is not None:
@@ -314,6 +350,7 @@ def load_pair(
         trust_remote_code=trust_remote_code,
         role="target",
         max_memory=max_memory,
+        model_kwargs=model_kwargs,
     )
     target_tok = load_tokenizer(
         tokenizer if tokenizer is not None else (target if isinstance(target, (str, os.PathLike)) else None),
@@ -335,6 +372,7 @@ def load_pair(
             gguf_file=draft_gguf_file,
             trust_remote_code=trust_remote_code,
             role="draft",
+            model_kwargs=draft_model_kwargs,
         )
         draft_source = (
             draft_tokenizer
