@@ -14,12 +14,12 @@ import re
 import threading
 import time
 import weakref
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from jinja2.exceptions import TemplateError
 from langchain_core.callbacks import (
@@ -31,7 +31,13 @@ from langchain_core.callbacks import (
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    convert_to_openai_messages,
+    message_chunk_to_message,
+)
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import ToolCall, invalid_tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -76,6 +82,7 @@ from .tools import (
     HERMES_MARKERS,
     ToolCallStyle,
     fallback_tool_prompt,
+    inert,
     parse_tool_calls,
     step_validator,
     tools_by_name,
@@ -490,9 +497,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             raise ValueError("the chat template rendered the messages to an empty prompt")
         return ids, thought
 
-    def _prepare(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[ModelPair, list[int], SpecGuardParams, list[str], _ToolSetup]:
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
         if isinstance(stop, str):  # would otherwise stop at each of its characters
             raise TypeError(f"stop must be a list of strings, e.g. stop=[{stop!r}], not a str")
         if stop is not None and not isinstance(stop, (list, tuple)):
@@ -530,7 +535,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         thinks = self._thinks(reasoning, markers)
         params = params.model_copy(update={"reasoning_markers": markers if thinks else None})
         prompt, thought = self._render(messages, setup.tools, setup.prefix, variables, markers, thinks)
-        return pair, prompt, params, stops, replace(setup, thought=thought)
+        return _Call(pair, prompt, params, stops, replace(setup, thought=thought))
 
     def _tool_setup(self, tools: list[dict[str, Any]], tool_choice: Any) -> _ToolSetup:
         """Format, step markers, validator and forced answer start for one call with tools bound."""
@@ -548,9 +553,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         validate = step_validator(tools, style)
         return _ToolSetup(tools=tools, style=style, markers=markers, validate=validate, prefix=prefix)
 
-    def _locked_steps(
-        self, pair: ModelPair, prompt: list[int], params: SpecGuardParams, stops: list[str], setup: _ToolSetup
-    ) -> Iterator[StepEvent]:
+    def _locked_steps(self, call: _Call) -> Iterator[StepEvent]:
         """Steps of one generation; the models run one step at a time per instance.
 
         The lock is held while a step is computed, never across a ``yield``: a caller that pauses a
@@ -559,8 +562,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         generator, so interleaved generations give the same output as sequential ones; the price is
         that memory grows with the number of generations in flight (one KV cache pair each).
         """
+        setup = call.setup
         thinking = setup.thought is not None and setup.thought.opened
-        steps = generate_steps(pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call, thinking)
+        steps = generate_steps(
+            call.pair, call.prompt, call.params, call.stops, setup.validate, setup.prefix, setup.single_call, thinking
+        )
         started = time.monotonic()
         try:
             while True:
@@ -693,7 +699,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
                 invalid.append(
                     invalid_tool_call(name=call["name"], args=json.dumps(call["args"]), id=call.get("id"), error=reason)
                 )
-        return parsed.content, {"tool_calls": calls, "invalid_tool_calls": invalid}
+        # an invalid call's arguments are kept as a JSON string, never an object: see tools.inert_args
+        return parsed.content, {"tool_calls": calls, "invalid_tool_calls": [inert(bad) for bad in invalid]}
 
     def _final_metadata(self, pair: ModelPair, prompt: list[int], steps: list[StepEvent]) -> dict[str, Any]:
         seconds = sum(s.seconds for s in steps)
@@ -713,52 +720,29 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     @staticmethod
     def _usage(prompt: list[int], steps: list[StepEvent]) -> UsageMetadata:
         out = sum(s.num_tokens for s in steps)
-        usage = UsageMetadata(input_tokens=len(prompt), output_tokens=out, total_tokens=len(prompt) + out)
+        usage: UsageMetadata = {"input_tokens": len(prompt), "output_tokens": out, "total_tokens": len(prompt) + out}
         thinking = sum(s.num_tokens for s in steps if s.kind == "reasoning")
         if thinking:
             usage["output_token_details"] = {"reasoning": thinking}
         return usage
 
     # ------------------------------------------------------------------------------------------
-    # sync
+    # one step-to-chunk path: ``_stream`` is it, ``_generate`` aggregates it, async drives the same generator
 
-    def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        pair, prompt, params, stops, setup = self._prepare(messages, stop, kwargs)
-        emitter = StepReporter.for_run(run_manager, self.trace_steps)
+    def _chunks(
+        self, call: _Call, events: Iterable[StepEvent], message_id: str | None
+    ) -> Generator[ChatGenerationChunk, None, None]:
+        """The call's chunks: one per step as it is verified, then the last chunk, derived from the final message.
+
+        Every path reads this generator, so the chunks of ``stream``, the chunks that ``invoke`` hands to
+        streaming callbacks and the message ``invoke`` returns (their sum, :func:`_aggregate`) cannot differ.
+        """
         steps: list[StepEvent] = []
-        relay = _ChunkRelay(setup, run_manager)
-        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
+        shown = _ShownContent(call.setup)
+        for event in events:
             steps.append(event)
-            if (chunk := relay.step(event.text, pair, event)) is not None and run_manager is not None:
-                run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-        final = self._final_message(pair, prompt, steps, setup)
-        emitter.summary(final.response_metadata["specguard"])
-        if (chunk := relay.last(self._last_chunk(final, relay.shown))) is not None and run_manager is not None:
-            run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-        return relay.result(final)
-
-    def _final_message(
-        self, pair: ModelPair, prompt: list[int], steps: list[StepEvent], setup: _ToolSetup
-    ) -> AIMessage:
-        metadata = self._final_metadata(pair, prompt, steps)
-        text = "".join(s.text for s in steps)
-        reasoning, answer = setup.thought.split(text) if setup.thought is not None else ("", text)
-        content, calls = self._message_fields(answer, setup)
-        if calls.get("tool_calls") and metadata["finish_reason"] == "stop":
-            metadata["finish_reason"] = "tool_calls"
-        return AIMessage(
-            content=content,
-            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
-            response_metadata=metadata,
-            usage_metadata=self._usage(prompt, steps),
-            **calls,
-        )
+            yield _step_chunk(shown.add(event.text), call.pair, event, message_id)
+        yield _last_chunk(self._final_message(call, steps), shown, message_id)
 
     def _stream(
         self,
@@ -768,43 +752,30 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         emitter = self._reporter(run_manager)
-        pair, prompt, params, stops, setup = self._prepare(messages, stop, kwargs)
-        steps: list[StepEvent] = []
-        shown = _ShownContent(setup)
-        for event in emitter.steps(self._locked_steps(pair, prompt, params, stops, setup)):
-            steps.append(event)
-            yield _step_chunk(shown.add(event.text), pair, event)
-        last = self._last_chunk(self._final_message(pair, prompt, steps, setup), shown)
-        emitter.summary(last.message.response_metadata["specguard"])
-        yield last
+        call = self._prepare(messages, stop, kwargs)
+        events = emitter.steps(self._locked_steps(call))
+        try:
+            for chunk in self._chunks(call, events, _message_id(run_manager)):
+                if _is_last(chunk):
+                    emitter.summary(chunk.message.response_metadata["specguard"])
+                yield chunk
+        finally:
+            _close(events)  # a stream stopped early releases the generation lock now, not at GC
 
-    @staticmethod
-    def _last_chunk(final: AIMessage, shown: _ShownContent) -> ChatGenerationChunk:
-        """The closing chunk of ``final``: usage, summary, any content or reasoning held back, the tool calls."""
-        rest = _growth(shown.sent, str(final.content))
-        thinking = _growth(shown.reasoning, str(final.additional_kwargs.get("reasoning_content", "")))
-        chunks = [
-            tool_call_chunk(name=call["name"], args=json.dumps(call["args"]), id=call["id"], index=i)
-            for i, call in enumerate(final.tool_calls)
-        ]
-        chunks += [
-            tool_call_chunk(name=bad.get("name"), args=bad.get("args"), id=bad.get("id"), index=len(chunks) + i)
-            for i, bad in enumerate(final.invalid_tool_calls)
-        ]
-        # the steps' chunks carried the log-probabilities: chunks add up to the final message
-        metadata = {k: v for k, v in final.response_metadata.items() if k != "logprobs"}
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=rest,
-                additional_kwargs={"reasoning_content": thinking} if thinking else {},
-                response_metadata=metadata,
-                usage_metadata=final.usage_metadata,
-                tool_call_chunks=chunks,
-                chunk_position="last",
-            )
-        )
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        chunks: list[ChatGenerationChunk] = []
+        for chunk in self._stream(messages, stop, run_manager, **kwargs):
+            if run_manager is not None and _carries_something(chunk):
+                run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+            chunks.append(chunk)
+        return _aggregate(chunks)
 
-    # ------------------------------------------------------------------------------------------
     # async: the decoding runs in a worker thread, one step per hop, so the event loop stays free
 
     async def _astream(
@@ -815,15 +786,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         emitter = self._reporter(run_manager)
-        pair, prompt, params, stops, setup = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
-        steps: list[StepEvent] = []
-        shown = _ShownContent(setup)
-        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
-            steps.append(event)
-            yield _step_chunk(shown.add(event.text), pair, event)
-        last = self._last_chunk(self._final_message(pair, prompt, steps, setup), shown)
-        await emitter.asummary(last.message.response_metadata["specguard"])
-        yield last
+        call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+        message_id = _message_id(run_manager)
+        events = emitter.asteps(_iterate_in_thread(self._locked_steps(call)))
+        async with contextlib.aclosing(_drive(lambda steps: self._chunks(call, steps, message_id), events)) as chunks:
+            async for chunk in chunks:
+                if _is_last(chunk):
+                    await emitter.asummary(chunk.message.response_metadata["specguard"])
+                yield chunk
 
     async def _agenerate(
         self,
@@ -832,19 +802,28 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        pair, prompt, params, stops, setup = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
-        emitter = StepReporter.for_run(run_manager, self.trace_steps)
-        steps: list[StepEvent] = []
-        relay = _ChunkRelay(setup, run_manager)
-        async for event in emitter.asteps(_iterate_in_thread(self._locked_steps(pair, prompt, params, stops, setup))):
-            steps.append(event)
-            if (chunk := relay.step(event.text, pair, event)) is not None and run_manager is not None:
+        chunks: list[ChatGenerationChunk] = []
+        async for chunk in self._astream(messages, stop, run_manager, **kwargs):
+            if run_manager is not None and _carries_something(chunk):
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-        final = self._final_message(pair, prompt, steps, setup)
-        await emitter.asummary(final.response_metadata["specguard"])
-        if (chunk := relay.last(self._last_chunk(final, relay.shown))) is not None and run_manager is not None:
-            await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-        return relay.result(final)
+            chunks.append(chunk)
+        return _aggregate(chunks)
+
+    def _final_message(self, call: _Call, steps: list[StepEvent]) -> AIMessage:
+        metadata = self._final_metadata(call.pair, call.prompt, steps)
+        text = "".join(s.text for s in steps)
+        setup = call.setup
+        reasoning, answer = setup.thought.split(text) if setup.thought is not None else ("", text)
+        content, calls = self._message_fields(answer, setup)
+        if calls.get("tool_calls") and metadata["finish_reason"] == "stop":
+            metadata["finish_reason"] = "tool_calls"
+        return AIMessage(
+            content=content,
+            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            response_metadata=metadata,
+            usage_metadata=self._usage(call.prompt, steps),
+            **calls,
+        )
 
     # ------------------------------------------------------------------------------------------
     # step events while streaming
@@ -947,6 +926,17 @@ class _ToolSetup:
 
 
 @dataclass
+class _Call:
+    """One call, prepared: the loaded pair, the prompt's token ids, the decoding parameters, stops and tools."""
+
+    pair: ModelPair
+    prompt: list[int]
+    params: SpecGuardParams
+    stops: list[str]
+    setup: _ToolSetup
+
+
+@dataclass
 class _ShownContent:
     """Streams the message content step by step, holding tool-call text back.
 
@@ -980,52 +970,86 @@ def _growth(shown: str, now: str) -> str:
     return now[len(shown) :] if now.startswith(shown) else ""
 
 
-class _ChunkRelay:
-    """What ``invoke`` hands to streaming callbacks: a message chunk per verified step, then a last chunk.
-
-    LangGraph's ``stream_mode="messages"`` (and other streaming handlers) read ``chunk=`` from
-    ``on_llm_new_token``; the chunks carry the run's message id, which the final message takes too, so a
-    consumer that also sees the final message recognises it. Content follows the same rules as
-    ``stream`` (:class:`_ShownContent`: no tool-call text; the calls come as ``tool_call_chunks`` last).
-    """
-
-    def __init__(self, setup: _ToolSetup, run_manager: Any) -> None:
-        self.shown = _ShownContent(setup)
-        self.id = f"{LC_ID_PREFIX}-{run_manager.run_id}" if run_manager is not None else None
-
-    def step(self, text: str, pair: ModelPair, event: StepEvent) -> ChatGenerationChunk | None:
-        delta = self.shown.add(text)
-        if not delta.content and not delta.additional_kwargs and event.logprobs is None:
-            return None
-        chunk = _step_chunk(delta, pair, event)
-        chunk.message.id = self.id
-        return chunk
-
-    def last(self, chunk: ChatGenerationChunk) -> ChatGenerationChunk | None:
-        message = chunk.message
-        assert isinstance(message, AIMessageChunk)
-        if not message.content and not message.tool_call_chunks and not message.additional_kwargs:
-            return None
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=message.content,
-                additional_kwargs=message.additional_kwargs,
-                tool_call_chunks=message.tool_call_chunks,
-                id=self.id,
-            )
-        )
-
-    def result(self, message: AIMessage) -> ChatResult:
-        message.id = self.id
-        return ChatResult(generations=[ChatGeneration(message=message)])
+def _message_id(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> str | None:
+    """The id of the run's message, which its chunks and the final message share (LangGraph's
+    ``stream_mode="messages"`` recognises the final message by it). Without a run manager (``stream``),
+    langchain-core gives the chunks the run's id itself."""
+    return f"{LC_ID_PREFIX}-{run_manager.run_id}" if run_manager is not None else None
 
 
-def _step_chunk(delta: AIMessageChunk, pair: ModelPair, event: StepEvent) -> ChatGenerationChunk:
+def _step_chunk(
+    delta: AIMessageChunk, pair: ModelPair, event: StepEvent, message_id: str | None
+) -> ChatGenerationChunk:
     """A step's message chunk; with ``logprobs`` it carries the step's entries, which chunk addition
     concatenates into the final message's list."""
     if event.logprobs is not None:
         delta.response_metadata = {"logprobs": {"content": _openai_logprobs(pair.tokenizer, event)}}
+    delta.id = message_id
     return ChatGenerationChunk(message=delta)
+
+
+def _last_chunk(final: AIMessage, shown: _ShownContent, message_id: str | None) -> ChatGenerationChunk:
+    """The closing chunk of ``final``: usage, summary, any content or reasoning held back, the tool calls.
+
+    Valid calls go out as ``tool_call_chunks`` whose arguments are their JSON; invalid calls too, with the
+    arguments ``final`` gives them (a JSON string, :func:`~langchain_specguard.tools.inert_args`), which
+    chunk addition reads as no object, so a sum of chunks keeps them invalid. Chunk addition cannot carry
+    an invalid call's ``error``: this chunk keeps the errors in its own ``invalid_tool_calls``, where
+    :func:`_aggregate` finds them.
+    """
+    rest = _growth(shown.sent, str(final.content))
+    thinking = _growth(shown.reasoning, str(final.additional_kwargs.get("reasoning_content", "")))
+    chunks = [
+        tool_call_chunk(name=call["name"], args=json.dumps(call["args"]), id=call["id"], index=i)
+        for i, call in enumerate(final.tool_calls)
+    ]
+    chunks += [
+        tool_call_chunk(name=bad.get("name"), args=bad.get("args"), id=bad.get("id"), index=len(chunks) + i)
+        for i, bad in enumerate(final.invalid_tool_calls)
+    ]
+    # the steps' chunks carried the log-probabilities: chunks add up to the final message
+    metadata = {k: v for k, v in final.response_metadata.items() if k != "logprobs"}
+    message = AIMessageChunk(
+        content=rest,
+        additional_kwargs={"reasoning_content": thinking} if thinking else {},
+        response_metadata=metadata,
+        usage_metadata=final.usage_metadata,
+        tool_call_chunks=chunks,
+        chunk_position="last",
+        id=message_id,
+    )
+    message.invalid_tool_calls = list(final.invalid_tool_calls)  # with their errors (parsed from chunks: none)
+    return ChatGenerationChunk(message=message)
+
+
+def _is_last(chunk: ChatGenerationChunk) -> bool:
+    return getattr(chunk.message, "chunk_position", None) == "last"
+
+
+def _carries_something(chunk: ChatGenerationChunk) -> bool:
+    """Whether a chunk is worth a streaming callback: a step that adds text, reasoning or log-probabilities
+    (a step of held-back tool-call text adds nothing), and always the last chunk."""
+    message = chunk.message
+    return bool(message.content or message.additional_kwargs or message.response_metadata) or _is_last(chunk)
+
+
+def _aggregate(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
+    """``invoke``'s result: the sum of the call's chunks, as a message.
+
+    The sum is langchain-core's chunk addition, the same a consumer of ``stream`` does, so ``invoke``
+    equals the streamed chunks added up by construction. The one thing addition drops, the errors of
+    invalid tool calls, comes from the last chunk, which holds them.
+    """
+    first, *others = [chunk.message for chunk in chunks]
+    assert isinstance(first, AIMessageChunk)
+    total = first + others if others else first
+    message = message_chunk_to_message(total)
+    assert isinstance(message, AIMessage)
+    last = chunks[-1].message
+    assert isinstance(last, AIMessageChunk)
+    errors = {bad.get("id"): bad.get("error") for bad in last.invalid_tool_calls}
+    message.invalid_tool_calls = [{**bad, "error": errors.get(bad.get("id"))} for bad in message.invalid_tool_calls]
+    return ChatResult(generations=[ChatGeneration(message=message)])
 
 
 def _openai_logprobs(tokenizer: Any, event: StepEvent) -> list[dict[str, Any]]:
@@ -1410,6 +1434,61 @@ def _data_ids(tokenizer: Any, text: str, protected: Sequence[str]) -> list[int]:
 
 
 _STREAM_EMITTER: ContextVar[StepReporter | None] = ContextVar("specguard_stream_emitter", default=None)
+_T = TypeVar("_T")
+_U = TypeVar("_U")
+
+
+class _Inbox(Iterator[_T]):
+    """A step iterator fed from outside, one item at a time: what an async caller hands a sync generator."""
+
+    def __init__(self) -> None:
+        self._items: deque[_T] = deque()
+        self._closed = False
+
+    def put(self, item: _T) -> None:
+        self._items.append(item)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __next__(self) -> _T:
+        if self._items:
+            return self._items.popleft()
+        if self._closed:
+            raise StopIteration
+        raise RuntimeError("the generator asked for an item that has not arrived: it must take one per output")
+
+
+async def _drive(
+    generator: Callable[[Iterator[StepEvent]], Generator[_U, None, None]], events: AsyncIterator[StepEvent]
+) -> AsyncGenerator[_U, None]:
+    """Run a sync step-to-chunk ``generator`` over steps that arrive asynchronously.
+
+    The generator takes one step per chunk it yields until the steps end, then yields the rest (the last
+    chunk): each step is put in its inbox as it arrives and its chunk read at once, on the event loop (the
+    generator only builds messages; the decoding stays in its worker thread, behind ``events``).
+    """
+    inbox: _Inbox[StepEvent] = _Inbox()
+    produced = generator(inbox)
+    try:
+        async for event in events:
+            inbox.put(event)
+            yield next(produced)
+        inbox.close()
+        for item in produced:
+            yield item
+    finally:
+        produced.close()
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _close(iterator: Iterator[Any]) -> None:
+    """Close a generator now (its ``finally`` blocks run: the generation lock is released), not at GC."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 def _next_or_done(iterator: Iterator[Any]) -> Any:

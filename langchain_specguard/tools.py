@@ -99,6 +99,23 @@ def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
     return tool_call(name=name, args=args, id=call_id)
 
 
+def inert_args(text: str) -> str:
+    """An invalid call's argument text as a JSON string, which reads back (``json.loads``) as that text.
+
+    LangChain adds streamed ``tool_call_chunks`` up by parsing their arguments, and any chunk whose
+    arguments parse (even partially: ``{"a": 1`` does) into an object becomes a tool call. A JSON string
+    never is an object, so an invalid call written this way stays invalid in every sum of chunks.
+    """
+    return json.dumps(text, ensure_ascii=False)
+
+
+def inert(call: InvalidToolCall) -> InvalidToolCall:
+    """``call`` with its arguments as :func:`inert_args` writes them (on every path: invoke and stream)."""
+    return invalid_tool_call(
+        name=call.get("name"), args=inert_args(call.get("args") or ""), id=call.get("id"), error=call.get("error")
+    )
+
+
 def _add(parsed: ParsedOutput, call: ToolCall | InvalidToolCall) -> None:
     if call.get("type") == "invalid_tool_call":
         parsed.invalid_tool_calls.append(call)  # type: ignore[arg-type]

@@ -1,0 +1,110 @@
+"""Regression tests for the second outside audit's findings (issue 19), named by item.
+
+Each test fails on f71f2c4 and passes after its fix. They run on tiny pairs; where a specific answer
+is needed the text is scripted (:mod:`tests.scripted`), everything downstream of the logits is the
+real code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel
+
+from langchain_specguard import ChatSpecGuard
+from tests.scripted import force_script
+from tests.unit_tests.test_tool_calling import call_block, lookup, make_llm
+
+
+def scripted(answer: str, **overrides: Any) -> ChatSpecGuard:
+    """A tiny pair of its own whose draft and target both write ``answer``."""
+    llm = make_llm(**overrides)
+    pair = llm.load()
+    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
+    force_script(pair.target, pair.tokenizer, lambda prompt: answer)
+    return llm
+
+
+def summed(chunks: list[Any]) -> AIMessageChunk:
+    """LangChain's documented way to read a stream: add the chunks up."""
+    total: AIMessageChunk = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    return total
+
+
+class ChunkCatcher(BaseCallbackHandler):
+    """What ``invoke`` hands to streaming handlers (LangGraph's ``stream_mode="messages"`` reads these)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[AIMessageChunk] = []
+
+    def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+        self.chunks.append(chunk.message)
+
+
+def calls(message: BaseMessage, ids: bool) -> tuple[list[Any], list[Any]]:
+    """A message's tool calls and invalid tool calls (errors aside: chunks cannot carry them); call ids are
+    compared within one generation only (each generation names its calls afresh)."""
+    assert isinstance(message, AIMessage)
+    valid = [(c["name"], c["args"], c["id"] if ids else None) for c in message.tool_calls]
+    invalid = [(c["name"], c["args"], c["id"] if ids else None) for c in message.invalid_tool_calls]
+    return valid, invalid
+
+
+# 1. rejected tool calls must not come back when streamed chunks are summed
+
+TWO_JSON_CALLS = json.dumps([{"name": "lookup", "parameters": {"country": c}} for c in ("France", "Japan")])
+RESURRECTION_CASES = {
+    "schema-invalid": (call_block("lookup", {"country": 7}), {}, {}),
+    "unbound tool": (call_block("delete_all_files", {"path": "/"}), {}, {}),
+    "refused by parallel_tool_calls=False": (TWO_JSON_CALLS, {"tool_call_format": "json"}, {"parallel": False}),
+    "cut by a stop sequence": (call_block("lookup", {"country": "Japan"}), {}, {"stop": ["Jap"]}),
+}
+
+
+@pytest.mark.parametrize("case", list(RESURRECTION_CASES))
+async def test_19_1_invalid_tool_calls_stay_invalid_when_streamed_chunks_are_summed(case: str) -> None:
+    """Issue 19 item 1: summing ``stream()``/``astream()`` chunks (or the chunks ``invoke`` hands to streaming
+    callbacks) gives the message ``invoke`` returns: an invalid call stays invalid, never a tool call."""
+    answer, options, binding = RESURRECTION_CASES[case]
+    llm = scripted(answer, acceptance_threshold=2.0, **options)
+    bound = llm.bind_tools([lookup], parallel_tool_calls=binding.get("parallel"), stop=binding.get("stop"))
+    catcher = ChunkCatcher()
+    invoked = bound.invoke("Capital?", config={"callbacks": [catcher]})
+    assert invoked.invalid_tool_calls and all(c["error"] for c in invoked.invalid_tool_calls)
+    streams = {
+        "stream": summed(list(bound.stream("Capital?"))),
+        "astream": summed([c async for c in bound.astream("Capital?")]),
+        "invoke's callbacks": summed(catcher.chunks),
+    }
+    for path, total in streams.items():
+        same_generation = path == "invoke's callbacks"
+        assert calls(total, same_generation) == calls(invoked, same_generation), path
+        assert total.content == invoked.content, path
+
+
+class Answer(BaseModel):
+    """A number and a city."""
+
+    number: int
+    city: str
+
+
+@pytest.mark.parametrize("schema", ["pydantic", "json schema"])
+def test_19_1_structured_output_stream_agrees_with_invoke(schema: str) -> None:
+    """Issue 19 item 1: ``with_structured_output(schema).stream()`` refuses what ``invoke`` refuses.
+
+    ``"7"`` breaks the schema's integer type (the call is invalid), though pydantic's lax mode would read it."""
+    llm = scripted(call_block("Answer", {"number": "7", "city": "Oslo"}), acceptance_threshold=2.0)
+    structured = llm.with_structured_output(Answer if schema == "pydantic" else convert_to_openai_tool(Answer))
+    with pytest.raises(OutputParserException, match=r"no valid 'Answer' call: .*number"):
+        structured.invoke("A number and a city?")
+    with pytest.raises(OutputParserException, match="no valid 'Answer' call"):
+        list(structured.stream("A number and a city?"))
