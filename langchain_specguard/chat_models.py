@@ -1,8 +1,9 @@
 """``ChatSpecGuard``: a LangChain chat model over the SpecGuard engine.
 
 The engine (``langchain_specguard.engine``) does the decoding; this layer renders messages with the
-tokenizer's chat template, turns verified steps into message chunks, and reports every step's
-verification as a ``specguard_step`` custom event so LangSmith traces and ``astream_events`` show it.
+tokenizer's chat template (:mod:`.prompts`), turns verified steps into message chunks (:mod:`.streaming`),
+and reports every step's verification as a ``specguard_step`` custom event so LangSmith traces and
+``astream_events`` show it. Loaded pairs are shared between instances (:mod:`.pairs`).
 """
 
 from __future__ import annotations
@@ -10,37 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import threading
 import time
-import weakref
-from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from operator import itemgetter
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from jinja2.exceptions import TemplateError
 from langchain_core.callbacks import (
     AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,
     CallbackManager,
     CallbackManagerForLLMRun,
 )
-from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
-from langchain_core.language_models.model_profile import ModelProfile
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    convert_to_openai_messages,
-    message_chunk_to_message,
-)
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import ToolCall, invalid_tool_call, tool_call_chunk
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.messages.tool import ToolCall, invalid_tool_call
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import (
     Runnable,
     RunnableConfig,
@@ -50,9 +38,7 @@ from langchain_core.runnables import (
     ensure_config,
 )
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from langchain_core.utils.utils import LC_ID_PREFIX
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from transformers import PreTrainedModel
 
 from .callbacks import (
@@ -65,36 +51,45 @@ from .callbacks import (
     langsmith_params,
 )
 from .engine.decoding import StepEvent, generate_steps, score_layers, summarize, threshold_calibrator
-from .engine.loading import ModelPair, context_window, load_embedded_pair, load_pair
+from .engine.loading import ModelPair, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
-from .engine.steps import json_region
-from .engine.text import token_bytes
-from .reasoning import (
-    DEFAULT_MARKERS,
-    ThoughtSpec,
-    model_thinks,
-    opens_thought,
-    reasoning_of,
-    template_kwargs,
-    without_reasoning,
+from .pairs import context_window_of, identity, model_profile, register, shared_pair
+from .prompts import render
+from .reasoning import DEFAULT_MARKERS, ThoughtSpec, model_thinks, template_kwargs
+from .streaming import (
+    STREAM_EMITTER,
+    ShownContent,
+    aggregate,
+    carries_something,
+    close_now,
+    drive,
+    is_last,
+    iterate_in_thread,
+    last_chunk,
+    openai_logprobs,
+    run_message_id,
+    step_chunk,
 )
 from .tools import (
     HERMES_MARKERS,
     ToolCallStyle,
-    fallback_tool_prompt,
+    ToolSetup,
+    checked_tool_choice,
+    forced_tool_name,
     inert,
+    openai_tools,
     parse_tool_calls,
     step_validator,
+    structured_parser,
+    tool_flag,
     tools_by_name,
     validate_tool_call,
 )
 
 __all__ = ["STEP_EVENT", "SUMMARY_EVENT", "ChatSpecGuard"]
 
+
 EMBEDDED_DRAFT_LAYERS = 15
-MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
-"""Roles a message may have (``ChatMessage.role``); ``developer`` is read as ``system``."""
-_DONE = object()
 
 
 class ChatSpecGuard(BaseChatModel, SpecGuardParams):
@@ -240,10 +235,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         """Everything that can change the output (LangChain's cache key is built from this)."""
         return {
             "model_name": self.model_name,
-            "target": _identity(self.target_model),
-            "draft": _identity(self.draft_model),
+            "target": identity(self.target_model),
+            "draft": identity(self.draft_model),
             "draft_layers": self.draft_layers,
-            "tokenizer": _identity(self.tokenizer),
+            "tokenizer": identity(self.tokenizer),
             "gguf_file": self.gguf_file,
             "torch_dtype": self.torch_dtype,
             "device": self.device,
@@ -267,17 +262,17 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """Prompt tokens of ``messages`` as this model would see them: chat template, tools and all."""
-        return len(self.render_prompt(messages, _openai_tools(tools) if tools else None))
+        return len(self.render_prompt(messages, openai_tools(tools) if tools else None))
 
     @model_validator(mode="after")
     def _share_loaded_pair(self) -> ChatSpecGuard:
-        _register(self._loading_key(), self)
+        register(self._loading_key(), self)
         return self
 
     @model_validator(mode="after")
     def _fill_profile(self) -> ChatSpecGuard:
         if self.profile is None:
-            self.profile = _profile(_context_window_of(self.target_model))
+            self.profile = model_profile(context_window_of(self.target_model))
         return self
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -311,7 +306,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             return self._pair
         with self._load_lock:
             if self._pair is None:
-                pair = _shared_pair(self._loading_key(), self._load_pair)
+                pair = shared_pair(self._loading_key(), self._load_pair)
                 self._pair = pair
                 if self.profile is not None and self.profile.get("max_input_tokens") is None:
                     self.profile = {**self.profile, "max_input_tokens": pair.context_window}
@@ -320,10 +315,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def _loading_key(self) -> tuple[Any, ...]:
         return (
-            _identity(self.target_model),
-            _identity(self.draft_model),
+            identity(self.target_model),
+            identity(self.draft_model),
             self.draft_layers,
-            _identity(self.tokenizer),
+            identity(self.tokenizer),
             self.gguf_file,
             self.device,
             self.torch_dtype,
@@ -432,70 +427,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         thinks: bool,
     ) -> tuple[list[int], ThoughtSpec | None]:
         """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer."""
-        if not messages:
-            raise ValueError("messages is empty: give at least one message")
-        for message in messages:
-            if not isinstance(message, BaseMessage):
-                raise TypeError(f"messages must be LangChain BaseMessage objects, got {type(message).__name__}")
-        pair = self.load()
-        tokenizer = pair.tokenizer
-        template = self.template
-        if template is None:
-            raise ValueError(
-                f"the tokenizer of {self.model_name!r} has no chat template: pass chat_template='...' (a Jinja "
-                "template) to ChatSpecGuard"
-            )
-        rendered = _template_messages(messages)
-        if "reasoning_content" not in template:  # past thinking reaches only templates that render it
-            rendered = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in rendered]
+        tokenizer = self.load().tokenizer
         native = self.template_takes_tools()
-        rendered = _render_tool_turns(rendered, native)
-        data = _message_strings(rendered)  # what came from messages: text, never control tokens
-        extra: dict[str, Any] = dict(variables)
-        if tools and native:
-            extra["tools"] = list(tools)
-        elif tools:
-            block = fallback_tool_prompt(tools)
-            if rendered and rendered[0]["role"] == "system":
-                rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{block}".lstrip()}
-            else:
-                rendered.insert(0, {"role": "system", "content": block})
-
-        def render(conversation: list[dict[str, Any]], generation: bool = True) -> str:
-            try:
-                text = tokenizer.apply_chat_template(
-                    conversation, chat_template=template, add_generation_prompt=generation, tokenize=False, **extra
-                )
-            except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
-                raise ValueError(f"the chat template of {self.model_name!r} rejected the messages: {exc}") from exc
-            assert isinstance(text, str)
-            return text
-
-        prompt = render(rendered)
-        thought = None
-        if thinks:
-            opened = opens_thought(prompt, render(rendered, generation=False), markers)
-            if opened and prefix:  # a forced start (a tool call) goes after the thinking, which it skips
-                prefix, opened = f"{markers[1]}\n\n{prefix}", False
-            thought = ThoughtSpec(markers, opened)
-        # the think markers are control text too where they are tokens of their own (Qwen3, R1 distills)
-        protected = [m for m in markers if m in tokenizer.get_added_vocab()]
-        ids = tokenize_prompt(tokenizer, prompt + prefix, data, protected)
-        controls = sorted({*_control_tokens(tokenizer), *protected}, key=len, reverse=True)
-        if any(marker in piece for piece in data for marker in controls):
-            # safety net for templates that transform message text: the control tokens must be exactly those
-            # of the same conversation with the look-alikes removed (the template's own)
-            clean_text = render(_without(rendered, controls)) + prefix
-            clean = tokenizer(clean_text, add_special_tokens=False)["input_ids"]
-            ids_of = {tokenizer.convert_tokens_to_ids(m) for m in controls}
-            if Counter(t for t in ids if t in ids_of) != Counter(t for t in clean if t in ids_of):
-                raise ValueError(
-                    "a message holds control-token text that the chat template turned into real control tokens; "
-                    f"remove {sorted(m for m in controls if any(m in piece for piece in data))} from the messages"
-                )
-        if not ids:
-            raise ValueError("the chat template rendered the messages to an empty prompt")
-        return ids, thought
+        return render(
+            tokenizer, self.template, self.model_name, messages, tools, native, prefix, variables, markers, thinks
+        )
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
         if isinstance(stop, str):  # would otherwise stop at each of its characters
@@ -505,8 +441,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         kwargs = dict(kwargs)
         tools: list[dict[str, Any]] | None = kwargs.pop("tools", None)
         tool_choice = kwargs.pop("tool_choice", None)
-        parallel = _tool_flag("parallel_tool_calls", kwargs.pop("parallel_tool_calls", None))
-        _tool_flag("strict", kwargs.pop("strict", None))  # calls are always schema-checked (see bind_tools)
+        parallel = tool_flag("parallel_tool_calls", kwargs.pop("parallel_tool_calls", None))
+        tool_flag("strict", kwargs.pop("strict", None))  # calls are always schema-checked (see bind_tools)
         kwargs.pop("ls_structured_output_format", None)
         reasoning = kwargs.pop("reasoning", self.reasoning)
         if reasoning is not None and not isinstance(reasoning, bool):
@@ -516,10 +452,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop sequences must be non-empty strings, got {stops!r}")
         pair = self.load()
-        setup = _ToolSetup()
+        setup = ToolSetup()
         if tools is not None or tool_choice is not None:  # per-call tools get the checks bind_tools makes
-            formatted = _openai_tools(tools or [])
-            tool_choice = _checked_tool_choice(tool_choice, formatted)
+            formatted = openai_tools(tools or [])
+            tool_choice = checked_tool_choice(tool_choice, formatted)
             tools = formatted
         if tools and tool_choice != "none":
             setup = self._tool_setup(tools, tool_choice)
@@ -537,11 +473,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         prompt, thought = self._render(messages, setup.tools, setup.prefix, variables, markers, thinks)
         return _Call(pair, prompt, params, stops, replace(setup, thought=thought))
 
-    def _tool_setup(self, tools: list[dict[str, Any]], tool_choice: Any) -> _ToolSetup:
+    def _tool_setup(self, tools: list[dict[str, Any]], tool_choice: Any) -> ToolSetup:
         """Format, step markers, validator and forced answer start for one call with tools bound."""
         style = self.tool_style()
         markers = HERMES_MARKERS if style == "hermes" else None
-        name = _forced_tool_name(tool_choice)
+        name = forced_tool_name(tool_choice)
         prefix = ""
         if style == "hermes" and (name or tool_choice in ("any", "required", True)):
             # forcing a call: the answer starts inside a <tool_call> block (and names the tool)
@@ -551,7 +487,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         elif style == "json" and tool_choice in ("any", "required", True):
             prefix = '{"name": "'  # the answer is a call; the model names the tool
         validate = step_validator(tools, style)
-        return _ToolSetup(tools=tools, style=style, markers=markers, validate=validate, prefix=prefix)
+        return ToolSetup(tools=tools, style=style, markers=markers, validate=validate, prefix=prefix)
 
     def _locked_steps(self, call: _Call) -> Iterator[StepEvent]:
         """Steps of one generation; the models run one step at a time per instance.
@@ -607,11 +543,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         so ``strict=True`` is what happens anyway and ``False`` does not turn the check off.
         Other keywords must be decoding fields (``temperature=0.2``), checked here.
         """
-        formatted = _openai_tools(tools)
-        tool_choice = _checked_tool_choice(tool_choice, formatted)
+        formatted = openai_tools(tools)
+        tool_choice = checked_tool_choice(tool_choice, formatted)
         flags = {"parallel_tool_calls": parallel_tool_calls, "strict": strict}
         for name, value in flags.items():
-            _tool_flag(name, value)
+            tool_flag(name, value)
         unknown = sorted(set(kwargs) - set(PARAM_FIELDS) - {"stop", "ls_structured_output_format"})
         if unknown:
             raise TypeError(
@@ -645,7 +581,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         strict = kwargs.pop("strict", None)
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)}")
-        name = _openai_tools([schema])[0]["function"]["name"]
+        name = openai_tools([schema])[0]["function"]["name"]
         llm = self.bind_tools(
             [schema],
             tool_choice=name,
@@ -653,7 +589,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             strict=strict,
             ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
         )
-        parser = RunnableLambda(_structured_parser(schema, name), name="specguard_structured_output")
+        parser = RunnableLambda(structured_parser(schema, name), name="specguard_structured_output")
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -677,7 +613,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         assert calibrator is not None
         return calibrator.threshold()
 
-    def _message_fields(self, text: str, setup: _ToolSetup) -> tuple[str, dict[str, Any]]:
+    def _message_fields(self, text: str, setup: ToolSetup) -> tuple[str, dict[str, Any]]:
         """Content and tool-call fields of the final message for ``text`` (the generated answer).
 
         A call that parses but does not fit the bound tools (unknown name, arguments against the schema),
@@ -714,7 +650,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             "specguard": summary,
         }
         if steps and steps[0].logprobs is not None:
-            metadata["logprobs"] = {"content": [e for s in steps for e in _openai_logprobs(pair.tokenizer, s)]}
+            metadata["logprobs"] = {"content": [e for s in steps for e in openai_logprobs(pair.tokenizer, s)]}
         return metadata
 
     @staticmethod
@@ -735,14 +671,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         """The call's chunks: one per step as it is verified, then the last chunk, derived from the final message.
 
         Every path reads this generator, so the chunks of ``stream``, the chunks that ``invoke`` hands to
-        streaming callbacks and the message ``invoke`` returns (their sum, :func:`_aggregate`) cannot differ.
+        streaming callbacks and the message ``invoke`` returns (their sum, :func:`aggregate`) cannot differ.
         """
         steps: list[StepEvent] = []
-        shown = _ShownContent(call.setup)
+        shown = ShownContent(call.setup)
         for event in events:
             steps.append(event)
-            yield _step_chunk(shown.add(event.text), call.pair, event, message_id)
-        yield _last_chunk(self._final_message(call, steps), shown, message_id)
+            yield step_chunk(shown.add(event.text), call.pair, event, message_id)
+        yield last_chunk(self._final_message(call, steps), shown, message_id)
 
     def _stream(
         self,
@@ -755,12 +691,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         call = self._prepare(messages, stop, kwargs)
         events = emitter.steps(self._locked_steps(call))
         try:
-            for chunk in self._chunks(call, events, _message_id(run_manager)):
-                if _is_last(chunk):
+            for chunk in self._chunks(call, events, run_message_id(run_manager)):
+                if is_last(chunk):
                     emitter.summary(chunk.message.response_metadata["specguard"])
                 yield chunk
         finally:
-            _close(events)  # a stream stopped early releases the generation lock now, not at GC
+            close_now(events)  # a stream stopped early releases the generation lock now, not at GC
 
     def _generate(
         self,
@@ -771,10 +707,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     ) -> ChatResult:
         chunks: list[ChatGenerationChunk] = []
         for chunk in self._stream(messages, stop, run_manager, **kwargs):
-            if run_manager is not None and _carries_something(chunk):
+            if run_manager is not None and carries_something(chunk):
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             chunks.append(chunk)
-        return _aggregate(chunks)
+        return aggregate(chunks)
 
     # async: the decoding runs in a worker thread, one step per hop, so the event loop stays free
 
@@ -787,11 +723,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     ) -> AsyncIterator[ChatGenerationChunk]:
         emitter = self._reporter(run_manager)
         call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
-        message_id = _message_id(run_manager)
-        events = emitter.asteps(_iterate_in_thread(self._locked_steps(call)))
-        async with contextlib.aclosing(_drive(lambda steps: self._chunks(call, steps, message_id), events)) as chunks:
+        message_id = run_message_id(run_manager)
+        events = emitter.asteps(iterate_in_thread(self._locked_steps(call)))
+        async with contextlib.aclosing(drive(lambda steps: self._chunks(call, steps, message_id), events)) as chunks:
             async for chunk in chunks:
-                if _is_last(chunk):
+                if is_last(chunk):
                     await emitter.asummary(chunk.message.response_metadata["specguard"])
                 yield chunk
 
@@ -804,10 +740,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     ) -> ChatResult:
         chunks: list[ChatGenerationChunk] = []
         async for chunk in self._astream(messages, stop, run_manager, **kwargs):
-            if run_manager is not None and _carries_something(chunk):
+            if run_manager is not None and carries_something(chunk):
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             chunks.append(chunk)
-        return _aggregate(chunks)
+        return aggregate(chunks)
 
     def _final_message(self, call: _Call, steps: list[StepEvent]) -> AIMessage:
         metadata = self._final_metadata(call.pair, call.prompt, steps)
@@ -856,12 +792,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
         config, emitter = self._streaming_config(config, CallbackManager)
-        token = _STREAM_EMITTER.set(emitter)
+        token = STREAM_EMITTER.set(emitter)
         try:
             yield from super().stream(input, config, stop=stop, **kwargs)
         finally:
             with contextlib.suppress(ValueError):  # resumed from another context: nothing to restore
-                _STREAM_EMITTER.reset(token)
+                STREAM_EMITTER.reset(token)
 
     async def astream(
         self,
@@ -872,18 +808,18 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
         config, emitter = self._streaming_config(config, AsyncCallbackManager)
-        token = _STREAM_EMITTER.set(emitter)
+        token = STREAM_EMITTER.set(emitter)
         try:
             async for chunk in super().astream(input, config, stop=stop, **kwargs):
                 yield chunk
         finally:
             with contextlib.suppress(ValueError):
-                _STREAM_EMITTER.reset(token)
+                STREAM_EMITTER.reset(token)
 
     def _reporter(self, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> StepReporter:
         if run_manager is not None:
             return StepReporter.for_run(run_manager, self.trace_steps)
-        return _STREAM_EMITTER.get() or NO_REPORTER
+        return STREAM_EMITTER.get() or NO_REPORTER
 
     def _streaming_config(
         self, config: RunnableConfig | None, manager_class: type[CallbackManager] | type[AsyncCallbackManager]
@@ -913,19 +849,6 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
 
 @dataclass
-class _ToolSetup:
-    """Everything one call needs to know about its bound tools (empty when none are bound), and its think block."""
-
-    tools: list[dict[str, Any]] | None = None
-    style: ToolCallStyle = "hermes"
-    markers: tuple[str, str] | None = None
-    validate: Callable[[str], str | None] | None = None
-    prefix: str = ""
-    single_call: bool = False  # parallel_tool_calls=False: the answer ends with its first call
-    thought: ThoughtSpec | None = None  # set when the output is split into reasoning and answer
-
-
-@dataclass
 class _Call:
     """One call, prepared: the loaded pair, the prompt's token ids, the decoding parameters, stops and tools."""
 
@@ -933,588 +856,4 @@ class _Call:
     prompt: list[int]
     params: SpecGuardParams
     stops: list[str]
-    setup: _ToolSetup
-
-
-@dataclass
-class _ShownContent:
-    """Streams the message content step by step, holding tool-call text back.
-
-    The content shown so far is always a prefix of the final ``AIMessage.content`` that
-    ``invoke`` returns: text inside an open or finished ``<tool_call>`` block (or an answer that may
-    be a bare-JSON call) is held, and the calls arrive as ``tool_call_chunks`` in the last chunk.
-    A reasoning model's thinking goes out as ``reasoning_content`` instead of content, under the same
-    rule (:meth:`~langchain_specguard.reasoning.ThoughtSpec.split` holds back a marker still incomplete).
-    """
-
-    setup: _ToolSetup
-    text: str = ""
-    sent: str = ""
-    reasoning: str = ""  # the reasoning sent so far
-
-    def add(self, step_text: str) -> AIMessageChunk:
-        """The chunk for one more step of text: what it adds to the reasoning and to the content shown."""
-        self.text += step_text
-        thought = self.setup.thought
-        reasoning, answer = thought.split(self.text, final=False) if thought is not None else ("", self.text)
-        thinking = _growth(self.reasoning, reasoning)
-        self.reasoning += thinking
-        visible = answer if self.setup.tools is None else _visible_content(self.setup.prefix + answer, self.setup.style)
-        delta = _growth(self.sent, visible)
-        self.sent += delta
-        return AIMessageChunk(content=delta, additional_kwargs={"reasoning_content": thinking} if thinking else {})
-
-
-def _growth(shown: str, now: str) -> str:
-    """What ``now`` adds to ``shown``; nothing if it does not extend it (shown text is never taken back)."""
-    return now[len(shown) :] if now.startswith(shown) else ""
-
-
-def _message_id(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> str | None:
-    """The id of the run's message, which its chunks and the final message share (LangGraph's
-    ``stream_mode="messages"`` recognises the final message by it). Without a run manager (``stream``),
-    langchain-core gives the chunks the run's id itself."""
-    return f"{LC_ID_PREFIX}-{run_manager.run_id}" if run_manager is not None else None
-
-
-def _step_chunk(
-    delta: AIMessageChunk, pair: ModelPair, event: StepEvent, message_id: str | None
-) -> ChatGenerationChunk:
-    """A step's message chunk; with ``logprobs`` it carries the step's entries, which chunk addition
-    concatenates into the final message's list."""
-    if event.logprobs is not None:
-        delta.response_metadata = {"logprobs": {"content": _openai_logprobs(pair.tokenizer, event)}}
-    delta.id = message_id
-    return ChatGenerationChunk(message=delta)
-
-
-def _last_chunk(final: AIMessage, shown: _ShownContent, message_id: str | None) -> ChatGenerationChunk:
-    """The closing chunk of ``final``: usage, summary, any content or reasoning held back, the tool calls.
-
-    Valid calls go out as ``tool_call_chunks`` whose arguments are their JSON; invalid calls too, with the
-    arguments ``final`` gives them (a JSON string, :func:`~langchain_specguard.tools.inert_args`), which
-    chunk addition reads as no object, so a sum of chunks keeps them invalid. Chunk addition cannot carry
-    an invalid call's ``error``: this chunk keeps the errors in its own ``invalid_tool_calls``, where
-    :func:`_aggregate` finds them.
-    """
-    rest = _growth(shown.sent, str(final.content))
-    thinking = _growth(shown.reasoning, str(final.additional_kwargs.get("reasoning_content", "")))
-    chunks = [
-        tool_call_chunk(name=call["name"], args=json.dumps(call["args"]), id=call["id"], index=i)
-        for i, call in enumerate(final.tool_calls)
-    ]
-    chunks += [
-        tool_call_chunk(name=bad.get("name"), args=bad.get("args"), id=bad.get("id"), index=len(chunks) + i)
-        for i, bad in enumerate(final.invalid_tool_calls)
-    ]
-    # the steps' chunks carried the log-probabilities: chunks add up to the final message
-    metadata = {k: v for k, v in final.response_metadata.items() if k != "logprobs"}
-    message = AIMessageChunk(
-        content=rest,
-        additional_kwargs={"reasoning_content": thinking} if thinking else {},
-        response_metadata=metadata,
-        usage_metadata=final.usage_metadata,
-        tool_call_chunks=chunks,
-        chunk_position="last",
-        id=message_id,
-    )
-    message.invalid_tool_calls = list(final.invalid_tool_calls)  # with their errors (parsed from chunks: none)
-    return ChatGenerationChunk(message=message)
-
-
-def _is_last(chunk: ChatGenerationChunk) -> bool:
-    return getattr(chunk.message, "chunk_position", None) == "last"
-
-
-def _carries_something(chunk: ChatGenerationChunk) -> bool:
-    """Whether a chunk is worth a streaming callback: a step that adds text, reasoning or log-probabilities
-    (a step of held-back tool-call text adds nothing), and always the last chunk."""
-    message = chunk.message
-    return bool(message.content or message.additional_kwargs or message.response_metadata) or _is_last(chunk)
-
-
-def _aggregate(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
-    """``invoke``'s result: the sum of the call's chunks, as a message.
-
-    The sum is langchain-core's chunk addition, the same a consumer of ``stream`` does, so ``invoke``
-    equals the streamed chunks added up by construction. The one thing addition drops, the errors of
-    invalid tool calls, comes from the last chunk, which holds them.
-    """
-    first, *others = [chunk.message for chunk in chunks]
-    assert isinstance(first, AIMessageChunk)
-    total = first + others if others else first
-    message = message_chunk_to_message(total)
-    assert isinstance(message, AIMessage)
-    last = chunks[-1].message
-    assert isinstance(last, AIMessageChunk)
-    errors = {bad.get("id"): bad.get("error") for bad in last.invalid_tool_calls}
-    message.invalid_tool_calls = [{**bad, "error": errors.get(bad.get("id"))} for bad in message.invalid_tool_calls]
-    return ChatResult(generations=[ChatGeneration(message=message)])
-
-
-def _openai_logprobs(tokenizer: Any, event: StepEvent) -> list[dict[str, Any]]:
-    """The step's token log-probabilities in ChatOpenAI's shape: ``token``, ``bytes``, ``logprob``, ``top_logprobs``."""
-
-    def entry(token: int, logprob: float) -> dict[str, Any]:
-        raw = token_bytes(tokenizer, token)
-        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob}
-
-    return [
-        {**entry(item.token, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
-        for item in event.logprobs or []
-    ]
-
-
-def _tool_flag(name: str, value: Any) -> bool | None:
-    """``parallel_tool_calls``/``strict`` checked: a bool or None, never silently a truthy string."""
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"{name} must be True, False or None, got {value!r}")
-    return value
-
-
-def _visible_content(text: str, style: ToolCallStyle) -> str:
-    """Content of a partial answer that is certain not to belong to a tool call.
-
-    An end that could still grow into an opening marker (``ab<tool_``) is held back too, so what is
-    streamed is always a prefix of the final content.
-    """
-    if style == "json":  # the calls open the answer: what follows them is content once they are over
-        region = json_region(text)
-        return "" if region.growing else text[region.content :]
-    content = parse_tool_calls(text, "hermes").content
-    opening = HERMES_MARKERS[0]
-    for size in range(min(len(opening) - 1, len(content)), 0, -1):
-        if content.endswith(opening[:size]):
-            return content[:-size]
-    return content
-
-
-@dataclass
-class _SharedPair:
-    """A loaded pair and how many live instances have its loading options (loaded or not yet)."""
-
-    instances: int = 0
-    pair: ModelPair | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_PAIRS: dict[tuple[Any, ...], _SharedPair] = {}
-_PAIRS_LOCK = threading.Lock()
-
-
-def _register(key: tuple[Any, ...], instance: Any) -> None:
-    """Count ``instance`` as a holder of ``key``'s pair until it is garbage-collected."""
-    with _PAIRS_LOCK:
-        _PAIRS.setdefault(key, _SharedPair()).instances += 1
-    weakref.finalize(instance, _release, key)
-
-
-def _release(key: tuple[Any, ...]) -> None:
-    with _PAIRS_LOCK:
-        entry = _PAIRS.get(key)
-        if entry is not None:
-            entry.instances -= 1
-            if entry.instances <= 0:
-                del _PAIRS[key]  # the last instance is gone: the pair (weights, caches, graphs) can be freed
-
-
-def _shared_pair(key: tuple[Any, ...], load: Callable[[], ModelPair]) -> ModelPair:
-    """The process's pair for ``key``, loaded once while any instance with these loading options lives."""
-    with _PAIRS_LOCK:
-        entry = _PAIRS.setdefault(key, _SharedPair())
-    with entry.lock:  # one load per key at a time; other keys load in parallel
-        if entry.pair is None:
-            entry.pair = load()
-        return entry.pair
-
-
-EMBEDDED_CONTEXT_WINDOW = 32768
-"""Gemma 3 270M's context window (the embedded default); checked against the loaded model in the tests."""
-
-
-def _identity(value: Any) -> Any:
-    """A model, tokenizer or path as it enters the cache key: the path, or the object's class, origin and id."""
-    if value is None or isinstance(value, (str, int)):
-        return value
-    return f"{type(value).__name__}:{getattr(value, 'name_or_path', '')}:{id(value)}"
-
-
-def _context_window_of(spec: Any) -> int | None:
-    """The target's context window when it is known without loading weights (object, local config, embedded)."""
-    if spec is None:
-        return EMBEDDED_CONTEXT_WINDOW
-    if isinstance(spec, PreTrainedModel):
-        return context_window(spec)
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(spec), local_files_only=True)
-    except (OSError, ValueError):
-        return None  # not local: filled in when the model loads
-    window = config.get_text_config().max_position_embeddings if hasattr(config, "get_text_config") else None
-    return int(window) if isinstance(window, int) else None
-
-
-def _profile(max_input_tokens: int | None) -> ModelProfile:
-    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model."""
-    return ModelProfile(
-        max_input_tokens=max_input_tokens,  # type: ignore[typeddict-item]
-        open_weights=True,
-        text_inputs=True,
-        image_inputs=False,
-        audio_inputs=False,
-        video_inputs=False,
-        pdf_inputs=False,
-        text_outputs=True,
-        tool_calling=True,
-        tool_choice=True,
-        tool_call_streaming=True,
-        structured_output=True,
-    )
-
-
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-"""What OpenAI accepts as a function name; anything else (markup, quotes) could leak into the prompt."""
-
-
-def _openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
-    formatted = [convert_to_openai_tool(tool) for tool in tools]
-    for tool in formatted:
-        name = tool["function"]["name"]
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
-            raise ValueError(
-                f"tool name {name!r} is not allowed: tool names are 1 to 64 letters, digits, '_' or '-' "
-                "(the OpenAI function-name rule)"
-            )
-    return formatted
-
-
-def _checked_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> Any:
-    """``tool_choice`` checked against the tools it applies to (False means no preference)."""
-    names = [tool["function"]["name"] for tool in tools]
-    if isinstance(tool_choice, dict) and not isinstance(tool_choice.get("function", {}), dict):
-        raise ValueError(
-            f"tool_choice {tool_choice!r} is malformed: use {{'type': 'function', 'function': {{'name': ...}}}}"
-        )
-    forced = _forced_tool_name(tool_choice)
-    if forced is not None and forced not in names:
-        raise ValueError(f"tool_choice names {forced!r}, which is not among the bound tools {names}")
-    if tool_choice not in (None, "auto", "none", "any", "required", True, False) and forced is None:
-        raise ValueError(f"unsupported tool_choice {tool_choice!r}")
-    if tool_choice in ("any", "required", True) and not names:
-        raise ValueError(f"tool_choice={tool_choice!r} forces a tool call, but no tools are bound")
-    return None if tool_choice is False else tool_choice
-
-
-def _structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
-    """The parser of a structured answer: the named call's arguments, validated into ``schema``."""
-    model_class = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
-
-    def parse(message: AIMessage) -> Any:
-        calls = [c for c in message.tool_calls if c["name"] == name]
-        if not calls:
-            reasons = [str(c.get("error")) for c in message.invalid_tool_calls if c.get("error")]
-            why = "; ".join(reasons) or "it wrote no call"
-            raise OutputParserException(
-                f"the model wrote no valid {name!r} call: {why}", llm_output=str(message.content)
-            )
-        args = calls[0]["args"]
-        if model_class is None:
-            return args
-        try:
-            return model_class.model_validate(args)
-        except ValidationError as exc:
-            raise OutputParserException(f"the {name!r} call does not fit the schema: {exc}") from exc
-
-    return parse
-
-
-def _forced_tool_name(tool_choice: Any) -> str | None:
-    """The tool a ``tool_choice`` forces by name, if it names one."""
-    if isinstance(tool_choice, dict):
-        name = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
-        return str(name) if name else None
-    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):
-        return tool_choice
-    return None
-
-
-def _render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
-    """Past tool calls and results in the shape the chat template can render.
-
-    Templates that take tools get HF's convention (``tool_calls[].function.arguments`` as a dict,
-    ``role: tool`` results). The others get the calls written into the assistant's content as
-    ``<tool_call>`` blocks and each result as a user turn holding a ``<tool_response>`` block, so a
-    template that only prints ``content`` (Gemma's, plain ChatML) still shows them to the model.
-    """
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        calls = message.get("tool_calls") or []
-        if message["role"] == "assistant" and calls:
-            structured = []
-            for call in calls:
-                function = call.get("function", {})
-                args = function.get("arguments", "{}")
-                with contextlib.suppress(ValueError):  # unreadable: keep the raw string, shown, never run
-                    args = json.loads(args) if isinstance(args, str) else args
-                structured.append({"name": function.get("name"), "arguments": args})
-            if native:
-                message = {
-                    **message,
-                    "tool_calls": [
-                        {"type": "function", "id": c.get("id"), "function": s}
-                        for c, s in zip(calls, structured, strict=True)
-                    ],
-                }
-            else:
-                blocks = [
-                    f"{HERMES_MARKERS[0]}\n{json.dumps(s, ensure_ascii=False)}\n{HERMES_MARKERS[1]}" for s in structured
-                ]
-                content = message.get("content") or ""  # verbatim: the model's own words, spaces included
-                text = "\n".join([content, *blocks]) if content else "\n".join(blocks)
-                message = {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
-        elif message["role"] == "tool" and not native:
-            message = {"role": "user", "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>"}
-        out.append(message)
-    return out
-
-
-def _template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """OpenAI-style ``{"role", "content"}`` dicts for the chat template, text only, roles checked.
-
-    Chat templates render whatever role they are given (or fold unknown ones into a user turn), so
-    a typo such as ``ChatMessage(role="robot")`` would silently reach the model; it is an error
-    here instead. ``developer`` (OpenAI's newer name for ``system``) becomes ``system``, which is
-    the role local chat templates know. An assistant message's reasoning (``reasoning_content``, or v1
-    ``reasoning`` blocks) becomes the ``reasoning_content`` key that templates such as Qwen3's read.
-    """
-    for message in messages:
-        parts = message.content if isinstance(message.content, list) else []
-        who = getattr(message, "role", None) or {"human": "user", "ai": "assistant"}.get(message.type, message.type)
-        for part in parts:
-            if isinstance(part, dict) and "type" not in part:
-                raise ValueError(
-                    f"a {who} message has a content part without a 'type' key ({sorted(part)}): "
-                    "content parts must be strings or dicts such as {'type': 'text', 'text': '...'}"
-                )
-            if isinstance(part, dict) and part["type"] == "text" and not isinstance(part.get("text"), str):
-                raise TypeError(
-                    f"a {who} message has a text part whose 'text' is {type(part.get('text')).__name__}, not str"
-                )
-    converted: list[dict[str, Any]] = []
-    for original in messages:
-        thought = reasoning_of(original)
-        for openai_message in convert_to_openai_messages([without_reasoning(original)], text_format="string"):
-            assert isinstance(openai_message, dict)
-            if thought and openai_message.get("role") == "assistant":
-                openai_message["reasoning_content"] = thought
-            converted.append(openai_message)
-    rendered: list[dict[str, Any]] = []
-    for message in converted:  # type: ignore[assignment]
-        assert isinstance(message, dict)
-        role = message.get("role")
-        if role == "developer":
-            message["role"] = role = "system"
-        if role not in MESSAGE_ROLES:
-            raise ValueError(
-                f"unknown message role {role!r}: the roles are {list(MESSAGE_ROLES)} ('developer' is read as 'system')"
-            )
-        content = message.get("content")
-        if content is None:
-            message["content"] = ""
-        elif not isinstance(content, str):
-            kinds = sorted({str(part.get("type", "?")) for part in content if isinstance(part, dict)})
-            raise ValueError(f"a {role} message has content parts of type {kinds}: this model reads text only")
-        else:
-            try:
-                content.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(
-                    f"a {role} message is not valid text: {exc.reason} at character {exc.start} "
-                    f"({content[exc.start : exc.end]!r}); lone surrogates cannot be encoded"
-                ) from None
-        rendered.append(message)
-    return rendered
-
-
-def _message_strings(messages: list[dict[str, Any]]) -> list[str]:
-    """Every string the rendered prompt takes from the messages, in rendering order.
-
-    Past reasoning (for templates that read ``reasoning_content``), message contents, and for templates
-    that render tool calls themselves each call's name and each string in its arguments (as JSON writes
-    them inside a string).
-    """
-    strings: list[str] = []
-    for message in messages:
-        strings.append(str(message.get("reasoning_content") or ""))  # templates render past thinking first
-        strings.append(str(message.get("content") or ""))
-        for call in message.get("tool_calls") or []:
-            function = call.get("function", {})
-            strings.append(str(function.get("name") or ""))
-            strings += [json.dumps(v, ensure_ascii=False)[1:-1] for v in _strings_in(function.get("arguments"))]
-    return [s for s in strings if s]
-
-
-def _strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings_in(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings_in(item)
-
-
-def _control_tokens(tokenizer: Any) -> list[str]:
-    """The special tokens' texts, longest first."""
-    found = {str(t) for t in tokenizer.all_special_tokens}
-    found |= {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special}
-    return sorted((t for t in found if t), key=len, reverse=True)
-
-
-def _without(value: Any, markers: Sequence[str]) -> Any:
-    """``value`` (messages, nested) with every marker text removed from its strings."""
-    if isinstance(value, str):
-        for marker in markers:
-            value = value.replace(marker, "")
-        return value
-    if isinstance(value, dict):
-        return {k: _without(v, markers) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without(v, markers) for v in value]
-    return value
-
-
-def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str], protected: Sequence[str] = ()) -> list[int]:
-    """Token ids of a rendered prompt in which text that came from messages can never be a control token.
-
-    The template's own markers (``<|im_start|>``, ``<start_of_turn>``...) are special tokens, but the same
-    strings inside a message, a tool result or tool arguments are data: each piece of ``data`` that holds
-    one is located in ``text`` (in order) and tokenized with special-token parsing off, so it becomes
-    plain text tokens. ``protected`` are more such texts that are tokens of their own without being special
-    (``<think>`` in Qwen3): special-token parsing does not split those, so each is tokenized in two parts.
-    (A piece the template changed is not found here; :meth:`ChatSpecGuard.render_prompt` then refuses the
-    prompt if it holds more control tokens than the template's own.)
-    """
-    specials = [*_control_tokens(tokenizer), *protected]
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for piece in data:
-        at = text.find(piece, cursor)
-        if at < 0 and piece.strip() != piece:  # templates often trim message contents
-            piece = piece.strip()
-            at = text.find(piece, cursor) if piece else -1
-        if at < 0:  # not in the prompt as written (omitted, or transformed: render_prompt checks those)
-            continue
-        if any(s in piece for s in specials):
-            spans.append((at, at + len(piece)))
-        cursor = at + len(piece)
-    ids: list[int] = []
-    position = 0
-    for start, end in spans:
-        ids += tokenizer(text[position:start], add_special_tokens=False)["input_ids"]
-        ids += _data_ids(tokenizer, text[start:end], protected)
-        position = end
-    ids += tokenizer(text[position:], add_special_tokens=False)["input_ids"]
-    return ids
-
-
-def _data_ids(tokenizer: Any, text: str, protected: Sequence[str]) -> list[int]:
-    """Token ids of message text holding control-token look-alikes, none of which becomes a control token."""
-    alternatives = "|".join(re.escape(p) for p in sorted(protected, key=len, reverse=True))
-    pieces = re.split(f"({alternatives})", text) if protected else [text]
-    parts: list[str] = []
-    for i, piece in enumerate(pieces):  # odd pieces are protected texts: split so that no added token matches
-        parts += [piece[:1], piece[1:]] if i % 2 else [piece]
-    ids: list[int] = []
-    for part in filter(None, parts):
-        ids += tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return ids
-
-
-_STREAM_EMITTER: ContextVar[StepReporter | None] = ContextVar("specguard_stream_emitter", default=None)
-_T = TypeVar("_T")
-_U = TypeVar("_U")
-
-
-class _Inbox(Iterator[_T]):
-    """A step iterator fed from outside, one item at a time: what an async caller hands a sync generator."""
-
-    def __init__(self) -> None:
-        self._items: deque[_T] = deque()
-        self._closed = False
-
-    def put(self, item: _T) -> None:
-        self._items.append(item)
-
-    def close(self) -> None:
-        self._closed = True
-
-    def __next__(self) -> _T:
-        if self._items:
-            return self._items.popleft()
-        if self._closed:
-            raise StopIteration
-        raise RuntimeError("the generator asked for an item that has not arrived: it must take one per output")
-
-
-async def _drive(
-    generator: Callable[[Iterator[StepEvent]], Generator[_U, None, None]], events: AsyncIterator[StepEvent]
-) -> AsyncGenerator[_U, None]:
-    """Run a sync step-to-chunk ``generator`` over steps that arrive asynchronously.
-
-    The generator takes one step per chunk it yields until the steps end, then yields the rest (the last
-    chunk): each step is put in its inbox as it arrives and its chunk read at once, on the event loop (the
-    generator only builds messages; the decoding stays in its worker thread, behind ``events``).
-    """
-    inbox: _Inbox[StepEvent] = _Inbox()
-    produced = generator(inbox)
-    try:
-        async for event in events:
-            inbox.put(event)
-            yield next(produced)
-        inbox.close()
-        for item in produced:
-            yield item
-    finally:
-        produced.close()
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-def _close(iterator: Iterator[Any]) -> None:
-    """Close a generator now (its ``finally`` blocks run: the generation lock is released), not at GC."""
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
-
-
-def _next_or_done(iterator: Iterator[Any]) -> Any:
-    return next(iterator, _DONE)
-
-
-async def _iterate_in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:
-    """Drive a blocking iterator from a worker thread, one item per hop.
-
-    If the consumer stops early (cancellation, ``break``), the iterator is closed once its item in
-    flight is done, so its ``finally`` blocks (the generation lock) always run.
-    """
-    loop = asyncio.get_running_loop()
-    pending: asyncio.Future[Any] | None = None
-    try:
-        while True:
-            pending = loop.run_in_executor(None, _next_or_done, iterator)
-            item = await asyncio.shield(pending)  # cancelling us must not hide that the thread still runs
-            pending = None
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            if pending is not None and not pending.done():
-                pending.add_done_callback(lambda _f: close())
-            else:
-                close()
+    setup: ToolSetup

@@ -23,16 +23,22 @@ built by :func:`step_validator`, so it stays free of LangChain.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from langchain_core.messages import InvalidToolCall, ToolCall
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import AIMessage, InvalidToolCall, ToolCall
 from langchain_core.messages.tool import invalid_tool_call, tool_call
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, ValidationError
 
 from .engine.steps import json_region
+from .reasoning import ThoughtSpec
 
 ToolCallStyle = Literal["hermes", "json"]
 HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
@@ -344,3 +350,133 @@ def fallback_tool_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
     """The system-prompt block that describes ``tools`` and the Hermes call format."""
     lines = [json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools]
     return FALLBACK_TOOL_PROMPT.format(tools="\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------
+# binding: tools and tool_choice checked, one call's tool setup, past calls rendered, structured output
+
+
+@dataclass
+class ToolSetup:
+    """Everything one call needs to know about its bound tools (empty when none are bound), and its think block."""
+
+    tools: list[dict[str, Any]] | None = None
+    style: ToolCallStyle = "hermes"
+    markers: tuple[str, str] | None = None
+    validate: Callable[[str], str | None] | None = None
+    prefix: str = ""
+    single_call: bool = False  # parallel_tool_calls=False: the answer ends with its first call
+    thought: ThoughtSpec | None = None  # set when the output is split into reasoning and answer
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""What OpenAI accepts as a function name; anything else (markup, quotes) could leak into the prompt."""
+
+
+def openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    formatted = [convert_to_openai_tool(tool) for tool in tools]
+    for tool in formatted:
+        name = tool["function"]["name"]
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise ValueError(
+                f"tool name {name!r} is not allowed: tool names are 1 to 64 letters, digits, '_' or '-' "
+                "(the OpenAI function-name rule)"
+            )
+    return formatted
+
+
+def checked_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> Any:
+    """``tool_choice`` checked against the tools it applies to (False means no preference)."""
+    names = [tool["function"]["name"] for tool in tools]
+    if isinstance(tool_choice, dict) and not isinstance(tool_choice.get("function", {}), dict):
+        raise ValueError(
+            f"tool_choice {tool_choice!r} is malformed: use {{'type': 'function', 'function': {{'name': ...}}}}"
+        )
+    forced = forced_tool_name(tool_choice)
+    if forced is not None and forced not in names:
+        raise ValueError(f"tool_choice names {forced!r}, which is not among the bound tools {names}")
+    if tool_choice not in (None, "auto", "none", "any", "required", True, False) and forced is None:
+        raise ValueError(f"unsupported tool_choice {tool_choice!r}")
+    if tool_choice in ("any", "required", True) and not names:
+        raise ValueError(f"tool_choice={tool_choice!r} forces a tool call, but no tools are bound")
+    return None if tool_choice is False else tool_choice
+
+
+def forced_tool_name(tool_choice: Any) -> str | None:
+    """The tool a ``tool_choice`` forces by name, if it names one."""
+    if isinstance(tool_choice, dict):
+        name = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
+        return str(name) if name else None
+    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):
+        return tool_choice
+    return None
+
+
+def tool_flag(name: str, value: Any) -> bool | None:
+    """``parallel_tool_calls``/``strict`` checked: a bool or None, never silently a truthy string."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None, got {value!r}")
+    return value
+
+
+def structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
+    """The parser of a structured answer: the named call's arguments, validated into ``schema``."""
+    model_class = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+
+    def parse(message: AIMessage) -> Any:
+        calls = [c for c in message.tool_calls if c["name"] == name]
+        if not calls:
+            reasons = [str(c.get("error")) for c in message.invalid_tool_calls if c.get("error")]
+            why = "; ".join(reasons) or "it wrote no call"
+            raise OutputParserException(
+                f"the model wrote no valid {name!r} call: {why}", llm_output=str(message.content)
+            )
+        args = calls[0]["args"]
+        if model_class is None:
+            return args
+        try:
+            return model_class.model_validate(args)
+        except ValidationError as exc:
+            raise OutputParserException(f"the {name!r} call does not fit the schema: {exc}") from exc
+
+    return parse
+
+
+def render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
+    """Past tool calls and results in the shape the chat template can render.
+
+    Templates that take tools get HF's convention (``tool_calls[].function.arguments`` as a dict,
+    ``role: tool`` results). The others get the calls written into the assistant's content as
+    ``<tool_call>`` blocks and each result as a user turn holding a ``<tool_response>`` block, so a
+    template that only prints ``content`` (Gemma's, plain ChatML) still shows them to the model.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        if message["role"] == "assistant" and calls:
+            structured = []
+            for call in calls:
+                function = call.get("function", {})
+                args = function.get("arguments", "{}")
+                with contextlib.suppress(ValueError):  # unreadable: keep the raw string, shown, never run
+                    args = json.loads(args) if isinstance(args, str) else args
+                structured.append({"name": function.get("name"), "arguments": args})
+            if native:
+                message = {
+                    **message,
+                    "tool_calls": [
+                        {"type": "function", "id": c.get("id"), "function": s}
+                        for c, s in zip(calls, structured, strict=True)
+                    ],
+                }
+            else:
+                blocks = [
+                    f"{HERMES_MARKERS[0]}\n{json.dumps(s, ensure_ascii=False)}\n{HERMES_MARKERS[1]}" for s in structured
+                ]
+                content = message.get("content") or ""  # verbatim: the model's own words, spaces included
+                text = "\n".join([content, *blocks]) if content else "\n".join(blocks)
+                message = {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
+        elif message["role"] == "tool" and not native:
+            message = {"role": "user", "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>"}
+        out.append(message)
+    return out

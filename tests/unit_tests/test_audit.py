@@ -149,7 +149,7 @@ def _saved(tokenizer: Any, tmp_path: Path) -> str:
 
 
 def test_prompt_tokenization_is_unchanged_for_ordinary_text() -> None:
-    from langchain_specguard.chat_models import tokenize_prompt
+    from langchain_specguard.prompts import tokenize_prompt
 
     tokenizer = bpe_tokenizer()
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Step 1: 3 + 5 = 8"}], tokenize=False)
