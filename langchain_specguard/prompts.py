@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jinja2.exceptions import TemplateError
@@ -38,7 +39,8 @@ def render(
     """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer.
 
     ``native``: the tools go through the template (``apply_chat_template(tools=...)``); else through the
-    fallback prompt, with past calls and results written into the turns.
+    fallback prompt, with past calls and results written into the turns. Text that came from the messages
+    never becomes a control token (:func:`message_pieces`).
     """
     if not messages:
         raise ValueError("messages is empty: give at least one message")
@@ -50,22 +52,22 @@ def render(
             f"the tokenizer of {model_name!r} has no chat template: pass chat_template='...' (a Jinja "
             "template) to ChatSpecGuard"
         )
-    rendered = template_messages(messages)
+    converted = template_messages(messages)
     if "reasoning_content" not in template:  # past thinking reaches only templates that render it
-        rendered = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in rendered]
-    rendered = render_tool_turns(rendered, native)
-    data = message_strings(rendered)  # what came from messages: text, never control tokens
+        converted = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in converted]
     extra: dict[str, Any] = dict(variables)
     if tools and native:
         extra["tools"] = list(tools)
-    elif tools:
-        block = fallback_tool_prompt(tools)
-        if rendered and rendered[0]["role"] == "system":
-            rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{block}".lstrip()}
-        else:
-            rendered.insert(0, {"role": "system", "content": block})
 
-    def render(conversation: list[dict[str, Any]], generation: bool = True) -> str:
+    def text_of(conversation: list[dict[str, Any]], generation: bool = True) -> str:
+        conversation = render_tool_turns(conversation, native)
+        if tools and not native:
+            block = fallback_tool_prompt(tools)
+            if conversation and conversation[0]["role"] == "system":
+                first = conversation[0]
+                conversation = [{**first, "content": f"{first['content']}\n\n{block}".lstrip()}, *conversation[1:]]
+            else:
+                conversation = [{"role": "system", "content": block}, *conversation]
         try:
             text = tokenizer.apply_chat_template(
                 conversation, chat_template=template, add_generation_prompt=generation, tokenize=False, **extra
@@ -75,31 +77,106 @@ def render(
         assert isinstance(text, str)
         return text
 
-    prompt = render(rendered)
+    prompt = text_of(converted)
     thought = None
     if thinks:
-        opened = opens_thought(prompt, render(rendered, generation=False), markers)
+        opened = opens_thought(prompt, text_of(converted, generation=False), markers)
         if opened and prefix:  # a forced start (a tool call) goes after the thinking, which it skips
             prefix, opened = f"{markers[1]}\n\n{prefix}", False
         thought = ThoughtSpec(markers, opened)
     # the think markers are control text too where they are tokens of their own (Qwen3, R1 distills)
     protected = [m for m in markers if m in tokenizer.get_added_vocab()]
-    ids = tokenize_prompt(tokenizer, prompt + prefix, data, protected)
     controls = sorted({*control_tokens(tokenizer), *protected}, key=len, reverse=True)
-    if any(marker in piece for piece in data for marker in controls):
-        # safety net for templates that transform message text: the control tokens must be exactly those
-        # of the same conversation with the look-alikes removed (the template's own)
-        clean_text = render(_without(rendered, controls)) + prefix
-        clean = tokenizer(clean_text, add_special_tokens=False)["input_ids"]
-        ids_of = {tokenizer.convert_tokens_to_ids(m) for m in controls}
-        if Counter(t for t in ids if t in ids_of) != Counter(t for t in clean if t in ids_of):
-            raise ValueError(
-                "a message holds control-token text that the chat template turned into real control tokens; "
-                f"remove {sorted(m for m in controls if any(m in piece for piece in data))} from the messages"
-            )
+    pieces = message_pieces(prompt, converted, controls, text_of)
+    ids = tokenize_prompt(tokenizer, [*pieces, (prefix, False)], protected)
     if not ids:
         raise ValueError("the chat template rendered the messages to an empty prompt")
     return ids, thought
+
+
+def message_pieces(
+    prompt: str,
+    messages: list[dict[str, Any]],
+    controls: Sequence[str],
+    text_of: Callable[[list[dict[str, Any]]], str],
+) -> list[tuple[str, bool]]:
+    """``prompt`` cut into ``(text, from_a_message)`` pieces, message text that holds control text located by
+    construction.
+
+    Every string of ``messages`` (contents, reasoning, tool names, argument keys and values, ids...) that
+    holds the text of a control token is replaced by a sentinel of its own, the conversation is rendered
+    again (``text_of``), and the sentinels' places in that rendering are where the template put those
+    strings: the template's own text lies between them. The real ``prompt`` must be that rendering with each
+    sentinel replaced by its string as written, trimmed or escaped into JSON (what templates do to message
+    text); anything else (a template that transforms or branches on such text) is refused, naming the
+    control texts. Message strings without control text stay in the template's pieces, tokenized as usual.
+    """
+    masked, originals = _masked(messages, controls, prompt)
+    if not originals:
+        return [(prompt, False)]
+    skeleton = text_of(masked)
+    parts = re.split("(" + "|".join(re.escape(sentinel) for sentinel in originals) + ")", skeleton)
+    pieces: list[tuple[str, bool]] = []
+    position = 0
+    for k, part in enumerate(parts):
+        if k % 2 == 0:  # the template's own text
+            located = prompt.startswith(part, position)
+            form = part
+        else:  # a message's string, in one of the forms templates write it
+            following = parts[k + 1]
+            form = next(
+                (
+                    f
+                    for f in _forms(originals[part])
+                    if prompt.startswith(f, position) and prompt.startswith(following, position + len(f))
+                ),
+                "",
+            )
+            located = bool(form)
+        if not located:
+            break
+        pieces.append((form, k % 2 == 1))
+        position += len(form)
+    else:
+        if position == len(prompt):
+            return pieces
+    found = sorted({c for text in originals.values() for c in controls if c in text})
+    raise ValueError(
+        f"a message holds control-token text {found} that the chat template transforms, so it cannot be kept "
+        "as plain text; remove it from the messages"
+    )
+
+
+def _forms(text: str) -> list[str]:
+    """How templates write a message string: as is, trimmed, or escaped inside a JSON string (``tojson``)."""
+    forms = [text, text.strip(), text.lstrip(), text.rstrip()]
+    forms += [json.dumps(text, ensure_ascii=False)[1:-1], json.dumps(text)[1:-1]]
+    return [f for i, f in enumerate(forms) if f and f not in forms[:i]]
+
+
+def _masked(value: Any, controls: Sequence[str], prompt: str) -> tuple[Any, dict[str, str]]:
+    """``value`` (messages) with every string that holds control text replaced by a unique sentinel, and the
+    strings by sentinel. Sentinels are digits and punctuation that JSON, trimming and case filters leave as
+    they are, with a random part that appears nowhere in ``prompt``."""
+    nonce = str(secrets.randbelow(10**16))
+    while nonce in prompt:
+        nonce = str(secrets.randbelow(10**16))
+    originals: dict[str, str] = {}
+
+    def mask(item: Any) -> Any:
+        if isinstance(item, str):  # roles are checked names, never control text
+            if not any(c in item for c in controls):
+                return item
+            sentinel = f"#%{nonce}:{len(originals)}%#"
+            originals[sentinel] = item
+            return sentinel
+        if isinstance(item, dict):
+            return {mask(k): mask(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [mask(v) for v in item]
+        return item
+
+    return mask(value), originals
 
 
 def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
@@ -142,6 +219,12 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             raise ValueError(
                 f"unknown message role {role!r}: the roles are {list(MESSAGE_ROLES)} ('developer' is read as 'system')"
             )
+        for call in message.get("tool_calls") or []:  # arguments as the structure templates render (HF convention)
+            function = call.get("function", {})
+            arguments = function.get("arguments", "{}")
+            with contextlib.suppress(ValueError):  # unreadable: keep the raw string, shown, never run
+                arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            call["function"] = {**function, "arguments": arguments}
         content = message.get("content")
         if content is None:
             message["content"] = ""
@@ -160,35 +243,6 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return rendered
 
 
-def message_strings(messages: list[dict[str, Any]]) -> list[str]:
-    """Every string the rendered prompt takes from the messages, in rendering order.
-
-    Past reasoning (for templates that read ``reasoning_content``), message contents, and for templates
-    that render tool calls themselves each call's name and each string in its arguments (as JSON writes
-    them inside a string).
-    """
-    strings: list[str] = []
-    for message in messages:
-        strings.append(str(message.get("reasoning_content") or ""))  # templates render past thinking first
-        strings.append(str(message.get("content") or ""))
-        for call in message.get("tool_calls") or []:
-            function = call.get("function", {})
-            strings.append(str(function.get("name") or ""))
-            strings += [json.dumps(v, ensure_ascii=False)[1:-1] for v in _strings_in(function.get("arguments"))]
-    return [s for s in strings if s]
-
-
-def _strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings_in(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings_in(item)
-
-
 def control_tokens(tokenizer: Any) -> list[str]:
     """The special tokens' texts, longest first."""
     found = {str(t) for t in tokenizer.all_special_tokens}
@@ -196,50 +250,26 @@ def control_tokens(tokenizer: Any) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
-def _without(value: Any, markers: Sequence[str]) -> Any:
-    """``value`` (messages, nested) with every marker text removed from its strings."""
-    if isinstance(value, str):
-        for marker in markers:
-            value = value.replace(marker, "")
-        return value
-    if isinstance(value, dict):
-        return {k: _without(v, markers) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without(v, markers) for v in value]
-    return value
+def tokenize_prompt(tokenizer: Any, pieces: Sequence[tuple[str, bool]], protected: Sequence[str] = ()) -> list[int]:
+    """Token ids of a prompt given as ``(text, from_a_message)`` pieces, in order.
 
-
-def tokenize_prompt(tokenizer: Any, text: str, data: Sequence[str], protected: Sequence[str] = ()) -> list[int]:
-    """Token ids of a rendered prompt in which text that came from messages can never be a control token.
-
-    The template's own markers (``<|im_start|>``, ``<start_of_turn>``...) are special tokens, but the same
-    strings inside a message, a tool result or tool arguments are data: each piece of ``data`` that holds
-    one is located in ``text`` (in order) and tokenized with special-token parsing off, so it becomes
-    plain text tokens. ``protected`` are more such texts that are tokens of their own without being special
-    (``<think>`` in Qwen3): special-token parsing does not split those, so each is tokenized in two parts.
-    (A piece the template changed is not found here; :meth:`ChatSpecGuard.render_prompt` then refuses the
-    prompt if it holds more control tokens than the template's own.)
+    The template's own text is tokenized as usual, its markers (``<|im_start|>``, ``<start_of_turn>``...)
+    becoming special tokens; text from a message, a tool result or tool arguments is data: tokenized with
+    special-token parsing off, so a look-alike of a marker becomes plain text tokens. ``protected`` are
+    more such texts that are tokens of their own without being special (``<think>`` in Qwen3): special-token
+    parsing does not split those, so each is tokenized in two parts. Consecutive template pieces are
+    tokenized together, so a prompt without data pieces gets the tokenizer's own ids.
     """
-    specials = [*control_tokens(tokenizer), *protected]
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for piece in data:
-        at = text.find(piece, cursor)
-        if at < 0 and piece.strip() != piece:  # templates often trim message contents
-            piece = piece.strip()
-            at = text.find(piece, cursor) if piece else -1
-        if at < 0:  # not in the prompt as written (omitted, or transformed: render_prompt checks those)
-            continue
-        if any(s in piece for s in specials):
-            spans.append((at, at + len(piece)))
-        cursor = at + len(piece)
     ids: list[int] = []
-    position = 0
-    for start, end in spans:
-        ids += tokenizer(text[position:start], add_special_tokens=False)["input_ids"]
-        ids += _data_ids(tokenizer, text[start:end], protected)
-        position = end
-    ids += tokenizer(text[position:], add_special_tokens=False)["input_ids"]
+    template = ""
+    for text, data in pieces:
+        if not data:
+            template += text
+            continue
+        ids += tokenizer(template, add_special_tokens=False)["input_ids"] if template else []
+        ids += _data_ids(tokenizer, text, protected)
+        template = ""
+    ids += tokenizer(template, add_special_tokens=False)["input_ids"] if template else []
     return ids
 
 

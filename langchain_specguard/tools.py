@@ -23,7 +23,6 @@ built by :func:`step_validator`, so it stays free of LangChain.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import uuid
@@ -42,6 +41,8 @@ from .reasoning import ThoughtSpec
 
 ToolCallStyle = Literal["hermes", "json"]
 HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
+RESPONSE_MARKERS: tuple[str, str] = ("<tool_response>", "</tool_response>")
+"""How a tool result is written back to the model (the fallback prompt, Qwen's and Hermes' templates)."""
 
 # nesting deeper than this is refused before json.loads can hit Python's recursion limit
 _MAX_DEPTH = 64
@@ -443,7 +444,7 @@ def structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
 
 
 def render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
-    """Past tool calls and results in the shape the chat template can render.
+    """Past tool calls (their arguments already parsed) and results in the shape the chat template can render.
 
     Templates that take tools get HF's convention (``tool_calls[].function.arguments`` as a dict,
     ``role: tool`` results). The others get the calls written into the assistant's content as
@@ -454,13 +455,10 @@ def render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dict
     for message in messages:
         calls = message.get("tool_calls") or []
         if message["role"] == "assistant" and calls:
-            structured = []
-            for call in calls:
-                function = call.get("function", {})
-                args = function.get("arguments", "{}")
-                with contextlib.suppress(ValueError):  # unreadable: keep the raw string, shown, never run
-                    args = json.loads(args) if isinstance(args, str) else args
-                structured.append({"name": function.get("name"), "arguments": args})
+            structured = [
+                {"name": call.get("function", {}).get("name"), "arguments": call.get("function", {}).get("arguments")}
+                for call in calls
+            ]
             if native:
                 message = {
                     **message,
@@ -477,6 +475,7 @@ def render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dict
                 text = "\n".join([content, *blocks]) if content else "\n".join(blocks)
                 message = {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
         elif message["role"] == "tool" and not native:
-            message = {"role": "user", "content": f"<tool_response>\n{message.get('content', '')}\n</tool_response>"}
+            opening, closing = RESPONSE_MARKERS
+            message = {"role": "user", "content": f"{opening}\n{message.get('content', '')}\n{closing}"}
         out.append(message)
     return out
