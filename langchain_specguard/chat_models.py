@@ -72,6 +72,7 @@ from .streaming import (
 )
 from .tools import (
     HERMES_MARKERS,
+    RESPONSE_MARKERS,
     ToolCallStyle,
     ToolSetup,
     checked_tool_choice,
@@ -429,9 +430,9 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer."""
         tokenizer = self.load().tokenizer
         native = self.template_takes_tools()
-        return render(
-            tokenizer, self.template, self.model_name, messages, tools, native, prefix, variables, markers, thinks
-        )
+        syntax = [*HERMES_MARKERS, *RESPONSE_MARKERS, *(self.tool_call_markers or ())]
+        template, name = self.template, self.model_name
+        return render(tokenizer, template, name, messages, tools, native, prefix, variables, markers, thinks, syntax)
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
         if isinstance(stop, str):  # would otherwise stop at each of its characters

@@ -35,12 +35,15 @@ def render(
     variables: dict[str, Any],
     markers: tuple[str, str],
     thinks: bool,
+    syntax: Sequence[str] = (),
 ) -> tuple[list[int], ThoughtSpec | None]:
     """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer.
 
     ``native``: the tools go through the template (``apply_chat_template(tools=...)``); else through the
     fallback prompt, with past calls and results written into the turns. Text that came from the messages
-    never becomes a control token (:func:`message_pieces`).
+    never becomes a control token (:func:`message_pieces`): neither a special token nor one of the texts
+    the output syntax uses (the think ``markers`` and ``syntax``: tool-call and result markers) where the
+    tokenizer has it as a token of its own without marking it special (``<think>``, ``<tool_call>`` in Qwen).
     """
     if not messages:
         raise ValueError("messages is empty: give at least one message")
@@ -84,8 +87,9 @@ def render(
         if opened and prefix:  # a forced start (a tool call) goes after the thinking, which it skips
             prefix, opened = f"{markers[1]}\n\n{prefix}", False
         thought = ThoughtSpec(markers, opened)
-    # the think markers are control text too where they are tokens of their own (Qwen3, R1 distills)
-    protected = [m for m in markers if m in tokenizer.get_added_vocab()]
+    # the output syntax's markers are control text too where they are tokens of their own (Qwen, R1 distills)
+    added = tokenizer.get_added_vocab()
+    protected = sorted({m for m in (*markers, *syntax) if m in added}, key=len, reverse=True)
     controls = sorted({*control_tokens(tokenizer), *protected}, key=len, reverse=True)
     pieces = message_pieces(prompt, converted, controls, text_of)
     ids = tokenize_prompt(tokenizer, [*pieces, (prefix, False)], protected)
