@@ -24,6 +24,7 @@ built by :func:`step_validator`, so it stays free of LangChain.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -73,13 +74,41 @@ def _too_deep(text: str) -> bool:
 
 
 def load_json(text: str) -> tuple[Any, str | None]:
-    """``(value, None)`` for valid JSON, ``(None, reason)`` otherwise; never raises."""
+    """``(value, None)`` for valid JSON, ``(None, reason)`` otherwise; never raises.
+
+    Strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's ``json`` accepts) are refused, and so
+    is a number too large for a float (``1e99999``, which would read as infinity).
+    """
     if _too_deep(text):
         return None, f"JSON nested deeper than {_MAX_DEPTH} levels"
     try:
-        return json.loads(text), None
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError, so are huge ints
         return None, f"not valid JSON: {err}"
+    return value, None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in ``value`` that UTF-8 cannot encode, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((bad for bad in map(_lone_surrogate, items) if bad is not None), None)
 
 
 def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
@@ -103,6 +132,10 @@ def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
         args = {}
     if not isinstance(args, dict):
         return invalid_tool_call(name=name, args=raw, id=call_id, error="the arguments must be a JSON object")
+    bad = _lone_surrogate([name, args])  # "\ud800" is valid JSON but no text: no later prompt could hold it
+    if bad is not None:
+        error = f"not valid text: the string {bad!a} holds a lone surrogate"
+        return invalid_tool_call(name=None if bad == name else name, args=raw, id=call_id, error=error)
     return tool_call(name=name, args=args, id=call_id)
 
 

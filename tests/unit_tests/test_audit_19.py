@@ -14,12 +14,13 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.tools import HERMES_MARKERS, fallback_tool_prompt
+from langchain_specguard.tools import HERMES_MARKERS, fallback_tool_prompt, parse_tool_calls, step_validator
 from tests.scripted import force_script
 from tests.tiny_models import bpe_pair, llama_pair, make_tokenizer
 from tests.unit_tests.test_tool_calling import call_block, lookup, make_llm
@@ -185,3 +186,76 @@ def test_19_3_tool_call_markers_in_user_text_and_tool_results_stay_text(template
     assert [t for t in attacked if t in markers] == [t for t in clean if t in markers]  # only the prompt's own
     assert any(t in markers for t in clean)  # the past call is rendered with the real tokens
     assert tokenizer.decode(attacked).count("delete_all_files") == 2  # the look-alikes are still there, as text
+
+
+# 7. a lone surrogate in model-written tool arguments
+
+
+def bpe_scripted(answer: str) -> ChatSpecGuard:
+    """The byte-level BPE pair (every character, backslashes included), writing ``answer``; the target writes
+    every step, so what is checked is the final message."""
+    target, draft = bpe_pair()
+    llm = ChatSpecGuard(
+        target_model=target,
+        draft_model=draft,
+        tokenizer=AutoTokenizer.from_pretrained(target),  # a pair of its own: scripting it reaches no other test
+        max_tokens=100,
+        max_step_tokens=24,
+        max_tool_call_tokens=100,
+        n_candidates=2,
+        acceptance_threshold=2.0,
+        seed=0,
+    )
+    pair = llm.load()
+    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
+    force_script(pair.target, pair.tokenizer, lambda prompt: answer)
+    return llm
+
+
+def test_19_7_lone_surrogate_in_tool_arguments_is_an_invalid_call() -> None:
+    """Issue 19 item 7: ``"\\ud800"`` (a lone surrogate escape) in the arguments the model writes is no text: the
+    call is invalid, with the reason, and sending the answer back in the history does not break later calls."""
+    llm = bpe_scripted('<tool_call>\n{"name": "lookup", "arguments": {"country": "\\ud800"}}\n</tool_call>')
+    bound = llm.bind_tools([lookup])
+    message = bound.invoke("Capital?")
+    assert message.tool_calls == []
+    assert [c["name"] for c in message.invalid_tool_calls] == ["lookup"]
+    assert "lone surrogate" in str(message.invalid_tool_calls[0]["error"])
+    later = bound.invoke([HumanMessage("Capital?"), message, HumanMessage("Again, please.")])
+    assert isinstance(later, AIMessage)
+
+
+# 11. strict JSON numbers in tool arguments
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e99999", "-1e99999"])
+def test_19_11_non_finite_numbers_in_tool_arguments_are_invalid(number: str) -> None:
+    """Issue 19 item 11: ``NaN``, ``Infinity`` and a number too large for a float are not JSON numbers: the call
+    is invalid with a reason, in both call formats and for the engine's step check."""
+    schema = [convert_to_openai_tool(scale)]
+    for text, style in (
+        (
+            f'<tool_call>{{"name": "scale", "arguments": {{"factor": {number}}}}}</tool_call>',
+            "hermes",
+        ),
+        (f'{{"name": "scale", "parameters": {{"factor": {number}}}}}', "json"),
+    ):
+        parsed = parse_tool_calls(text, style)  # type: ignore[arg-type]
+        assert parsed.tool_calls == [], (text, parsed.tool_calls)
+        assert number.lstrip("-") in str(parsed.invalid_tool_calls[0]["error"])
+        assert step_validator(schema, style)(text) is not None  # type: ignore[arg-type]
+
+
+def test_19_11_an_infinite_number_written_by_the_model_is_an_invalid_call() -> None:
+    """Issue 19 item 11, end to end: ``1e99999`` would read as infinity and pass the "number" schema check."""
+    llm = scripted(
+        '<tool_call>\n{"name": "scale", "arguments": {"factor": 1e99999}}\n</tool_call>', acceptance_threshold=2.0
+    )
+    message = llm.bind_tools([scale]).invoke("Scale it.")
+    assert message.tool_calls == [] and "too large for a number" in str(message.invalid_tool_calls[0]["error"])
+
+
+@tool
+def scale(factor: float) -> str:
+    """Scale by a factor."""
+    return str(factor * 2)
