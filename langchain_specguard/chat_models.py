@@ -53,7 +53,7 @@ from .callbacks import (
 from .engine.decoding import StepEvent, generate_steps, score_layers, summarize, threshold_calibrator
 from .engine.loading import ModelPair, load_embedded_pair, load_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
-from .pairs import context_window_of, identity, model_profile, register, shared_pair
+from .pairs import Holding, context_window_of, identity, model_profile, shared_pair
 from .prompts import render
 from .reasoning import DEFAULT_MARKERS, ThoughtSpec, model_thinks, template_kwargs
 from .streaming import (
@@ -183,6 +183,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     )
 
     _pair: ModelPair | None = PrivateAttr(default=None)
+    _pair_key: tuple[Any, ...] | None = PrivateAttr(default=None)  # the loading key _pair was loaded for
+    _holding: Holding | None = PrivateAttr(default=None)  # this instance counted as a holder of its key's pair
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _generate_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
@@ -267,8 +269,48 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     @model_validator(mode="after")
     def _share_loaded_pair(self) -> ChatSpecGuard:
-        register(self._loading_key(), self)
+        self._hold()
         return self
+
+    def _hold(self) -> tuple[Any, ...]:
+        """Count this instance as a holder of its loading key's pair (again, if its loading options changed).
+
+        Constructed instances hold their key from validation on; copies, which skip validation, from the
+        copy on (:meth:`__copy__`, :meth:`__deepcopy__`, :meth:`model_copy`), and anything else at the latest
+        when it loads, so no pair is left in the registry without a holder, or dropped while one lives.
+        """
+        key = self._loading_key()
+        held = self._holding
+        if held is not None and held.of(self) and held.key == key:
+            return key
+        self._holding = Holding(key, self)
+        if held is not None and held.of(self):
+            held.release()
+        return key
+
+    def __copy__(self) -> ChatSpecGuard:
+        copied = super().__copy__()
+        copied._load_lock, copied._generate_lock = threading.Lock(), threading.Lock()
+        copied._hold()
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> ChatSpecGuard:
+        """A deep copy of the options; the loaded pair and any model or tokenizer object given are shared (the
+        registry holds them for the copy too), never copied, and the copy's locks are its own."""
+        memo = {} if memo is None else memo
+        shared = [self._pair, self._pair_key, self.target_model, self.draft_model, self.tokenizer]
+        memo.update({id(value): value for value in shared if value is not None and not isinstance(value, str)})
+        memo[id(self._holding)] = None
+        memo[id(self._load_lock)], memo[id(self._generate_lock)] = threading.Lock(), threading.Lock()
+        copied = super().__deepcopy__(memo)
+        copied._hold()
+        return copied
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> ChatSpecGuard:
+        """A copy (see :meth:`__copy__`); with ``update``, a copy whose loading options changed gets its own pair."""
+        copied = super().model_copy(update=update, deep=deep)
+        copied._hold()
+        return copied
 
     @model_validator(mode="after")
     def _fill_profile(self) -> ChatSpecGuard:
@@ -303,16 +345,19 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         ``bind``, ``with_config`` and ``configurable_fields`` make do; decoding options stay per instance.
         The pair is freed when no instance holds it any more.
         """
-        if self._pair is not None:
-            return self._pair
+        key = self._hold()
+        pair = self._pair
+        if pair is not None and self._pair_key == key:
+            return pair
         with self._load_lock:
-            if self._pair is None:
-                pair = shared_pair(self._loading_key(), self._load_pair)
-                self._pair = pair
+            if self._pair is None or self._pair_key != key:
+                pair = shared_pair(key, self._load_pair)
+                self._pair, self._pair_key = pair, key
                 if self.profile is not None and self.profile.get("max_input_tokens") is None:
                     self.profile = {**self.profile, "max_input_tokens": pair.context_window}
                 self._check_score_layers()
-        return self._pair
+            pair = self._pair
+        return pair
 
     def _loading_key(self) -> tuple[Any, ...]:
         return (

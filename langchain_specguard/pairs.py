@@ -34,11 +34,22 @@ _PAIRS: dict[tuple[Any, ...], _SharedPair] = {}
 _PAIRS_LOCK = threading.Lock()
 
 
-def register(key: tuple[Any, ...], instance: Any) -> None:
-    """Count ``instance`` as a holder of ``key``'s pair until it is garbage-collected."""
-    with _PAIRS_LOCK:
-        _PAIRS.setdefault(key, _SharedPair()).instances += 1
-    weakref.finalize(instance, _release, key)
+class Holding:
+    """``instance`` counted as a holder of ``key``'s pair until it is garbage-collected or :meth:`release` runs."""
+
+    def __init__(self, key: tuple[Any, ...], instance: Any) -> None:
+        self.key = key
+        with _PAIRS_LOCK:
+            _PAIRS.setdefault(key, _SharedPair()).instances += 1
+        self._finalizer = weakref.finalize(instance, _release, key)
+
+    def of(self, instance: Any) -> bool:
+        """Whether this is ``instance``'s own holding (a copy of an instance starts with its source's)."""
+        alive = self._finalizer.peek()
+        return alive is not None and alive[0] is instance
+
+    def release(self) -> None:
+        self._finalizer()  # runs _release once; later calls and the garbage collector do nothing
 
 
 def _release(key: tuple[Any, ...]) -> None:

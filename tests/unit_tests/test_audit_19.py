@@ -7,10 +7,13 @@ real code.
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 from typing import Any
 
 import pytest
+import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
@@ -19,7 +22,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from langchain_specguard import ChatSpecGuard
+from langchain_specguard import ChatSpecGuard, pairs
 from langchain_specguard.tools import HERMES_MARKERS, fallback_tool_prompt, parse_tool_calls, step_validator
 from tests.scripted import force_script
 from tests.tiny_models import bpe_pair, llama_pair, make_tokenizer
@@ -259,3 +262,53 @@ def test_19_11_an_infinite_number_written_by_the_model_is_an_invalid_call() -> N
 def scale(factor: float) -> str:
     """Scale by a factor."""
     return str(factor * 2)
+
+
+# 9. copies register with the shared-pair registry
+
+
+def test_19_9_copies_hold_the_shared_pair_like_constructed_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 item 9: ``model_copy``, ``copy.copy`` and ``copy.deepcopy`` skip validation, which is where an
+    instance registers as a holder of its pair. A copy that loads after its original is gone must not leave
+    the pair in the registry at count 0, a copy that loaded earlier must keep it for the next instance (no
+    second load), a deep copy shares the loaded models instead of copying them, and a copy with other loading
+    options gets a pair of its own."""
+    loads = {"n": 0}
+    real = ChatSpecGuard._load_pair
+
+    def counting(self: ChatSpecGuard) -> Any:
+        loads["n"] += 1
+        return real(self)
+
+    monkeypatch.setattr(ChatSpecGuard, "_load_pair", counting)
+    target, _ = llama_pair()
+    options: dict[str, Any] = {"model": target, "draft_layers": 3, "tokenizer": target}  # a key no other test uses
+    original = ChatSpecGuard(**options, max_tokens=2)
+    key = original._loading_key()
+    late = original.model_copy()  # copied before anything loaded
+    del original
+    gc.collect()
+    late.load()
+    assert pairs._PAIRS[key].instances == 1
+    del late
+    gc.collect()
+    assert key not in pairs._PAIRS  # freed with the copy, not left at count 0
+
+    original = ChatSpecGuard(**options, max_tokens=2)
+    early = original.model_copy(update={"max_tokens": 3})
+    early.load()
+    del original
+    gc.collect()
+    assert ChatSpecGuard(**options).load() is early.load()  # the copy kept the pair in the registry
+    assert loads["n"] == 2  # once for `late`, once for `early` and the instance after it
+
+    shallow, deep = copy.copy(early), copy.deepcopy(early)
+    assert shallow.load() is deep.load() is early.load() and loads["n"] == 2  # shared, not copied
+    assert deep.invoke("hi").content == early.invoke("hi").content
+    assert pairs._PAIRS[key].instances == 3
+    other = early.model_copy(update={"torch_dtype": "float64"})  # other loading options: a pair of its own
+    assert other.load() is not early.load() and other.load().target.dtype == torch.float64
+    assert pairs._PAIRS[key].instances == 3
+    del early, shallow, deep, other
+    gc.collect()
+    assert key not in pairs._PAIRS
