@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jinja2
+from jinja2 import nodes
 from jinja2.exceptions import TemplateError
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 
@@ -55,6 +58,7 @@ def render(
             f"the tokenizer of {model_name!r} has no chat template: pass chat_template='...' (a Jinja "
             "template) to ChatSpecGuard"
         )
+    _check_self_contained(template, model_name)
     converted = template_messages(messages)
     if "reasoning_content" not in template:  # past thinking reaches only templates that render it
         converted = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in converted]
@@ -96,6 +100,32 @@ def render(
     if not ids:
         raise ValueError("the chat template rendered the messages to an empty prompt")
     return ids, thought
+
+
+@functools.lru_cache(maxsize=64)
+def _loads_templates(template: str) -> list[str]:
+    """The statements of ``template`` that load other templates (``include``, ``import``, ``extends``)."""
+    try:
+        tree = jinja2.Environment().parse(template)
+    except TemplateError:
+        return []  # a syntax error: apply_chat_template reports it (a ValueError here)
+    names = {
+        nodes.Include: "include",
+        nodes.Import: "import",
+        nodes.FromImport: "from-import",
+        nodes.Extends: "extends",
+    }
+    return sorted({names[type(node)] for node in tree.find_all(tuple(names))})
+
+
+def _check_self_contained(template: str, model_name: str) -> None:
+    """Chat templates render without a loader: one that includes, imports or extends another is refused."""
+    statements = _loads_templates(template)
+    if statements:
+        raise ValueError(
+            f"the chat template of {model_name!r} loads other templates ({', '.join(statements)}), which chat "
+            "templates cannot: give a self-contained template"
+        )
 
 
 def message_pieces(

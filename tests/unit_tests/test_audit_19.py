@@ -16,13 +16,16 @@ import pytest
 import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.exceptions import OutputParserException
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard, pairs
+from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
+from langchain_specguard.prompts import render
+from langchain_specguard.reasoning import DEFAULT_MARKERS
 from langchain_specguard.tools import HERMES_MARKERS, fallback_tool_prompt, parse_tool_calls, step_validator
 from tests.scripted import force_script
 from tests.tiny_models import bpe_pair, llama_pair, make_tokenizer
@@ -312,3 +315,47 @@ def test_19_9_copies_hold_the_shared_pair_like_constructed_instances(monkeypatch
     del early, shallow, deep, other
     gc.collect()
     assert key not in pairs._PAIRS
+
+
+# 10. the embedded Gemma template keeps every system message; templates cannot load other templates
+
+
+def gemma_text(messages: list[BaseMessage]) -> str:
+    tokenizer = make_tokenizer()
+    ids, _ = render(tokenizer, GEMMA_CHAT_TEMPLATE, "gemma", messages, None, False, "", {}, DEFAULT_MARKERS, False)
+    return str(tokenizer.decode(ids))
+
+
+def test_19_10_gemma_template_keeps_a_system_message_no_user_turn_follows() -> None:
+    """Issue 19 item 10: Gemma has no system role, so the embedded template folds system text into the next
+    user turn; with none after it (a system-only call, instructions appended at the end, a system message
+    before a model turn) the text was dropped. It is now a user turn of its own."""
+    assert gemma_text([SystemMessage("Be brief.")]) == (
+        "<s><start_of_turn>user\nBe brief.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert gemma_text([HumanMessage("Hi"), SystemMessage("Answer in French.")]) == (
+        "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>user\nAnswer in French.<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    assert gemma_text([SystemMessage("Be brief."), AIMessage("Hello."), HumanMessage("Hi")]) == (
+        "<s><start_of_turn>user\nBe brief.<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    # unchanged: system text folded into the user turn that follows it
+    assert gemma_text([SystemMessage("Be brief."), HumanMessage("Hi")]) == (
+        "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "statement", ["{% include 'other.jinja' %}", "{% import 'm.jinja' as m %}", "{% extends 'b' %}"]
+)
+def test_19_template_that_loads_other_templates_is_a_value_error(statement: str) -> None:
+    """Issue 19 (also): a chat template with ``{% include %}`` (or import, extends) raised ``TypeError``; the
+    README's promise for templates that cannot render the messages is ``ValueError``."""
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_model=draft, chat_template=statement + "{{ messages[0]['content'] }}")
+    with pytest.raises(ValueError, match="loads other templates"):
+        llm.render_prompt([HumanMessage("hi")])
+    with pytest.raises(ValueError, match="loads other templates"):
+        llm.invoke("hi")
