@@ -41,6 +41,14 @@ from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from transformers import PreTrainedModel
 
+from .binding import (
+    ToolSetup,
+    checked_tool_choice,
+    forced_tool_name,
+    openai_tools,
+    structured_parser,
+    tool_flag,
+)
 from .callbacks import (
     NO_REPORTER,
     STEP_EVENT,
@@ -71,18 +79,12 @@ from .streaming import (
     step_chunk,
 )
 from .tools import (
+    FORMATS,
     HERMES_MARKERS,
-    RESPONSE_MARKERS,
+    OUTPUT_SYNTAX,
     ToolCallStyle,
-    ToolSetup,
-    checked_tool_choice,
-    forced_tool_name,
+    ToolFormat,
     inert,
-    openai_tools,
-    parse_tool_calls,
-    step_validator,
-    structured_parser,
-    tool_flag,
     tools_by_name,
     validate_tool_call,
 )
@@ -431,6 +433,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             return "json"
         return "hermes"
 
+    def tool_format(self) -> ToolFormat:
+        """The :class:`~langchain_specguard.tools.ToolFormat` of :meth:`tool_style`: how calls are written and read."""
+        return FORMATS[self.tool_style()]
+
     def render_prompt(
         self,
         messages: Sequence[BaseMessage],
@@ -474,10 +480,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     ) -> tuple[list[int], ThoughtSpec | None]:
         """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer."""
         tokenizer = self.load().tokenizer
-        native = self.template_takes_tools()
-        syntax = [*HERMES_MARKERS, *RESPONSE_MARKERS, *(self.tool_call_markers or ())]
+        native, fmt = self.template_takes_tools(), self.tool_format()
+        syntax = [*OUTPUT_SYNTAX, *(self.tool_call_markers or ())]
         template, name = self.template, self.model_name
-        return render(tokenizer, template, name, messages, tools, native, prefix, variables, markers, thinks, syntax)
+        return render(
+            tokenizer, template, name, messages, tools, native, prefix, variables, markers, thinks, fmt, syntax
+        )
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
         if isinstance(stop, str):  # would otherwise stop at each of its characters
@@ -506,12 +514,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         if tools and tool_choice != "none":
             setup = self._tool_setup(tools, tool_choice)
             setup.single_call = parallel is False
-            if setup.markers is not None:
-                kwargs.setdefault("tool_call_markers", setup.markers)
-            elif kwargs.get("tool_call_markers", self.tool_call_markers) is None:
-                kwargs.setdefault("json_tool_calls", True)  # each JSON call is a checked step, as marker calls are
-            else:
-                setup.validate = None  # JSON-style output read between the caller's own markers: checked at the end
+            # the format's step syntax, in the engine's terms: each call one step, checked against the tools
+            options, checked = setup.format.step_options(kwargs.get("tool_call_markers", self.tool_call_markers))
+            for field_name, value in options.items():
+                kwargs.setdefault(field_name, value)
+            if not checked:
+                setup.validate = None
         params = self.engine_params(**kwargs)
         markers = params.reasoning_markers or DEFAULT_MARKERS
         thinks = self._thinks(reasoning, markers)
@@ -520,20 +528,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         return _Call(pair, prompt, params, stops, replace(setup, thought=thought))
 
     def _tool_setup(self, tools: list[dict[str, Any]], tool_choice: Any) -> ToolSetup:
-        """Format, step markers, validator and forced answer start for one call with tools bound."""
-        style = self.tool_style()
-        markers = HERMES_MARKERS if style == "hermes" else None
-        name = forced_tool_name(tool_choice)
-        prefix = ""
-        if style == "hermes" and (name or tool_choice in ("any", "required", True)):
-            # forcing a call: the answer starts inside a <tool_call> block (and names the tool)
-            prefix = HERMES_MARKERS[0] + "\n" + (f'{{"name": {json.dumps(name)}, "arguments": ' if name else "")
-        elif style == "json" and name:
-            prefix = f'{{"name": {json.dumps(name)}, "parameters": '
-        elif style == "json" and tool_choice in ("any", "required", True):
-            prefix = '{"name": "'  # the answer is a call; the model names the tool
-        validate = step_validator(tools, style)
-        return ToolSetup(tools=tools, style=style, markers=markers, validate=validate, prefix=prefix)
+        """Format, validator and forced answer start for one call with tools bound."""
+        fmt = self.tool_format()
+        prefix = fmt.forced_prefix(forced_tool_name(tool_choice), tool_choice in ("any", "required", True))
+        return ToolSetup(tools=tools, format=fmt, validate=fmt.validator(tools), prefix=prefix)
 
     def _locked_steps(self, call: _Call) -> Iterator[StepEvent]:
         """Steps of one generation; the models run one step at a time per instance.
@@ -667,7 +665,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         """
         if setup.tools is None:
             return text, {}
-        parsed = parse_tool_calls(setup.prefix + text, setup.style)
+        parsed = setup.format.parse(setup.prefix + text)
         schemas = tools_by_name(setup.tools)
         calls: list[ToolCall] = []
         invalid = list(parsed.invalid_tool_calls)

@@ -21,7 +21,7 @@ from jinja2.exceptions import TemplateError
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 
 from .reasoning import ThoughtSpec, opens_thought, reasoning_of, without_reasoning
-from .tools import fallback_tool_prompt, render_tool_turns
+from .tools import RESPONSE_MARKERS, ToolFormat
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
 """Roles a message may have (``ChatMessage.role``); ``developer`` is read as ``system``."""
@@ -38,15 +38,17 @@ def render(
     variables: dict[str, Any],
     markers: tuple[str, str],
     thinks: bool,
+    tool_format: ToolFormat,
     syntax: Sequence[str] = (),
 ) -> tuple[list[int], ThoughtSpec | None]:
     """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer.
 
     ``native``: the tools go through the template (``apply_chat_template(tools=...)``); else through the
-    fallback prompt, with past calls and results written into the turns. Text that came from the messages
-    never becomes a control token (:func:`message_pieces`): neither a special token nor one of the texts
-    the output syntax uses (the think ``markers`` and ``syntax``: tool-call and result markers) where the
-    tokenizer has it as a token of its own without marking it special (``<think>``, ``<tool_call>`` in Qwen).
+    fallback prompt of ``tool_format``, with past calls (in that format) and results written into the
+    turns. Text that came from the messages never becomes a control token (:func:`message_pieces`):
+    neither a special token nor one of the texts the output syntax uses (the think ``markers`` and
+    ``syntax``: tool-call and result markers) where the tokenizer has it as a token of its own without
+    marking it special (``<think>``, ``<tool_call>`` in Qwen).
     """
     if not messages:
         raise ValueError("messages is empty: give at least one message")
@@ -67,9 +69,9 @@ def render(
         extra["tools"] = list(tools)
 
     def text_of(conversation: list[dict[str, Any]], generation: bool = True) -> str:
-        conversation = render_tool_turns(conversation, native)
+        conversation = render_tool_turns(conversation, native, tool_format)
         if tools and not native:
-            block = fallback_tool_prompt(tools)
+            block = tool_format.fallback_prompt(tools)
             if conversation and conversation[0]["role"] == "system":
                 first = conversation[0]
                 conversation = [{**first, "content": f"{first['content']}\n\n{block}".lstrip()}, *conversation[1:]]
@@ -318,3 +320,38 @@ def _data_ids(tokenizer: Any, text: str, protected: Sequence[str]) -> list[int]:
     for part in filter(None, parts):
         ids += tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids
+
+
+def render_tool_turns(messages: list[dict[str, Any]], native: bool, tool_format: ToolFormat) -> list[dict[str, Any]]:
+    """Past tool calls (their arguments already parsed) and results in the shape the chat template can render.
+
+    Templates that take tools get HF's convention (``tool_calls[].function.arguments`` as a dict,
+    ``role: tool`` results). The others get the calls written into the assistant's content as the model
+    writes them (:meth:`~.tools.ToolFormat.render_calls`: ``<tool_call>`` blocks in the Hermes format) and
+    each result as a user turn holding a ``<tool_response>`` block, so a template that only prints
+    ``content`` (Gemma's, plain ChatML) still shows them to the model.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        if message["role"] == "assistant" and calls:
+            structured = [
+                {"name": call.get("function", {}).get("name"), "arguments": call.get("function", {}).get("arguments")}
+                for call in calls
+            ]
+            if native:
+                message = {
+                    **message,
+                    "tool_calls": [
+                        {"type": "function", "id": c.get("id"), "function": s}
+                        for c, s in zip(calls, structured, strict=True)
+                    ],
+                }
+            else:
+                text = tool_format.render_calls(message.get("content") or "", structured)
+                message = {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
+        elif message["role"] == "tool" and not native:
+            opening, closing = RESPONSE_MARKERS
+            message = {"role": "user", "content": f"{opening}\n{message.get('content', '')}\n{closing}"}
+        out.append(message)
+    return out

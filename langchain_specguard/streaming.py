@@ -23,12 +23,11 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.utils import LC_ID_PREFIX
 
+from .binding import ToolSetup
 from .callbacks import StepReporter
 from .engine.decoding import StepEvent
 from .engine.loading import ModelPair
-from .engine.steps import json_region
 from .engine.text import token_bytes
-from .tools import HERMES_MARKERS, ToolCallStyle, ToolSetup, parse_tool_calls
 
 
 @dataclass
@@ -54,7 +53,7 @@ class ShownContent:
         reasoning, answer = thought.split(self.text, final=False) if thought is not None else ("", self.text)
         thinking = growth(self.reasoning, reasoning)
         self.reasoning += thinking
-        visible = answer if self.setup.tools is None else visible_content(self.setup.prefix + answer, self.setup.style)
+        visible = answer if self.setup.tools is None else self.setup.format.visible(self.setup.prefix + answer)
         delta = growth(self.sent, visible)
         self.sent += delta
         return AIMessageChunk(content=delta, additional_kwargs={"reasoning_content": thinking} if thinking else {})
@@ -63,23 +62,6 @@ class ShownContent:
 def growth(shown: str, now: str) -> str:
     """What ``now`` adds to ``shown``; nothing if it does not extend it (shown text is never taken back)."""
     return now[len(shown) :] if now.startswith(shown) else ""
-
-
-def visible_content(text: str, style: ToolCallStyle) -> str:
-    """Content of a partial answer that is certain not to belong to a tool call.
-
-    An end that could still grow into an opening marker (``ab<tool_``) is held back too, so what is
-    streamed is always a prefix of the final content.
-    """
-    if style == "json":  # the calls open the answer: what follows them is content once they are over
-        region = json_region(text)
-        return "" if region.growing else text[region.content :]
-    content = parse_tool_calls(text, "hermes").content
-    opening = HERMES_MARKERS[0]
-    for size in range(min(len(opening) - 1, len(content)), 0, -1):
-        if content.endswith(opening[:size]):
-            return content[:-size]
-    return content
 
 
 def run_message_id(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> str | None:

@@ -1,11 +1,11 @@
-"""Tool calls in model output: parsing, schema validation, and the prompt fallback.
+"""Tool calls in model output: the call formats, parsing, schema validation, and the prompt fallback.
 
 Model output is data. It is read with ``json.loads`` only, never evaluated, and every function here
 returns its verdict instead of raising on bad model output: a call that cannot be read becomes an
 ``InvalidToolCall`` (with the raw text and the reason), a call that reads but does not fit the
 bound tools gets a rejection message from :func:`validate_tool_call`.
 
-Two output styles are understood:
+Two formats are understood, each a :class:`ToolFormat` object that owns its syntax end to end:
 
 * **hermes** (Qwen 2.5/3, Hermes, and this package's fallback prompt):
   ``<tool_call>{"name": "f", "arguments": {...}}</tool_call>``, any number of them, with free text
@@ -17,28 +17,25 @@ Two output styles are understood:
   shared with the engine's step boundaries: text after the calls is content, and JSON anywhere else
   (in prose, or an object whose first key is not ``"name"``) is content too.
 
-The engine sees none of this: it gets a plain ``validate_step(text) -> reason | None`` callable
-built by :func:`step_validator`, so it stays free of LangChain.
+The engine sees none of this: it gets the format's step syntax as two plain parameters
+(``tool_call_markers`` or ``json_tool_calls``) and a ``validate_step(text) -> reason | None`` callable
+built by :meth:`ToolFormat.validator`, so it stays free of LangChain.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from langchain_core.exceptions import OutputParserException
-from langchain_core.messages import AIMessage, InvalidToolCall, ToolCall
+from langchain_core.messages import InvalidToolCall, ToolCall
 from langchain_core.messages.tool import invalid_tool_call, tool_call
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import BaseModel, ValidationError
 
 from .engine.steps import json_region
-from .reasoning import ThoughtSpec
 
 ToolCallStyle = Literal["hermes", "json"]
 HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
@@ -223,21 +220,6 @@ def parse_json_style(text: str) -> ParsedOutput | None:
     return parsed
 
 
-def parse_tool_calls(text: str, style: ToolCallStyle | Literal["auto"] = "auto") -> ParsedOutput:
-    """Split ``text`` into content, tool calls and invalid tool calls; never raises on model output.
-
-    ``auto`` reads Hermes blocks when the text has an opening marker and the bare-JSON style
-    otherwise. Text with no call is returned unchanged as content.
-    """
-    if style in ("hermes", "auto") and HERMES_MARKERS[0] in text:
-        return parse_hermes(text)
-    if style in ("json", "auto"):
-        parsed = parse_json_style(text)
-        if parsed is not None:
-            return parsed
-    return ParsedOutput(content=text)
-
-
 # --------------------------------------------------------------------------------------------------
 # validation against the bound tools' JSON schemas
 
@@ -340,175 +322,204 @@ def validate_tool_call(call: ToolCall | InvalidToolCall, tools: Mapping[str, Map
     return "; ".join(errors[:5]) or None
 
 
-def step_validator(
-    tools: Sequence[Mapping[str, Any]], style: ToolCallStyle = "hermes", markers: tuple[str, str] = HERMES_MARKERS
-) -> Callable[[str], str | None]:
-    """The engine's ``validate_step``: the text of one tool-call step in, a rejection reason or None out.
-
-    Hermes: the step's ``<tool_call>`` blocks. JSON: the step is one call's JSON value (the engine
-    hands over exactly the balanced ``{...}``), an object or a list of calls.
-    """
-    schemas = tools_by_name(tools)
-
-    def validate(text: str) -> str | None:
-        if style == "json":
-            calls = json_value_calls(text.strip())
-        else:
-            parsed = parse_hermes(text, markers)
-            calls = [*parsed.tool_calls, *parsed.invalid_tool_calls]
-            if not calls:
-                return f"no {markers[0]} block in the step"
-        for call in calls:
-            reason = validate_tool_call(call, schemas)
-            if reason is not None:
-                return reason
-        return None
-
-    return validate
-
-
 # --------------------------------------------------------------------------------------------------
-# prompt fallback for chat templates that ignore ``tools``
+# tool-call formats: each owns its syntax end to end
+
 
 FALLBACK_TOOL_PROMPT = """You can call these tools:
 {tools}
 
-To call a tool, answer with one block per call, exactly like this:
-<tool_call>
-{{"name": "<tool name>", "arguments": {{<arguments as a JSON object>}}}}
-</tool_call>
-Each tool's result comes back in a <tool_response> block. When you have what you need, answer in plain text."""
+{instructions}
+Each tool's result comes back in a {result} block. When you have what you need, answer in plain text."""
+
+
+class ToolFormat(ABC):
+    """One way of writing tool calls, end to end.
+
+    ``name`` is its ``tool_call_format`` value and ``syntax`` its marker texts (kept plain text in messages
+    where the tokenizer has them as tokens of their own). It owns the engine's step syntax for its calls
+    (:meth:`step_options`: the ``SpecGuardParams`` fields that make each call one checked step), the start
+    of an answer that must be a call (:meth:`forced_prefix`), past calls written as text for templates
+    that print only content (:meth:`render_calls`) and the fallback prompt's instructions, parsing
+    (:meth:`parse`), what streaming may show of a partial answer (:meth:`visible`), and the engine's check
+    of one call step (:meth:`validator`, over :meth:`step_calls`). A new format (Mistral's
+    ``[TOOL_CALLS]``, pythonic calls) is one more subclass.
+    """
+
+    name: ToolCallStyle
+    syntax: tuple[str, ...]
+    instructions: str  # the fallback prompt's description of the format
+
+    @abstractmethod
+    def step_options(self, caller_markers: tuple[str, str] | None) -> tuple[dict[str, Any], bool]:
+        """The engine fields that make each call a step of its own (defaults: per-call values win), and whether
+        each call step can be checked against the tools (``caller_markers``: the caller's own
+        ``tool_call_markers``, if set)."""
+
+    @abstractmethod
+    def forced_prefix(self, name: str | None, any_call: bool) -> str:
+        """The start of an answer that must be a call: of tool ``name``, or of any tool (``any_call``)."""
+
+    @abstractmethod
+    def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
+        """An assistant turn's ``content`` and its ``calls`` (``{"name", "arguments"}``) as the model writes them."""
+
+    @abstractmethod
+    def parse(self, text: str) -> ParsedOutput:
+        """``text`` split into content, tool calls and invalid tool calls; never raises on model output."""
+
+    @abstractmethod
+    def visible(self, text: str) -> str:
+        """Content of a partial answer that is certain not to belong to a call (a prefix of the final content)."""
+
+    @abstractmethod
+    def step_calls(self, text: str) -> list[ToolCall | InvalidToolCall]:
+        """The calls in the text of one call step (empty: the step holds no call)."""
+
+    def validator(self, tools: Sequence[Mapping[str, Any]]) -> Callable[[str], str | None]:
+        """The engine's ``validate_step``: the text of one tool-call step in, a rejection reason or None out."""
+        schemas = tools_by_name(tools)
+
+        def validate(text: str) -> str | None:
+            calls = self.step_calls(text)
+            if not calls:
+                return f"no {self.syntax[0]} block in the step"
+            return next((r for r in (validate_tool_call(c, schemas) for c in calls) if r is not None), None)
+
+        return validate
+
+    def fallback_prompt(self, tools: Sequence[Mapping[str, Any]]) -> str:
+        """The system-prompt block that describes ``tools`` and this format, for templates that ignore ``tools``."""
+        lines = [json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools]
+        result = RESPONSE_MARKERS[0]
+        return FALLBACK_TOOL_PROMPT.format(tools="\n".join(lines), instructions=self.instructions, result=result)
+
+
+@dataclass(frozen=True)
+class MarkerFormat(ToolFormat):
+    """Calls between an opening and a closing marker, anywhere in the answer, any number of them, text around
+    them: Hermes and Qwen's ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, also this package's
+    fallback prompt. The engine makes each block one step (``tool_call_markers``)."""
+
+    markers: tuple[str, str] = HERMES_MARKERS
+    name: ToolCallStyle = "hermes"
+
+    @property
+    def syntax(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.markers
+
+    @property
+    def instructions(self) -> str:  # type: ignore[override]
+        opening, closing = self.markers
+        return (
+            "To call a tool, answer with one block per call, exactly like this:\n"
+            f'{opening}\n{{"name": "<tool name>", "arguments": {{<arguments as a JSON object>}}}}\n{closing}'
+        )
+
+    def step_options(self, caller_markers: tuple[str, str] | None) -> tuple[dict[str, Any], bool]:
+        return {"tool_call_markers": self.markers}, True
+
+    def forced_prefix(self, name: str | None, any_call: bool) -> str:
+        if not (name or any_call):
+            return ""
+        # the answer starts inside a block (and names the tool)
+        return self.markers[0] + "\n" + (f'{{"name": {json.dumps(name)}, "arguments": ' if name else "")
+
+    def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
+        opening, closing = self.markers
+        blocks = [f"{opening}\n{json.dumps(dict(call), ensure_ascii=False)}\n{closing}" for call in calls]
+        return "\n".join([content, *blocks]) if content else "\n".join(blocks)  # content verbatim, spaces included
+
+    def parse(self, text: str) -> ParsedOutput:
+        return parse_hermes(text, self.markers)
+
+    def visible(self, text: str) -> str:
+        """An end that could still grow into the opening marker (``ab<tool_``) is held back too."""
+        content = parse_hermes(text, self.markers).content
+        opening = self.markers[0]
+        for size in range(min(len(opening) - 1, len(content)), 0, -1):
+            if content.endswith(opening[:size]):
+                return content[:-size]
+        return content
+
+    def step_calls(self, text: str) -> list[ToolCall | InvalidToolCall]:
+        parsed = parse_hermes(text, self.markers)
+        return [*parsed.tool_calls, *parsed.invalid_tool_calls]
+
+
+@dataclass(frozen=True)
+class JsonFormat(ToolFormat):
+    """Bare JSON calls that open the answer (Llama 3.x): ``{"name": ..., "parameters": {...}}``, or a list,
+    more calls after ``;``, text after the calls is content (:func:`~.engine.steps.json_region`). The engine
+    makes each JSON value one step (``json_tool_calls``)."""
+
+    name: ToolCallStyle = "json"
+    syntax: tuple[str, ...] = ("<|python_tag|>",)
+    instructions: str = (
+        'To call a tool, answer with nothing but the call, exactly like this (more calls follow after "; "):\n'
+        '{"name": "<tool name>", "parameters": {<arguments as a JSON object>}}'
+    )
+
+    def step_options(self, caller_markers: tuple[str, str] | None) -> tuple[dict[str, Any], bool]:
+        if caller_markers is not None:  # JSON read between the caller's own markers: checked when parsed
+            return {}, False
+        return {"json_tool_calls": True}, True
+
+    def forced_prefix(self, name: str | None, any_call: bool) -> str:
+        if name:
+            return f'{{"name": {json.dumps(name)}, "parameters": '
+        return '{"name": "' if any_call else ""  # the answer is a call; the model names the tool
+
+    def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
+        written = "; ".join(
+            json.dumps({"name": call.get("name"), "parameters": call.get("arguments")}, ensure_ascii=False)
+            for call in calls
+        )
+        return f"{written}\n\n{content}" if content else written
+
+    def parse(self, text: str) -> ParsedOutput:
+        return parse_json_style(text) or ParsedOutput(content=text)
+
+    def visible(self, text: str) -> str:
+        """The calls open the answer: what follows them is content once they are over."""
+        region = json_region(text)
+        return "" if region.growing else text[region.content :]
+
+    def step_calls(self, text: str) -> list[ToolCall | InvalidToolCall]:
+        return json_value_calls(text.strip())  # the engine hands over exactly one balanced JSON value
+
+
+HERMES = MarkerFormat()
+JSON_CALLS = JsonFormat()
+FORMATS: dict[str, ToolFormat] = {fmt.name: fmt for fmt in (HERMES, JSON_CALLS)}
+OUTPUT_SYNTAX: tuple[str, ...] = tuple(
+    dict.fromkeys([*(t for f in FORMATS.values() for t in f.syntax), *RESPONSE_MARKERS])
+)
+"""Every marker text of the known formats and of tool results: never a token of its own in message text."""
+
+
+def parse_tool_calls(text: str, style: ToolCallStyle | Literal["auto"] = "auto") -> ParsedOutput:
+    """Split ``text`` into content, tool calls and invalid tool calls; never raises on model output.
+
+    ``auto`` reads Hermes blocks when the text has an opening marker and the bare-JSON style
+    otherwise. Text with no call is returned unchanged as content.
+    """
+    if style == "auto":
+        style = "hermes" if HERMES_MARKERS[0] in text else "json"
+    return FORMATS[style].parse(text)
+
+
+def step_validator(
+    tools: Sequence[Mapping[str, Any]], style: ToolCallStyle = "hermes", markers: tuple[str, str] = HERMES_MARKERS
+) -> Callable[[str], str | None]:
+    """The engine's ``validate_step`` for ``style`` (:meth:`ToolFormat.validator`).
+
+    Hermes: the step's ``<tool_call>`` blocks (between ``markers``). JSON: the step is one call's JSON value
+    (the engine hands over exactly the balanced ``{...}``), an object or a list of calls.
+    """
+    return (MarkerFormat(markers) if style == "hermes" else FORMATS[style]).validator(tools)
 
 
 def fallback_tool_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
     """The system-prompt block that describes ``tools`` and the Hermes call format."""
-    lines = [json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools]
-    return FALLBACK_TOOL_PROMPT.format(tools="\n".join(lines))
-
-
-# --------------------------------------------------------------------------------------------------
-# binding: tools and tool_choice checked, one call's tool setup, past calls rendered, structured output
-
-
-@dataclass
-class ToolSetup:
-    """Everything one call needs to know about its bound tools (empty when none are bound), and its think block."""
-
-    tools: list[dict[str, Any]] | None = None
-    style: ToolCallStyle = "hermes"
-    markers: tuple[str, str] | None = None
-    validate: Callable[[str], str | None] | None = None
-    prefix: str = ""
-    single_call: bool = False  # parallel_tool_calls=False: the answer ends with its first call
-    thought: ThoughtSpec | None = None  # set when the output is split into reasoning and answer
-
-
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-"""What OpenAI accepts as a function name; anything else (markup, quotes) could leak into the prompt."""
-
-
-def openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
-    formatted = [convert_to_openai_tool(tool) for tool in tools]
-    for tool in formatted:
-        name = tool["function"]["name"]
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
-            raise ValueError(
-                f"tool name {name!r} is not allowed: tool names are 1 to 64 letters, digits, '_' or '-' "
-                "(the OpenAI function-name rule)"
-            )
-    return formatted
-
-
-def checked_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> Any:
-    """``tool_choice`` checked against the tools it applies to (False means no preference)."""
-    names = [tool["function"]["name"] for tool in tools]
-    if isinstance(tool_choice, dict) and not isinstance(tool_choice.get("function", {}), dict):
-        raise ValueError(
-            f"tool_choice {tool_choice!r} is malformed: use {{'type': 'function', 'function': {{'name': ...}}}}"
-        )
-    forced = forced_tool_name(tool_choice)
-    if forced is not None and forced not in names:
-        raise ValueError(f"tool_choice names {forced!r}, which is not among the bound tools {names}")
-    if tool_choice not in (None, "auto", "none", "any", "required", True, False) and forced is None:
-        raise ValueError(f"unsupported tool_choice {tool_choice!r}")
-    if tool_choice in ("any", "required", True) and not names:
-        raise ValueError(f"tool_choice={tool_choice!r} forces a tool call, but no tools are bound")
-    return None if tool_choice is False else tool_choice
-
-
-def forced_tool_name(tool_choice: Any) -> str | None:
-    """The tool a ``tool_choice`` forces by name, if it names one."""
-    if isinstance(tool_choice, dict):
-        name = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
-        return str(name) if name else None
-    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):
-        return tool_choice
-    return None
-
-
-def tool_flag(name: str, value: Any) -> bool | None:
-    """``parallel_tool_calls``/``strict`` checked: a bool or None, never silently a truthy string."""
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"{name} must be True, False or None, got {value!r}")
-    return value
-
-
-def structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
-    """The parser of a structured answer: the named call's arguments, validated into ``schema``."""
-    model_class = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
-
-    def parse(message: AIMessage) -> Any:
-        calls = [c for c in message.tool_calls if c["name"] == name]
-        if not calls:
-            reasons = [str(c.get("error")) for c in message.invalid_tool_calls if c.get("error")]
-            why = "; ".join(reasons) or "it wrote no call"
-            raise OutputParserException(
-                f"the model wrote no valid {name!r} call: {why}", llm_output=str(message.content)
-            )
-        args = calls[0]["args"]
-        if model_class is None:
-            return args
-        try:
-            return model_class.model_validate(args)
-        except ValidationError as exc:
-            raise OutputParserException(f"the {name!r} call does not fit the schema: {exc}") from exc
-
-    return parse
-
-
-def render_tool_turns(messages: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
-    """Past tool calls (their arguments already parsed) and results in the shape the chat template can render.
-
-    Templates that take tools get HF's convention (``tool_calls[].function.arguments`` as a dict,
-    ``role: tool`` results). The others get the calls written into the assistant's content as
-    ``<tool_call>`` blocks and each result as a user turn holding a ``<tool_response>`` block, so a
-    template that only prints ``content`` (Gemma's, plain ChatML) still shows them to the model.
-    """
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        calls = message.get("tool_calls") or []
-        if message["role"] == "assistant" and calls:
-            structured = [
-                {"name": call.get("function", {}).get("name"), "arguments": call.get("function", {}).get("arguments")}
-                for call in calls
-            ]
-            if native:
-                message = {
-                    **message,
-                    "tool_calls": [
-                        {"type": "function", "id": c.get("id"), "function": s}
-                        for c, s in zip(calls, structured, strict=True)
-                    ],
-                }
-            else:
-                blocks = [
-                    f"{HERMES_MARKERS[0]}\n{json.dumps(s, ensure_ascii=False)}\n{HERMES_MARKERS[1]}" for s in structured
-                ]
-                content = message.get("content") or ""  # verbatim: the model's own words, spaces included
-                text = "\n".join([content, *blocks]) if content else "\n".join(blocks)
-                message = {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
-        elif message["role"] == "tool" and not native:
-            opening, closing = RESPONSE_MARKERS
-            message = {"role": "user", "content": f"{opening}\n{message.get('content', '')}\n{closing}"}
-        out.append(message)
-    return out
+    return HERMES.fallback_prompt(tools)

@@ -151,13 +151,13 @@ def _saved(tokenizer: Any, tmp_path: Path) -> str:
 def test_prompt_tokenization_is_unchanged_for_ordinary_text() -> None:
     from langchain_specguard.prompts import render
     from langchain_specguard.reasoning import DEFAULT_MARKERS
+    from langchain_specguard.tools import HERMES
 
     tokenizer = bpe_tokenizer()
     message = {"role": "user", "content": "Step 1: 3 + 5 = 8"}
     text = tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
-    ids, _ = render(
-        tokenizer, CHATML, "tiny", [HumanMessage("Step 1: 3 + 5 = 8")], None, False, "", {}, DEFAULT_MARKERS, False
-    )
+    messages = [HumanMessage("Step 1: 3 + 5 = 8")]
+    ids, _ = render(tokenizer, CHATML, "tiny", messages, None, False, "", {}, DEFAULT_MARKERS, False, HERMES)
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

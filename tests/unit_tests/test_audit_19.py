@@ -23,22 +23,22 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard, pairs
+from langchain_specguard.engine import SpecGuardParams
 from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
 from langchain_specguard.prompts import render
 from langchain_specguard.reasoning import DEFAULT_MARKERS
-from langchain_specguard.tools import HERMES_MARKERS, fallback_tool_prompt, parse_tool_calls, step_validator
+from langchain_specguard.tools import (
+    FORMATS,
+    HERMES,
+    HERMES_MARKERS,
+    fallback_tool_prompt,
+    parse_tool_calls,
+    step_validator,
+)
 from tests.scripted import force_script
 from tests.tiny_models import bpe_pair, llama_pair, make_tokenizer
-from tests.unit_tests.test_tool_calling import call_block, lookup, make_llm
-
-
-def scripted(answer: str, **overrides: Any) -> ChatSpecGuard:
-    """A tiny pair of its own whose draft and target both write ``answer``."""
-    llm = make_llm(**overrides)
-    pair = llm.load()
-    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
-    force_script(pair.target, pair.tokenizer, lambda prompt: answer)
-    return llm
+from tests.unit_tests.test_controls import _scripted as scripted  # a pair of its own, draft and target scripted
+from tests.unit_tests.test_tool_calling import call_block, lookup
 
 
 def summed(chunks: list[Any]) -> AIMessageChunk:
@@ -322,7 +322,9 @@ def test_19_9_copies_hold_the_shared_pair_like_constructed_instances(monkeypatch
 
 def gemma_text(messages: list[BaseMessage]) -> str:
     tokenizer = make_tokenizer()
-    ids, _ = render(tokenizer, GEMMA_CHAT_TEMPLATE, "gemma", messages, None, False, "", {}, DEFAULT_MARKERS, False)
+    ids, _ = render(
+        tokenizer, GEMMA_CHAT_TEMPLATE, "gemma", messages, None, False, "", {}, DEFAULT_MARKERS, False, HERMES
+    )
     return str(tokenizer.decode(ids))
 
 
@@ -359,3 +361,48 @@ def test_19_template_that_loads_other_templates_is_a_value_error(statement: str)
         llm.render_prompt([HumanMessage("hi")])
     with pytest.raises(ValueError, match="loads other templates"):
         llm.invoke("hi")
+
+
+# issue 21 item 4: tool-call formats as objects, each owning its syntax end to end
+
+
+@pytest.mark.parametrize("name", ["hermes", "json"])
+def test_21_4_each_tool_format_reads_what_it_writes_and_prompts_for(name: str) -> None:
+    """Issue 21 item 4: a format renders past calls, forces an answer to start as a call, describes itself in the
+    fallback prompt and parses, all in its own syntax: what it writes it reads back, its instructions show its
+    own markup, and its engine step syntax is the one its validator checks."""
+    fmt = FORMATS[name]
+    calls = [{"name": "lookup", "arguments": {"country": "France"}}, {"name": "lookup", "arguments": {"country": "<"}}]
+    written = fmt.render_calls("Checking.", calls)
+    parsed = fmt.parse(written)
+    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [(c["name"], c["arguments"]) for c in calls]
+    assert parsed.invalid_tool_calls == [] and fmt.visible(written) == parsed.content
+    forced = (
+        fmt.forced_prefix("lookup", any_call=True) + '{"country": "Japan"}}' + ("\n</tool_call>" * (name == "hermes"))
+    )
+    assert [(c["name"], c["args"]) for c in fmt.parse(forced).tool_calls] == [("lookup", {"country": "Japan"})]
+    prompt = fmt.fallback_prompt([convert_to_openai_tool(lookup)])
+    assert fmt.render_calls("", [{"name": "<tool name>", "arguments": {}}]).split("{}")[0] in prompt
+    options, checked = fmt.step_options(None)
+    assert checked and SpecGuardParams(**options).model_dump(include=set(options)) == options
+    step = fmt.render_calls("", calls[:1])
+    assert fmt.validator([convert_to_openai_tool(lookup)])(step) is None
+
+
+def test_21_4_json_format_with_the_fallback_prompt_prompts_for_json_calls() -> None:
+    """Issue 21 item 4: with ``tool_call_format="json"`` and a template that ignores tools, the fallback prompt
+    asked for ``<tool_call>`` blocks and wrote past calls as such, while the answer was read as bare JSON (a
+    model that followed the prompt had its calls taken for text). Prompt, history and parsing now agree."""
+    llm = scripted('{"name": "lookup", "parameters": {"country": "Japan"}}', tool_call_format="json")
+    history = [
+        HumanMessage("Capital of France?"),
+        AIMessage("", tool_calls=[{"name": "lookup", "args": {"country": "France"}, "id": "c1"}]),
+        ToolMessage("Paris", tool_call_id="c1"),
+        HumanMessage("And Japan?"),
+    ]
+    text = llm.load().tokenizer.decode(llm.render_prompt(history, [convert_to_openai_tool(lookup)]))
+    assert '{"name": "<tool name>", "parameters": {<arguments as a JSON object>}}' in text
+    assert '<|im_start|>assistant\n{"name": "lookup", "parameters": {"country": "France"}}<|im_end|>' in text
+    assert "<tool_call>" not in text
+    message = llm.bind_tools([lookup]).invoke(history)
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("lookup", {"country": "Japan"})]
