@@ -17,7 +17,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ValidationError
 
 from .reasoning import ThoughtSpec
-from .tools import HERMES, ToolFormat
+from .tools import HERMES, ToolFormat, load_json
 
 
 @dataclass
@@ -103,3 +103,14 @@ def structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
             raise OutputParserException(f"the {name!r} call does not fit the schema: {exc}") from exc
 
     return parse
+
+
+def json_object(message: AIMessage) -> dict[str, Any]:
+    """``json_mode`` without a schema: the answer's JSON object (a Markdown code fence around it is fine)."""
+    text = str(message.content).strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, re.DOTALL)
+    value, error = load_json(fenced.group(1) if fenced else text)
+    if not isinstance(value, dict):
+        why = error or f"a JSON {type(value).__name__}"
+        raise OutputParserException(f"the answer is not a JSON object: {why}", llm_output=str(message.content))
+    return value

@@ -45,6 +45,7 @@ from .binding import (
     ToolSetup,
     checked_tool_choice,
     forced_tool_name,
+    json_object,
     openai_tools,
     structured_parser,
     tool_flag,
@@ -592,6 +593,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         flags = {"parallel_tool_calls": parallel_tool_calls, "strict": strict}
         for name, value in flags.items():
             tool_flag(name, value)
+        if "response_format" in kwargs:  # what create_agent passes for a ProviderStrategy (native structured output)
+            raise TypeError(
+                "bind_tools got response_format, but ChatSpecGuard has no native structured output (its profile "
+                "says structured_output=False): give create_agent response_format=ToolStrategy(Schema) (what it "
+                "picks from the profile for a plain Schema), or use with_structured_output(Schema)"
+            )
         unknown = sorted(set(kwargs) - set(PARAM_FIELDS) - {"stop", "ls_structured_output_format"})
         if unknown:
             raise TypeError(
@@ -604,7 +611,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def with_structured_output(
         self,
-        schema: dict[str, Any] | type,
+        schema: dict[str, Any] | type | None,
         *,
         include_raw: bool = False,
         method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
@@ -616,24 +623,33 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         inside a call that names it, so the model writes the arguments, which are checked against the
         schema step by step. The parsed object is validated once more; when the model wrote no usable
         call, the error says why (``parsing_error`` with ``include_raw=True``, else an
-        ``OutputParserException``), never a silent ``None``. ``json_mode`` needs a schema here too.
+        ``OutputParserException``), never a silent ``None``. ``json_mode`` without a schema returns the
+        JSON object the answer is, as a dict (the prompt should ask for JSON, as with other chat models).
         """
         if method not in ("function_calling", "json_schema", "json_mode"):
             raise ValueError(f"unknown method {method!r}; use 'function_calling', 'json_schema' or 'json_mode'")
-        if schema is None:
-            raise ValueError("with_structured_output needs a schema (pydantic model, TypedDict or JSON schema)")
         strict = kwargs.pop("strict", None)
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)}")
-        name = openai_tools([schema])[0]["function"]["name"]
-        llm = self.bind_tools(
-            [schema],
-            tool_choice=name,
-            parallel_tool_calls=False,  # the answer is one call: generation ends with it
-            strict=strict,
-            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
-        )
-        parser = RunnableLambda(structured_parser(schema, name), name="specguard_structured_output")
+        llm: Runnable[LanguageModelInput, Any]
+        if schema is None and method == "json_mode":
+            llm = self.bind(ls_structured_output_format={"kwargs": {"method": method}, "schema": None})
+            parser = RunnableLambda(json_object, name="specguard_structured_output")
+        elif schema is None:
+            raise ValueError(
+                "with_structured_output needs a schema (pydantic model, TypedDict or JSON schema), except with "
+                "method='json_mode'"
+            )
+        else:
+            name = openai_tools([schema])[0]["function"]["name"]
+            llm = self.bind_tools(
+                [schema],
+                tool_choice=name,
+                parallel_tool_calls=False,  # the answer is one call: generation ends with it
+                strict=strict,
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
+            )
+            parser = RunnableLambda(structured_parser(schema, name), name="specguard_structured_output")
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)

@@ -112,5 +112,5 @@ def model_profile(max_input_tokens: int | None) -> ModelProfile:
         tool_calling=True,
         tool_choice=True,
         tool_call_streaming=True,
-        structured_output=True,
+        structured_output=False,  # no native structured output: with_structured_output and agents use a tool call
     )
