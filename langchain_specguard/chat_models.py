@@ -39,7 +39,7 @@ from langchain_core.runnables import (
 )
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
-from transformers import PreTrainedModel
+from transformers import Pipeline, PreTrainedModel
 
 from .binding import (
     ToolSetup,
@@ -203,6 +203,34 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             if unknown:
                 raise ValueError(f"unknown option(s) {unknown} for ChatSpecGuard; the options are {sorted(known)}")
         return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pipelines(cls, values: Any) -> Any:
+        """A transformers ``Pipeline`` (or langchain-huggingface's ``HuggingFacePipeline``, which holds one) as
+        ``target_model``/``model`` or ``draft_model`` stands for its model; the target's pipeline also gives the
+        tokenizer unless one is given."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        for key in ("target_model", "model", "draft_model"):
+            pipe = _pipeline_of(values.get(key))
+            if pipe is not None:
+                values[key] = pipe.model
+                if key != "draft_model" and values.get("tokenizer") is None:
+                    values["tokenizer"] = pipe.tokenizer
+        return values
+
+    @classmethod
+    def from_model_id(
+        cls, model_id: str, draft_model: Any = None, *, draft_layers: int | None = None, **kwargs: Any
+    ) -> ChatSpecGuard:
+        """A model of a Hub id or local path, as ``HuggingFacePipeline.from_model_id`` takes it (``init_chat_model``
+        takes only LangChain's built-in providers): the draft is ``draft_model`` (an id, a path, a model or a
+        pipeline), or the target's first ``draft_layers`` layers; ``kwargs`` are the other options
+        (``max_tokens=...``, ``torch_dtype=...``)."""
+        options = {"target_model": model_id, "draft_model": draft_model, "draft_layers": draft_layers, **kwargs}
+        return cls(**options)
 
     @model_validator(mode="after")
     def _check_pair_spec(self) -> ChatSpecGuard:
@@ -906,6 +934,14 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             manager.inheritable_metadata,
         )
         return {**config, "callbacks": manager}, reporter
+
+
+def _pipeline_of(value: Any) -> Pipeline | None:
+    """The transformers pipeline ``value`` is or holds (``HuggingFacePipeline.pipeline``), if any."""
+    for candidate in (value, getattr(value, "pipeline", None)):
+        if isinstance(candidate, Pipeline):
+            return candidate
+    return None
 
 
 @dataclass

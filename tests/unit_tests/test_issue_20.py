@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage
 from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from langchain_specguard import ChatSpecGuard
+from tests.tiny_models import llama_pair
 from tests.unit_tests.test_controls import _scripted as scripted  # a pair of its own, draft and target scripted
 from tests.unit_tests.test_tool_calling import call_block, lookup
 
@@ -61,3 +65,27 @@ def test_20_8_json_mode_without_a_schema_returns_a_dict(include_raw: bool) -> No
         prose.with_structured_output(None, method="json_mode").invoke("JSON please.")
     with pytest.raises(ValueError, match="needs a schema"):
         prose.with_structured_output(None)  # function calling needs the schema's tool
+
+
+# 4. familiar constructors
+
+
+def test_20_4_from_model_id_and_from_a_transformers_pipeline() -> None:
+    """Issue 20 item 4: ``ChatSpecGuard.from_model_id(target, draft)`` as ``HuggingFacePipeline.from_model_id``
+    users write it, and a transformers ``Pipeline`` as the target (its model and tokenizer) or the draft."""
+    target, draft = llama_pair()
+    options: dict[str, Any] = {"max_tokens": 8, "torch_dtype": "float64", "seed": 0}
+    by_id = ChatSpecGuard.from_model_id(target, draft, **options)
+    assert (by_id.target_model, by_id.draft_model) == (target, draft)
+    assert (
+        by_id.invoke("Hello").content
+        == ChatSpecGuard(model=target, draft_model=draft, **options).invoke("Hello").content
+    )
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float64)
+    pipe = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(target))
+    from_pipe = ChatSpecGuard(model=pipe, draft_layers=2, **options)
+    assert from_pipe.target_model is model and from_pipe.tokenizer is pipe.tokenizer
+    plain = ChatSpecGuard(model=model, tokenizer=pipe.tokenizer, draft_layers=2, **options)
+    assert from_pipe.invoke("Hello").content == plain.invoke("Hello").content
+    drafted = ChatSpecGuard.from_model_id(target, **options, draft_model=pipeline("text-generation", model=draft))
+    assert isinstance(drafted.draft_model, torch.nn.Module) and drafted.invoke("Hello").content
