@@ -1,11 +1,11 @@
-"""Tool calls in model output: parsing, schema validation, and the prompt fallback.
+"""Tool calls in model output: the call formats, parsing, schema validation, and the prompt fallback.
 
 Model output is data. It is read with ``json.loads`` only, never evaluated, and every function here
 returns its verdict instead of raising on bad model output: a call that cannot be read becomes an
 ``InvalidToolCall`` (with the raw text and the reason), a call that reads but does not fit the
 bound tools gets a rejection message from :func:`validate_tool_call`.
 
-Two output styles are understood:
+Two formats are understood, each a :class:`ToolFormat` object that owns its syntax end to end:
 
 * **hermes** (Qwen 2.5/3, Hermes, and this package's fallback prompt):
   ``<tool_call>{"name": "f", "arguments": {...}}</tool_call>``, any number of them, with free text
@@ -17,14 +17,17 @@ Two output styles are understood:
   shared with the engine's step boundaries: text after the calls is content, and JSON anywhere else
   (in prose, or an object whose first key is not ``"name"``) is content too.
 
-The engine sees none of this: it gets a plain ``validate_step(text) -> reason | None`` callable
-built by :func:`step_validator`, so it stays free of LangChain.
+The engine sees none of this: it gets the format's step syntax as two plain parameters
+(``tool_call_markers`` or ``json_tool_calls``) and a ``validate_step(text) -> reason | None`` callable
+built by :meth:`ToolFormat.validator`, so it stays free of LangChain.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,6 +39,8 @@ from .engine.steps import json_region
 
 ToolCallStyle = Literal["hermes", "json"]
 HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
+RESPONSE_MARKERS: tuple[str, str] = ("<tool_response>", "</tool_response>")
+"""How a tool result is written back to the model (the fallback prompt, Qwen's and Hermes' templates)."""
 
 # nesting deeper than this is refused before json.loads can hit Python's recursion limit
 _MAX_DEPTH = 64
@@ -66,13 +71,41 @@ def _too_deep(text: str) -> bool:
 
 
 def load_json(text: str) -> tuple[Any, str | None]:
-    """``(value, None)`` for valid JSON, ``(None, reason)`` otherwise; never raises."""
+    """``(value, None)`` for valid JSON, ``(None, reason)`` otherwise; never raises.
+
+    Strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's ``json`` accepts) are refused, and so
+    is a number too large for a float (``1e99999``, which would read as infinity).
+    """
     if _too_deep(text):
         return None, f"JSON nested deeper than {_MAX_DEPTH} levels"
     try:
-        return json.loads(text), None
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError, so are huge ints
         return None, f"not valid JSON: {err}"
+    return value, None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in ``value`` that UTF-8 cannot encode, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((bad for bad in map(_lone_surrogate, items) if bad is not None), None)
 
 
 def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
@@ -96,7 +129,28 @@ def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
         args = {}
     if not isinstance(args, dict):
         return invalid_tool_call(name=name, args=raw, id=call_id, error="the arguments must be a JSON object")
+    bad = _lone_surrogate([name, args])  # "\ud800" is valid JSON but no text: no later prompt could hold it
+    if bad is not None:
+        error = f"not valid text: the string {bad!a} holds a lone surrogate"
+        return invalid_tool_call(name=None if bad == name else name, args=raw, id=call_id, error=error)
     return tool_call(name=name, args=args, id=call_id)
+
+
+def inert_args(text: str) -> str:
+    """An invalid call's argument text as a JSON string, which reads back (``json.loads``) as that text.
+
+    LangChain adds streamed ``tool_call_chunks`` up by parsing their arguments, and any chunk whose
+    arguments parse (even partially: ``{"a": 1`` does) into an object becomes a tool call. A JSON string
+    never is an object, so an invalid call written this way stays invalid in every sum of chunks.
+    """
+    return json.dumps(text, ensure_ascii=False)
+
+
+def inert(call: InvalidToolCall) -> InvalidToolCall:
+    """``call`` with its arguments as :func:`inert_args` writes them (on every path: invoke and stream)."""
+    return invalid_tool_call(
+        name=call.get("name"), args=inert_args(call.get("args") or ""), id=call.get("id"), error=call.get("error")
+    )
 
 
 def _add(parsed: ParsedOutput, call: ToolCall | InvalidToolCall) -> None:
@@ -164,21 +218,6 @@ def parse_json_style(text: str) -> ParsedOutput | None:
         reason = error or "the JSON tool call is not finished"
         parsed.invalid_tool_calls.append(invalid_tool_call(name=None, args=raw, id=new_call_id(), error=reason))
     return parsed
-
-
-def parse_tool_calls(text: str, style: ToolCallStyle | Literal["auto"] = "auto") -> ParsedOutput:
-    """Split ``text`` into content, tool calls and invalid tool calls; never raises on model output.
-
-    ``auto`` reads Hermes blocks when the text has an opening marker and the bare-JSON style
-    otherwise. Text with no call is returned unchanged as content.
-    """
-    if style in ("hermes", "auto") and HERMES_MARKERS[0] in text:
-        return parse_hermes(text)
-    if style in ("json", "auto"):
-        parsed = parse_json_style(text)
-        if parsed is not None:
-            return parsed
-    return ParsedOutput(content=text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,47 +322,204 @@ def validate_tool_call(call: ToolCall | InvalidToolCall, tools: Mapping[str, Map
     return "; ".join(errors[:5]) or None
 
 
-def step_validator(
-    tools: Sequence[Mapping[str, Any]], style: ToolCallStyle = "hermes", markers: tuple[str, str] = HERMES_MARKERS
-) -> Callable[[str], str | None]:
-    """The engine's ``validate_step``: the text of one tool-call step in, a rejection reason or None out.
-
-    Hermes: the step's ``<tool_call>`` blocks. JSON: the step is one call's JSON value (the engine
-    hands over exactly the balanced ``{...}``), an object or a list of calls.
-    """
-    schemas = tools_by_name(tools)
-
-    def validate(text: str) -> str | None:
-        if style == "json":
-            calls = json_value_calls(text.strip())
-        else:
-            parsed = parse_hermes(text, markers)
-            calls = [*parsed.tool_calls, *parsed.invalid_tool_calls]
-            if not calls:
-                return f"no {markers[0]} block in the step"
-        for call in calls:
-            reason = validate_tool_call(call, schemas)
-            if reason is not None:
-                return reason
-        return None
-
-    return validate
-
-
 # --------------------------------------------------------------------------------------------------
-# prompt fallback for chat templates that ignore ``tools``
+# tool-call formats: each owns its syntax end to end
+
 
 FALLBACK_TOOL_PROMPT = """You can call these tools:
 {tools}
 
-To call a tool, answer with one block per call, exactly like this:
-<tool_call>
-{{"name": "<tool name>", "arguments": {{<arguments as a JSON object>}}}}
-</tool_call>
-Each tool's result comes back in a <tool_response> block. When you have what you need, answer in plain text."""
+{instructions}
+Each tool's result comes back in a {result} block. When you have what you need, answer in plain text."""
+
+
+class ToolFormat(ABC):
+    """One way of writing tool calls, end to end.
+
+    ``name`` is its ``tool_call_format`` value and ``syntax`` its marker texts (kept plain text in messages
+    where the tokenizer has them as tokens of their own). It owns the engine's step syntax for its calls
+    (:meth:`step_options`: the ``SpecGuardParams`` fields that make each call one checked step), the start
+    of an answer that must be a call (:meth:`forced_prefix`), past calls written as text for templates
+    that print only content (:meth:`render_calls`) and the fallback prompt's instructions, parsing
+    (:meth:`parse`), what streaming may show of a partial answer (:meth:`visible`), and the engine's check
+    of one call step (:meth:`validator`, over :meth:`step_calls`). A new format (Mistral's
+    ``[TOOL_CALLS]``, pythonic calls) is one more subclass.
+    """
+
+    name: ToolCallStyle
+    syntax: tuple[str, ...]
+    instructions: str  # the fallback prompt's description of the format
+
+    @abstractmethod
+    def step_options(self, caller_markers: tuple[str, str] | None) -> tuple[dict[str, Any], bool]:
+        """The engine fields that make each call a step of its own (defaults: per-call values win), and whether
+        each call step can be checked against the tools (``caller_markers``: the caller's own
+        ``tool_call_markers``, if set)."""
+
+    @abstractmethod
+    def forced_prefix(self, name: str | None, any_call: bool) -> str:
+        """The start of an answer that must be a call: of tool ``name``, or of any tool (``any_call``)."""
+
+    @abstractmethod
+    def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
+        """An assistant turn's ``content`` and its ``calls`` (``{"name", "arguments"}``) as the model writes them."""
+
+    @abstractmethod
+    def parse(self, text: str) -> ParsedOutput:
+        """``text`` split into content, tool calls and invalid tool calls; never raises on model output."""
+
+    @abstractmethod
+    def visible(self, text: str) -> str:
+        """Content of a partial answer that is certain not to belong to a call (a prefix of the final content)."""
+
+    @abstractmethod
+    def step_calls(self, text: str) -> list[ToolCall | InvalidToolCall]:
+        """The calls in the text of one call step (empty: the step holds no call)."""
+
+    def validator(self, tools: Sequence[Mapping[str, Any]]) -> Callable[[str], str | None]:
+        """The engine's ``validate_step``: the text of one tool-call step in, a rejection reason or None out."""
+        schemas = tools_by_name(tools)
+
+        def validate(text: str) -> str | None:
+            calls = self.step_calls(text)
+            if not calls:
+                return f"no {self.syntax[0]} block in the step"
+            return next((r for r in (validate_tool_call(c, schemas) for c in calls) if r is not None), None)
+
+        return validate
+
+    def fallback_prompt(self, tools: Sequence[Mapping[str, Any]]) -> str:
+        """The system-prompt block that describes ``tools`` and this format, for templates that ignore ``tools``."""
+        lines = [json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools]
+        result = RESPONSE_MARKERS[0]
+        return FALLBACK_TOOL_PROMPT.format(tools="\n".join(lines), instructions=self.instructions, result=result)
+
+
+@dataclass(frozen=True)
+class MarkerFormat(ToolFormat):
+    """Calls between an opening and a closing marker, anywhere in the answer, any number of them, text around
+    them: Hermes and Qwen's ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, also this package's
+    fallback prompt. The engine makes each block one step (``tool_call_markers``)."""
+
+    markers: tuple[str, str] = HERMES_MARKERS
+    name: ToolCallStyle = "hermes"
+
+    @property
+    def syntax(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.markers
+
+    @property
+    def instructions(self) -> str:  # type: ignore[override]
+        opening, closing = self.markers
+        return (
+            "To call a tool, answer with one block per call, exactly like this:\n"
+            f'{opening}\n{{"name": "<tool name>", "arguments": {{<arguments as a JSON object>}}}}\n{closing}'
+        )
+
+    def step_options(self, caller_markers: tuple[str, str] | None) -> tuple[dict[str, Any], bool]:
+        return {"tool_call_markers": self.markers}, True
+
+    def forced_prefix(self, name: str | None, any_call: bool) -> str:
+        if not (name or any_call):
+            return ""
+        # the answer starts inside a block (and names the tool)
+        return self.markers[0] + "\n" + (f'{{"name": {json.dumps(name)}, "arguments": ' if name else "")
+
+    def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
+        opening, closing = self.markers
+        blocks = [f"{opening}\n{json.dumps(dict(call), ensure_ascii=False)}\n{closing}" for call in calls]
+        return "\n".join([content, *blocks]) if content else "\n".join(blocks)  # content verbatim, spaces included
+
+    def parse(self, text: str) -> ParsedOutput:
+        return parse_hermes(text, self.markers)
+
+    def visible(self, text: str) -> str:
+        """An end that could still grow into the opening marker (``ab<tool_``) is held back too."""
+        content = parse_hermes(text, self.markers).content
+        opening = self.markers[0]
+        for size in range(min(len(opening) - 1, len(content)), 0, -1):
+            if content.endswith(opening[:size]):
+                return content[:-size]
+        return content
+
+    def step_calls(self, text: str) -> list[ToolCall | InvalidToolCall]:
+        parsed = parse_hermes(text, self.markers)
+        return [*parsed.tool_calls, *parsed.invalid_tool_calls]
+
+
+@dataclass(frozen=True)
+class JsonFormat(ToolFormat):
+    """Bare JSON calls that open the answer (Llama 3.x): ``{"name": ..., "parameters": {...}}``, or a list,
+    more calls after ``;``, text after the calls is content (:func:`~.engine.steps.json_region`). The engine
+    makes each JSON value one step (``json_tool_calls``)."""
+
+    name: ToolCallStyle = "json"
+    syntax: tuple[str, ...] = ("<|python_tag|>",)
+    instructions: str = (
+        'To call a tool, answer with nothing but the call, exactly like this (more calls follow after "; "):\n'
+        '{"name": "<tool name>", "parameters": {<arguments as a JSON object>}}'
+    )
+
+    def step_options(self, caller_markers: tuple[str, str] | None) -> tuple[dict[str, Any], bool]:
+        if caller_markers is not None:  # JSON read between the caller's own markers: checked when parsed
+            return {}, False
+        return {"json_tool_calls": True}, True
+
+    def forced_prefix(self, name: str | None, any_call: bool) -> str:
+        if name:
+            return f'{{"name": {json.dumps(name)}, "parameters": '
+        return '{"name": "' if any_call else ""  # the answer is a call; the model names the tool
+
+    def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
+        written = "; ".join(
+            json.dumps({"name": call.get("name"), "parameters": call.get("arguments")}, ensure_ascii=False)
+            for call in calls
+        )
+        return f"{written}\n\n{content}" if content else written
+
+    def parse(self, text: str) -> ParsedOutput:
+        return parse_json_style(text) or ParsedOutput(content=text)
+
+    def visible(self, text: str) -> str:
+        """The calls open the answer: what follows them is content once they are over."""
+        region = json_region(text)
+        return "" if region.growing else text[region.content :]
+
+    def step_calls(self, text: str) -> list[ToolCall | InvalidToolCall]:
+        return json_value_calls(text.strip())  # the engine hands over exactly one balanced JSON value
+
+
+HERMES = MarkerFormat()
+JSON_CALLS = JsonFormat()
+FORMATS: dict[str, ToolFormat] = {fmt.name: fmt for fmt in (HERMES, JSON_CALLS)}
+OUTPUT_SYNTAX: tuple[str, ...] = tuple(
+    dict.fromkeys([*(t for f in FORMATS.values() for t in f.syntax), *RESPONSE_MARKERS])
+)
+"""Every marker text of the known formats and of tool results: never a token of its own in message text."""
+
+
+def parse_tool_calls(text: str, style: ToolCallStyle | Literal["auto"] = "auto") -> ParsedOutput:
+    """Split ``text`` into content, tool calls and invalid tool calls; never raises on model output.
+
+    ``auto`` reads Hermes blocks when the text has an opening marker and the bare-JSON style
+    otherwise. Text with no call is returned unchanged as content.
+    """
+    if style == "auto":
+        style = "hermes" if HERMES_MARKERS[0] in text else "json"
+    return FORMATS[style].parse(text)
+
+
+def step_validator(
+    tools: Sequence[Mapping[str, Any]], style: ToolCallStyle = "hermes", markers: tuple[str, str] = HERMES_MARKERS
+) -> Callable[[str], str | None]:
+    """The engine's ``validate_step`` for ``style`` (:meth:`ToolFormat.validator`).
+
+    Hermes: the step's ``<tool_call>`` blocks (between ``markers``). JSON: the step is one call's JSON value
+    (the engine hands over exactly the balanced ``{...}``), an object or a list of calls.
+    """
+    return (MarkerFormat(markers) if style == "hermes" else FORMATS[style]).validator(tools)
 
 
 def fallback_tool_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
     """The system-prompt block that describes ``tools`` and the Hermes call format."""
-    lines = [json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools]
-    return FALLBACK_TOOL_PROMPT.format(tools="\n".join(lines))
+    return HERMES.fallback_prompt(tools)

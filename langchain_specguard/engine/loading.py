@@ -27,13 +27,19 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- set ns.system = ns.system + message['content'] + '\n\n' -%}"
     "{%- else -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
+    "{%- if role == 'model' and ns.system -%}"
+    "{{ '<start_of_turn>user\n' + (ns.system | trim) + '<end_of_turn>\n' }}{%- set ns.system = '' -%}"
+    "{%- endif -%}"
     "{{ '<start_of_turn>' + role + '\n' }}"
     "{%- if role == 'user' and ns.system -%}{{ ns.system }}{%- set ns.system = '' -%}{%- endif -%}"
     "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if ns.system -%}{{ '<start_of_turn>user\n' + (ns.system | trim) + '<end_of_turn>\n' }}{%- endif -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
+"""Gemma has no system role: system text goes into the next user turn, or (when a model turn or the end comes
+first) into a user turn of its own, so no system message is ever dropped."""
 
 
 @dataclass

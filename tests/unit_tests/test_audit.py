@@ -149,14 +149,16 @@ def _saved(tokenizer: Any, tmp_path: Path) -> str:
 
 
 def test_prompt_tokenization_is_unchanged_for_ordinary_text() -> None:
-    from langchain_specguard.chat_models import tokenize_prompt
+    from langchain_specguard.prompts import render
+    from langchain_specguard.reasoning import DEFAULT_MARKERS
+    from langchain_specguard.tools import HERMES
 
     tokenizer = bpe_tokenizer()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Step 1: 3 + 5 = 8"}], tokenize=False)
-    assert (
-        tokenize_prompt(tokenizer, text, ["Step 1: 3 + 5 = 8"])
-        == tokenizer(text, add_special_tokens=False)["input_ids"]
-    )
+    message = {"role": "user", "content": "Step 1: 3 + 5 = 8"}
+    text = tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+    messages = [HumanMessage("Step 1: 3 + 5 = 8")]
+    ids, _ = render(tokenizer, CHATML, "tiny", messages, None, False, "", {}, DEFAULT_MARKERS, False, HERMES)
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # 6. tool names are validated at bind_tools

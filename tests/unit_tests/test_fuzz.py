@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.chat_models import MESSAGE_ROLES
 from langchain_specguard.engine import SpecGuardParams, generate_steps, load_pair
 from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.steps import find_stop, new_text, step_complete
 from langchain_specguard.engine.text import held_back as _held_back
+from langchain_specguard.prompts import MESSAGE_ROLES
 from tests.tiny_models import CHARS, llama_pair
 
 PURE = settings(

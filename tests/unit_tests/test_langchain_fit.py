@@ -76,7 +76,7 @@ def test_instances_with_the_same_models_share_one_loaded_pair() -> None:
 
     from langchain_core.runnables import ConfigurableField
 
-    from langchain_specguard import chat_models
+    from langchain_specguard import pairs
 
     calls = {"n": 0}
     original = ChatSpecGuard._load_pair
@@ -108,7 +108,7 @@ def test_instances_with_the_same_models_share_one_loaded_pair() -> None:
     key = base._loading_key()
     del base, other, configurable, different
     gc.collect()
-    assert key not in chat_models._PAIRS  # freed once no instance with these loading options is left
+    assert key not in pairs._PAIRS  # freed once no instance with these loading options is left
 
 
 def test_hub_reachability_follows_the_configured_endpoint(monkeypatch: object) -> None:

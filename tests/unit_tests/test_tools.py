@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 
-from langchain_specguard.chat_models import _visible_content
 from langchain_specguard.engine.steps import (
     CallStep,
     JsonCalls,
@@ -24,6 +23,7 @@ from langchain_specguard.engine.steps import (
 )
 from langchain_specguard.tools import (
     HERMES_MARKERS,
+    JSON_CALLS,
     fallback_tool_prompt,
     parse_tool_calls,
     schema_errors,
@@ -282,5 +282,5 @@ def test_fuzz_streamed_json_content_is_a_prefix_of_the_final_content(text: str) 
     """What streaming shows of any partial answer is a prefix of the final content: never a piece of a call."""
     final = parse_tool_calls(text, "json")
     for cut in range(len(text) + 1):
-        assert final.content.startswith(_visible_content(text[:cut], "json"))
+        assert final.content.startswith(JSON_CALLS.visible(text[:cut]))
     assert step_validator(TOOLS, "json")(text) is None or isinstance(step_validator(TOOLS, "json")(text), str)

@@ -1,0 +1,357 @@
+"""Prompt rendering and tokenization: messages through the chat template, message text kept as data.
+
+:func:`render` turns LangChain messages into the prompt's token ids with the tokenizer's chat template
+(tools through the template or the fallback prompt, past tool calls and results, past reasoning), and
+:func:`tokenize_prompt` makes sure that no text that came from a message becomes a control token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.exceptions import TemplateError
+from langchain_core.messages import BaseMessage, convert_to_openai_messages
+
+from .reasoning import ThoughtSpec, opens_thought, reasoning_of, without_reasoning
+from .tools import RESPONSE_MARKERS, ToolFormat
+
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
+"""Roles a message may have (``ChatMessage.role``); ``developer`` is read as ``system``."""
+
+
+def render(
+    tokenizer: Any,
+    template: str | None,
+    model_name: str,
+    messages: Sequence[BaseMessage],
+    tools: Sequence[Mapping[str, Any]] | None,
+    native: bool,
+    prefix: str,
+    variables: dict[str, Any],
+    markers: tuple[str, str],
+    thinks: bool,
+    tool_format: ToolFormat,
+    syntax: Sequence[str] = (),
+) -> tuple[list[int], ThoughtSpec | None]:
+    """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer.
+
+    ``native``: the tools go through the template (``apply_chat_template(tools=...)``); else through the
+    fallback prompt of ``tool_format``, with past calls (in that format) and results written into the
+    turns. Text that came from the messages never becomes a control token (:func:`message_pieces`):
+    neither a special token nor one of the texts the output syntax uses (the think ``markers`` and
+    ``syntax``: tool-call and result markers) where the tokenizer has it as a token of its own without
+    marking it special (``<think>``, ``<tool_call>`` in Qwen).
+    """
+    if not messages:
+        raise ValueError("messages is empty: give at least one message")
+    for message in messages:
+        if not isinstance(message, BaseMessage):
+            raise TypeError(f"messages must be LangChain BaseMessage objects, got {type(message).__name__}")
+    if template is None:
+        raise ValueError(
+            f"the tokenizer of {model_name!r} has no chat template: pass chat_template='...' (a Jinja "
+            "template) to ChatSpecGuard"
+        )
+    _check_self_contained(template, model_name)
+    converted = template_messages(messages)
+    if "reasoning_content" not in template:  # past thinking reaches only templates that render it
+        converted = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in converted]
+    extra: dict[str, Any] = dict(variables)
+    if tools and native:
+        extra["tools"] = list(tools)
+
+    def text_of(conversation: list[dict[str, Any]], generation: bool = True) -> str:
+        conversation = render_tool_turns(conversation, native, tool_format)
+        if tools and not native:
+            block = tool_format.fallback_prompt(tools)
+            if conversation and conversation[0]["role"] == "system":
+                first = conversation[0]
+                conversation = [{**first, "content": f"{first['content']}\n\n{block}".lstrip()}, *conversation[1:]]
+            else:
+                conversation = [{"role": "system", "content": block}, *conversation]
+        try:
+            text = tokenizer.apply_chat_template(
+                conversation, chat_template=template, add_generation_prompt=generation, tokenize=False, **extra
+            )
+        except TemplateError as exc:  # e.g. raise_exception("roles must alternate user/assistant")
+            raise ValueError(f"the chat template of {model_name!r} rejected the messages: {exc}") from exc
+        assert isinstance(text, str)
+        return text
+
+    prompt = text_of(converted)
+    thought = None
+    if thinks:
+        opened = opens_thought(prompt, text_of(converted, generation=False), markers)
+        if opened and prefix:  # a forced start (a tool call) goes after the thinking, which it skips
+            prefix, opened = f"{markers[1]}\n\n{prefix}", False
+        thought = ThoughtSpec(markers, opened)
+    # the output syntax's markers are control text too where they are tokens of their own (Qwen, R1 distills)
+    added = tokenizer.get_added_vocab()
+    protected = sorted({m for m in (*markers, *syntax) if m in added}, key=len, reverse=True)
+    controls = sorted({*control_tokens(tokenizer), *protected}, key=len, reverse=True)
+    pieces = message_pieces(prompt, converted, controls, text_of)
+    ids = tokenize_prompt(tokenizer, [*pieces, (prefix, False)], protected)
+    if not ids:
+        raise ValueError("the chat template rendered the messages to an empty prompt")
+    return ids, thought
+
+
+@functools.lru_cache(maxsize=64)
+def _loads_templates(template: str) -> list[str]:
+    """The statements of ``template`` that load other templates (``include``, ``import``, ``extends``)."""
+    try:
+        tree = jinja2.Environment().parse(template)
+    except TemplateError:
+        return []  # a syntax error: apply_chat_template reports it (a ValueError here)
+    names = {
+        nodes.Include: "include",
+        nodes.Import: "import",
+        nodes.FromImport: "from-import",
+        nodes.Extends: "extends",
+    }
+    return sorted({names[type(node)] for node in tree.find_all(tuple(names))})
+
+
+def _check_self_contained(template: str, model_name: str) -> None:
+    """Chat templates render without a loader: one that includes, imports or extends another is refused."""
+    statements = _loads_templates(template)
+    if statements:
+        raise ValueError(
+            f"the chat template of {model_name!r} loads other templates ({', '.join(statements)}), which chat "
+            "templates cannot: give a self-contained template"
+        )
+
+
+def message_pieces(
+    prompt: str,
+    messages: list[dict[str, Any]],
+    controls: Sequence[str],
+    text_of: Callable[[list[dict[str, Any]]], str],
+) -> list[tuple[str, bool]]:
+    """``prompt`` cut into ``(text, from_a_message)`` pieces, message text that holds control text located by
+    construction.
+
+    Every string of ``messages`` (contents, reasoning, tool names, argument keys and values, ids...) that
+    holds the text of a control token is replaced by a sentinel of its own, the conversation is rendered
+    again (``text_of``), and the sentinels' places in that rendering are where the template put those
+    strings: the template's own text lies between them. The real ``prompt`` must be that rendering with each
+    sentinel replaced by its string as written, trimmed or escaped into JSON (what templates do to message
+    text); anything else (a template that transforms or branches on such text) is refused, naming the
+    control texts. Message strings without control text stay in the template's pieces, tokenized as usual.
+    """
+    masked, originals = _masked(messages, controls, prompt)
+    if not originals:
+        return [(prompt, False)]
+    skeleton = text_of(masked)
+    parts = re.split("(" + "|".join(re.escape(sentinel) for sentinel in originals) + ")", skeleton)
+    pieces: list[tuple[str, bool]] = []
+    position = 0
+    for k, part in enumerate(parts):
+        if k % 2 == 0:  # the template's own text
+            located = prompt.startswith(part, position)
+            form = part
+        else:  # a message's string, in one of the forms templates write it
+            following = parts[k + 1]
+            form = next(
+                (
+                    f
+                    for f in _forms(originals[part])
+                    if prompt.startswith(f, position) and prompt.startswith(following, position + len(f))
+                ),
+                "",
+            )
+            located = bool(form)
+        if not located:
+            break
+        pieces.append((form, k % 2 == 1))
+        position += len(form)
+    else:
+        if position == len(prompt):
+            return pieces
+    found = sorted({c for text in originals.values() for c in controls if c in text})
+    raise ValueError(
+        f"a message holds control-token text {found} that the chat template transforms, so it cannot be kept "
+        "as plain text; remove it from the messages"
+    )
+
+
+def _forms(text: str) -> list[str]:
+    """How templates write a message string: as is, trimmed, or escaped inside a JSON string (``tojson``)."""
+    forms = [text, text.strip(), text.lstrip(), text.rstrip()]
+    forms += [json.dumps(text, ensure_ascii=False)[1:-1], json.dumps(text)[1:-1]]
+    return [f for i, f in enumerate(forms) if f and f not in forms[:i]]
+
+
+def _masked(value: Any, controls: Sequence[str], prompt: str) -> tuple[Any, dict[str, str]]:
+    """``value`` (messages) with every string that holds control text replaced by a unique sentinel, and the
+    strings by sentinel. Sentinels are digits and punctuation that JSON, trimming and case filters leave as
+    they are, with a random part that appears nowhere in ``prompt``."""
+    nonce = str(secrets.randbelow(10**16))
+    while nonce in prompt:
+        nonce = str(secrets.randbelow(10**16))
+    originals: dict[str, str] = {}
+
+    def mask(item: Any) -> Any:
+        if isinstance(item, str):  # roles are checked names, never control text
+            if not any(c in item for c in controls):
+                return item
+            sentinel = f"#%{nonce}:{len(originals)}%#"
+            originals[sentinel] = item
+            return sentinel
+        if isinstance(item, dict):
+            return {mask(k): mask(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [mask(v) for v in item]
+        return item
+
+    return mask(value), originals
+
+
+def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """OpenAI-style ``{"role", "content"}`` dicts for the chat template, text only, roles checked.
+
+    Chat templates render whatever role they are given (or fold unknown ones into a user turn), so
+    a typo such as ``ChatMessage(role="robot")`` would silently reach the model; it is an error
+    here instead. ``developer`` (OpenAI's newer name for ``system``) becomes ``system``, which is
+    the role local chat templates know. An assistant message's reasoning (``reasoning_content``, or v1
+    ``reasoning`` blocks) becomes the ``reasoning_content`` key that templates such as Qwen3's read.
+    """
+    for message in messages:
+        parts = message.content if isinstance(message.content, list) else []
+        who = getattr(message, "role", None) or {"human": "user", "ai": "assistant"}.get(message.type, message.type)
+        for part in parts:
+            if isinstance(part, dict) and "type" not in part:
+                raise ValueError(
+                    f"a {who} message has a content part without a 'type' key ({sorted(part)}): "
+                    "content parts must be strings or dicts such as {'type': 'text', 'text': '...'}"
+                )
+            if isinstance(part, dict) and part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise TypeError(
+                    f"a {who} message has a text part whose 'text' is {type(part.get('text')).__name__}, not str"
+                )
+    converted: list[dict[str, Any]] = []
+    for original in messages:
+        thought = reasoning_of(original)
+        for openai_message in convert_to_openai_messages([without_reasoning(original)], text_format="string"):
+            assert isinstance(openai_message, dict)
+            if thought and openai_message.get("role") == "assistant":
+                openai_message["reasoning_content"] = thought
+            converted.append(openai_message)
+    rendered: list[dict[str, Any]] = []
+    for message in converted:  # type: ignore[assignment]
+        assert isinstance(message, dict)
+        role = message.get("role")
+        if role == "developer":
+            message["role"] = role = "system"
+        if role not in MESSAGE_ROLES:
+            raise ValueError(
+                f"unknown message role {role!r}: the roles are {list(MESSAGE_ROLES)} ('developer' is read as 'system')"
+            )
+        for call in message.get("tool_calls") or []:  # arguments as the structure templates render (HF convention)
+            function = call.get("function", {})
+            arguments = function.get("arguments", "{}")
+            with contextlib.suppress(ValueError):  # unreadable: keep the raw string, shown, never run
+                arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            call["function"] = {**function, "arguments": arguments}
+        content = message.get("content")
+        if content is None:
+            message["content"] = ""
+        elif not isinstance(content, str):
+            kinds = sorted({str(part.get("type", "?")) for part in content if isinstance(part, dict)})
+            raise ValueError(f"a {role} message has content parts of type {kinds}: this model reads text only")
+        else:
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"a {role} message is not valid text: {exc.reason} at character {exc.start} "
+                    f"({content[exc.start : exc.end]!r}); lone surrogates cannot be encoded"
+                ) from None
+        rendered.append(message)
+    return rendered
+
+
+def control_tokens(tokenizer: Any) -> list[str]:
+    """The special tokens' texts, longest first."""
+    found = {str(t) for t in tokenizer.all_special_tokens}
+    found |= {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special}
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def tokenize_prompt(tokenizer: Any, pieces: Sequence[tuple[str, bool]], protected: Sequence[str] = ()) -> list[int]:
+    """Token ids of a prompt given as ``(text, from_a_message)`` pieces, in order.
+
+    The template's own text is tokenized as usual, its markers (``<|im_start|>``, ``<start_of_turn>``...)
+    becoming special tokens; text from a message, a tool result or tool arguments is data: tokenized with
+    special-token parsing off, so a look-alike of a marker becomes plain text tokens. ``protected`` are
+    more such texts that are tokens of their own without being special (``<think>`` in Qwen3): special-token
+    parsing does not split those, so each is tokenized in two parts. Consecutive template pieces are
+    tokenized together, so a prompt without data pieces gets the tokenizer's own ids.
+    """
+    ids: list[int] = []
+    template = ""
+    for text, data in pieces:
+        if not data:
+            template += text
+            continue
+        ids += tokenizer(template, add_special_tokens=False)["input_ids"] if template else []
+        ids += _data_ids(tokenizer, text, protected)
+        template = ""
+    ids += tokenizer(template, add_special_tokens=False)["input_ids"] if template else []
+    return ids
+
+
+def _data_ids(tokenizer: Any, text: str, protected: Sequence[str]) -> list[int]:
+    """Token ids of message text holding control-token look-alikes, none of which becomes a control token."""
+    alternatives = "|".join(re.escape(p) for p in sorted(protected, key=len, reverse=True))
+    pieces = re.split(f"({alternatives})", text) if protected else [text]
+    parts: list[str] = []
+    for i, piece in enumerate(pieces):  # odd pieces are protected texts: split so that no added token matches
+        parts += [piece[:1], piece[1:]] if i % 2 else [piece]
+    ids: list[int] = []
+    for part in filter(None, parts):
+        ids += tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
+
+
+def render_tool_turns(messages: list[dict[str, Any]], native: bool, tool_format: ToolFormat) -> list[dict[str, Any]]:
+    """Past tool calls (their arguments already parsed) and results in the shape the chat template can render.
+
+    Templates that take tools get HF's convention (``tool_calls[].function.arguments`` as a dict,
+    ``role: tool`` results). The others get the calls written into the assistant's content as the model
+    writes them (:meth:`~.tools.ToolFormat.render_calls`: ``<tool_call>`` blocks in the Hermes format) and
+    each result as a user turn holding a ``<tool_response>`` block, so a template that only prints
+    ``content`` (Gemma's, plain ChatML) still shows them to the model.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        calls = message.get("tool_calls") or []
+        if message["role"] == "assistant" and calls:
+            structured = [
+                {"name": call.get("function", {}).get("name"), "arguments": call.get("function", {}).get("arguments")}
+                for call in calls
+            ]
+            if native:
+                message = {
+                    **message,
+                    "tool_calls": [
+                        {"type": "function", "id": c.get("id"), "function": s}
+                        for c, s in zip(calls, structured, strict=True)
+                    ],
+                }
+            else:
+                text = tool_format.render_calls(message.get("content") or "", structured)
+                message = {**{k: v for k, v in message.items() if k != "tool_calls"}, "content": text}
+        elif message["role"] == "tool" and not native:
+            opening, closing = RESPONSE_MARKERS
+            message = {"role": "user", "content": f"{opening}\n{message.get('content', '')}\n{closing}"}
+        out.append(message)
+    return out

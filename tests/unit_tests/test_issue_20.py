@@ -1,0 +1,91 @@
+"""What LangChain users reach for next (issue 20), each tried as a user would write it, on tiny pairs.
+
+Where a specific answer is needed the text is scripted (:mod:`tests.scripted`); everything downstream of the
+logits, LangChain's agent loop included, is the real code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import AIMessage, HumanMessage
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from langchain_specguard import ChatSpecGuard
+from tests.tiny_models import llama_pair
+from tests.unit_tests.test_controls import _scripted as scripted  # a pair of its own, draft and target scripted
+from tests.unit_tests.test_tool_calling import call_block, lookup
+
+
+class Answer(BaseModel):
+    """A number and a city."""
+
+    number: int
+    city: str
+
+
+# 1. create_agent with response_format
+
+
+def test_20_1_create_agent_with_response_format_runs_end_to_end() -> None:
+    """Issue 20 item 1: ``create_agent(llm, tools, response_format=Schema)`` picks its strategy from the profile;
+    the profile claimed native structured output, so the agent passed ``response_format`` to ``bind_tools``,
+    which has none (TypeError). The profile now says structured output goes through tool calling, and the agent
+    answers with the schema's own tool, validated into ``structured_response``."""
+    from langchain.agents import create_agent
+
+    llm = scripted(call_block("Answer", {"number": 51, "city": "Paris"}))
+    assert llm.profile is not None and not llm.profile["structured_output"] and llm.profile["tool_calling"]
+    agent = create_agent(llm, tools=[lookup], response_format=Answer)
+    state = agent.invoke({"messages": [HumanMessage("A number and a city?")]})
+    assert state["structured_response"] == Answer(number=51, city="Paris")
+    assert isinstance(state["messages"][1], AIMessage) and state["messages"][1].tool_calls[0]["name"] == "Answer"
+    with pytest.raises(TypeError, match=r"response_format.*ToolStrategy"):  # what a ProviderStrategy would pass
+        llm.bind_tools([lookup], response_format={"type": "json_schema", "json_schema": {"name": "Answer"}})
+
+
+# 8. json_mode without a schema returns a dict
+
+
+@pytest.mark.parametrize("include_raw", [False, True])
+def test_20_8_json_mode_without_a_schema_returns_a_dict(include_raw: bool) -> None:
+    """Issue 20 item 8: ``with_structured_output(None, method="json_mode")`` was refused, while other chat
+    models return the JSON object the model wrote, as a dict."""
+    llm = scripted('{"city": "Oslo", "number": 7}')
+    out: Any = llm.with_structured_output(None, method="json_mode", include_raw=include_raw).invoke("JSON please.")
+    parsed = out["parsed"] if include_raw else out
+    assert parsed == {"city": "Oslo", "number": 7}
+    assert list(llm.with_structured_output(None, method="json_mode").stream("JSON please.")) == [parsed]
+    prose = scripted("Oslo, 7.")
+    with pytest.raises(OutputParserException, match="not a JSON object"):
+        prose.with_structured_output(None, method="json_mode").invoke("JSON please.")
+    with pytest.raises(ValueError, match="needs a schema"):
+        prose.with_structured_output(None)  # function calling needs the schema's tool
+
+
+# 4. familiar constructors
+
+
+def test_20_4_from_model_id_and_from_a_transformers_pipeline() -> None:
+    """Issue 20 item 4: ``ChatSpecGuard.from_model_id(target, draft)`` as ``HuggingFacePipeline.from_model_id``
+    users write it, and a transformers ``Pipeline`` as the target (its model and tokenizer) or the draft."""
+    target, draft = llama_pair()
+    options: dict[str, Any] = {"max_tokens": 8, "torch_dtype": "float64", "seed": 0}
+    by_id = ChatSpecGuard.from_model_id(target, draft, **options)
+    assert (by_id.target_model, by_id.draft_model) == (target, draft)
+    assert (
+        by_id.invoke("Hello").content
+        == ChatSpecGuard(model=target, draft_model=draft, **options).invoke("Hello").content
+    )
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float64)
+    pipe = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(target))
+    from_pipe = ChatSpecGuard(model=pipe, draft_layers=2, **options)
+    assert from_pipe.target_model is model and from_pipe.tokenizer is pipe.tokenizer
+    plain = ChatSpecGuard(model=model, tokenizer=pipe.tokenizer, draft_layers=2, **options)
+    assert from_pipe.invoke("Hello").content == plain.invoke("Hello").content
+    drafted = ChatSpecGuard.from_model_id(target, **options, draft_model=pipeline("text-generation", model=draft))
+    assert isinstance(drafted.draft_model, torch.nn.Module) and drafted.invoke("Hello").content
