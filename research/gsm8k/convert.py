@@ -36,6 +36,9 @@ def main() -> None:
             continue
         started = time.time()
         model = AutoModelForCausalLM.from_pretrained(args.gguf_dir, gguf_file=spec.filename, dtype=torch.bfloat16)
+        model.hf_quantizer = None  # dequantised already: save it as the plain bf16 model it now is
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(out / role)
         tok.save_pretrained(out / role)
         print(f"{role}: {spec.filename} -> {out / role} in {time.time() - started:.0f} s", flush=True)
