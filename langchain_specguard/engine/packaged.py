@@ -63,6 +63,7 @@ class PackagedPair:
     sample: str  # text whose token ids show a wrong conversion (control tokens, CJK, emoji)
     sample_ids: tuple[int, ...]
     extra_eos: tuple[str, ...] = ()  # end-of-turn tokens the GGUF metadata leaves out
+    context_window: int | None = None  # the target's, known before loading (profiles)
 
 
 QWEN_CODER = PackagedPair(
@@ -86,6 +87,7 @@ QWEN_CODER = PackagedPair(
     # what transformers 5.24/5.25 build from the GGUF, which matches Qwen's own tokenizer.json
     sample_ids=(13048, 151645, 198, 151644, 872, 220, 108386, 99489, 90316, 220, 151657, 87, 151658),
     extra_eos=("<|endoftext|>",),  # Qwen's generation config ends on it too; the GGUF names <|im_end|> only
+    context_window=32768,
 )
 PACKAGED_PAIRS = {QWEN_CODER.name: QWEN_CODER}
 
