@@ -3,7 +3,7 @@
 Same trained testbed pair, same prompts, greedy: prints tokens/s, acceptance, how many outputs equal
 the dynamic path's, and whether all-accepted decoding still equals the draft's own greedy output.
 
-    python benchmarks/check_graphs.py /tmp/arith   # a directory made by langchain_specguard.testbed
+    python benchmarks/check_graphs.py /tmp/arith   # a directory made by research.arithmetic
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from langchain_specguard.bench import encode_prompts
+from langchain_specguard.apps.bench import encode_prompts
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair
-from langchain_specguard.testbed import char_tokenizer
+from research.arithmetic import char_tokenizer
 
 
 def main() -> None:

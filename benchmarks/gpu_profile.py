@@ -1,4 +1,4 @@
-"""GPU check and micro-profile of the engine on a planted real-shape pair (see langchain_specguard.synthetic).
+"""GPU check and micro-profile of the engine on a planted real-shape pair (see langchain_specguard.apps.synthetic).
 
 1. Correct: CUDA-graph replay gives the same tokens as the same passes run without graphs, and every
    step rejected gives exactly the target's own output (the planted map); no host sync inside a chunk
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from langchain_specguard import synthetic
-from langchain_specguard.bench import measure_bandwidth
+from langchain_specguard.apps import synthetic
+from langchain_specguard.apps.bench import measure_bandwidth
 from langchain_specguard.engine import SpecGuardParams, generate
 from langchain_specguard.engine.decoding import RuntimePool
 from langchain_specguard.engine.loading import weight_bytes

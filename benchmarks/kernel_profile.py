@@ -1,6 +1,6 @@
 """Where a decode iteration's GPU time goes, and which attention formulation suits decoding best.
 
-On a planted real-shape pair (langchain_specguard.synthetic): torch.profiler kernel tables for one
+On a planted real-shape pair (langchain_specguard.apps.synthetic): torch.profiler kernel tables for one
 draft iteration (all candidates), one target decode iteration and one 24-token verification pass,
 eager and compiled; then decode-shaped attention alone in several formulations.
 
@@ -18,7 +18,7 @@ import torch
 from gpu_profile import events_ms  # benchmarks/ is on the path when this runs as a script
 from torch.profiler import ProfilerActivity, profile
 
-from langchain_specguard import synthetic
+from langchain_specguard.apps import synthetic
 from langchain_specguard.engine.attention import _pack_mask, _pack_queries
 from langchain_specguard.engine.runner import ModelRunner
 from langchain_specguard.engine.view import engine_view

@@ -14,8 +14,8 @@ import json
 import time
 
 from langchain_specguard import ChatSpecGuard
+from langchain_specguard.apps.demo import build_chain
 from langchain_specguard.callbacks import SpecGuardCallbackHandler
-from langchain_specguard.demo import build_chain
 
 QUESTIONS = [
     "Tom has 3 apples and buys 5 more. How many apples does he have?",

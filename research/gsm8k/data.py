@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from langchain_specguard.fewshot import TERMINATOR, chat_messages, extract_answer
+from langchain_specguard.apps.fewshot import TERMINATOR, chat_messages, extract_answer
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _RESULT = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")

@@ -48,12 +48,12 @@ case "$1" in
     python3 -m research.gsm8k.report $OUT/test.jsonl | tee $OUT/test_report.txt ;;
   bench)  # the project's bench on the real pair: every method warmed for its shapes before timing
     echo quit | nvidia-cuda-mps-control 2>/dev/null  # timings from one process, without MPS in between
-    python3 -m langchain_specguard.bench --target $W/target --draft $W/draft --tokenizer $W/tokenizer \
+    python3 -m langchain_specguard.apps.bench --target $W/target --draft $W/draft --tokenizer $W/tokenizer \
       --data $W/gsm8k/test.jsonl --limit ${LIMIT:-10} --max-tokens 256 --stop "Done." \
       --methods target,target-static,assisted,specguard $(python3 -m research.gsm8k.plan --bench-args $W/chosen.json) \
       --out $OUT/bench_qwen_coder.json 2>&1 | tee $OUT/bench_qwen_coder.log | grep -v "Warning\|warn" ;;
   synthetic)
-    python3 -m langchain_specguard.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement ${AGREEMENT:-1,0.97} \
+    python3 -m langchain_specguard.apps.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement ${AGREEMENT:-1,0.97} \
       --limit ${LIMIT:-3} --methods target,target-static,assisted,specguard --max-tokens 128 --max-step-tokens 24 \
       --out $OUT/bench_synthetic.json 2>&1 | tee $OUT/bench_synthetic.log | grep -v "Warning\|warn" ;;
 esac

@@ -45,7 +45,7 @@ def test_methods(chosen: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def bench_args(chosen: dict[str, Any]) -> str:
-    """The chosen configuration as ``langchain_specguard.bench`` options."""
+    """The chosen configuration as ``langchain_specguard.apps.bench`` options."""
     p = chosen["params"]
     args = [f"--thresholds {p.get('acceptance_threshold', 0.3)}"]
     if "confidence_method" in p:

@@ -64,8 +64,8 @@ def _prompt_ids(problem: dict[str, Any]) -> list[int]:
 
 
 def _engine(method: dict[str, Any], problem: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from langchain_specguard.apps.fewshot import TERMINATOR
     from langchain_specguard.engine import SpecGuardParams, generate
-    from langchain_specguard.fewshot import TERMINATOR
     from research.gsm8k.data import correct, step_label
 
     options = {"max_tokens": args.max_tokens, "compile_decode": False, **method["params"]}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.demo import StepTable, build_chain
-from langchain_specguard.fewshot import DEFAULT_QUESTION
+from langchain_specguard.apps.demo import StepTable, build_chain
+from langchain_specguard.apps.fewshot import DEFAULT_QUESTION
 from langchain_specguard.pairs import EMBEDDED_CONTEXT_WINDOW
 
 pytestmark = pytest.mark.embedded

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from langchain_specguard import bench
+from langchain_specguard.apps import bench
 from tests.tiny_models import llama_pair
 
 

@@ -26,8 +26,8 @@ def cells(notebook: str, kind: str) -> list[str]:
 
 
 def synthetic_commands(text: str) -> list[str]:
-    """Each ``python -m langchain_specguard.bench --synthetic ...`` command in ``text``, whitespace normalised."""
-    found = re.findall(r"python -m langchain_specguard\.bench --synthetic[^`]*", text)
+    """Each ``python -m langchain_specguard.apps.bench --synthetic ...`` command in ``text``, whitespace normalised."""
+    found = re.findall(r"python -m langchain_specguard\.apps\.bench --synthetic[^`]*", text)
     return [" ".join(command.replace("\\\n", " ").split()) for command in found]
 
 

@@ -15,7 +15,7 @@ is known in advance:
 A vocabulary-sized word-level tokenizer (``w0 w1 ...``, specials after the ordinary tokens) goes with
 them; no token text holds a newline, so steps run to ``max_step_tokens``.
 
-    python -m langchain_specguard.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement 0.97
+    python -m langchain_specguard.apps.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement 0.97
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from .engine.attention import decoder_layers
-from .engine.loading import ModelPair, context_window
+from ..engine.attention import decoder_layers
+from ..engine.loading import ModelPair, context_window
 
 _QWEN = {"model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
 _LLAMA = {
@@ -159,7 +159,7 @@ def synthetic_pair(
     seed: int = 0,
 ) -> ModelPair:
     """A planted pair; ``draft_shape=None`` with ``draft_layers=k`` makes a self-speculative draft."""
-    from .engine.loading import self_speculative_draft
+    from ..engine.loading import self_speculative_draft
 
     family = SHAPES[target_shape]["model_type"]
     ordinary = ORDINARY[family]

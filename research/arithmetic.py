@@ -14,8 +14,8 @@ A problem and its reference solution (one step per line, the delimiter SpecGuard
     24 - 3 = 21
     Answer: 21
 
-    python -m langchain_specguard.testbed --out runs/arith --device cuda
-    python -m langchain_specguard.bench --target runs/arith/target --draft runs/arith/draft \\
+    python -m research.arithmetic --out runs/arith --device cuda
+    python -m langchain_specguard.apps.bench --target runs/arith/target --draft runs/arith/draft \\
         --data runs/arith/test.jsonl --prompt raw --methods target,draft,specguard --thresholds 0.3,0.5,0.7
 """
 
@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from langchain_specguard.apps.fewshot import raw_prompt_ids as encode_prompt
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()+-*/=<>[]{}_#\n")
@@ -65,16 +67,6 @@ def make_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 4) -> dict
         value = result
     solution = "\n".join([*steps, f"Answer: {value}"])
     return {"question": " ".join(words), "solution": solution, "answer": f"{solution}\n#### {value}"}
-
-
-def prompt_text(question: str) -> str:
-    return f"Q: {question}\nA:\n"
-
-
-def encode_prompt(tokenizer: Any, question: str) -> list[int]:
-    """Token ids the models see for ``question``: BOS (if any), then the ``Q: ...\nA:\n`` text."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
 
 
 def _batch(
@@ -198,8 +190,8 @@ def signal_separation(pair: Any, questions: list[str], *, max_tokens: int = 64) 
     Every draft step is accepted (threshold below 0, one greedy candidate) so the draft writes the
     whole solution, and each arithmetic line is checked. Run per signal source and grounding method.
     """
-    from .engine import SpecGuardParams, generate
-    from .engine.loading import decode
+    from langchain_specguard.engine import SpecGuardParams, generate
+    from langchain_specguard.engine.loading import decode
 
     results: dict[str, Any] = {}
     tok = pair.tokenizer
@@ -255,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     if args.separation:
-        from .engine import load_pair
+        from langchain_specguard.engine import load_pair
 
         pair = load_pair(str(out / "target"), str(out / "draft"), device=args.device, dtype="float32")
         with open(out / "test.jsonl", encoding="utf-8") as handle:

@@ -7,6 +7,7 @@ worked examples teach one reasoning step per line and a final ``Answer: N`` line
 from __future__ import annotations
 
 import re
+from typing import Any
 
 TERMINATOR = "Done."
 """The worked examples end with this line, so a base model that never ends its turn writes it too: a stop."""
@@ -32,6 +33,18 @@ def chat_messages(question: str) -> list[dict[str, str]]:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": question})
     return messages
+
+
+def raw_prompt_text(question: str) -> str:
+    """The plain ``Q: ...\nA:\n`` format (no chat template) of the arithmetic testbed (research/arithmetic.py)."""
+    return f"Q: {question}\nA:\n"
+
+
+def raw_prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """Token ids of :func:`raw_prompt_text`: BOS (if the tokenizer has one), then the text."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids: list[int] = tokenizer(raw_prompt_text(question), add_special_tokens=False)["input_ids"]
+    return bos + ids
 
 
 def trim_to_answer(text: str) -> str:

@@ -6,7 +6,7 @@ it was text or a tool call, and whether the draft's step was accepted or the tar
 why: ``score``, or ``schema`` for a draft tool call that was not valid JSON, named an unbound tool
 or broke the tool's argument schema).
 
-    python -m langchain_specguard.agent_demo [--question "..."] [--threshold 0.5]
+    python -m langchain_specguard.apps.agent_demo [--question "..."] [--threshold 0.5]
 
 Honest expectation: the embedded model is a 270M *base* model. It was never trained to call tools,
 so with the fallback tool prompt and one worked example it sometimes writes a well-formed call and
@@ -24,8 +24,8 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 
-from .callbacks import SpecGuardCallbackHandler
-from .chat_models import ChatSpecGuard
+from ..callbacks import SpecGuardCallbackHandler
+from ..chat_models import ChatSpecGuard
 
 DEFAULT_QUESTION = "What is the capital of France?"
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}

@@ -5,7 +5,7 @@ draft; ``--pair qwen2.5-coder`` runs the Qwen2.5-Coder 1.5B/0.5B instruct pair (
 on two CPU cores loading takes minutes and decoding about a token a second). Prints the answer and a
 per-step table of who wrote each step and how the draft's step scored.
 
-    python -m langchain_specguard.demo [--pair qwen2.5-coder] [--question "..."] [--threshold 0.5]
+    python -m langchain_specguard.apps.demo [--pair qwen2.5-coder] [--question "..."] [--threshold 0.5]
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
-from .callbacks import SpecGuardCallbackHandler
-from .chat_models import ChatSpecGuard
+from ..callbacks import SpecGuardCallbackHandler
+from ..chat_models import ChatSpecGuard
 from .fewshot import DEFAULT_QUESTION, TERMINATOR, chat_messages, trim_to_answer
 
 

@@ -4,11 +4,11 @@ All methods run in one process on the same prompts and token budget, interleaved
 problem so that clock or thermal drift hits every method alike. Needs no LangChain.
 
     # a real pair (or the embedded Gemma 3 270M with no --target), GSM8K-style data
-    python -m langchain_specguard.bench --data test.jsonl --limit 20 \\
+    python -m langchain_specguard.apps.bench --data test.jsonl --limit 20 \\
         --methods target,target-static,draft,assisted,specguard --thresholds 0.3,0.5,0.7 --out results.json
 
     # real model shapes with planted weights (no download): 7B target, 0.5B draft, several agreements
-    python -m langchain_specguard.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement 1,0.97,0 \\
+    python -m langchain_specguard.apps.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement 1,0.97,0 \\
         --methods target,target-static,assisted,specguard --max-tokens 128 --max-step-tokens 24
 
 Every table row gives tokens/s, the ratio to the eager and to the compiled target, the share of the
@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 
-from .engine import SpecGuardParams, generate, load_embedded_pair, load_pair
-from .engine.decoding import warm_up
-from .engine.loading import ModelPair, decode, weight_bytes
-from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer
-from .testbed import encode_prompt
+from ..engine import SpecGuardParams, generate, load_embedded_pair, load_pair
+from ..engine.decoding import warm_up
+from ..engine.loading import ModelPair, decode, weight_bytes
+from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer, raw_prompt_ids
 
 
 @dataclass
@@ -110,7 +109,7 @@ def encode_prompts(pair: ModelPair, questions: list[str], style: str) -> list[li
     """``chat``: the few-shot prompt through the chat template; ``raw``: the testbed's ``Q: ...\nA:\n``."""
     tok = pair.tokenizer
     if style == "raw":
-        return [encode_prompt(tok, q) for q in questions]
+        return [raw_prompt_ids(tok, q) for q in questions]
     return [
         tok(
             tok.apply_chat_template(chat_messages(q), add_generation_prompt=True, tokenize=False),
@@ -547,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_synthetic(args)
     else:
         if args.pair is not None:
-            from .engine.packaged import load_packaged_pair
+            from ..engine.packaged import load_packaged_pair
 
             pair = load_packaged_pair(args.pair, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
         elif args.target is None:
