@@ -21,7 +21,7 @@ over, and why, in five places that carry the same data:
   the summary as ``{"specguard_summary": <summary>}``, so ``graph.stream(..., stream_mode="custom")``
   (or ``astream``) yields them in step order; ``stream_mode=["messages", "custom"]`` interleaves them
   with the step chunks. Outside a graph nothing is written.
-* **The message**, with ``return_step_details=True``: ``response_metadata["specguard"]["steps"]`` is
+* **The message**, with ``return_step_details=True``: ``response_metadata["specguard"]["step_events"]`` is
   the list of step events (on the last chunk when streaming), so the record survives without any
   callback.
 
@@ -55,8 +55,8 @@ over, and why, in five places that carry the same data:
     ``speculated_tokens``, ``drafted_tokens``, ``target_forwards``,
     ``draft_seconds`` / ``verify_seconds`` / ``target_seconds`` (where the step time went), ``seconds``
     (sum of step times).
-    In ``response_metadata["specguard"]`` the same dict is stored; with ``return_step_details`` its
-    ``steps`` key holds the list of step events instead of the count (``num_steps`` keeps the count).
+    In ``response_metadata["specguard"]`` the same dict is stored (``steps`` is always the count); with
+    ``return_step_details`` a ``step_events`` key holds the list of step events as well.
 
 A step's token log-probabilities (``logprobs=True``) are not in the event: they are the message's
 ``response_metadata["logprobs"]`` (on each step's chunk when streaming).
@@ -170,10 +170,8 @@ def record_on_tracers(handlers: Sequence[BaseCallbackHandler], run_id: UUID, nam
 
 
 def summary_event(summary: dict[str, Any]) -> dict[str, Any]:
-    """The ``specguard_summary`` payload: the summary with ``steps`` as a count, never the step list."""
-    if isinstance(summary.get("steps"), list):
-        return {**summary, "steps": summary.get("num_steps", len(summary["steps"]))}
-    return summary
+    """The ``specguard_summary`` payload: the summary without the step list (the steps have their own events)."""
+    return {k: v for k, v in summary.items() if k != "step_events"}
 
 
 def graph_writer() -> Callable[[Any], None] | None:

@@ -513,6 +513,9 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         """The tool-call format this model's output is parsed in (see ``tool_call_format``)."""
         if self.tool_call_format != "auto":
             return self.tool_call_format
+        packaged = PACKAGED_PAIRS[self.pair].tool_call_format if self.pair is not None else None
+        if packaged is not None:
+            return packaged  # what the packaged model was seen to write
         template = str(self.template or "")
         if self.template_takes_tools() and HERMES_MARKERS[0] not in template:
             return "json"
@@ -797,7 +800,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         seconds = sum(s.seconds for s in steps)
         summary = summarize(steps, seconds, len(prompt))
         if self.return_step_details:
-            summary["steps"] = [s.to_dict() for s in steps]
+            summary["step_events"] = [s.to_dict() for s in steps]  # beside the count "steps": one type each
         metadata = {
             "model_name": pair.name,
             "model_provider": "specguard",

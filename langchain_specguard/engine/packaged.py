@@ -18,6 +18,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -64,6 +65,7 @@ class PackagedPair:
     sample_ids: tuple[int, ...]
     extra_eos: tuple[str, ...] = ()  # end-of-turn tokens the GGUF metadata leaves out
     context_window: int | None = None  # the target's, known before loading (profiles)
+    tool_call_format: Literal["hermes", "json"] | None = None  # how the model writes calls, where "auto" misreads it
 
 
 QWEN_CODER = PackagedPair(
@@ -88,6 +90,9 @@ QWEN_CODER = PackagedPair(
     sample_ids=(13048, 151645, 198, 151644, 872, 220, 108386, 99489, 90316, 220, 151657, 87, 151658),
     extra_eos=("<|endoftext|>",),  # Qwen's generation config ends on it too; the GGUF names <|im_end|> only
     context_window=32768,
+    # Qwen's template asks for <tool_call> tags, but Qwen2.5-Coder-1.5B answers with a JSON call (in a ```json
+    # fence), and forced into <tool_call> it writes the result instead of the arguments: its calls are JSON
+    tool_call_format="json",
 )
 PACKAGED_PAIRS = {QWEN_CODER.name: QWEN_CODER}
 

@@ -124,7 +124,7 @@ def test_chat_model_calibrate_returns_a_threshold_and_changes_no_later_call() ->
     assert 0.0 <= value <= 1.0 and value != PRIOR_THRESHOLD
     assert llm.acceptance_threshold == 0.5  # the instance's own setting is left as it was
     after = llm.invoke("Hello there", acceptance_threshold="auto")  # calibrating stored nothing
-    assert after.response_metadata["specguard"]["steps"][0]["threshold"] == PRIOR_THRESHOLD
+    assert after.response_metadata["specguard"]["step_events"][0]["threshold"] == PRIOR_THRESHOLD
     assert after.content == before.content
     fixed = llm.invoke("Hello there", acceptance_threshold=value)  # the value is for fixing
-    assert fixed.response_metadata["specguard"]["steps"][0]["threshold"] == pytest.approx(value)
+    assert fixed.response_metadata["specguard"]["step_events"][0]["threshold"] == pytest.approx(value)

@@ -329,7 +329,7 @@ def test_chat_logprobs_in_openai_shape_streamed_and_invoked() -> None:
     catcher = Chunks()
     message = llm.invoke("Café crème", config={"callbacks": [catcher]})
     content = message.response_metadata["logprobs"]["content"]
-    steps = message.response_metadata["specguard"]["steps"]
+    steps = message.response_metadata["specguard"]["step_events"]
     token_ids = [t for s in steps for t in s["token_ids"]]
     assert len(content) == len(token_ids) == message.usage_metadata["output_tokens"]
     tokenizer = llm.load().tokenizer

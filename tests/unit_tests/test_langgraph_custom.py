@@ -91,7 +91,7 @@ def check(custom: list[Any], answer: BaseMessage) -> None:
     steps = [item[STEP_EVENT] for item in custom if STEP_EVENT in item]
     assert len(steps) == metadata["num_steps"] > 2
     assert [s["index"] for s in steps] == list(range(len(steps)))  # one item per step, in step order
-    assert steps == metadata["steps"]  # the step events themselves: source, scores, verdict
+    assert steps == metadata["step_events"]  # the step events themselves: source, scores, verdict
     assert {"source", "score", "accepted", "reason", "threshold"} <= set(steps[0])
     assert custom[-1] == {SUMMARY_EVENT: summary_event(metadata)}  # the summary closes the call's items
     assert "".join(s["text"] for s in steps) == answer.content

@@ -299,7 +299,7 @@ def test_all_fallback_equals_target_greedy_with_a_think_opening_template() -> No
         prompt = llm.render_prompt([HumanMessage(question)])
         assert pair.tokenizer.decode(prompt).endswith("assistant\n<think>\n")
         message = llm.invoke(question)
-        steps = message.response_metadata["specguard"]["steps"]
+        steps = message.response_metadata["specguard"]["step_events"]
         ids = list(itertools.chain.from_iterable(s["token_ids"] for s in steps))
         with torch.no_grad():
             out = pair.target.generate(

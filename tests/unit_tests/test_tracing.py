@@ -140,8 +140,8 @@ def test_langsmith_receives_step_events_summary_and_pair(llm: ChatSpecGuard, lan
     # the summary also reaches the run's outputs; the step list too, since return_step_details is on
     message = run["outputs"]["generations"][0][0]["message"]["kwargs"]
     specguard = message["response_metadata"]["specguard"]
-    assert {k: v for k, v in specguard.items() if k != "steps"} == {k: v for k, v in summary.items() if k != "steps"}
-    assert specguard["steps"] == steps and summary["steps"] == len(steps)
+    assert {k: v for k, v in specguard.items() if k != "step_events"} == summary
+    assert specguard["step_events"] == steps and summary["steps"] == specguard["steps"] == len(steps)
 
     # the metadata names the pair and the configuration
     metadata = run["extra"]["metadata"]
@@ -262,7 +262,7 @@ async def test_astream_events_steps_interleave_in_order(llm: ChatSpecGuard, trac
             assert timeline[i + 1][0] == "chunk" and timeline[i + 1][1].content == data["text"]
     assert [name for name, _ in timeline[-2:]] == [SUMMARY_EVENT, "chunk"]
     last = timeline[-1][1]
-    assert last.chunk_position == "last" and last.response_metadata["specguard"]["steps"] == steps
+    assert last.chunk_position == "last" and last.response_metadata["specguard"]["step_events"] == steps
     assert timeline[-2][1]["steps"] == len(steps) == timeline[-2][1]["num_steps"]
     if trace_steps == "runs":  # a child run opens before its step and closes with it as output
         opened = [i for i, (name, _) in enumerate(timeline) if name == "on_chain_start"]
@@ -276,16 +276,18 @@ async def test_astream_events_steps_interleave_in_order(llm: ChatSpecGuard, trac
 def test_return_step_details_invoke_and_stream(llm: ChatSpecGuard) -> None:
     collector = Collector()
     message = llm.invoke("Hey", config={"callbacks": [collector]})
-    details = message.response_metadata["specguard"]["steps"]
+    details = message.response_metadata["specguard"]["step_events"]
     sent = [data for name, data in collector.events if name == STEP_EVENT]
     assert details == sent and message.response_metadata["specguard"]["num_steps"] == len(sent)
     assert json.loads(json.dumps(details)) == details  # plain JSON: survives serialization as is
     chunks = list(llm.stream("Hey"))
     assert all("specguard" not in c.response_metadata for c in chunks[:-1])
-    streamed = chunks[-1].response_metadata["specguard"]["steps"]
+    streamed = chunks[-1].response_metadata["specguard"]["step_events"]
     assert [_untimed(s) for s in streamed] == [_untimed(s) for s in details]  # same steps, other timings
     plain = make_llm().invoke("Hey")
-    assert plain.response_metadata["specguard"]["steps"] == len(details)  # without details: the count
+    assert plain.response_metadata["specguard"]["steps"] == len(details)  # the count, with or without details
+    assert message.response_metadata["specguard"]["steps"] == len(details)  # one type: always the count
+    assert "step_events" not in plain.response_metadata["specguard"]
 
 
 def _untimed(step: dict[str, Any]) -> dict[str, Any]:
@@ -397,8 +399,8 @@ def test_handler_on_a_real_run_matches_the_messages(llm: ChatSpecGuard) -> None:
     messages += llm.batch(["Hey", "hi"], config={**config, "max_concurrency": 2})
     messages.append(asyncio.run(llm.ainvoke("Good day", config=config)))
     streamed = list(llm.stream("Hello there", config=config))
-    details = [m.response_metadata["specguard"]["steps"] for m in messages]
-    details.append(streamed[-1].response_metadata["specguard"]["steps"])
+    details = [m.response_metadata["specguard"]["step_events"] for m in messages]
+    details.append(streamed[-1].response_metadata["specguard"]["step_events"])
 
     steps = [s for call in details for s in call]
     totals = handler.summary()
