@@ -24,8 +24,8 @@ import torch
 from langchain_specguard.apps import synthetic
 from langchain_specguard.apps.bench import measure_bandwidth
 from langchain_specguard.engine import SpecGuardParams, generate
-from langchain_specguard.engine.decoding import RuntimePool
 from langchain_specguard.engine.loading import weight_bytes
+from langchain_specguard.engine.runtimes import RuntimePool
 
 
 def events_ms(fn: Any, repeats: int = 30, inner: int = 1) -> float:

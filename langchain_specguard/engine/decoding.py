@@ -1,8 +1,8 @@
 """The SpecGuard decoding loop, top to bottom.
 
-One generation is one :class:`Generation`: the committed sequence, the output text, the sampling
-generator, the agreement estimate, and a :class:`Runtime` (the draft's and the target's runners: KV
-caches, buffers, CUDA graphs) lent by the pair's pool. Each step is
+One generation is one :class:`~.generation.Generation`: the committed sequence, the output text, the
+sampling generator, the agreement estimate, and a :class:`~.runtimes.Runtime` (the draft's and the
+target's runners: KV caches, buffers, CUDA graphs) lent by the pair's pool. Each step (:func:`step`) is
 
 1. **propose** (:mod:`.propose`): the draft decodes ``n_candidates`` continuations in one batch on the
    device, reading them back once per chunk; the most consistent one is kept;
@@ -19,11 +19,8 @@ from ``valid`` to the last committed token, which it feeds again (its logits sta
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -31,22 +28,20 @@ from transformers import PreTrainedModel
 from .attention import decoder_layers
 from .calibration import ThresholdCalibrator
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
-from .loading import ModelPair, decode, embedding_rows, weight_bytes
+from .generation import Agreement, Generation
+from .loading import ModelPair, decode
 from .logprobs import StepLogprobs
 from .params import SpecGuardParams
 from .propose import propose
-from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
-from .sampling import Controls, seen_rows
+from .runtimes import RuntimePool
+from .sampling import Controls
 from .steps import call_syntax
 from .text import OutputText
 from .verify import verify
-from .view import engine_view, layer_windows
-from .write import Agreement, write
+from .view import layer_windows
+from .write import write
 
 __all__ = ["EVENT_VERSION", "GenerationResult", "StepEvent", "generate", "generate_steps", "summarize"]
-
-MAX_IDLE_RUNTIMES = 2
-"""Runtimes (caches + graphs) a pair keeps for reuse once their generations end; more are freed."""
 
 
 def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tuple[int, ...]:
@@ -73,222 +68,61 @@ def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tup
 
 
 # --------------------------------------------------------------------------------------------------
-# runtimes: what a generation decodes with, pooled per pair
-
-
-@dataclass
-class Runtime:
-    """The draft's and the target's runners for one generation at a time."""
-
-    draft: ModelRunner
-    target: ModelRunner
-    key: tuple[Any, ...]
-    chunk: int  # draft decode iterations per host read
-    cost: float  # one draft iteration over one target pass (weights read per token)
-
-
-def _single_device(model: torch.nn.Module) -> bool:
-    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
-    return len(devices) <= 1
-
-
-class RuntimePool:
-    """Runtimes of one pair: lent to one generation at a time, a few kept for reuse (their graphs too)."""
-
-    def __init__(self, pair: ModelPair) -> None:
-        self.draft_view = engine_view(pair.draft)
-        self.target_view = engine_view(pair.target)
-        self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
-        self.vocab = vocab_rows(self.draft_view, self.target_view)
-        self.idle: list[Runtime] = []
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def for_pair(pair: ModelPair) -> RuntimePool:
-        key = ("runtimes", id(pair.target), id(pair.draft))  # copies of a pair may swap or replace models
-        with _POOL_LOCK:
-            pool = pair.extra.get(key)
-            if pool is None:
-                pool = pair.extra[key] = RuntimePool(pair)
-        return pool
-
-    def take(self, params: SpecGuardParams, need: int, rows: int, device: torch.device) -> Runtime:
-        impl = params.cache_implementation
-        if impl == "auto":
-            impl = "static" if device.type == "cuda" else "dynamic"
-        growable = impl == "dynamic"
-        graphs = not growable and device.type == "cuda" and _single_device(self.target_view)
-        compiled = graphs and params.compile_decode is not False  # None: compile wherever graphs run
-        kind = (params.n_candidates, rows, growable, graphs, compiled)
-        # fixed caches need room for the sequence and a pass padded past its end; their sizes come in
-        # power-of-two tiers so that few shapes (CUDA graphs, compiled kernels) ever exist
-        room = need if growable else need + MAX_BUCKET
-        with self.lock:
-            fits = [r for r in self.idle if r.key[:-1] == kind and r.key[-1] >= room]
-            runtime = min(fits, key=lambda r: r.key[-1]) if fits else None
-            if runtime is not None:
-                self.idle.remove(runtime)
-        if runtime is None:
-            capacity = room if growable else max(1024, 1 << (room - 1).bit_length())
-            runners = [
-                ModelRunner(
-                    view,
-                    batch=batch,
-                    capacity=capacity,
-                    rows=rows,
-                    growable=growable,
-                    graphs=graphs,
-                    compile_decode=compiled,
-                    vocab=vocab,
-                )
-                for view, batch, vocab in (
-                    (self.draft_view, params.n_candidates, self.vocab[0]),
-                    (self.target_view, 1, self.vocab[1]),
-                )
-            ]
-            draft, target = runners
-            runtime = Runtime(draft, target, key=(*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
-        runtime.draft.cache.valid = runtime.target.cache.valid = 0
-        return runtime
-
-    def give(self, runtime: Runtime) -> None:
-        with self.lock:
-            self.idle.append(runtime)
-            del self.idle[:-MAX_IDLE_RUNTIMES]  # the oldest go; their tensors and graphs are freed
-
-
-_POOL_LOCK = threading.Lock()
-
-
-def vocab_rows(draft: PreTrainedModel, target: PreTrainedModel) -> tuple[Rows | None, Rows | None]:
-    """How the draft's and the target's runners meet each other's vocabulary rows (None: nothing to adapt).
-
-    The draft proposes only tokens the target can embed; a token only the target can write is fed to the
-    draft as its last row. The target's own distribution is never cut: what it writes stays exactly its own.
-    """
-    draft_out, target_in = output_vocab(draft), embedding_rows(target)
-    target_out, draft_in = output_vocab(target), embedding_rows(draft)
-    rows = Rows(output=target_in if draft_out > target_in else None, embed=draft_in if target_out > draft_in else None)
-    return (rows if rows != Rows() else None), None
-
-
-# --------------------------------------------------------------------------------------------------
 # one generation
 
 
-@dataclass
-class Generation:
-    """Everything one call's decoding needs; the phases read and update it."""
-
-    pair: ModelPair
-    params: SpecGuardParams
-    runtime: Runtime
-    out: OutputText
-    ids: list[int]  # prompt + committed output
-    budget: int
-    generator: torch.Generator
-    validate_step: Callable[[str], str | None] | None
-    draft_layers: tuple[int, ...]
-    target_layers: tuple[int, ...]
-    agreement: Agreement
-    calibrator: ThresholdCalibrator | None = None  # with acceptance_threshold="auto"
-    index: int = 0
-    logprobs: StepLogprobs | None = None  # the current step's, when the call reports log-probabilities
-    controls: Controls = field(init=False)
-    _seen: dict[tuple[torch.device, int], tuple[torch.Tensor, int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.controls = Controls.of(self.params)
-
-    def uniform(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator, device=self.generator.device)
-
-    def threshold(self) -> float:
-        """The acceptance threshold in force for the next step."""
-        if self.calibrator is not None:
-            return self.calibrator.threshold()
-        assert not isinstance(self.params.acceptance_threshold, str)
-        return self.params.acceptance_threshold
-
-    def seen(self, runner: ModelRunner, extra: Sequence[int] = ()) -> torch.Tensor | None:
-        """Mask ``[V]`` of the tokens in ``ids`` and ``extra`` on ``runner``'s device, or None without a
-        repetition penalty. The mask of the committed ids is kept and extended as they grow (one small
-        copy per step, none per token)."""
-        if not self.controls.penalised:
-            return None
-        key = (runner.device, runner.vocab)
-        mask, count = self._seen.get(key) or (torch.zeros(runner.vocab, dtype=torch.bool, device=runner.device), 0)
-        if count < len(self.ids):
-            mask.index_fill_(0, _known(self.ids[count:], runner), True)
-        self._seen[key] = (mask, len(self.ids))
-        if not extra:
-            return mask
-        return mask.clone().index_fill_(0, _known(extra, runner), True)
-
-    def seen_rows(
-        self, runner: ModelRunner, extra: Sequence[int], fed: Sequence[int], device: torch.device
-    ) -> torch.Tensor | None:
-        """Seen-token masks ``[len(fed), V]`` for the rows of a pass of ``runner`` that fed ``fed`` after
-        ``ids + extra`` (row ``j`` has also seen ``fed[: j + 1]``), or None without a repetition penalty."""
-        before = self.seen(runner, extra)
-        return None if before is None else seen_rows(before, torch.tensor(list(fed), device=device))
-
-    def step(self) -> StepEvent:
-        started = time.perf_counter()
-        self.out.begin_step()
-        self.logprobs = StepLogprobs(self.params.top_logprobs or 0) if self.params.logprobs else None
-        limit = min(self.params.step_cap, self.budget - len(self.out.generated))
-        proposal = propose(self, limit)
-        drafted = time.perf_counter()
-        verdict = verify(self, proposal)
-        verified = time.perf_counter()
-        tokens, written = proposal.tokens, None
-        if not verdict.accepted:
-            written = write(self, proposal.tokens, verdict.agree, verdict.next_token, limit)
-            tokens = written.tokens
-        wrote = time.perf_counter()
-        committed = self.out.commit(tokens, self.budget)
-        logprobs = self.logprobs.read(len(committed.tokens)) if self.logprobs is not None else None
-        self.ids.extend(committed.tokens)
-        for runner in (self.runtime.draft, self.runtime.target):
-            runner.cache.valid = min(runner.cache.valid, len(self.ids) - 1)
-        event = StepEvent(
-            index=self.index,
-            source="draft" if verdict.accepted else "target",
-            text=committed.text,
-            num_tokens=len(committed.tokens),
-            n_candidates=self.params.n_candidates,
-            grounding=verdict.grounding,
-            confidence=verdict.confidence,
-            score=verdict.score,
-            threshold=verdict.threshold,
-            accepted=verdict.accepted,
-            reason=verdict.reason,
-            seconds=time.perf_counter() - started,
-            draft_text=decode(self.pair.tokenizer, proposal.tokens),
-            drafted_tokens=proposal.drafted + (written.drafted if written else 0),
-            target_forwards=verdict.target_forwards + (written.target_forwards if written else 0),
-            draft_seconds=drafted - started,
-            verify_seconds=verified - drafted,
-            target_seconds=wrote - verified,
-            finish_reason=committed.finish,
-            token_ids=list(committed.tokens),
-            kind=committed.kind,
-            detail=verdict.detail,
-            signals=verdict.signals,
-            kept_tokens=0 if verdict.accepted else min(verdict.agree, len(committed.tokens)),
-            speculated_tokens=written.speculated if written else 0,
-            logprobs=logprobs,
-            call_candidates=proposal.call_candidates,
-            valid_call_candidates=proposal.valid_call_candidates,
-        )
-        self.index += 1
-        return event
-
-
-def _known(tokens: Sequence[int], runner: ModelRunner) -> torch.Tensor:
-    """``tokens`` that ``runner``'s model has rows for (a draft has none for rows only the target writes)."""
-    return torch.tensor([t for t in tokens if t < runner.vocab], dtype=torch.long, device=runner.device)
+def step(gen: Generation) -> StepEvent:
+    """One step of the loop: propose, verify, write if rejected, commit; its event."""
+    started = time.perf_counter()
+    gen.out.begin_step()
+    gen.logprobs = StepLogprobs(gen.params.top_logprobs or 0) if gen.params.logprobs else None
+    limit = min(gen.params.step_cap, gen.budget - len(gen.out.generated))
+    proposal = propose(gen, limit)
+    drafted = time.perf_counter()
+    verdict = verify(gen, proposal)
+    verified = time.perf_counter()
+    tokens, written = proposal.tokens, None
+    if not verdict.accepted:
+        written = write(gen, proposal.tokens, verdict.agree, verdict.next_token, limit)
+        tokens = written.tokens
+    wrote = time.perf_counter()
+    committed = gen.out.commit(tokens, gen.budget)
+    logprobs = gen.logprobs.read(len(committed.tokens)) if gen.logprobs is not None else None
+    gen.ids.extend(committed.tokens)
+    for runner in (gen.runtime.draft, gen.runtime.target):
+        runner.cache.valid = min(runner.cache.valid, len(gen.ids) - 1)
+    event = StepEvent(
+        index=gen.index,
+        source="draft" if verdict.accepted else "target",
+        text=committed.text,
+        num_tokens=len(committed.tokens),
+        n_candidates=gen.params.n_candidates,
+        grounding=verdict.grounding,
+        confidence=verdict.confidence,
+        score=verdict.score,
+        threshold=verdict.threshold,
+        accepted=verdict.accepted,
+        reason=verdict.reason,
+        seconds=time.perf_counter() - started,
+        draft_text=decode(gen.pair.tokenizer, proposal.tokens),
+        drafted_tokens=proposal.drafted + (written.drafted if written else 0),
+        target_forwards=verdict.target_forwards + (written.target_forwards if written else 0),
+        draft_seconds=drafted - started,
+        verify_seconds=verified - drafted,
+        target_seconds=wrote - verified,
+        finish_reason=committed.finish,
+        token_ids=list(committed.tokens),
+        kind=committed.kind,
+        detail=verdict.detail,
+        signals=verdict.signals,
+        kept_tokens=0 if verdict.accepted else min(verdict.agree, len(committed.tokens)),
+        speculated_tokens=written.speculated if written else 0,
+        logprobs=logprobs,
+        call_candidates=proposal.call_candidates,
+        valid_call_candidates=proposal.valid_call_candidates,
+    )
+    gen.index += 1
+    return event
 
 
 def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator:
@@ -407,7 +241,7 @@ def generate_steps(
         while True:
             # inference mode per step, never across a yield: the consumer may resume us in another thread
             with torch.inference_mode():
-                event = gen.step()
+                event = step(gen)
             yield event
             if event.finish_reason:
                 return

@@ -20,7 +20,7 @@ from .attention import StepAttention
 from .signals import select_consistent
 
 if TYPE_CHECKING:
-    from .decoding import Generation
+    from .generation import Generation
 
 
 @dataclass

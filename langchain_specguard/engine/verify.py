@@ -24,7 +24,7 @@ from .sampling import penalise, processed_logprobs, raw_logprobs
 from .signals import combine_scores, confidence_score, grounding_score, per_token
 
 if TYPE_CHECKING:
-    from .decoding import Generation
+    from .generation import Generation
 
 
 @dataclass

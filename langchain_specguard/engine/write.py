@@ -19,42 +19,7 @@ from .accept import accept
 from .sampling import penalise, processed_logprobs
 
 if TYPE_CHECKING:
-    from .decoding import Generation
-
-MAX_SPECULATION = 32
-
-
-@dataclass
-class Agreement:
-    """How often the draft's next token is the target's, over every comparison of this generation.
-
-    Each verification or speculation round shows ``a`` agreeing tokens and then, unless the whole run
-    agreed, one disagreement: the Laplace-smoothed share of agreements is the per-token rate ``alpha``.
-    ``cost`` is one draft decode iteration over one target pass (from the models' sizes), so
-    :meth:`speculation_length` maximises expected tokens per round over its cost:
-    ``(1 - alpha^(g+1)) / (1 - alpha)`` tokens for ``1 + g * cost``.
-    """
-
-    cost: float
-    agreed: int = 1
-    disagreed: int = 1
-
-    def observe(self, agreed: int, disagreed: bool) -> None:
-        self.agreed += agreed
-        self.disagreed += int(disagreed)
-
-    @property
-    def rate(self) -> float:
-        return self.agreed / (self.agreed + self.disagreed)
-
-    def speculation_length(self, room: int) -> int:
-        """Draft tokens per round (0: the target decodes alone), for at most ``room`` of them."""
-        alpha, best, best_value = self.rate, 0, 1.0
-        for gamma in range(1, min(room, MAX_SPECULATION) + 1):
-            value = (1 - alpha ** (gamma + 1)) / (1 - alpha) / (1 + gamma * self.cost)
-            if value > best_value:
-                best, best_value = gamma, value
-        return best
+    from .generation import Generation
 
 
 @dataclass

@@ -196,7 +196,7 @@ def test_static_cache_text_then_tool_call() -> None:
 
 
 def test_runtime_pool_stays_bounded_after_a_burst() -> None:
-    from langchain_specguard.engine.decoding import MAX_IDLE_RUNTIMES, RuntimePool
+    from langchain_specguard.engine.runtimes import MAX_IDLE_RUNTIMES, RuntimePool
 
     target, draft = llama_pair()
     pair = load_pair(target, draft, dtype="float32", device="cpu")

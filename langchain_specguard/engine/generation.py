@@ -1,0 +1,119 @@
+"""One generation's state: the committed sequence, the output text, the sampling generator, the agreement
+estimate and the runtime it decodes with. The phases (:mod:`.propose`, :mod:`.verify`, :mod:`.write`) read
+it; the loop (:mod:`.decoding`) owns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .calibration import ThresholdCalibrator
+from .loading import ModelPair
+from .logprobs import StepLogprobs
+from .params import SpecGuardParams
+from .runner import ModelRunner
+from .runtimes import Runtime
+from .sampling import Controls, seen_rows
+from .text import OutputText
+
+MAX_SPECULATION = 32
+"""Most draft tokens one speculation round proposes."""
+
+
+@dataclass
+class Agreement:
+    """How often the draft's next token is the target's, over every comparison of this generation.
+
+    Each verification or speculation round shows ``a`` agreeing tokens and then, unless the whole run
+    agreed, one disagreement: the Laplace-smoothed share of agreements is the per-token rate ``alpha``.
+    ``cost`` is one draft decode iteration over one target pass (from the models' sizes), so
+    :meth:`speculation_length` maximises expected tokens per round over its cost:
+    ``(1 - alpha^(g+1)) / (1 - alpha)`` tokens for ``1 + g * cost``.
+    """
+
+    cost: float
+    agreed: int = 1
+    disagreed: int = 1
+
+    def observe(self, agreed: int, disagreed: bool) -> None:
+        self.agreed += agreed
+        self.disagreed += int(disagreed)
+
+    @property
+    def rate(self) -> float:
+        return self.agreed / (self.agreed + self.disagreed)
+
+    def speculation_length(self, room: int) -> int:
+        """Draft tokens per round (0: the target decodes alone), for at most ``room`` of them."""
+        alpha, best, best_value = self.rate, 0, 1.0
+        for gamma in range(1, min(room, MAX_SPECULATION) + 1):
+            value = (1 - alpha ** (gamma + 1)) / (1 - alpha) / (1 + gamma * self.cost)
+            if value > best_value:
+                best, best_value = gamma, value
+        return best
+
+
+@dataclass
+class Generation:
+    """Everything one call's decoding needs; the phases read and update it."""
+
+    pair: ModelPair
+    params: SpecGuardParams
+    runtime: Runtime
+    out: OutputText
+    ids: list[int]  # prompt + committed output
+    budget: int
+    generator: torch.Generator
+    validate_step: Callable[[str], str | None] | None
+    draft_layers: tuple[int, ...]
+    target_layers: tuple[int, ...]
+    agreement: Agreement
+    calibrator: ThresholdCalibrator | None = None  # with acceptance_threshold="auto"
+    index: int = 0
+    logprobs: StepLogprobs | None = None  # the current step's, when the call reports log-probabilities
+    controls: Controls = field(init=False)
+    _seen: dict[tuple[torch.device, int], tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.controls = Controls.of(self.params)
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, device=self.generator.device)
+
+    def threshold(self) -> float:
+        """The acceptance threshold in force for the next step."""
+        if self.calibrator is not None:
+            return self.calibrator.threshold()
+        assert not isinstance(self.params.acceptance_threshold, str)
+        return self.params.acceptance_threshold
+
+    def seen(self, runner: ModelRunner, extra: Sequence[int] = ()) -> torch.Tensor | None:
+        """Mask ``[V]`` of the tokens in ``ids`` and ``extra`` on ``runner``'s device, or None without a
+        repetition penalty. The mask of the committed ids is kept and extended as they grow (one small
+        copy per step, none per token)."""
+        if not self.controls.penalised:
+            return None
+        key = (runner.device, runner.vocab)
+        mask, count = self._seen.get(key) or (torch.zeros(runner.vocab, dtype=torch.bool, device=runner.device), 0)
+        if count < len(self.ids):
+            mask.index_fill_(0, _known(self.ids[count:], runner), True)
+        self._seen[key] = (mask, len(self.ids))
+        if not extra:
+            return mask
+        return mask.clone().index_fill_(0, _known(extra, runner), True)
+
+    def seen_rows(
+        self, runner: ModelRunner, extra: Sequence[int], fed: Sequence[int], device: torch.device
+    ) -> torch.Tensor | None:
+        """Seen-token masks ``[len(fed), V]`` for the rows of a pass of ``runner`` that fed ``fed`` after
+        ``ids + extra`` (row ``j`` has also seen ``fed[: j + 1]``), or None without a repetition penalty."""
+        before = self.seen(runner, extra)
+        return None if before is None else seen_rows(before, torch.tensor(list(fed), device=device))
+
+
+def _known(tokens: Sequence[int], runner: ModelRunner) -> torch.Tensor:
+    """``tokens`` that ``runner``'s model has rows for (a draft has none for rows only the target writes)."""
+    return torch.tensor([t for t in tokens if t < runner.vocab], dtype=torch.long, device=runner.device)
