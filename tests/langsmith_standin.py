@@ -274,6 +274,7 @@ def main() -> None:
             decision="weighted",
             grounding_weight=0.8,
             acceptance_threshold=0.7515,
+            confidence_method="mean",
         )
         chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | llm | StrOutputParser()
         chain.invoke({"question": "Hello"})

@@ -203,7 +203,7 @@ BAD_CALLS: list[tuple[str, Callable[[ChatSpecGuard], Any], type[Exception], str]
         "unknown confidence_method",
         lambda m: m.invoke("Hello", confidence_method="max"),
         ValidationError,
-        "confidence_method\n  Input should be 'mean' or 'min'",
+        "confidence_method\n  Input should be 'mean', 'min' or 'ratio'",
     ),
     (
         "step_delimiters empty",

@@ -29,7 +29,7 @@ from tests.tiny_models import llama_pair
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "langsmith_chat_model_run.json"
 # on this pair, 0.7515 leaves the first steps of a call to the target and accepts the later ones
-MIXED = {"decision": "weighted", "grounding_weight": 0.8, "acceptance_threshold": 0.7515}
+MIXED = {"decision": "weighted", "grounding_weight": 0.8, "acceptance_threshold": 0.7515, "confidence_method": "mean"}
 
 
 def make_llm(**overrides: Any) -> ChatSpecGuard:
@@ -297,7 +297,7 @@ def _untimed(step: dict[str, Any]) -> dict[str, Any]:
 
 def test_langsmith_params_follow_per_call_overrides() -> None:
     model = make_llm()
-    params = model._get_ls_params(acceptance_threshold=0.9, signal_source="draft", stop=["x"])
+    params = model._get_ls_params(acceptance_threshold=0.9, signal_source="draft", confidence_method="mean", stop=["x"])
     assert params["acceptance_threshold"] == 0.9 and params["signal_source"] == "draft"
     assert params["specguard_target"] == model.target_model and params["specguard_draft"] == model.draft_model
     target, _ = llama_pair()
