@@ -16,7 +16,7 @@ from typing import Any
 from langchain_core.language_models.model_profile import ModelProfile
 from transformers import PreTrainedModel
 
-from .engine.loading import ModelPair, context_window
+from .engine.loading import ModelPair, context_window, model_config
 
 
 @dataclass
@@ -83,17 +83,15 @@ def identity(value: Any) -> Any:
 
 
 def context_window_of(spec: Any) -> int | None:
-    """The target's context window when it is known without loading weights (object, local config, embedded)."""
+    """The target's context window when it is known without loading weights (object, embedded, its config)."""
     if spec is None:
         return EMBEDDED_CONTEXT_WINDOW
     if isinstance(spec, PreTrainedModel):
         return context_window(spec)
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(spec), local_files_only=True)
+        config = model_config(str(spec))
     except (OSError, ValueError):
-        return None  # not local: filled in when the model loads
+        return None  # neither local nor reachable: filled in when the model loads
     window = config.get_text_config().max_position_embeddings if hasattr(config, "get_text_config") else None
     return int(window) if isinstance(window, int) else None
 

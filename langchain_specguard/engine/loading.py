@@ -159,6 +159,20 @@ def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str) 
         raise ValueError(f"could not load {what} from {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
+def model_config(name: str) -> Any:
+    """The config of a model path or Hub id, without its weights: local or cached first, else the Hub's.
+
+    Profile-driven LangChain code (``SummarizationMiddleware(trigger=("fraction", ...))``) reads the context
+    window when the chat model is constructed, before any weights load; fetching ``config.json`` first is
+    what ``from_pretrained`` does anyway, and it lands in the same cache.
+    """
+    from transformers import AutoConfig
+
+    if _is_path(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    return _from_pretrained(AutoConfig, name, {}, "the config of")
+
+
 def load_model(
     spec: ModelSpec,
     *,

@@ -89,3 +89,81 @@ def test_20_4_from_model_id_and_from_a_transformers_pipeline() -> None:
     assert from_pipe.invoke("Hello").content == plain.invoke("Hello").content
     drafted = ChatSpecGuard.from_model_id(target, **options, draft_model=pipeline("text-generation", model=draft))
     assert isinstance(drafted.draft_model, torch.nn.Module) and drafted.invoke("Hello").content
+
+
+# 5. the profile of a Hub id that is not cached yet
+
+
+class _HubMirror:
+    """A local stand-in for the Hub that serves one repository's ``config.json`` (the resolve endpoint, as
+    huggingface_hub asks it: HEAD for the commit and ETag, then GET) and counts what was asked."""
+
+    def __init__(self, repo: str, config: bytes) -> None:
+        import http.server
+        import threading
+
+        mirror = self
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bool) -> None:
+                mirror.requests.append(f"{self.command} {self.path}")
+                if self.path.split("?")[0] != f"/{repo}/resolve/main/config.json":
+                    self.send_response(404 if self.path != "/" else 200)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("ETag", '"config-etag"')
+                self.send_header("Content-Length", str(len(config)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(config)
+
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
+
+            def do_GET(self) -> None:
+                self._answer(body=True)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_20_5_profile_of_an_uncached_hub_id_comes_from_its_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """``SummarizationMiddleware(trigger=("fraction", 0.8))`` needs ``max_input_tokens`` at construction: for a Hub
+    id not in the cache yet, the id's ``config.json`` is fetched (into the cache ``from_pretrained`` reads later)."""
+    from huggingface_hub import constants
+    from langchain.agents.middleware import SummarizationMiddleware
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1234)
+    mirror = _HubMirror("someone/uncached-model", config.to_json_string().encode())
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", mirror.url)
+    monkeypatch.setattr(constants, "ENDPOINT", mirror.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", mirror.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    try:
+        llm = ChatSpecGuard(model="someone/uncached-model", draft_layers=1)
+        assert llm.profile is not None and llm.profile["max_input_tokens"] == 1234
+        assert any(r.startswith("GET /someone/uncached-model/resolve/main/config.json") for r in mirror.requests)
+        middleware = SummarizationMiddleware(model=llm, trigger=("fraction", 0.8))
+        assert middleware is not None
+        # now cached: a second instance asks nothing of the Hub
+        asked = len(mirror.requests)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert ChatSpecGuard(model="someone/uncached-model", draft_layers=1).profile["max_input_tokens"] == 1234
+        assert len(mirror.requests) == asked
+        # a repository the Hub does not have: no window, and construction still works
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        assert ChatSpecGuard(model="someone/no-such-model", draft_layers=1).profile["max_input_tokens"] is None
+    finally:
+        mirror.server.shutdown()
