@@ -61,10 +61,11 @@ from .callbacks import (
     langsmith_params,
 )
 from .engine.calibration import ThresholdCalibrator
-from .engine.decoding import StepEvent, generate_steps, score_layers, summarize, threshold_calibrator
+from .engine.decoding import StepEvent, generate_steps, summarize, threshold_calibrator
 from .engine.loading import ModelPair, load_embedded_pair, load_pair, resolve_dtype
 from .engine.packaged import PACKAGED_PAIRS, load_packaged_pair
 from .engine.params import PARAM_FIELDS, SpecGuardParams
+from .engine.scoring import score_layers
 from .pairs import Holding, context_window_of, identity, model_profile, shared_pair
 from .prompts import render
 from .reasoning import DEFAULT_MARKERS, ThoughtSpec, model_thinks, template_kwargs

@@ -7,12 +7,14 @@ from .decoding import generate, generate_steps
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .loading import GEMMA_CHAT_TEMPLATE, ModelPair, load_embedded_pair, load_pair, self_speculative_draft
 from .params import SpecGuardParams
+from .scoring import GroundingScorer
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
 
 __all__ = [
     "EVENT_VERSION",
     "GEMMA_CHAT_TEMPLATE",
     "GenerationResult",
+    "GroundingScorer",
     "ModelPair",
     "SpecGuardParams",
     "StepEvent",

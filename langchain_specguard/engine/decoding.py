@@ -23,9 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from transformers import PreTrainedModel
 
-from .attention import decoder_layers
 from .calibration import ThresholdCalibrator
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .generation import Agreement, Generation
@@ -35,36 +33,22 @@ from .params import SpecGuardParams
 from .propose import propose
 from .runtimes import RuntimePool
 from .sampling import Controls
+from .scoring import GroundingScorer, score_layers
 from .steps import call_syntax
 from .text import OutputText
 from .verify import verify
-from .view import layer_windows
 from .write import write
 
-__all__ = ["EVENT_VERSION", "GenerationResult", "StepEvent", "generate", "generate_steps", "summarize"]
-
-
-def score_layers(model: PreTrainedModel, requested: Sequence[int] | None) -> tuple[int, ...]:
-    """The layers whose attention is scored: the requested ones, or by default the last third.
-
-    On models that mix sliding-window and full-attention layers (Gemma 2/3, ...), the default is the
-    full-attention layers of the upper half instead: a sliding layer cannot see a prompt longer than
-    its window, so its attention cannot say whether the step builds on that prompt.
-    """
-    n = len(decoder_layers(model))
-    if requested is None:
-        windows = layer_windows(model.config.get_text_config())[:n]
-        full = [i for i, w in enumerate(windows) if w is None]
-        if full and len(full) < n:
-            upper = [i for i in full if i >= n // 2]
-            return tuple(upper or full[-1:])
-        return tuple(range(n - max(1, n // 3), n))
-    bad = [i for i in requested if not -n <= i < n]
-    if bad or not requested:
-        raise ValueError(
-            f"score_layers must be non-empty indices in [-{n}, {n - 1}] for this model, got {list(requested)}"
-        )
-    return tuple(sorted({i % n for i in requested}))
+__all__ = [
+    "EVENT_VERSION",
+    "GenerationResult",
+    "GroundingScorer",
+    "StepEvent",
+    "generate",
+    "generate_steps",
+    "score_layers",
+    "summarize",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,6 +151,7 @@ def generate_steps(
     single_call: bool = False,
     thinking: bool = False,
     calibrator: ThresholdCalibrator | None = None,
+    grounding: GroundingScorer | None = None,
 ) -> Iterator[StepEvent]:
     """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
 
@@ -191,6 +176,9 @@ def generate_steps(
     ``calibrator``: with ``acceptance_threshold="auto"``, where the threshold is learned; by default one
     of the generation's own (:func:`threshold_calibrator`). Pass one to learn across prompts on purpose
     (``ChatSpecGuard.calibrate``).
+
+    ``grounding``: a grounding scorer of your own (a subclass studying another attention signal); by default the
+    one ``params`` describe (:meth:`GroundingScorer.of`), none when the decision does not read grounding.
     """
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
@@ -217,9 +205,8 @@ def generate_steps(
         params.reasoning_markers,
         thinking and params.reasoning_markers is not None,
     )
-    grounding = params.signal_source if params.uses_grounding else None  # the model whose attention is scored
-    # the requested layers must exist in the scoring model even when this decision does not read them
-    layers = score_layers(pair.target if params.signal_source == "target" else pair.draft, params.score_layers)
+    described = GroundingScorer.of(pair, params)  # checks the requested layers even when unused
+    grounding = grounding if grounding is not None else described
     pool = RuntimePool.for_pair(pair)
     runtime = pool.take(params, len(prompt_ids) + budget, params.step_cap + 1, pair.device)
     try:
@@ -232,9 +219,7 @@ def generate_steps(
             budget=budget,
             generator=_generator(pair.device, params),
             validate_step=validate_step,
-            # only the model that computes the signals is scored, when the decision reads grounding
-            draft_layers=layers if grounding == "draft" else (),
-            target_layers=layers if grounding == "target" else (),
+            grounding=grounding,
             agreement=Agreement(cost=runtime.cost),
             calibrator=calibrator if calibrator is not None else threshold_calibrator(params),
         )
@@ -283,11 +268,15 @@ def generate(
     prefix: str = "",
     single_call: bool = False,
     thinking: bool = False,
+    grounding: GroundingScorer | None = None,
 ) -> GenerationResult:
     """Run SpecGuard to the end and return the text, the token ids and every step."""
     started = time.perf_counter()
     steps: list[StepEvent] = []
-    for event in generate_steps(pair, prompt_ids, params, stop, validate_step, prefix, single_call, thinking):
+    run = generate_steps(
+        pair, prompt_ids, params, stop, validate_step, prefix, single_call, thinking, grounding=grounding
+    )
+    for event in run:
         steps.append(event)
         if on_step is not None:
             on_step(event)

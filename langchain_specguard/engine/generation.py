@@ -17,6 +17,7 @@ from .params import SpecGuardParams
 from .runner import ModelRunner
 from .runtimes import Runtime
 from .sampling import Controls, seen_rows
+from .scoring import GroundingScorer
 from .text import OutputText
 
 MAX_SPECULATION = 32
@@ -68,8 +69,7 @@ class Generation:
     budget: int
     generator: torch.Generator
     validate_step: Callable[[str], str | None] | None
-    draft_layers: tuple[int, ...]
-    target_layers: tuple[int, ...]
+    grounding: GroundingScorer | None  # whose step attention is recorded and scored; None: not read
     agreement: Agreement
     calibrator: ThresholdCalibrator | None = None  # with acceptance_threshold="auto"
     index: int = 0

@@ -46,10 +46,8 @@ def propose(gen: Generation, limit: int) -> Proposal:
     draft.start_decode(
         ids[-1], start, gen.params.candidate_temperatures, gen.controls, seen=gen.seen(draft), top_logprobs=top
     )
-    record = None
-    if gen.params.signal_source == "draft" and gen.params.uses_grounding:
-        record = draft.record(gen.draft_layers)
-        record.context_len.fill_(len(ids))
+    grounding = gen.grounding
+    record = grounding.record(draft, len(ids)) if grounding is not None and grounding.source == "draft" else None
     rows: list[list[int]] = [[] for _ in range(draft.batch)]
     ends: list[int | None] = [None] * draft.batch
     while draft.decoded < limit and None in ends:

@@ -21,7 +21,7 @@ from .accept import Accepted, accept
 from .attention import StepAttention
 from .propose import Proposal
 from .sampling import penalise, processed_logprobs, raw_logprobs
-from .signals import combine_scores, confidence_score, grounding_score, per_token
+from .signals import combine_scores, confidence_score, per_token
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -42,11 +42,6 @@ class Verdict:
     signals: dict[str, float] = field(default_factory=dict)  # the confidence under each method (StepEvent.signals)
 
 
-def _grounding(record: StepAttention, row: int, k: int, gen: Generation) -> float:
-    sink, context, step = (t.double().cpu() for t in record.for_row(row, k))
-    return grounding_score(sink, context, step, gen.params.grounding_method)
-
-
 def target_pass(gen: Generation, proposal: Proposal, record: StepAttention | None) -> torch.Tensor:
     """Target logits ``[k, V]`` over the step (catching the target up first, e.g. after draft-scored steps)."""
     target, draft, ids = gen.runtime.target, gen.runtime.draft, gen.ids
@@ -55,8 +50,6 @@ def target_pass(gen: Generation, proposal: Proposal, record: StepAttention | Non
     target.tokens_in[:, 0].fill_(ids[-1])
     if k > 1:
         target.tokens_in[:, 1:k].copy_(draft.out_tokens[proposal.row, : k - 1])
-    if record is not None:
-        record.context_len.fill_(len(ids))
     logits = target.forward(None, start, record, q=k)[0]
     target.cache.valid = start + k
     return logits
@@ -69,8 +62,9 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     raw: torch.Tensor | None = None
     choices: torch.Tensor | None = None  # the target's own greedy token after each fed position, on the host
     grounding = math.nan  # not measured unless the decision reads it
+    scorer = gen.grounding
     if params.signal_source == "target":
-        record = gen.runtime.target.record(gen.target_layers) if params.uses_grounding else None
+        record = scorer.record(gen.runtime.target, len(gen.ids)) if scorer is not None else None
         logits = target_pass(gen, proposal, record)
         raw = raw_logprobs(logits)
         step = draft.out_tokens[row, :k].to(raw.device)
@@ -83,13 +77,13 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
         ]
         logp, top, chosen = torch.stack([r.to(raw.dtype) for r in rows]).double().cpu()
         choices = chosen.long()
-        if record is not None:
-            grounding = _grounding(record, 0, k, gen)
+        if scorer is not None and record is not None:
+            grounding = scorer.score(record, 0, k)
         forwards = 1
     else:
         logp, top = draft.out_logp[row, :k].double().cpu(), None
-        if proposal.record is not None:
-            grounding = _grounding(proposal.record, row, k, gen)
+        if scorer is not None and proposal.record is not None:
+            grounding = scorer.score(proposal.record, row, k)
         forwards = 0
     scores = logp - top if params.confidence_method == "ratio" and top is not None else logp
     confidence = confidence_score(scores, params.confidence_method)

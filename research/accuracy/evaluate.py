@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import time
@@ -64,57 +65,51 @@ _STATE: dict[str, Any] = {}
 
 def _layer_sets(model: Any) -> dict[str, tuple[int, ...]]:
     from langchain_specguard.engine.attention import decoder_layers
-    from langchain_specguard.engine.decoding import score_layers
+    from langchain_specguard.engine.scoring import score_layers
 
     n = len(decoder_layers(model))
     return {"default": score_layers(model, None), "last_third": tuple(range(n - max(1, n // 3), n))}
 
 
+def _study_scorer(params: Any) -> Any:
+    """The engine's grounding scorer, recording the union of the studied layer sets: it scores every variant
+    from the same attention (kept in ``_STATE["variants"]``, one entry per scored step) and decides with the
+    engine's own score on the default layers. None when the decision reads no grounding (nothing recorded)."""
+    from langchain_specguard.engine.scoring import GroundingScorer
+    from langchain_specguard.engine.signals import grounding_mean, grounding_rollout, grounding_score
+
+    if not params.uses_grounding:
+        return None
+    sets = _STATE["sets"][params.signal_source]
+    recorded = tuple(sorted(set(sets["default"]) | set(sets["last_third"])))
+
+    class StudyScorer(GroundingScorer):
+        def score(self, record: Any, row: int, k: int) -> float:
+            sink, context, step = (t.double().cpu() for t in record.for_row(row, k))
+            out: dict[str, float | None] = {}
+            for name, layers in sets.items():
+                idx = [recorded.index(i) for i in layers]
+                s, c, st = sink[idx], context[idx], step[idx]
+                values = {
+                    "rollout": grounding_rollout(s, c, st) if k > 1 else None,
+                    "mean": grounding_mean(s, c, st) if k > 1 else None,
+                    "legacy_rollout": legacy_rollout(s, c, st),
+                    "legacy_mean": legacy_mean(c, st),
+                }
+                out.update({f"{key}@{name}": value for key, value in values.items()})
+            _STATE["variants"].append(out)
+            idx = [recorded.index(i) for i in sets["default"]]
+            return grounding_score(sink[idx], context[idx], step[idx], self.method)
+
+    return StudyScorer(params.signal_source, recorded, params.grounding_method)
+
+
 def _init(target: str, draft: str, device: str, dtype: str) -> None:
-    import langchain_specguard.engine.verify as verify
     from langchain_specguard.engine import load_pair
-    from langchain_specguard.engine.signals import confidence_score, grounding_mean, grounding_rollout, grounding_score
 
     torch.set_num_threads(1)
     pair = load_pair(target, draft, dtype=dtype, device=device)
     _STATE.update(pair=pair, variants=[], sets={"target": _layer_sets(pair.target), "draft": _layer_sets(pair.draft)})
-
-    def instrumented(record: Any, row: int, k: int, gen: Any) -> float:
-        sink, context, step = (t.double().cpu() for t in record.for_row(row, k))
-        source = gen.params.signal_source
-        recorded = gen.target_layers if source == "target" else gen.draft_layers
-        out: dict[str, float | None] = {}
-        chosen: dict[str, list[int]] = {}
-        for name, layers in _STATE["sets"][source].items():
-            idx = [recorded.index(i) for i in layers]
-            chosen[name] = idx
-            s, c, st = sink[idx], context[idx], step[idx]
-            values = {
-                "rollout": grounding_rollout(s, c, st) if k > 1 else None,
-                "mean": grounding_mean(s, c, st) if k > 1 else None,
-                "legacy_rollout": legacy_rollout(s, c, st),
-                "legacy_mean": legacy_mean(c, st),
-            }
-            out.update({f"{key}@{name}": value for key, value in values.items()})
-        _STATE["variants"].append(out)
-        idx = chosen["default"]
-        return grounding_score(sink[idx], context[idx], step[idx], gen.params.grounding_method)
-
-    def confidence(logprobs: torch.Tensor, method: Any = "mean") -> float:
-        # both ways of scoring the step's log-probabilities, whichever one decides
-        if _STATE["variants"]:
-            _STATE["variants"][-1].update(
-                {f"confidence_{name}": _num(confidence_score(logprobs, name)) for name in ("mean", "min")}
-            )
-        return confidence_score(logprobs, method)
-
-    verify._grounding = instrumented  # type: ignore[assignment]
-    verify.confidence_score = confidence  # type: ignore[assignment]
-
-
-def _scored_layers(source: str) -> list[int]:
-    sets = _STATE["sets"][source]
-    return sorted(set(sets["default"]) | set(sets["last_third"]))
 
 
 def _run_specguard(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -123,7 +118,6 @@ def _run_specguard(job: dict[str, Any]) -> list[dict[str, Any]]:
 
     pair = _STATE["pair"]
     options = dict(job["params"])
-    options["score_layers"] = _scored_layers(options.get("signal_source", "target"))
     problems = dataset(job["seed"], job["problems"])
     records = []
     for index in job["indices"]:
@@ -134,12 +128,14 @@ def _run_specguard(job: dict[str, Any]) -> list[dict[str, Any]]:
         )  # fmt: skip
         prompt = pair.tokenizer(prompt_text(problem))["input_ids"]
         _STATE["variants"].clear()
-        result = generate(pair, prompt, params)
+        result = generate(pair, prompt, params, grounding=_study_scorer(params))
         variants = list(_STATE["variants"])
         if len(variants) != len(result.steps):  # one grounding per verified step; never misalign them
             variants = [{} for _ in result.steps]
         steps = []
         for event, extra in zip(result.steps, variants, strict=True):
+            if extra:  # both ways of scoring the step's log-probabilities, whichever one decided
+                extra.update({f"confidence_{m}": _num(event.signals.get(m, math.nan)) for m in ("mean", "min")})
             steps.append(
                 {
                     "source": event.source,

@@ -284,7 +284,9 @@ def test_score_layers_checked_against_the_scoring_model() -> None:
     assert llm.invoke("hi").content is not None  # layer 3 exists in the target, which scores
     with pytest.raises(ValueError, match=r"score_layers must be .* in \[-2, 1\]"):
         ChatSpecGuard(
-            target_model=target, draft_model=draft, score_layers=[3],
+            target_model=target,
+            draft_model=draft,
+            score_layers=[3],
             signal_source="draft",
             confidence_method="mean",
             acceptance_threshold=0.5,

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from langchain_specguard import ChatSpecGuard
 from langchain_specguard.engine import SpecGuardParams, generate, generate_steps, load_pair
 from langchain_specguard.engine.calibration import PRIOR_THRESHOLD, PRIOR_WEIGHT, ThresholdCalibrator
-from langchain_specguard.engine.decoding import score_layers
+from langchain_specguard.engine.scoring import score_layers
 from tests.tiny_models import gemma_pair, llama_pair
 
 

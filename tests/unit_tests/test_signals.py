@@ -137,3 +137,48 @@ def test_consistency_ties_prefer_the_greedy_candidate() -> None:
 def test_select_needs_a_candidate() -> None:
     with pytest.raises(ValueError, match="at least one candidate"):
         select_consistent([])
+
+
+# the grounding scorer seam (issue 21 item 5): a study adds signals by subclassing, never by patching the engine
+
+
+@pytest.mark.parametrize("source", ["target", "draft"])
+def test_a_grounding_scorer_of_your_own_sees_the_recorded_attention_and_decides(source: str) -> None:
+    from langchain_specguard.engine import GroundingScorer, SpecGuardParams, generate, load_pair
+    from tests.tiny_models import llama_pair
+
+    target, draft = llama_pair()
+    pair = load_pair(target, draft, dtype="float64", device="cpu")
+    options = {
+        "decision": "both", "signal_source": source, "confidence_method": "mean", "acceptance_threshold": 0.3,
+        "step_delimiters": ["\n"], "max_step_tokens": 4, "max_tokens": 16, "seed": 0,
+    }  # fmt: skip
+    params = SpecGuardParams(**options)
+    prompt = pair.tokenizer("Hello there")["input_ids"]
+    plain = generate(pair, prompt, params)
+    described = GroundingScorer.of(pair, params)
+    assert described is not None and described.source == source
+
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    class Study(GroundingScorer):
+        def score(self, record, row, k):  # type: ignore[no-untyped-def]
+            seen.append((k, tuple(record.layers)))
+            return super().score(record, row, k)
+
+    studied = generate(pair, prompt, params, grounding=Study(source, described.layers, described.method))
+    # the same attention, the same scores, the same text: the study only looked
+    assert studied.text == plain.text
+    assert [s.grounding for s in studied.steps] == pytest.approx([s.grounding for s in plain.steps], nan_ok=True)
+    assert len(seen) == len(studied.steps) and all(layers == described.layers for _, layers in seen)
+    assert all(1 <= k <= 4 for k, _ in seen)  # each call scores one kept candidate of at most max_step_tokens
+
+    # a scorer that always says "grounded" decides differently, without touching the engine
+    class Grounded(GroundingScorer):
+        def score(self, record, row, k):  # type: ignore[no-untyped-def]
+            return 1.0
+
+    grounded = generate(pair, prompt, params, grounding=Grounded(source, described.layers, described.method))
+    assert all(s.grounding == 1.0 for s in grounded.steps)
+    # the decision with confidence alone records nothing: no scorer is made
+    assert GroundingScorer.of(pair, SpecGuardParams(**{**options, "decision": "confidence"})) is None
