@@ -111,7 +111,7 @@ def main(shapes: str = "qwen2.5-7b:qwen2.5-0.5b") -> None:
         "draft_gb": db / 1e9,
     }
     prompts = synthetic.synthetic_prompts(pair, 3, 200)
-    target_map = pair.extra["target_map"].tolist()
+    target_map = pair.target_map.tolist()
 
     def expected(prompt: list[int], n: int) -> list[int]:
         out, token = [], prompt[-1]

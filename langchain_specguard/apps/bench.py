@@ -387,7 +387,7 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device or "cuda",
     )
     prompts = synthetic.synthetic_prompts(pair, args.limit, args.prompt_tokens)
-    target_map = pair.extra["target_map"].tolist()
+    target_map = pair.target_map.tolist()
 
     def expected(prompt: list[int]) -> list[int]:
         out, token = [], prompt[-1]

@@ -20,6 +20,7 @@ them; no token text holds a newline, so steps run to ``max_step_tokens``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -148,6 +149,15 @@ def next_token_maps(ordinary: int, agreement: float, seed: int, device: str) -> 
     return target.to(device), draft.to(device)
 
 
+@dataclass
+class SyntheticPair(ModelPair):
+    """A planted pair and its next-token maps: the target writes ``target_map[token]`` after ``token``, the draft
+    ``draft_map[token]`` (equal on the agreeing share of tokens)."""
+
+    target_map: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    draft_map: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+
 def synthetic_pair(
     target_shape: str,
     draft_shape: str | None,
@@ -157,7 +167,7 @@ def synthetic_pair(
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
-) -> ModelPair:
+) -> SyntheticPair:
     """A planted pair; ``draft_shape=None`` with ``draft_layers=k`` makes a self-speculative draft."""
     from ..engine.loading import self_speculative_draft
 
@@ -175,7 +185,7 @@ def synthetic_pair(
     tokenizer = synthetic_tokenizer(ordinary)
     eos = tokenizer.eos_token_id
     assert isinstance(eos, int)
-    return ModelPair(
+    return SyntheticPair(
         target=target,
         draft=draft,
         tokenizer=tokenizer,
@@ -183,22 +193,23 @@ def synthetic_pair(
         context_window=context_window(target),
         draft_layers=draft_layers,
         name=f"synthetic {target_shape}:{draft_shape or f'first {draft_layers} layers'} (agreement {agreement:g})",
-        extra={"target_map": target_map, "draft_map": draft_map},
+        target_map=target_map,
+        draft_map=draft_map,
     )
 
 
-def set_agreement(pair: ModelPair, agreement: float, seed: int = 0) -> None:
+def set_agreement(pair: SyntheticPair, agreement: float, seed: int = 0) -> None:
     """Re-point the draft's LM head for another agreement level (same target, same draft body)."""
-    ordinary = int(pair.extra["target_map"].shape[0])
-    target_map, draft_map = next_token_maps(ordinary, agreement, seed, str(pair.extra["target_map"].device))
-    assert torch.equal(target_map, pair.extra["target_map"])
+    ordinary = int(pair.target_map.shape[0])
+    target_map, draft_map = next_token_maps(ordinary, agreement, seed, str(pair.target_map.device))
+    assert torch.equal(target_map, pair.target_map)
     point_head(pair.draft, draft_map)
-    pair.extra["draft_map"] = draft_map
+    pair.draft_map = draft_map
     pair.name = pair.name.rsplit(" (agreement", 1)[0] + f" (agreement {agreement:g})"
 
 
-def synthetic_prompts(pair: ModelPair, count: int, length: int, seed: int = 0) -> list[list[int]]:
+def synthetic_prompts(pair: SyntheticPair, count: int, length: int, seed: int = 0) -> list[list[int]]:
     """Random ordinary tokens."""
-    ordinary = int(pair.extra["target_map"].shape[0])
+    ordinary = int(pair.target_map.shape[0])
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, ordinary, (length,), generator=generator).tolist() for _ in range(count)]

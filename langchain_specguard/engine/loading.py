@@ -54,7 +54,9 @@ class ModelPair:
     context_window: int
     draft_layers: int | None = None  # set when the draft is the target's first k layers
     name: str = "custom"
-    extra: dict[Any, Any] = field(default_factory=dict)  # per-pair state: compiled decoders, static caches
+    # the pair's runtimes.RuntimePool (caches, buffers, CUDA graphs) per (target, draft) objects, written by
+    # runtimes.py alone: a copy of the pair may swap a model, and must not reuse runners built over the other
+    runtime_pools: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

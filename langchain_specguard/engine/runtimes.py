@@ -51,11 +51,11 @@ class RuntimePool:
 
     @staticmethod
     def for_pair(pair: ModelPair) -> RuntimePool:
-        key = ("runtimes", id(pair.target), id(pair.draft))  # copies of a pair may swap or replace models
+        key = (id(pair.target), id(pair.draft))  # copies of a pair may swap or replace models
         with _POOL_LOCK:
-            pool = pair.extra.get(key)
+            pool = pair.runtime_pools.get(key)
             if pool is None:
-                pool = pair.extra[key] = RuntimePool(pair)
+                pool = pair.runtime_pools[key] = RuntimePool(pair)
         return pool
 
     def take(self, params: SpecGuardParams, need: int, rows: int, device: torch.device) -> Runtime:

@@ -58,3 +58,34 @@ def test_synthetic_without_cuda_is_a_clear_message(capsys: pytest.CaptureFixture
         bench.main(["--synthetic", "qwen2.5-7b:qwen2.5-0.5b"])
     assert info.value.code == 2
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_a_planted_pair_writes_its_map_and_set_agreement_moves_only_the_draft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planted shapes on the CPU at a tiny width: the target writes ``target_map`` token after token, and
+    ``set_agreement`` re-points the draft alone (the bench's per-agreement rows)."""
+    from langchain_specguard.apps import synthetic
+    from langchain_specguard.engine import SpecGuardParams, generate
+
+    tiny = {
+        **synthetic.SHAPES["qwen2.5-0.5b"],
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 152064,
+    }  # fmt: skip
+    monkeypatch.setitem(synthetic.SHAPES, "tiny-target", tiny)
+    monkeypatch.setitem(synthetic.SHAPES, "tiny-draft", {**tiny, "num_hidden_layers": 1})
+    pair = synthetic.synthetic_pair("tiny-target", "tiny-draft", 1.0, device="cpu", dtype=torch.float32)
+    assert isinstance(pair, synthetic.SyntheticPair) and torch.equal(pair.target_map, pair.draft_map)
+    (prompt,) = synthetic.synthetic_prompts(pair, 1, 8)
+    expected, token = [], prompt[-1]
+    for _ in range(6):
+        token = int(pair.target_map[token])
+        expected.append(token)
+    params = SpecGuardParams(max_tokens=6, max_step_tokens=3, seed=0)
+    agreeing = generate(pair, prompt, params)
+    assert agreeing.token_ids == expected and all(s.accepted for s in agreeing.steps)
+
+    target_map = pair.target_map.clone()
+    synthetic.set_agreement(pair, 0.0)
+    assert torch.equal(pair.target_map, target_map) and not torch.equal(pair.draft_map, target_map)
+    disagreeing = generate(pair, prompt, params)
+    assert disagreeing.token_ids == expected and not any(s.accepted for s in disagreeing.steps)
