@@ -134,37 +134,48 @@ class _HubMirror:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def test_20_5_profile_of_an_uncached_hub_id_comes_from_its_config(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-) -> None:
+_PROFILE_CHILD = """
+import json, sys
+from langchain.agents.middleware import SummarizationMiddleware
+from langchain_specguard import ChatSpecGuard
+
+windows = [ChatSpecGuard(model=name, draft_layers=1).profile["max_input_tokens"] for name in sys.argv[1:]]
+SummarizationMiddleware(model=ChatSpecGuard(model=sys.argv[1], draft_layers=1), trigger=("fraction", 0.8))
+print(json.dumps(windows))
+"""
+
+
+def _profile_windows(env: dict[str, str], *names: str) -> list[int | None]:
+    """The profile's ``max_input_tokens`` for each name, in a fresh process (the Hub libraries read the endpoint,
+    the cache and offline mode from the environment when imported, as a user sets them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROFILE_CHILD, *names],
+        env={**base, **env}, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_20_5_profile_of_an_uncached_hub_id_comes_from_its_config(tmp_path: Any) -> None:
     """``SummarizationMiddleware(trigger=("fraction", 0.8))`` needs ``max_input_tokens`` at construction: for a Hub
     id not in the cache yet, the id's ``config.json`` is fetched (into the cache ``from_pretrained`` reads later)."""
-    from huggingface_hub import constants
-    from langchain.agents.middleware import SummarizationMiddleware
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1234)
     mirror = _HubMirror("someone/uncached-model", config.to_json_string().encode())
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", mirror.url)
-    monkeypatch.setattr(constants, "ENDPOINT", mirror.url)
-    template = mirror.url + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    env = {"HF_ENDPOINT": mirror.url, "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
     try:
-        llm = ChatSpecGuard(model="someone/uncached-model", draft_layers=1)
-        assert llm.profile is not None and llm.profile["max_input_tokens"] == 1234
-        assert any(r.startswith("GET /someone/uncached-model/resolve/main/config.json") for r in mirror.requests)
-        middleware = SummarizationMiddleware(model=llm, trigger=("fraction", 0.8))
-        assert middleware is not None
-        # now cached: a second instance asks nothing of the Hub
-        asked = len(mirror.requests)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-        assert ChatSpecGuard(model="someone/uncached-model", draft_layers=1).profile["max_input_tokens"] == 1234
-        assert len(mirror.requests) == asked
         # a repository the Hub does not have: no window, and construction still works
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        assert ChatSpecGuard(model="someone/no-such-model", draft_layers=1).profile["max_input_tokens"] is None
+        assert _profile_windows(env, "someone/uncached-model", "someone/no-such-model") == [1234, None]
+        assert any(r.startswith("GET /someone/uncached-model/resolve/main/config.json") for r in mirror.requests)
+        # now cached: offline, a new process still knows the window, and asks the Hub nothing
+        asked = len(mirror.requests)
+        assert _profile_windows({**env, "HF_HUB_OFFLINE": "1"}, "someone/uncached-model") == [1234]
+        assert len(mirror.requests) == asked
     finally:
         mirror.server.shutdown()
