@@ -95,6 +95,7 @@ from langchain_core.language_models import LangSmithParams
 from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
 
 from .engine.decoding import EVENT_VERSION, StepEvent
+from .engine.events import step_totals
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -391,7 +392,7 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
 
             handler = SpecGuardCallbackHandler()
             chain.batch(questions, config={"callbacks": [handler]})
-            handler.summary()["acceptance_rate"], handler.summary()["fallbacks_by_reason"]
+            handler.summary()["accepted_share"], handler.summary()["fallbacks_by_reason"]
             handler.plot("steps.png")
             pandas.DataFrame(handler.to_records())  # if you use pandas
     """
@@ -454,40 +455,26 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
             return [dict(s) for s in self._summaries]
 
     def summary(self) -> dict[str, Any]:
-        """Totals over every collected step.
+        """Totals over every collected step, named as a call's ``specguard_summary`` names them
+        (:func:`~langchain_specguard.engine.events.step_totals`: ``accepted_share``, ``draft_tokens``...), and:
 
-        ``acceptance_rate``: accepted draft steps / steps. ``target_token_share``: output tokens the
-        target wrote / all output tokens. ``fallbacks_by_reason``: rejected steps per ``reason``.
-        ``seconds`` and its ``draft``/``verify``/``target`` split sum the steps' wall times.
+        ``calls``; ``target_token_share``: output tokens the target wrote / all output tokens; ``fallbacks`` and
+        ``fallbacks_by_reason``: rejected steps, per ``reason``; ``mean_score``; ``seconds``: the steps' wall
+        times added up (the ``draft``/``verify``/``target`` split is among the totals).
         """
         records = self.to_records()
-        accepted = sum(1 for r in records if r.get("accepted"))
-        output = sum(int(r.get("num_tokens", 0)) for r in records)
-        target = sum(int(r.get("num_tokens", 0)) for r in records if r.get("source") == "target")
+        totals = step_totals(records)
         reasons = Counter(str(r.get("reason")) for r in records if not r.get("accepted"))
         scores = [s for s in (_number(r.get("score")) for r in records) if s is not None]
-
-        def total(key: str) -> float:
-            return sum(_number(r.get(key)) or 0.0 for r in records)
-
+        output = totals["output_tokens"]
         return {
             "calls": len({r["run_id"] for r in records}),
-            "steps": len(records),
-            "accepted_steps": accepted,
-            "acceptance_rate": accepted / len(records) if records else 0.0,
-            "output_tokens": output,
-            "draft_tokens": output - target,
-            "target_tokens": target,
-            "target_token_share": target / output if output else 0.0,
-            "fallbacks": len(records) - accepted,
+            **totals,
+            "target_token_share": totals["target_tokens"] / output if output else 0.0,
+            "fallbacks": totals["steps"] - totals["accepted_steps"],
             "fallbacks_by_reason": dict(sorted(reasons.items())),
-            "drafted_tokens": sum(int(r.get("drafted_tokens", 0)) for r in records),
-            "target_forwards": sum(int(r.get("target_forwards", 0)) for r in records),
             "mean_score": sum(scores) / len(scores) if scores else None,
-            "seconds": total("seconds"),
-            "draft_seconds": total("draft_seconds"),
-            "verify_seconds": total("verify_seconds"),
-            "target_seconds": total("target_seconds"),
+            "seconds": sum(_number(r.get("seconds")) or 0.0 for r in records),
         }
 
     def plot(self, path: str | Path | None = None, *, title: str | None = None) -> Figure:
@@ -550,7 +537,7 @@ class SpecGuardCallbackHandler(BaseCallbackHandler):
         # legends push left, so on a short run's narrow figure it ran off the edge); long ones wrap
         fig.suptitle(
             title
-            or f"SpecGuard steps: {totals['calls']} call(s), acceptance {totals['acceptance_rate']:.0%}, "
+            or f"SpecGuard steps: {totals['calls']} call(s), acceptance {totals['accepted_share']:.0%}, "
             f"target wrote {totals['target_token_share']:.0%} of tokens",
             fontsize=10,
             wrap=True,

@@ -76,7 +76,7 @@ class Tally:
             "median_s_per_problem": statistics.median(self.seconds) if self.seconds else None,
             "output_tokens": total_t,
             "target_forwards_per_token": self.target_forwards / total_t if total_t and self.steps else None,
-            "acceptance_rate": self.accepted / self.steps if self.steps else None,
+            "accepted_share": self.accepted / self.steps if self.steps else None,
             "kept_per_token": self.kept / total_t if total_t and self.steps else None,
             "peak_gpu_mib": self.peak_bytes / 2**20 if self.peak_bytes else None,
             **{f"{phase}_share": seconds / total_s for phase, seconds in self.phases.items() if total_s},
@@ -454,7 +454,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:8.1f} {fmt(r.get('speed_vs_target'), '.2f'):>7} "
             f"{fmt(r.get('speed_vs_compiled'), '.2f'):>6} "
             f"{fmt(r.get('limit_share'), '.2f'):>5} {fmt(r['median_s_per_problem'], '.3f'):>7} "
-            f"{fmt(r['target_forwards_per_token'], '.3f'):>11} {fmt(r['acceptance_rate'], '.2f'):>6} "
+            f"{fmt(r['target_forwards_per_token'], '.3f'):>11} {fmt(r['accepted_share'], '.2f'):>6} "
             f"{fmt(r.get('kept_per_token'), '.2f'):>8} {fmt(r['peak_gpu_mib'], '.0f'):>7}  {_shares(r):>21}"
         )
     if result.get("target_limit_tokens_per_s"):

@@ -7,7 +7,7 @@ The field list here is the schema: ``callbacks.py`` documents it for LangChain u
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -92,25 +92,45 @@ class GenerationResult:
         return summarize(self.steps, self.seconds, self.prompt_tokens)
 
 
-def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) -> dict[str, Any]:
-    accepted = sum(s.accepted for s in steps)
+def step_totals(steps: Sequence[StepEvent] | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The figures every summary of steps reports, under one set of names: one call's summary
+    (:func:`summarize`) and the callback handler's totals over many calls read them from here.
+
+    ``steps`` are events or their dicts (``StepEvent.to_dict()``, as callbacks receive them).
+    """
+
+    def get(step: StepEvent | Mapping[str, Any], key: str) -> Any:
+        return step.get(key) if isinstance(step, Mapping) else getattr(step, key)
+
+    def total(key: str, where: Callable[[StepEvent | Mapping[str, Any]], bool] = lambda s: True) -> Any:
+        return sum(get(s, key) or 0 for s in steps if where(s))
+
+    accepted = sum(bool(get(s, "accepted")) for s in steps)
     return {
-        "version": EVENT_VERSION,
         "steps": len(steps),
-        "num_steps": len(steps),
         "accepted_steps": accepted,
         "accepted_share": accepted / len(steps) if steps else 0.0,
+        "output_tokens": total("num_tokens"),
+        "draft_tokens": total("num_tokens", lambda s: get(s, "source") == "draft"),
+        "target_tokens": total("num_tokens", lambda s: get(s, "source") == "target"),
+        "reasoning_tokens": total("num_tokens", lambda s: get(s, "kind") == "reasoning"),
+        "kept_tokens": total("kept_tokens"),
+        "speculated_tokens": total("speculated_tokens"),
+        "drafted_tokens": total("drafted_tokens"),
+        "target_forwards": total("target_forwards"),
+        "draft_seconds": total("draft_seconds"),
+        "verify_seconds": total("verify_seconds"),
+        "target_seconds": total("target_seconds"),
+    }
+
+
+def summarize(steps: Sequence[StepEvent], seconds: float, prompt_tokens: int) -> dict[str, Any]:
+    """One call's summary (the ``specguard_summary`` event, ``response_metadata["specguard"]``)."""
+    totals = step_totals(steps)
+    return {
+        "version": EVENT_VERSION,
+        **totals,
+        "num_steps": totals["steps"],
         "prompt_tokens": prompt_tokens,
-        "output_tokens": sum(s.num_tokens for s in steps),
-        "draft_tokens": sum(s.num_tokens for s in steps if s.source == "draft"),
-        "target_tokens": sum(s.num_tokens for s in steps if s.source == "target"),
-        "reasoning_tokens": sum(s.num_tokens for s in steps if s.kind == "reasoning"),
-        "kept_tokens": sum(s.kept_tokens for s in steps),
-        "speculated_tokens": sum(s.speculated_tokens for s in steps),
-        "drafted_tokens": sum(s.drafted_tokens for s in steps),
-        "target_forwards": sum(s.target_forwards for s in steps),
-        "draft_seconds": sum(s.draft_seconds for s in steps),
-        "verify_seconds": sum(s.verify_seconds for s in steps),
-        "target_seconds": sum(s.target_seconds for s in steps),
         "seconds": seconds,
     }

@@ -372,7 +372,7 @@ def test_handler_totals_match_a_hand_computed_run() -> None:
     totals = handler.summary()
     assert totals["calls"] == 5 and len(handler.summaries()) == 5
     assert totals["steps"] == 12 and totals["accepted_steps"] == 7
-    assert totals["acceptance_rate"] == pytest.approx(7 / 12)
+    assert totals["accepted_share"] == pytest.approx(7 / 12)
     assert totals["output_tokens"] == 45 and totals["target_tokens"] == 18 and totals["draft_tokens"] == 27
     assert totals["target_token_share"] == pytest.approx(18 / 45)
     assert totals["fallbacks"] == 5 and totals["fallbacks_by_reason"] == {"schema": 3, "score": 2}
@@ -407,12 +407,18 @@ def test_handler_on_a_real_run_matches_the_messages(llm: ChatSpecGuard) -> None:
     assert totals["calls"] == 5 and totals["steps"] == len(steps)
     accepted = sum(s["accepted"] for s in steps)
     assert 0 < accepted < len(steps)  # MIXED gives both outcomes
-    assert totals["acceptance_rate"] == pytest.approx(accepted / len(steps))
+    assert totals["accepted_share"] == pytest.approx(accepted / len(steps))
     output = sum(s["num_tokens"] for s in steps)
     target = sum(s["num_tokens"] for s in steps if s["source"] == "target")
     assert totals["output_tokens"] == output and totals["target_token_share"] == pytest.approx(target / output)
     assert totals["fallbacks_by_reason"] == {"score": len(steps) - accepted}
     assert totals["seconds"] == pytest.approx(sum(s["seconds"] for s in steps))
+    # one vocabulary: the handler's totals are the calls' own summaries added up, key by key
+    summaries = [m.response_metadata["specguard"] for m in messages] + [streamed[-1].response_metadata["specguard"]]
+    shared = set(summaries[0]) & set(totals) - {"version", "accepted_share", "seconds"}
+    assert {"steps", "accepted_steps", "output_tokens", "draft_tokens", "kept_tokens", "draft_seconds"} <= shared
+    for key in shared:
+        assert totals[key] == pytest.approx(sum(summary[key] for summary in summaries)), key
     assert totals["seconds"] >= totals["draft_seconds"] + totals["verify_seconds"] + totals["target_seconds"] > 0
     summaries = handler.summaries()
     assert sorted(s["num_steps"] for s in summaries) == sorted(len(d) for d in details)
