@@ -94,8 +94,7 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import LangSmithParams
 from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
 
-from .engine.decoding import EVENT_VERSION, StepEvent
-from .engine.events import step_totals
+from .engine import EVENT_VERSION, StepEvent, step_totals
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

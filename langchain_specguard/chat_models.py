@@ -60,12 +60,22 @@ from .callbacks import (
     TraceSteps,
     langsmith_params,
 )
-from .engine.calibration import ThresholdCalibrator
-from .engine.decoding import StepEvent, generate_steps, summarize, threshold_calibrator
-from .engine.loading import ModelPair, load_embedded_pair, load_pair, resolve_dtype
-from .engine.packaged import PACKAGED_PAIRS, load_packaged_pair
-from .engine.params import PARAM_FIELDS, SpecGuardParams
-from .engine.scoring import score_layers
+from .engine import (
+    PACKAGED_PAIRS,
+    PARAM_FIELDS,
+    ModelPair,
+    SpecGuardParams,
+    StepEvent,
+    ThresholdCalibrator,
+    generate_steps,
+    load_embedded_pair,
+    load_packaged_pair,
+    load_pair,
+    resolve_dtype,
+    score_layers,
+    summarize,
+    threshold_calibrator,
+)
 from .pairs import Holding, context_window_of, identity, model_profile, shared_pair
 from .prompts import render
 from .reasoning import DEFAULT_MARKERS, ThoughtSpec, model_thinks, template_kwargs

@@ -16,7 +16,7 @@ from typing import Any
 from langchain_core.language_models.model_profile import ModelProfile
 from transformers import PreTrainedModel
 
-from .engine.loading import ModelPair, context_window, model_config
+from .engine import ModelPair, context_window, model_config
 
 
 @dataclass

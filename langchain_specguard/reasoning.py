@@ -20,8 +20,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage
 from transformers import PreTrainedTokenizerBase
 
-from .engine.steps import leading_thought, may_open_thought
-from .engine.text import held_back
+from .engine import held_back, leading_thought, may_open_thought
 
 DEFAULT_MARKERS = ("<think>", "</think>")
 """The think markers of Qwen3, QwQ and the DeepSeek-R1 family (``reasoning_markers`` overrides them)."""

@@ -25,9 +25,7 @@ from langchain_core.utils.utils import LC_ID_PREFIX
 
 from .binding import ToolSetup
 from .callbacks import StepReporter
-from .engine.decoding import StepEvent
-from .engine.loading import ModelPair
-from .engine.text import token_bytes
+from .engine import ModelPair, StepEvent, token_bytes
 
 
 @dataclass

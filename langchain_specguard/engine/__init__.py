@@ -1,31 +1,60 @@
 """The framework-free SpecGuard engine: load a pair, decode with step-level verification.
 
-Nothing here imports LangChain; ``langchain_specguard.chat_models`` is a thin layer over it.
+Nothing here imports LangChain; ``langchain_specguard.chat_models`` is a thin layer over it, and everything that
+layer needs from the engine is named here.
 """
 
-from .decoding import generate, generate_steps
-from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
-from .loading import GEMMA_CHAT_TEMPLATE, ModelPair, load_embedded_pair, load_pair, self_speculative_draft
-from .params import SpecGuardParams
-from .scoring import GroundingScorer
+from .calibration import ThresholdCalibrator
+from .decoding import generate, generate_steps, threshold_calibrator
+from .events import EVENT_VERSION, GenerationResult, StepEvent, step_totals, summarize
+from .loading import (
+    GEMMA_CHAT_TEMPLATE,
+    ModelPair,
+    context_window,
+    load_embedded_pair,
+    load_pair,
+    model_config,
+    resolve_dtype,
+    self_speculative_draft,
+)
+from .packaged import PACKAGED_PAIRS, load_packaged_pair
+from .params import PARAM_FIELDS, SpecGuardParams
+from .scoring import GroundingScorer, score_layers
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
+from .steps import json_region, leading_thought, may_open_thought
+from .text import held_back, token_bytes
 
 __all__ = [
     "EVENT_VERSION",
     "GEMMA_CHAT_TEMPLATE",
+    "PACKAGED_PAIRS",
+    "PARAM_FIELDS",
     "GenerationResult",
     "GroundingScorer",
     "ModelPair",
     "SpecGuardParams",
     "StepEvent",
+    "ThresholdCalibrator",
     "combine_scores",
     "confidence_score",
+    "context_window",
     "generate",
     "generate_steps",
     "grounding_score",
+    "held_back",
+    "json_region",
+    "leading_thought",
     "load_embedded_pair",
+    "load_packaged_pair",
     "load_pair",
+    "may_open_thought",
+    "model_config",
+    "resolve_dtype",
+    "score_layers",
     "select_consistent",
     "self_speculative_draft",
+    "step_totals",
     "summarize",
+    "threshold_calibrator",
+    "token_bytes",
 ]
