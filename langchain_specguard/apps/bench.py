@@ -430,6 +430,12 @@ def _shares(row: dict[str, Any]) -> str:
     return "/".join(f"{100 * row[f'{phase}_share']:.0f}" for phase in ("draft", "verify", "target"))
 
 
+def _accepted_share(row: dict[str, Any]) -> float | None:
+    """A row's share of accepted draft steps; results saved before the summaries shared one vocabulary
+    call it ``acceptance_rate``."""
+    return row.get("accepted_share", row.get("acceptance_rate"))
+
+
 def format_table(result: dict[str, Any]) -> str:
     head = (
         f"{'method':<34} {'agree':>5} {'acc':>5} {'tok/s':>8} {'x eager':>7} {'x comp':>6} {'limit':>5} {'med s':>7} "
@@ -454,7 +460,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:8.1f} {fmt(r.get('speed_vs_target'), '.2f'):>7} "
             f"{fmt(r.get('speed_vs_compiled'), '.2f'):>6} "
             f"{fmt(r.get('limit_share'), '.2f'):>5} {fmt(r['median_s_per_problem'], '.3f'):>7} "
-            f"{fmt(r['target_forwards_per_token'], '.3f'):>11} {fmt(r['accepted_share'], '.2f'):>6} "
+            f"{fmt(r['target_forwards_per_token'], '.3f'):>11} {fmt(_accepted_share(r), '.2f'):>6} "
             f"{fmt(r.get('kept_per_token'), '.2f'):>8} {fmt(r['peak_gpu_mib'], '.0f'):>7}  {_shares(r):>21}"
         )
     if result.get("target_limit_tokens_per_s"):
