@@ -13,8 +13,10 @@ target's runners: KV caches, buffers, CUDA graphs) lent by the pair's pool. Each
 4. **commit** (:mod:`.text`): the step's text, stop sequences, EOS, the budget; a :class:`StepEvent`.
 
 Cache bookkeeping: each runner's ``cache.valid`` counts the positions holding the sequence the engine
-currently assumes; every phase lowers it to what its tokens keep, and a pass starts by catching up
-from ``valid`` to the last committed token, which it feeds again (its logits start the step).
+currently assumes. A pass raises it over what it wrote and starts by catching up from ``valid`` to the
+last committed token, which it feeds again (its logits start the step); what is kept is the loop's call:
+it rewinds both caches after a rejection and after each commit (:func:`rewind`). The phases report what
+they learnt (the verdict's agreement and calibration sample); the loop feeds the estimates.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def step(gen: Generation) -> StepEvent:
     proposal = propose(gen, limit)
     drafted = time.perf_counter()
     verdict = verify(gen, proposal)
+    if gen.calibrator is not None and verdict.calibration is not None:
+        gen.calibrator.observe(verdict.calibration)
+    if verdict.agreement is not None:  # how often the draft agrees sets the speculation length in write
+        gen.agreement.observe(*verdict.agreement)
+    if not verdict.accepted:  # the caches keep the committed sequence and the step's tokens the target keeps
+        rewind(gen, len(gen.ids) + verdict.agree)
     verified = time.perf_counter()
     tokens, written = proposal.tokens, None
     if not verdict.accepted:
@@ -73,8 +81,7 @@ def step(gen: Generation) -> StepEvent:
     committed = gen.out.commit(tokens, gen.budget)
     logprobs = gen.logprobs.read(len(committed.tokens)) if gen.logprobs is not None else None
     gen.ids.extend(committed.tokens)
-    for runner in (gen.runtime.draft, gen.runtime.target):
-        runner.cache.valid = min(runner.cache.valid, len(gen.ids) - 1)
+    rewind(gen, len(gen.ids) - 1)  # the next pass feeds the last committed token again
     event = StepEvent(
         index=gen.index,
         source="draft" if verdict.accepted else "target",
@@ -107,6 +114,13 @@ def step(gen: Generation) -> StepEvent:
     )
     gen.index += 1
     return event
+
+
+def rewind(gen: Generation, keep: int) -> None:
+    """Both caches hold at most the first ``keep`` positions of what the loop now takes as the sequence: the rest,
+    written for tokens that were not kept, is overwritten by the next pass (positions are never read past this)."""
+    for runner in (gen.runtime.draft, gen.runtime.target):
+        runner.cache.valid = min(runner.cache.valid, keep)
 
 
 def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator:

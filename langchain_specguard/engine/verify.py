@@ -40,6 +40,11 @@ class Verdict:
     next_token: int | None  # the target's own token after those, when it disagrees within the step
     threshold: float  # the acceptance threshold in force
     signals: dict[str, float] = field(default_factory=dict)  # the confidence under each method (StepEvent.signals)
+    # what the loop learns from this verification: how many leading tokens the draft had as the target would and
+    # whether a disagreement followed (None: nothing to learn), and, for a step made only of the target's own first
+    # choices, its score (a sample of how the target's own steps score, for the "auto" threshold)
+    agreement: tuple[int, bool] | None = None
+    calibration: float | None = None
 
 
 def target_pass(gen: Generation, proposal: Proposal, record: StepAttention | None) -> torch.Tensor:
@@ -92,10 +97,6 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
     accepted = threshold < 0 or score >= threshold
     tokens = torch.tensor(proposal.tokens)
     agreed = accept(None, tokens, greedy=True, choices=choices).kept if choices is not None else None
-    # a step made only of the target's own first choices is one it writes itself: its score is a
-    # sample of how the target's steps score, whatever this step's verdict (calibration.py)
-    if gen.calibrator is not None and agreed == k:
-        gen.calibrator.observe(score)
     # a draft tool call that is not valid JSON, names an unbound tool or breaks its schema (checked in
     # propose, where it also lost the vote to any candidate that fits) is rejected whatever its score
     problem = proposal.problem
@@ -104,9 +105,12 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
         grounding, confidence, score, accepted and problem is None, reason, problem, forwards, k, None, threshold
     )
     verdict.signals = confidences(logp, top)
+    # a step made only of the target's own first choices is one it writes itself: its score is a
+    # sample of how the target's steps score, whatever this step's verdict (calibration.py)
+    verdict.calibration = score if agreed == k else None
     if verdict.accepted:
         if agreed is not None and params.temperature == 0:  # how often the draft agrees informs speculation
-            gen.agreement.observe(agreed, agreed < k)
+            verdict.agreement = (agreed, agreed < k)
         if gen.logprobs is not None and raw is not None:
             gen.logprobs.add_logprobs(raw, proposal.tokens)  # the target's, from the verification pass
         elif gen.logprobs is not None:
@@ -123,16 +127,14 @@ def verify(gen: Generation, proposal: Proposal) -> Verdict:
         if choices is None:  # scored by the draft: the target's choices come from the pass just run
             choices = target_choices(gen, proposal, logits).cpu()
         kept = accept(None, tokens, greedy=True, choices=choices, passed=passed)
-        if passed is None:  # (tokens passed by the threshold say nothing of how often the draft is the target)
-            gen.agreement.observe(kept.kept, kept.kept < k)
     else:
         kept = rejection_sample(gen, proposal, logits, passed)
+    if passed is None:  # (tokens passed by the threshold say nothing of how often the draft is the target)
+        verdict.agreement = (kept.kept, kept.kept < k)
     verdict.agree, verdict.next_token = kept.kept, kept.token
     if gen.logprobs is not None:  # the kept tokens and the target's own next one, all scored by this pass
         written = proposal.tokens[: kept.kept] + ([] if kept.token is None else [kept.token])
         gen.logprobs.add_logprobs(raw_logprobs(logits[: len(written)]) if raw is None else raw[: len(written)], written)
-    for runner in (gen.runtime.target, draft):
-        runner.cache.valid = min(runner.cache.valid, len(gen.ids) + kept.kept)
     return verdict
 
 
@@ -176,7 +178,7 @@ def rejection_sample(
         draft_seen = gen.seen(draft, tokens[:i])
         return processed_logprobs(draft_logits, temperature.to(draft_logits.device), controls, draft_seen)
 
-    result = accept(
+    return accept(
         logp,
         torch.tensor(tokens, device=logits.device),
         greedy=False,
@@ -185,6 +187,3 @@ def rejection_sample(
         passed=passed,
         draft_logq_at=draft_logq_at,
     )
-    if passed is None:
-        gen.agreement.observe(result.kept, result.kept < k)
-    return result
