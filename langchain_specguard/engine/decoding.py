@@ -35,7 +35,7 @@ from .params import SpecGuardParams
 from .propose import propose
 from .runtimes import RuntimePool
 from .sampling import Controls
-from .scoring import GroundingScorer, score_layers
+from .scoring import GroundingScorer
 from .steps import call_syntax
 from .text import OutputText
 from .verify import verify
@@ -44,11 +44,9 @@ from .write import write
 __all__ = [
     "EVENT_VERSION",
     "GenerationResult",
-    "GroundingScorer",
     "StepEvent",
     "generate",
     "generate_steps",
-    "score_layers",
     "summarize",
 ]
 

@@ -170,9 +170,18 @@ def model_config(name: str) -> Any:
     """
     from transformers import AutoConfig
 
-    if _is_path(name) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model path {name!r} does not exist")
-    return _from_pretrained(AutoConfig, name, {}, "the config of")
+    return _from_pretrained(AutoConfig, _local_or_hub(name, "model"), {}, "the config of")
+
+
+def _local_or_hub(name: str, what: str) -> str:
+    """``name`` as an existing local path (``~`` expanded) or as a Hub id; a path that does not exist is an error
+    here, before anything asks the Hub for it."""
+    local = Path(name).expanduser()
+    if local.exists():
+        return str(local)
+    if _is_path(name):
+        raise FileNotFoundError(f"{what} path {name!r} does not exist")
+    return name
 
 
 def load_model(
@@ -206,12 +215,7 @@ def load_model(
         raise TypeError(
             f"{role}_model must be a model id, a local path or a PreTrainedModel, got {type(spec).__name__}"
         )
-    name = os.fspath(spec)
-    local = Path(name).expanduser()
-    if local.exists():
-        name = str(local)
-    elif _is_path(name):
-        raise FileNotFoundError(f"{role}_model path {name!r} does not exist")
+    name = _local_or_hub(os.fspath(spec), f"{role}_model")
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **extra}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

@@ -179,3 +179,15 @@ def test_20_5_profile_of_an_uncached_hub_id_comes_from_its_config(tmp_path: Any)
         assert len(mirror.requests) == asked
     finally:
         mirror.server.shutdown()
+
+
+def test_20_5_profile_of_a_home_relative_path_and_a_missing_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``~`` paths are read as the loader reads them; a path that does not exist gives no window (and asks no Hub)."""
+    from pathlib import Path
+
+    target, _ = llama_pair()
+    monkeypatch.setenv("HOME", str(Path(target).parent))
+    home_relative = ChatSpecGuard(model=f"~/{Path(target).name}", draft_layers=1)
+    assert home_relative.profile is not None and home_relative.profile["max_input_tokens"] == 512
+    missing = ChatSpecGuard(model="/no/such/model", draft_layers=1)
+    assert missing.profile is not None and missing.profile["max_input_tokens"] is None
