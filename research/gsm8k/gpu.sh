@@ -1,33 +1,57 @@
 #!/usr/bin/env bash
 # GSM8K on the packaged Qwen2.5-Coder pair, on the GPU machine, in stages that fit the device tool
-# (64 MiB carried per call, 10 minutes per command). State lives in /tmp/w while the machine stays warm.
-#   split each GGUF (draft first) into 55 MiB pieces, one folder .cNN each (60 MiB pieces plus the
-#   working tree would pass the 64 MiB a call carries): .c00-.c08 the draft, .c09-.c28 the target
-#   bash research/gsm8k/gpu.sh setup            (carry .whl .dev)
-#   bash research/gsm8k/gpu.sh chunk NN         (carry .cNN), one call per chunk folder
-#   bash research/gsm8k/gpu.sh convert draft|target   (after its last chunk; converts in the background)
-#   bash research/gsm8k/gpu.sh smoke | train | test | bench | synthetic
+# (64 MiB carried per call, 10 minutes per command). State lives in /tmp/w while the machine stays warm;
+# long stages run in the background (setsid) and later calls collect them, so no call idles the machine.
+#   split each GGUF (draft first) into 56.5 MiB pieces, one folder .cNN each (a piece plus the working
+#   tree stays under the 64 MiB a call carries): .c00-.c08 the draft, .c09-.c27 the target
+#   bash research/gsm8k/gpu.sh setup            (carry .whl .dev; starts the planted-shape bench)
+#   bash research/gsm8k/gpu.sh chunk NN         (carry .cNN), one call per chunk folder; the last piece
+#                                                of each model starts its conversion in the background
+#   bash research/gsm8k/gpu.sh ready            (waits for both conversions and the planted bench, returns it,
+#                                                starts the test run)
+#   bash research/gsm8k/gpu.sh collect          (waits for the test run, returns it), then ... bench
+#   smoke | train | test | bench | synthetic run a stage in the foreground
 set -uo pipefail
 W=/tmp/w
 mkdir -p $W/chunks $W/gguf
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
 DRAFT=qwen2.5-coder-0.5b-instruct.gguf
 TARGET=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
-converted() { for r in target draft; do until [ -f $W/$r/.done ]; do sleep 2; done; done; }
+LAST_DRAFT=08 LAST_TARGET=27
+converted() {  # both models converted, or the conversion logs after 6 minutes
+  for r in target draft; do for _ in $(seq 180); do [ -f $W/$r/.done ] && break; sleep 2; done; done
+  [ -f $W/target/.done ] && [ -f $W/draft/.done ] || { cat $W/convert_*.log; echo "conversion not done"; exit 1; }
+}
+background() {  # background STAGE: run this script's STAGE detached, its $OUT in $W/STAGE
+  mkdir -p $W/$1 && (OUT=$W/$1 setsid nohup bash -c "bash research/gsm8k/gpu.sh $1; touch $W/$1/.done" \
+    > $W/$1/run.log 2>&1 < /dev/null &) && echo "started $1 in the background"
+}
+returned() {  # returned STAGE SECONDS: wait for a background stage, then copy what it wrote to $OUT
+  for _ in $(seq $2); do [ -f $W/$1/.done ] && break; sleep 1; done
+  [ -f $W/$1/.done ] || echo "$1 still running"; cp $W/$1/* $OUT/ 2>/dev/null; grep -v "Warning\|warn\|Loading weights" $W/$1/run.log | tail -40
+}
 case "$1" in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
-    nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on"
-    cp -r .dev/tokenizer .dev/gsm8k $W/ && ls $W ;;
+    cp -r .dev/tokenizer .dev/gsm8k $W/ && ls $W
+    background synthetic ;;  # the GPU is otherwise idle while the pieces come in
   chunk)
-    cp .c$2/* $W/chunks/ && ls $W/chunks | wc -l ;;
-  convert)
+    cp .c$2/* $W/chunks/ && ls $W/chunks | wc -l
+    [ "$2" = $LAST_DRAFT ] && bash research/gsm8k/gpu.sh convert draft
+    [ "$2" = $LAST_TARGET ] && bash research/gsm8k/gpu.sh convert target ;;
+  convert)  # few threads: the planted-shape bench may still be timing beside it
     name=$([ "$2" = draft ] && echo $DRAFT || echo $TARGET)
-    cat $W/chunks/$name.part-* > $W/gguf/$name && rm -f $W/chunks/$name.part-* && ls -la $W/gguf
-    setsid nohup bash -c "python3 -m research.gsm8k.convert --gguf-dir $W/gguf --tokenizer $W/tokenizer --out $W \
-      --only $2 > $W/convert_$2.log 2>&1 && touch $W/$2/.done" > /dev/null 2>&1 < /dev/null &
+    setsid nohup bash -c "cat $W/chunks/$name.part-* > $W/gguf/$name && rm -f $W/chunks/$name.part-* && \
+      sha256sum $W/gguf/$name && OMP_NUM_THREADS=4 python3 -m research.gsm8k.convert --gguf-dir $W/gguf \
+      --tokenizer $W/tokenizer --out $W --only $2 && touch $W/$2/.done" > $W/convert_$2.log 2>&1 < /dev/null &
     echo "converting $2 in the background" ;;
+  ready)
+    returned synthetic 400; converted; cat $W/convert_*.log | grep -v "Converting\|Loading\|Writing"
+    nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on"
+    cp research/gsm8k/results/chosen.json $W/chosen.json; background test ;;
+  collect)
+    returned test ${WAIT:-580} ;;
   smoke)
     converted; cat $W/convert_*.log | grep -v Converting
     python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/train.jsonl --range 0:2 --methods research/gsm8k/sweep.json \
@@ -43,7 +67,8 @@ case "$1" in
   test)
     python3 -m research.gsm8k.plan $W/chosen.json > $W/test.json && cp $W/test.json $OUT/
     python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/test.jsonl --range ${RANGE:-0:600} --methods $W/test.json \
-      --workers ${WORKERS:-14} --deadline ${DEADLINE:-440} --out $OUT/test.jsonl 2>&1 | tee $OUT/test.log | grep -v "^\["
+      --only ${ONLY:-target,draft,target-t0.7,specguard,specguard-t0.7,token-sd-t0.7} \
+      --workers ${WORKERS:-14} --deadline ${DEADLINE:-900} --out $OUT/test.jsonl 2>&1 | tee $OUT/test.log | grep -v "^\["
     tail -2 $OUT/test.log
     python3 -m research.gsm8k.report $OUT/test.jsonl | tee $OUT/test_report.txt ;;
   bench)  # the project's bench on the real pair: every method warmed for its shapes before timing
@@ -53,7 +78,7 @@ case "$1" in
       --methods target,target-static,assisted,specguard $(python3 -m research.gsm8k.plan --bench-args $W/chosen.json) \
       --out $OUT/bench_qwen_coder.json 2>&1 | tee $OUT/bench_qwen_coder.log | grep -v "Warning\|warn" ;;
   synthetic)
-    python3 -m langchain_specguard.apps.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement ${AGREEMENT:-1,0.97} \
+    python3 -m langchain_specguard.apps.bench --synthetic qwen2.5-7b:qwen2.5-0.5b --agreement ${AGREEMENT:-1,0.97,0} \
       --limit ${LIMIT:-3} --methods target,target-static,assisted,specguard --max-tokens 128 --max-step-tokens 24 \
       --out $OUT/bench_synthetic.json 2>&1 | tee $OUT/bench_synthetic.log | grep -v "Warning\|warn" ;;
 esac
