@@ -2,6 +2,9 @@
 
     python -m research.gsm8k.report results/train.jsonl --reference target [--markdown]
     python -m research.gsm8k.report results/train.jsonl --select sweep.json   # the rule the defaults come from
+    python -m research.gsm8k.report results/test_h100_3fb210f_a.jsonl.gz results/test_h100_3fb210f_b.jsonl.gz
+
+Several files are one run continued (a problem in more than one keeps the last file's row); ``.gz`` is read as is.
 
 Accuracy intervals are Wilson 95%; a paired difference is over the problems both methods finished,
 mean +- 1.96 standard errors of the per-problem differences. "draft share" is the output tokens of
@@ -14,6 +17,7 @@ percentile-bootstrap 95% interval over steps (the statistics are research/accura
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -27,7 +31,8 @@ from research.accuracy.report import auc, auc_interval, wilson
 def read(paths: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
     by: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for path in paths:
-        for line in Path(path).read_text().splitlines():
+        raw = Path(path).read_bytes()
+        for line in (gzip.decompress(raw) if path.endswith(".gz") else raw).decode().splitlines():
             if line.strip():
                 row = json.loads(line)
                 by[row["method"]][row["index"]] = row
