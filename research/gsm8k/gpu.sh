@@ -15,6 +15,10 @@ set -uo pipefail
 W=/tmp/w
 mkdir -p $W/chunks $W/gguf
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
+# the machine has no .git: the bench records SPECGUARD_COMMIT, which the calling command sets
+# a worker holds 5.5-7 GiB (both models, caches, a 48-problem generate() batch): 14 fit an H200, 10 an H100
+GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+WORKERS=${WORKERS:-$(( ${GIB:-81920} / 7700 < 14 ? ${GIB:-81920} / 7700 : 14 ))}
 DRAFT=qwen2.5-coder-0.5b-instruct.gguf
 TARGET=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 LAST_DRAFT=08 LAST_TARGET=27
@@ -47,7 +51,9 @@ case "$1" in
       --tokenizer $W/tokenizer --out $W --only $2 && touch $W/$2/.done" > $W/convert_$2.log 2>&1 < /dev/null &
     echo "converting $2 in the background" ;;
   ready)
-    returned synthetic 400; converted; cat $W/convert_*.log | grep -v "Converting\|Loading\|Writing"
+    returned synthetic ${WAIT:-400}
+    [ -f $W/synthetic/.done ] || pkill -f "apps[.]bench --synthetic"  # never beside the test run: both OOM
+    converted; cat $W/convert_*.log | grep -v "Converting\|Loading\|Writing"
     nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on"
     cp research/gsm8k/results/chosen.json $W/chosen.json; background test ;;
   collect)
@@ -59,7 +65,7 @@ case "$1" in
       --out $OUT/smoke.jsonl && python3 -m research.gsm8k.report $OUT/smoke.jsonl ;;
   train)
     python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/train.jsonl --range ${RANGE:-0:200} \
-      --methods research/gsm8k/sweep.json --workers ${WORKERS:-14} --deadline ${DEADLINE:-420} --out $OUT/train.jsonl \
+      --methods research/gsm8k/sweep.json --workers $WORKERS --deadline ${DEADLINE:-420} --out $OUT/train.jsonl \
       2>&1 | tee $OUT/train.log | grep -v "^\[" ; tail -2 $OUT/train.log
     cp $OUT/train.jsonl $W/train.jsonl
     python3 -m research.gsm8k.report $OUT/train.jsonl | tee $OUT/train_report.txt
@@ -68,7 +74,7 @@ case "$1" in
     python3 -m research.gsm8k.plan $W/chosen.json > $W/test.json && cp $W/test.json $OUT/
     python3 -m research.gsm8k.run --pair-dir $W --data $W/gsm8k/test.jsonl --range ${RANGE:-0:600} --methods $W/test.json \
       --only ${ONLY:-target,draft,target-t0.7,specguard,specguard-t0.7,token-sd-t0.7} \
-      --workers ${WORKERS:-14} --deadline ${DEADLINE:-900} --out $OUT/test.jsonl 2>&1 | tee $OUT/test.log | grep -v "^\["
+      --workers $WORKERS --deadline ${DEADLINE:-900} --out $OUT/test.jsonl 2>&1 | tee $OUT/test.log | grep -v "^\["
     tail -2 $OUT/test.log
     python3 -m research.gsm8k.report $OUT/test.jsonl | tee $OUT/test_report.txt ;;
   bench)  # the project's bench on the real pair: every method warmed for its shapes before timing
