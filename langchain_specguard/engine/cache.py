@@ -34,7 +34,9 @@ class KVCache:
         self.capacity = capacity
         self.growable = growable
         self.batch = batch
-        self.valid = 0  # positions [0, valid) hold the keys/values of the sequence the engine committed to
+        # positions [0, valid) hold keys/values of the sequence: each pass of the runner that owns the cache sets it
+        # to the end of what it fed, and the decoding loop alone cuts it back to what it keeps (Runtime.rewind)
+        self.valid = 0
         self.write_at: torch.Tensor | None = None  # [q] positions of the current pass's tokens
         self.read_len: int | None = None  # keys handed to attention: the first read_len, or all (fixed)
         self.rows: slice | None = None  # batch rows a pass reads and writes (None: all)

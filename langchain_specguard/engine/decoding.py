@@ -12,11 +12,12 @@ target's runners: KV caches, buffers, CUDA graphs) lent by the pair's pool. Each
    itself and continues from the first disagreement, speculating with the draft;
 4. **commit** (:mod:`.text`): the step's text, stop sequences, EOS, the budget; a :class:`StepEvent`.
 
-Cache bookkeeping: each runner's ``cache.valid`` counts the positions holding the sequence the engine
-currently assumes. A pass raises it over what it wrote and starts by catching up from ``valid`` to the
-last committed token, which it feeds again (its logits start the step); what is kept is the loop's call:
-it rewinds both caches after a rejection and after each commit (:func:`rewind`). The phases report what
-they learnt (the verdict's agreement and calibration sample); the loop feeds the estimates.
+Positions: each runner's ``cache.valid`` counts the positions holding the sequence. A runner's pass sets
+it to the end of what it fed (a fact the runner knows); a phase starts by catching up from ``valid`` to
+the last committed token, which it feeds again (its logits start the step). What is kept is the loop's
+call alone: it rewinds both caches after a rejection and after each commit (``Runtime.rewind``), and
+:mod:`.write`'s rounds do the same after each round. The phases report what they learnt (the verdict's
+agreement and calibration sample); the loop feeds the estimates.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def step(gen: Generation) -> StepEvent:
     if verdict.agreement is not None:  # how often the draft agrees sets the speculation length in write
         gen.agreement.observe(*verdict.agreement)
     if not verdict.accepted:  # the caches keep the committed sequence and the step's tokens the target keeps
-        rewind(gen, len(gen.ids) + verdict.agree)
+        gen.runtime.rewind(len(gen.ids) + verdict.agree)
     verified = time.perf_counter()
     tokens, written = proposal.tokens, None
     if not verdict.accepted:
@@ -79,7 +80,7 @@ def step(gen: Generation) -> StepEvent:
     committed = gen.out.commit(tokens, gen.budget)
     logprobs = gen.logprobs.read(len(committed.tokens)) if gen.logprobs is not None else None
     gen.ids.extend(committed.tokens)
-    rewind(gen, len(gen.ids) - 1)  # the next pass feeds the last committed token again
+    gen.runtime.rewind(len(gen.ids) - 1)  # the next pass feeds the last committed token again
     event = StepEvent(
         index=gen.index,
         source="draft" if verdict.accepted else "target",
@@ -112,13 +113,6 @@ def step(gen: Generation) -> StepEvent:
     )
     gen.index += 1
     return event
-
-
-def rewind(gen: Generation, keep: int) -> None:
-    """Both caches hold at most the first ``keep`` positions of what the loop now takes as the sequence: the rest,
-    written for tokens that were not kept, is overwritten by the next pass (positions are never read past this)."""
-    for runner in (gen.runtime.draft, gen.runtime.target):
-        runner.cache.valid = min(runner.cache.valid, keep)
 
 
 def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator:

@@ -1,6 +1,12 @@
 """One generation's state: the committed sequence, the output text, the sampling generator, the agreement
-estimate and the runtime it decodes with. The phases (:mod:`.propose`, :mod:`.verify`, :mod:`.write`) read
-it; the loop (:mod:`.decoding`) owns it.
+estimate and the runtime it decodes with.
+
+The loop (:mod:`.decoding`) owns it: the committed ids, the step index, what the caches keep
+(``Runtime.rewind``), the calibrator and the agreement estimate change there alone, from what the phases
+return (``Proposal``, ``Verdict``, ``Written``). The phases (:mod:`.propose`, :mod:`.verify`,
+:mod:`.write`) read it and write only the device state of the runners they run (a pass records how far it
+fed) and the step's log-probability record; :mod:`.write`'s speculation rounds are a loop of their own
+and feed the agreement after each round, because the next round's length depends on it.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ class Agreement:
 
 @dataclass
 class Generation:
-    """Everything one call's decoding needs; the phases read and update it."""
+    """Everything one call's decoding needs: the loop updates it, the phases read it."""
 
     pair: ModelPair
     params: SpecGuardParams

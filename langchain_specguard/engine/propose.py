@@ -63,7 +63,6 @@ def propose(gen: Generation, limit: int) -> Proposal:
     fit = [i for i, problem in enumerate(problems) if problem is None] or list(range(len(candidates)))
     best = fit[select_consistent([candidates[i] for i in fit])]
     draft.cache.copy_row(best, start, start + draft.decoded)
-    draft.cache.valid = start + len(candidates[best])
     valid = sum(call is not None and problem is None for call, problem in zip(calls, problems, strict=True))
     checked = sum(call is not None for call in calls)
     return Proposal(candidates[best], best, draft.batch * draft.decoded, record, problems[best], checked, valid)

@@ -330,7 +330,8 @@ class ModelRunner:
         positions ``start...``; ``tokens=None`` takes the first ``q`` columns the caller wrote into
         ``tokens_in`` (device to device, no host round trip).
 
-        Writes the cache at those positions (``valid`` is the caller's to set). With a fixed cache ``q``
+        Writes the cache at those positions and records it (``cache.valid``: up to ``start + q``, the pass having
+        read every position before ``start`` as valid). With a fixed cache ``q``
         (at most ``MAX_BUCKET``) is padded to a bucket and the pass replays that bucket's graph; the
         padding writes slots past the tokens, which no real position reads before they are written again.
         """
@@ -346,7 +347,7 @@ class ModelRunner:
             with recording(record):
                 if record is not None:
                     record.rows = self._positions(0, q)
-                return model_pass(
+                logits = model_pass(
                     self.view,
                     self.cache,
                     self.windows,
@@ -356,6 +357,8 @@ class ModelRunner:
                     keep,
                     self.vocab_rows,
                 )
+            self.cache.valid = start + q
+            return logits
         size = bucket(q)
         if size is None:
             return self._long_forward(start, record, keep, q)
@@ -376,6 +379,7 @@ class ModelRunner:
                 )
 
         logits = self._graphed(("forward", size, record.layers if record is not None else None), body)
+        self.cache.valid = start + q
         return logits[:, :q] if not keep else logits[:, q - keep : q]
 
     def _long_forward(self, start: int, record: StepAttention | None, keep: int, q: int) -> torch.Tensor:
@@ -495,3 +499,4 @@ class ModelRunner:
             self._graphed(key, body)
             self.decode_pos += 1
             self.decoded += 1
+        self.cache.valid = self.decode_pos  # the positions fed so far; the last sampled token is not fed yet

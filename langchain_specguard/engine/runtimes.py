@@ -32,6 +32,12 @@ class Runtime:
     chunk: int  # draft decode iterations per host read
     cost: float  # one draft iteration over one target pass (weights read per token)
 
+    def rewind(self, keep: int) -> None:
+        """Both caches hold at most the first ``keep`` positions of what the loop now takes as the sequence: the
+        rest, written for tokens that were not kept, is overwritten by the next pass (never read past this)."""
+        for runner in (self.draft, self.target):
+            runner.cache.valid = min(runner.cache.valid, keep)
+
 
 def _single_device(model: torch.nn.Module) -> bool:
     devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
@@ -94,7 +100,7 @@ class RuntimePool:
             ]
             draft, target = runners
             runtime = Runtime(draft, target, key=(*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
-        runtime.draft.cache.valid = runtime.target.cache.valid = 0
+        runtime.rewind(0)
         return runtime
 
     def give(self, runtime: Runtime) -> None:

@@ -55,9 +55,7 @@ def target_pass(gen: Generation, proposal: Proposal, record: StepAttention | Non
     target.tokens_in[:, 0].fill_(ids[-1])
     if k > 1:
         target.tokens_in[:, 1:k].copy_(draft.out_tokens[proposal.row, : k - 1])
-    logits = target.forward(None, start, record, q=k)[0]
-    target.cache.valid = start + k
-    return logits
+    return target.forward(None, start, record, q=k)[0]
 
 
 def verify(gen: Generation, proposal: Proposal) -> Verdict:

@@ -49,9 +49,15 @@ def write(gen: Generation, proposal_tokens: list[int], agree: int, next_token: i
             new = _target_token(gen)
             written.target_forwards += 1
         else:
-            new = _speculate(gen, tokens, gamma, written)
+            new = _speculate(gen, tokens, gamma)
+            agree = len(new) - 1  # the draft's tokens the target kept, then its own
+            gen.agreement.observe(agree, agree < gamma)  # the next round's length follows it
+            written.speculated += agree
+            written.drafted += gen.runtime.draft.batch * gamma
+            written.target_forwards += 1
         end = gen.out.step_end([*tokens, *new], len(tokens))
         tokens.extend(new)
+        gen.runtime.rewind(len(gen.ids) + len(tokens) - 1)  # the next round feeds the last token again
     written.tokens = tokens[:end] if end is not None else tokens[:limit]
     return written
 
@@ -68,13 +74,12 @@ def _start_target_decoding(gen: Generation, tokens: list[int]) -> None:
 def _target_token(gen: Generation) -> list[int]:
     target = gen.runtime.target
     target.decode(1, gen.generator)
-    target.cache.valid = target.decode_pos
     if gen.logprobs is not None:
         gen.logprobs.add_decoded(target, 0, target.decoded - 1, target.decoded)
     return [int(target.out_tokens[0, target.decoded - 1])]
 
 
-def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written) -> list[int]:
+def _speculate(gen: Generation, tokens: list[int], gamma: int) -> list[int]:
     """One round: the draft proposes ``gamma`` tokens, one target pass keeps the agreeing ones plus its own."""
     params, draft, target = gen.params, gen.runtime.draft, gen.runtime.target
     seq = [*gen.ids, *tokens]
@@ -119,10 +124,4 @@ def _speculate(gen: Generation, tokens: list[int], gamma: int, written: Written)
     new = [*fed[1 : agree + 1], result.token]
     if gen.logprobs is not None:
         gen.logprobs.add_logits(logits[: agree + 1], new)
-    draft.cache.valid = last + 1 + min(agree, gamma - 1)
-    target.cache.valid = last + 1 + agree
-    gen.agreement.observe(agree, agree < gamma)
-    written.speculated += agree
-    written.drafted += draft.batch * gamma
-    written.target_forwards += 1
     return new

@@ -9,13 +9,17 @@ Float64 keeps near-ties in random logits from flipping greedy choices between ba
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from langchain_specguard.engine import EVENT_VERSION, SpecGuardParams, generate, generate_steps, load_pair
+from langchain_specguard.engine.generation import Agreement
 from langchain_specguard.engine.loading import ModelPair
+from langchain_specguard.engine.runtimes import Runtime, RuntimePool
 from tests.tiny_models import WINDOW, bpe_pair, gemma_pair, llama_pair, qwen_pair
 
 PROMPTS = ["<s>Hello there, how are you?", "<s>The sum of 3 and 5 is"]
@@ -294,3 +298,72 @@ def test_sampling_is_reproducible_and_kept_prefix_is_counted(threshold: float) -
     for step in first.steps:
         assert 0 <= step.kept_tokens <= step.num_tokens
         assert step.kept_tokens == 0 or step.source == "target"
+
+
+def _held_as_if_fresh(pool: RuntimePool, runtime: Runtime, sequence: list[int], params: SpecGuardParams) -> None:
+    """Each cache's valid positions hold what a fresh prefill of ``sequence`` writes there (every batch row)."""
+    fresh = pool.take(params, len(sequence) + 8, 8, torch.device("cpu"))
+    try:
+        for runner, clean in ((runtime.draft, fresh.draft), (runtime.target, fresh.target)):
+            n = runner.cache.valid
+            clean.prefill(sequence[:n], 0)
+            pairs = zip(runner.cache.keys + runner.cache.values, clean.cache.keys + clean.cache.values, strict=True)
+            for held, expected in pairs:
+                if n:
+                    assert held is not None and expected is not None
+                    torch.testing.assert_close(held[:, :, :n], expected[:, :, :n], rtol=1e-9, atol=1e-9)
+    finally:
+        pool.give(fresh)
+
+
+@pytest.mark.parametrize("rounds", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_between_steps_the_caches_hold_the_committed_sequence_and_no_more(
+    cache: str, temperature: float, rounds: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Positions have one owner: passes record how far they fed, the loop cuts back to what it keeps. After every
+    step each cache holds no more than the committed sequence but its last token (fed again by the next pass), and
+    what it holds is what a fresh prefill of that sequence writes (no position of a token that was not kept counts
+    as valid), whichever phases ran (accepted steps, rejected ones, speculation rounds); after an accepted step the
+    draft's holds exactly that (it fed the whole step but its last token). A cache that lags catches up later.
+
+    ``rounds``: a rejected step is written in a speculation round of 4 draft tokens, then by the target
+    alone (these tiny models' sizes would make it plain decoding throughout); what is written stays the same."""
+    if rounds:
+        lengths = itertools.cycle([4, 0])
+        monkeypatch.setattr(Agreement, "speculation_length", lambda self, room: min(room, next(lengths)))
+    taken: list[Runtime] = []
+    take = RuntimePool.take
+
+    def recording_take(self: RuntimePool, *args: Any, **kwargs: Any) -> Runtime:
+        taken.append(take(self, *args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(RuntimePool, "take", recording_take)
+    p = pair("llama")
+    params = SpecGuardParams(
+        cache_implementation=cache,
+        # between these models' step scores: some steps pass, some go to the target
+        acceptance_threshold=0.555 if temperature == 0 else 0.45,
+        n_candidates=3,
+        max_tokens=40,
+        max_step_tokens=5,
+        temperature=temperature,
+        seed=3,
+    )
+    prompt = ids(p, PROMPTS[1])
+    sequence, sources = list(prompt), set()
+    for event in generate_steps(p, prompt, params):
+        sequence += event.token_ids
+        sources.add(event.source)
+        runtime = taken[0]
+        assert runtime.draft.cache.valid <= len(sequence) - 1
+        assert runtime.target.cache.valid <= len(sequence) - 1
+        if event.accepted:
+            assert runtime.draft.cache.valid == len(sequence) - 1
+        _held_as_if_fresh(RuntimePool.for_pair(p), runtime, sequence, params)
+    assert sources == {"draft", "target"}  # both kinds of step ran
+    if temperature == 0:  # how a rejected step is written never changes what is written
+        monkeypatch.undo()
+        assert sequence == prompt + generate(p, prompt, params).token_ids
