@@ -42,8 +42,7 @@ case "$1" in
     background synthetic ;;  # the GPU is otherwise idle while the pieces come in
   chunk)
     cp .c$2/* $W/chunks/ && ls $W/chunks | wc -l
-    [ "$2" = $LAST_DRAFT ] && bash research/gsm8k/gpu.sh convert draft
-    [ "$2" = $LAST_TARGET ] && bash research/gsm8k/gpu.sh convert target ;;
+    case $2 in $LAST_DRAFT) bash research/gsm8k/gpu.sh convert draft ;; $LAST_TARGET) bash research/gsm8k/gpu.sh convert target ;; esac ;;
   convert)  # few threads: the planted-shape bench may still be timing beside it
     name=$([ "$2" = draft ] && echo $DRAFT || echo $TARGET)
     setsid nohup bash -c "cat $W/chunks/$name.part-* > $W/gguf/$name && rm -f $W/chunks/$name.part-* && \
