@@ -465,7 +465,13 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def _load_pair(self) -> ModelPair:
         if self.pair is not None:
-            return load_packaged_pair(self.pair, device=self.device, dtype=self.torch_dtype, tokenizer=self.tokenizer)
+            return load_packaged_pair(
+                self.pair,
+                device=self.device,
+                dtype=self.torch_dtype,
+                tokenizer=self.tokenizer,
+                trust_remote_code=self.trust_remote_code,
+            )
         if self.target_model is None:
             return load_embedded_pair(
                 draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS, device=self.device, dtype=self.torch_dtype

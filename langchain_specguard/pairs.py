@@ -16,7 +16,7 @@ from typing import Any
 from langchain_core.language_models.model_profile import ModelProfile
 from transformers import PreTrainedModel
 
-from .engine import ModelPair, context_window, model_config
+from .engine import ModelPair, config_values, config_window, declared_window
 
 
 @dataclass
@@ -83,17 +83,19 @@ def identity(value: Any) -> Any:
 
 
 def context_window_of(spec: Any) -> int | None:
-    """The target's context window when it is known without loading weights (object, embedded, its config)."""
+    """The target's context window when it is known without loading weights (object, embedded, its config).
+
+    A path or Hub id is read from its ``config.json`` as data (:func:`~.engine.loading.config_values`): no
+    repository code runs and nothing asks on stdin, whatever ``trust_remote_code`` says.
+    """
     if spec is None:
         return EMBEDDED_CONTEXT_WINDOW
     if isinstance(spec, PreTrainedModel):
-        return context_window(spec)
+        return config_window(spec.config)
     try:
-        config = model_config(str(spec))
+        return declared_window(config_values(str(spec)))
     except (OSError, ValueError):
-        return None  # neither local nor reachable: filled in when the model loads
-    window = config.get_text_config().max_position_embeddings if hasattr(config, "get_text_config") else None
-    return int(window) if isinstance(window, int) else None
+        return None  # neither local nor reachable, or unreadable: filled in when the model loads
 
 
 def model_profile(max_input_tokens: int | None) -> ModelProfile:

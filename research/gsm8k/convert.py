@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["target", "draft"], default=None)
     args = parser.parse_args()
     out = Path(args.out)
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     check_tokenizer(QWEN_CODER, tok)
     if not (out / "tokenizer").exists():
         shutil.copytree(args.tokenizer, out / "tokenizer")
@@ -35,7 +35,9 @@ def main() -> None:
         if args.only not in (None, role):
             continue
         started = time.time()
-        model = AutoModelForCausalLM.from_pretrained(args.gguf_dir, gguf_file=spec.filename, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.gguf_dir, gguf_file=spec.filename, dtype=torch.bfloat16, trust_remote_code=False
+        )
         model.hf_quantizer = None  # dequantised already: save it as the plain bf16 model it now is
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
