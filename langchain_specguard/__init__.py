@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from .engine import GenerationResult, ModelPair, SpecGuardParams, StepEvent, generate, generate_steps, load_pair
 
 if TYPE_CHECKING:
-    from .callbacks import SpecGuardCallbackHandler
-    from .chat_models import STEP_EVENT, SUMMARY_EVENT, ChatSpecGuard
+    from .callbacks import STEP_EVENT, SUMMARY_EVENT, SpecGuardCallbackHandler
+    from .chat_models import ChatSpecGuard
 
 _LANGCHAIN_NAMES = ("ChatSpecGuard", "STEP_EVENT", "SUMMARY_EVENT", "SpecGuardCallbackHandler")
 

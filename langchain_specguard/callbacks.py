@@ -70,12 +70,14 @@ into records, totals and a plot.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -91,8 +93,11 @@ from langchain_core.callbacks import (
     CallbackManagerForChainRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import LangSmithParams
+from langchain_core.language_models import BaseChatModel, BaseLanguageModel, LangSmithParams, LanguageModelInput
+from langchain_core.messages import AIMessageChunk
+from langchain_core.runnables import RunnableConfig, ensure_config
 from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
+from pydantic import Field
 
 from .engine import EVENT_VERSION, StepEvent, step_totals
 
@@ -205,6 +210,7 @@ class StepReporter:
         self,
         handlers: Sequence[BaseCallbackHandler],
         run: _RunManager | RunCatcher | None,
+        *,
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
         trace_steps: TraceSteps = "events",
@@ -226,11 +232,11 @@ class StepReporter:
         return cls(
             run_manager.handlers,
             run_manager,
-            run_manager.tags,
-            run_manager.metadata,
-            trace_steps,
-            run_manager.inheritable_tags,
-            run_manager.inheritable_metadata,
+            tags=run_manager.tags,
+            metadata=run_manager.metadata,
+            trace_steps=trace_steps,
+            inheritable_tags=run_manager.inheritable_tags,
+            inheritable_metadata=run_manager.inheritable_metadata,
         )
 
     def _run_id(self) -> UUID | None:
@@ -370,6 +376,112 @@ class StepReporter:
 
 
 NO_REPORTER = StepReporter([], None)
+
+
+# --------------------------------------------------------------------------------------------------
+# step events while streaming
+#
+# langchain-core's ``stream``/``astream`` open the chat-model run but do not hand its run manager to
+# ``_stream``/``_astream``. To attribute step events to that run, :class:`TracedChatModel` overrides them: it
+# configures the callback manager once itself (:func:`stream_reporter`: LangChain then reuses the same handler
+# objects, tracer included), with a handler that learns the run id at ``on_chat_model_start``, and leaves the
+# reporter in a context variable that ``_stream``/``_astream`` read when they start (:meth:`step_reporter`).
+
+STREAM_REPORTER: ContextVar[StepReporter | None] = ContextVar("specguard_stream_reporter", default=None)
+
+
+def stream_reporter(
+    model: BaseLanguageModel[Any],
+    config: RunnableConfig | None,
+    manager_class: type[CallbackManager] | type[AsyncCallbackManager],
+    trace_steps: TraceSteps,
+) -> tuple[RunnableConfig, StepReporter]:
+    """``config`` with its callbacks configured as ``model.stream`` would, and the reporter of the run it opens."""
+    config = ensure_config(config)
+    manager = manager_class.configure(
+        config.get("callbacks"),
+        model.callbacks,
+        model.verbose,
+        config.get("tags"),
+        model.tags,
+        config.get("metadata"),
+        model.metadata,
+    )
+    catcher = RunCatcher()
+    manager.add_handler(catcher, inherit=False)
+    reporter = StepReporter(
+        manager.handlers,
+        catcher,
+        tags=manager.tags,
+        metadata=manager.metadata,
+        trace_steps=trace_steps,
+        inheritable_tags=manager.inheritable_tags,
+        inheritable_metadata=manager.inheritable_metadata,
+    )
+    return {**config, "callbacks": manager}, reporter
+
+
+@contextlib.contextmanager
+def reporting(reporter: StepReporter) -> Iterator[None]:
+    """``reporter`` is the stream's while the block runs (in this context)."""
+    token = STREAM_REPORTER.set(reporter)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):  # resumed from another context: nothing to restore
+            STREAM_REPORTER.reset(token)
+
+
+class TracedChatModel(BaseChatModel):
+    """A chat model whose every call reports its steps to the run it belongs to, also when streamed.
+
+    ``invoke``/``ainvoke``: ``_generate``/``_agenerate`` hold the run manager, emit the step events and report
+    each step to streaming handlers through ``on_llm_new_token`` themselves, so they never go through
+    ``_stream`` on LangChain's behalf (:meth:`_should_stream`). ``stream``/``astream``: see the comment above.
+    A subclass's ``_stream``/``_astream`` take their reporter from :meth:`step_reporter`.
+    """
+
+    trace_steps: TraceSteps = Field(
+        default="events",
+        description="'events': each step is a specguard_step custom event (and an event on the traced run); "
+        "'runs': each step is also a child run named specguard_step, so LangSmith shows a tree.",
+    )
+
+    def step_reporter(self, run_manager: _RunManager | None) -> StepReporter:
+        """The reporter of a call: its run manager's (``invoke``), else the one ``stream`` left."""
+        if run_manager is not None:
+            return StepReporter.for_run(run_manager, self.trace_steps)
+        return STREAM_REPORTER.get() or NO_REPORTER
+
+    def _should_stream(self, *, async_api: bool, run_manager: _RunManager | None = None, **kwargs: Any) -> bool:
+        if run_manager is not None:
+            return False  # invoke/ainvoke: _generate/_agenerate report the steps themselves
+        return super()._should_stream(async_api=async_api, **kwargs)
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        config, reporter = stream_reporter(self, config, CallbackManager, self.trace_steps)
+        with reporting(reporter):
+            yield from super().stream(input, config, stop=stop, **kwargs)
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        config, reporter = stream_reporter(self, config, AsyncCallbackManager, self.trace_steps)
+        with reporting(reporter):
+            async for chunk in super().astream(input, config, stop=stop, **kwargs):
+                yield chunk
 
 
 # --------------------------------------------------------------------------------------------------

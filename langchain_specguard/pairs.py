@@ -1,22 +1,38 @@
-"""The process's shared pairs: instances with the same loading options share one loaded pair.
+"""Where a chat model's pair comes from, and the process's shared pairs.
 
-The copies that ``bind``, ``with_config`` and ``configurable_fields`` make, and separate instances with
-the same models and loading options, load the models once; the pair is freed with the last instance
-that holds its key. Also what is known about a pair before it loads (context window, profile).
+A :class:`PairSource` is a chat model's loading options and what they tell before anything loads (names,
+context window, profile, the loading key); a :class:`PairHandle` is one instance's hold on the loaded pair
+and owns what copies of the instance get. Instances with the same loading options share one loaded pair:
+the copies that ``bind``, ``with_config`` and ``configurable_fields`` make, and separate instances with the
+same models and loading options, load the models once; the pair is freed with the last instance that holds
+its key.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from langchain_core.language_models.model_profile import ModelProfile
-from transformers import PreTrainedModel
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from transformers import Pipeline, PreTrainedModel
+from typing_extensions import Self
 
-from .engine import ModelPair, config_values, config_window, declared_window
+from .engine import (
+    PACKAGED_PAIRS,
+    ModelPair,
+    config_values,
+    config_window,
+    declared_window,
+    load_embedded_pair,
+    load_packaged_pair,
+    load_pair,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -35,18 +51,13 @@ _PAIRS_LOCK = threading.Lock()
 
 
 class Holding:
-    """``instance`` counted as a holder of ``key``'s pair until it is garbage-collected or :meth:`release` runs."""
+    """``owner`` counted as a holder of ``key``'s pair until it is garbage-collected or :meth:`release` runs."""
 
-    def __init__(self, key: tuple[Any, ...], instance: Any) -> None:
+    def __init__(self, key: tuple[Any, ...], owner: Any) -> None:
         self.key = key
         with _PAIRS_LOCK:
             _PAIRS.setdefault(key, _SharedPair()).instances += 1
-        self._finalizer = weakref.finalize(instance, _release, key)
-
-    def of(self, instance: Any) -> bool:
-        """Whether this is ``instance``'s own holding (a copy of an instance starts with its source's)."""
-        alive = self._finalizer.peek()
-        return alive is not None and alive[0] is instance
+        self._finalizer = weakref.finalize(owner, _release, key)
 
     def release(self) -> None:
         self._finalizer()  # runs _release once; later calls and the garbage collector do nothing
@@ -114,3 +125,321 @@ def model_profile(max_input_tokens: int | None) -> ModelProfile:
         tool_call_streaming=True,
         structured_output=False,  # no native structured output: with_structured_output and agents use a tool call
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# one chat model's pair: where it comes from, and its hold on the loaded pair
+
+EMBEDDED_DRAFT_LAYERS = 15
+"""The embedded default's draft: Gemma 3 270M's first 15 of 18 layers."""
+
+MODEL_OBJECTS = ("target_model", "draft_model", "tokenizer", "draft_tokenizer")
+"""Loading options that may be objects the user passed in: shared by copies, never copied."""
+
+
+class PairHandle:
+    """One chat model's hold on its shared pair, and what its copies get.
+
+    The owner counts as a holder of its loading key's pair from :meth:`hold` on (again, under the new key,
+    when its loading options change), so no pair is left in the registry without a holder, or dropped while
+    one lives. A copy of the owner, whichever way it was made (``copy.copy``, ``copy.deepcopy``,
+    ``model_copy``; these skip validation), gets a handle of its own (:meth:`for_owner`): it shares the loaded
+    pair, holds it for itself, and has its own load lock.
+    """
+
+    def __init__(self, owner: Any) -> None:
+        self._owner = weakref.ref(owner)
+        self._lock = threading.Lock()
+        self.pair: ModelPair | None = None  # the loaded pair, once loaded
+        self._key: tuple[Any, ...] | None = None  # the key ``pair`` was loaded for
+        self._holding: Holding | None = None
+
+    @staticmethod
+    def for_owner(handle: PairHandle | None, owner: Any) -> PairHandle:
+        """``owner``'s own handle: ``handle`` if it is already, else a new one sharing what ``handle`` loaded."""
+        if handle is not None and handle._owner() is owner:
+            return handle
+        own = PairHandle(owner)
+        if handle is not None:
+            own.pair, own._key = handle.pair, handle._key
+        return own
+
+    def hold(self, key: tuple[Any, ...]) -> None:
+        """Count the owner as a holder of ``key``'s pair (and no longer of the key it held before)."""
+        held = self._holding
+        if held is not None and held.key == key:
+            return
+        owner = self._owner()
+        assert owner is not None, "a handle outlived its owner"
+        self._holding = Holding(key, owner)
+        if held is not None:
+            held.release()
+
+    def get(self, key: tuple[Any, ...], load: Callable[[], ModelPair]) -> tuple[ModelPair, bool]:
+        """The pair of ``key`` (``load`` loads it, once in the process), and whether this call is the one that got it
+        for the owner."""
+        self.hold(key)
+        pair = self.pair
+        if pair is not None and self._key == key:
+            return pair, False
+        with self._lock:
+            if self.pair is not None and self._key == key:
+                return self.pair, False
+            self.pair, self._key = shared_pair(key, load), key
+            return self.pair, True
+
+
+class PairSource(BaseModel):
+    """Where a chat model's pair comes from: its loading options, the pair they load, and what they tell before
+    anything loads (the names traces use, the context window for the profile, the key pairs are shared by).
+
+    ``ChatSpecGuard`` is a ``PairSource`` (as it is a ``SpecGuardParams`` for its decoding options). Instances
+    with the same loading options share one loaded pair (:meth:`load`); a copy of an instance, whichever way
+    it is made (``copy.copy``, ``copy.deepcopy``, ``model_copy``: these skip validation), shares the loaded
+    pair and holds it for itself (:class:`PairHandle`).
+    """
+
+    pair: Literal["qwen2.5-coder"] | None = Field(
+        default=None,
+        description="A target/draft pair installed from PyPI, loaded offline: 'qwen2.5-coder' (Qwen2.5-Coder-1.5B-"
+        "Instruct with its 0.5B sibling as the draft; the 'qwen-coder' extra). Instead of target_model/draft_model.",
+    )
+    target_model: Any = Field(
+        default=None,
+        alias="model",
+        description="Hub id, local path or loaded PreTrainedModel of the target (also accepted as `model`); "
+        "None = embedded Gemma 3 270M.",
+    )
+    draft_model: Any = Field(default=None, description="Hub id, local path or model object of the draft.")
+    draft_layers: int | None = Field(
+        default=None, ge=1, description="Draft with the target's first k layers (self-speculative) instead."
+    )
+    tokenizer: Any = Field(default=None, description="Tokenizer id/path/object; default: the target's.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside target_model's directory.")
+    device: str | None = Field(default=None, description="'cuda', 'cuda:1', 'cpu'...; None = CUDA if available.")
+    torch_dtype: str | torch.dtype | None = Field(
+        default=None,
+        validation_alias=AliasChoices("torch_dtype", "dtype"),
+        description="torch.bfloat16 or 'bfloat16', 'float32'... (also accepted as `dtype`); None or 'auto' = bf16 on "
+        "GPU, fp32 on CPU.",
+    )
+    model_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="More from_pretrained arguments for the target, e.g. {'quantization_config': BitsAndBytesConfig("
+        "load_in_4bit=True)} or {'attn_implementation': 'sdpa'}.",
+    )
+    draft_model_kwargs: dict[str, Any] | None = Field(
+        default=None, description="More from_pretrained arguments for the draft (model_kwargs are the target's only)."
+    )
+    draft_tokenizer: Any = Field(
+        default=None, description="The draft's tokenizer id/path/object, checked against the target's vocabulary."
+    )
+    draft_gguf_file: str | None = Field(default=None, description="GGUF file name inside draft_model's directory.")
+    max_memory: dict[Any, str] | None = Field(
+        default=None, description="With device_map: the most memory per device, e.g. {0: '20GiB', 'cpu': '64GiB'}."
+    )
+    device_map: str | dict[str, Any] | None = Field(
+        default=None, description="Passed to accelerate for a target sharded over devices, e.g. 'auto'."
+    )
+    trust_remote_code: bool = False
+
+    _handle: PairHandle | None = PrivateAttr(default=None)  # this instance's hold on its pair
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pipelines(cls, values: Any) -> Any:
+        """A transformers ``Pipeline`` (or langchain-huggingface's ``HuggingFacePipeline``, which holds one) as
+        ``target_model``/``model`` or ``draft_model`` stands for its model; the target's pipeline also gives the
+        tokenizer unless one is given."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        for key in ("target_model", "model", "draft_model"):
+            pipe = _pipeline_of(values.get(key))
+            if pipe is not None:
+                values[key] = pipe.model
+                if key != "draft_model" and values.get("tokenizer") is None:
+                    values["tokenizer"] = pipe.tokenizer
+        return values
+
+    @model_validator(mode="after")
+    def _check_pair_options(self) -> Self:
+        """Refuse loading options that contradict each other, before anything loads."""
+        if self.pair is not None:
+            given = [name for name in ("target_model", "draft_model", "draft_layers", "gguf_file", "draft_gguf_file")
+                     if getattr(self, name) is not None]  # fmt: skip
+            if given:
+                raise ValueError(f"pair={self.pair!r} names both models already: drop {given}")
+        resolve_dtype(self.torch_dtype, "cpu")  # a misspelt dtype fails here, not at the first call
+        if self.draft_model is not None and self.draft_layers is not None:
+            raise ValueError("give either draft_model or draft_layers, not both")
+        if self.target_model is not None and self.draft_model is None and self.draft_layers is None:
+            raise ValueError("a target_model needs a draft: set draft_model=... or draft_layers=k")
+        if self.target_model is None and self.draft_model is not None:
+            raise ValueError(
+                "draft_model was given without target_model: name the target too (the embedded default model "
+                "drafts with its own first layers, set with draft_layers)"
+            )
+        return self
+
+    # -- the loaded pair, shared ---------------------------------------------------------------
+
+    def load(self) -> ModelPair:
+        """The loaded pair (thread-safe, lazy).
+
+        Instances that load the same models with the same loading options (``target_model``,
+        ``draft_model``/``draft_layers``, ``tokenizer``, ``gguf_file``, ``device``, ``torch_dtype``,
+        ``device_map``, ``trust_remote_code``) share one loaded pair in the process, as the copies that
+        ``bind``, ``with_config`` and ``configurable_fields`` make do; decoding options stay per instance.
+        The pair is freed when no instance holds it any more.
+        """
+        pair, fresh = self._pairs().get(self._loading_key(), self._load_pair)
+        if fresh:
+            self._loaded(pair)
+        return pair
+
+    def _loaded(self, pair: ModelPair) -> None:
+        """Called once the pair is loaded (or found loaded) for this instance: a subclass checks its options."""
+
+    def _pairs(self) -> PairHandle:
+        self._handle = PairHandle.for_owner(self._handle, self)
+        return self._handle
+
+    def _loading_key(self) -> tuple[Any, ...]:
+        """The registry's key: what makes two pairs the same (objects by identity, options by value)."""
+        return (
+            self.pair,
+            identity(self.target_model),
+            identity(self.draft_model),
+            self.draft_layers,
+            identity(self.tokenizer),
+            self.gguf_file,
+            self.device,
+            str(self.torch_dtype),
+            repr(self.device_map),
+            self.trust_remote_code,
+            repr(self.model_kwargs),
+            repr(self.draft_model_kwargs),
+            identity(self.draft_tokenizer),
+            self.draft_gguf_file,
+            repr(self.max_memory),
+        )
+
+    def _load_pair(self) -> ModelPair:
+        """Load the pair these options describe (the registry calls this once per key: :func:`shared_pair`)."""
+        if self.pair is not None:
+            return load_packaged_pair(
+                self.pair,
+                device=self.device,
+                dtype=self.torch_dtype,
+                tokenizer=self.tokenizer,
+                trust_remote_code=self.trust_remote_code,
+            )
+        if self.target_model is None:
+            return load_embedded_pair(
+                draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS, device=self.device, dtype=self.torch_dtype
+            )
+        return load_pair(
+            self.target_model,
+            self.draft_model,
+            draft_layers=self.draft_layers,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            dtype=self.torch_dtype,
+            device_map=self.device_map,
+            gguf_file=self.gguf_file,
+            trust_remote_code=self.trust_remote_code,
+            draft_tokenizer=self.draft_tokenizer,
+            draft_gguf_file=self.draft_gguf_file,
+            max_memory=self.max_memory,
+            model_kwargs=self.model_kwargs,
+            draft_model_kwargs=self.draft_model_kwargs,
+        )
+
+    # -- copies: the loaded pair and the objects given are shared, the hold on the pair is the copy's own --------
+
+    def __copy__(self) -> Self:
+        return super().__copy__()._copied()
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        """A deep copy of the options; the loaded pair, any model or tokenizer object given and the instance's
+        private state (locks, the handle) are shared, never copied, and then :meth:`_copied` makes the copy its
+        own handle (and a subclass its own locks)."""
+        memo = {} if memo is None else memo
+        shared = [*(self.__pydantic_private__ or {}).values(), *(getattr(self, name) for name in MODEL_OBJECTS)]
+        memo.update({id(value): value for value in shared if value is not None and not isinstance(value, str)})
+        return super().__deepcopy__(memo)._copied()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (see :meth:`__copy__`); with ``update``, a copy whose loading options changed gets its own pair."""
+        return super().model_copy(update=update, deep=deep)._hold()
+
+    def _copied(self) -> Self:
+        """Make a fresh copy its own: it holds its pair through a handle of its own."""
+        return self._hold()
+
+    def _hold(self) -> Self:
+        """Count this instance as a holder of its loading key's pair from now on (a subclass calls this last in its
+        validation, so that only a valid instance holds a pair)."""
+        self._pairs().hold(self._loading_key())
+        return self
+
+    # -- what the options tell before anything loads ----------------------------------------------
+
+    def loading_identity(self) -> dict[str, Any]:
+        """The loading options among LangChain's identifying parameters (its cache key)."""
+        return {
+            "model_name": self.model_name,
+            "pair": self.pair,
+            "target": identity(self.target_model),
+            "draft": identity(self.draft_model),
+            "draft_layers": self.draft_layers,
+            "tokenizer": identity(self.tokenizer),
+            "gguf_file": self.gguf_file,
+            "torch_dtype": str(self.torch_dtype) if self.torch_dtype is not None else None,
+            "device": self.device,
+            "model_kwargs": repr(self.model_kwargs),
+            "draft_model_kwargs": repr(self.draft_model_kwargs),
+            "draft_tokenizer": identity(self.draft_tokenizer),
+            "draft_gguf_file": self.draft_gguf_file,
+        }
+
+    @property
+    def model_name(self) -> str:
+        if self.pair is not None:
+            return PACKAGED_PAIRS[self.pair].target.filename
+        if self.target_model is None:
+            return "gemma-3-270m-q4_k_m.gguf"
+        if isinstance(self.target_model, str):
+            return self.target_model
+        return str(getattr(self.target_model, "name_or_path", "") or type(self.target_model).__name__)
+
+    @property
+    def draft_name(self) -> str:
+        """The draft as traces name it: its id or path, the packaged draft, or the target's first layers."""
+        if self.pair is not None:
+            return PACKAGED_PAIRS[self.pair].draft.filename
+        if isinstance(self.draft_model, str):
+            return self.draft_model
+        if self.draft_model is not None:
+            return str(getattr(self.draft_model, "name_or_path", "") or type(self.draft_model).__name__)
+        return f"{self.model_name} (first {self.draft_layers or EMBEDDED_DRAFT_LAYERS} layers)"
+
+    def packaged_tool_format(self) -> Literal["hermes", "json"] | None:
+        """How a packaged pair's model was seen to write tool calls (None: read it from the template)."""
+        return PACKAGED_PAIRS[self.pair].tool_call_format if self.pair is not None else None
+
+    def known_context_window(self) -> int | None:
+        """The target's context window, where it is known before loading (see :func:`context_window_of`)."""
+        window = PACKAGED_PAIRS[self.pair].context_window if self.pair is not None else None
+        return window or context_window_of(self.target_model)
+
+
+def _pipeline_of(value: Any) -> Pipeline | None:
+    """The transformers pipeline ``value`` is or holds (``HuggingFacePipeline.pipeline``), if any."""
+    for candidate in (value, getattr(value, "pipeline", None)):
+        if isinstance(candidate, Pipeline):
+            return candidate
+    return None

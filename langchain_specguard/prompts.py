@@ -1,8 +1,10 @@
 """Prompt rendering and tokenization: messages through the chat template, message text kept as data.
 
-:func:`render` turns LangChain messages into the prompt's token ids with the tokenizer's chat template
-(tools through the template or the fallback prompt, past tool calls and results, past reasoning), and
-:func:`tokenize_prompt` makes sure that no text that came from a message becomes a control token.
+A :class:`TemplateProfile` holds what a model's chat template decides (the template in force, tools through
+it or the fallback prompt, the tool-call format, the output syntax). :func:`render` turns LangChain messages
+and a call's :class:`PromptRequest` into the prompt's token ids with that template (tools, past tool calls
+and results, past reasoning), and :func:`tokenize_prompt` makes sure that no text that came from a message
+becomes a control token.
 """
 
 from __future__ import annotations
@@ -13,43 +15,132 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import jinja2
 from jinja2 import nodes
 from jinja2.exceptions import TemplateError
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 
-from .reasoning import ThoughtSpec, opens_thought, reasoning_of, without_reasoning
-from .tools import RESPONSE_MARKERS, ToolFormat
+from .reasoning import (
+    DEFAULT_MARKERS,
+    ThoughtSpec,
+    model_thinks,
+    opens_thought,
+    reasoning_of,
+    template_kwargs,
+    without_reasoning,
+)
+from .tools import FORMATS, HERMES, HERMES_MARKERS, OUTPUT_SYNTAX, RESPONSE_MARKERS, ToolCallStyle, ToolFormat
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")
 """Roles a message may have (``ChatMessage.role``); ``developer`` is read as ``system``."""
 
 
-def render(
-    tokenizer: Any,
-    template: str | None,
-    model_name: str,
-    messages: Sequence[BaseMessage],
-    tools: Sequence[Mapping[str, Any]] | None,
-    native: bool,
-    prefix: str,
-    variables: dict[str, Any],
-    markers: tuple[str, str],
-    thinks: bool,
-    tool_format: ToolFormat,
-    syntax: Sequence[str] = (),
-) -> tuple[list[int], ThoughtSpec | None]:
-    """The prompt's token ids, and (when ``thinks``) how the output splits into reasoning and answer.
-
-    ``native``: the tools go through the template (``apply_chat_template(tools=...)``); else through the
-    fallback prompt of ``tool_format``, with past calls (in that format) and results written into the
-    turns. Text that came from the messages never becomes a control token (:func:`message_pieces`):
-    neither a special token nor one of the texts the output syntax uses (the think ``markers`` and
-    ``syntax``: tool-call and result markers) where the tokenizer has it as a token of its own without
-    marking it special (``<think>``, ``<tool_call>`` in Qwen).
+@dataclass(frozen=True)
+class TemplateProfile:
+    """What a model's chat template decides, once per loaded tokenizer: the template in force, whether bound
+    tools go through it, how the model writes tool calls, and which texts of the output syntax are control text.
     """
+
+    tokenizer: Any
+    template: str | None  # the chat_template option, else the tokenizer's (which is never modified)
+    model_name: str
+    native_tools: bool = False  # tools go to apply_chat_template(tools=...); else the fallback prompt
+    tool_format: ToolFormat = HERMES
+    syntax: tuple[str, ...] = ()  # tool-call and result markers: kept plain text in messages
+
+    @classmethod
+    def of(
+        cls,
+        tokenizer: Any,
+        model_name: str,
+        *,
+        chat_template: str | None = None,
+        tool_prompt: Literal["auto", "template", "fallback"] = "auto",
+        tool_call_format: Literal["auto", "hermes", "json"] = "auto",
+        seen_format: ToolCallStyle | None = None,
+        tool_call_markers: tuple[str, str] | None = None,
+    ) -> TemplateProfile:
+        """The decisions for ``tokenizer`` under the chat model's options (see their field descriptions).
+
+        ``tool_prompt="auto"``: tools go through the template when it mentions them. ``tool_call_format="auto"``:
+        the format a packaged model was seen to write (``seen_format``), else JSON for a template that takes
+        tools and never mentions ``<tool_call>``, else Hermes.
+        """
+        template = chat_template or tokenizer.chat_template
+        text = str(template or "")
+        native = tool_prompt == "template" if tool_prompt != "auto" else "tools" in text
+        style: ToolCallStyle = "hermes"
+        if tool_call_format != "auto":
+            style = tool_call_format
+        elif seen_format is not None:
+            style = seen_format
+        elif native and HERMES_MARKERS[0] not in text:
+            style = "json"
+        syntax = (*OUTPUT_SYNTAX, *(tool_call_markers or ()))
+        return cls(tokenizer, template, model_name, native, FORMATS[style], syntax)
+
+    def thinks(self, reasoning: bool | None, markers: tuple[str, str] | None = None) -> bool:
+        """Whether outputs are split into reasoning and answer (``reasoning``; None: when the tokenizer or the
+        template knows the opening marker of ``markers``, the think block's, None for the defaults)."""
+        if reasoning is None:
+            return model_thinks(self.tokenizer, self.template, (markers or DEFAULT_MARKERS)[0])
+        return reasoning
+
+    def render(self, messages: Sequence[BaseMessage], request: PromptRequest) -> tuple[list[int], ThoughtSpec | None]:
+        """:func:`render` with this profile."""
+        return render(self, messages, request)
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One call's inputs to the chat template besides the messages."""
+
+    tools: Sequence[Mapping[str, Any]] | None = None  # OpenAI format
+    prefix: str = ""  # the start of the answer, after the generation prompt (a forced tool call)
+    variables: Mapping[str, Any] = field(default_factory=dict)  # template variables (template_variables)
+    markers: tuple[str, str] | None = None  # the think block's (None: the defaults), control text in any case
+    thinks: bool = False  # split the output into reasoning and answer
+
+    @property
+    def think_markers(self) -> tuple[str, str]:
+        return self.markers or DEFAULT_MARKERS
+
+    @property
+    def thought_markers(self) -> tuple[str, str] | None:
+        """The markers the engine splits the output at (the ``reasoning_markers`` it gets): None unless it thinks."""
+        return self.think_markers if self.thinks else None
+
+
+def template_variables(reasoning: bool | None, *layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A call's chat-template variables: ``enable_thinking`` from ``reasoning`` (when set), under ``layers`` (the
+    instance's ``chat_template_kwargs``, then the call's), checked against ``apply_chat_template``'s arguments."""
+    thinking = {"enable_thinking": reasoning} if reasoning is not None else None
+    return template_kwargs(thinking, *layers)
+
+
+def render(
+    profile: TemplateProfile, messages: Sequence[BaseMessage], request: PromptRequest = PromptRequest()
+) -> tuple[list[int], ThoughtSpec | None]:
+    """The prompt's token ids, and (when ``request.thinks``) how the output splits into reasoning and answer.
+
+    Tools go through the template when ``profile.native_tools`` (``apply_chat_template(tools=...)``); else
+    through the fallback prompt of the profile's tool format, with past calls (in that format) and results
+    written into the turns. Text that came from the messages never becomes a control token
+    (:func:`message_pieces`): neither a special token nor one of the texts the output syntax uses (the think
+    markers and ``profile.syntax``: tool-call and result markers) where the tokenizer has it as a token of
+    its own without marking it special (``<think>``, ``<tool_call>`` in Qwen).
+    """
+    tokenizer, template, model_name = profile.tokenizer, profile.template, profile.model_name
+    tools, native, tool_format, markers = (
+        request.tools,
+        profile.native_tools,
+        profile.tool_format,
+        request.think_markers,
+    )
+    prefix = request.prefix
     if not messages:
         raise ValueError("messages is empty: give at least one message")
     for message in messages:
@@ -64,7 +155,7 @@ def render(
     converted = template_messages(messages)
     if "reasoning_content" not in template:  # past thinking reaches only templates that render it
         converted = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in converted]
-    extra: dict[str, Any] = dict(variables)
+    extra: dict[str, Any] = dict(request.variables)
     if tools and native:
         extra["tools"] = list(tools)
 
@@ -88,14 +179,14 @@ def render(
 
     prompt = text_of(converted)
     thought = None
-    if thinks:
+    if request.thinks:
         opened = opens_thought(prompt, text_of(converted, generation=False), markers)
         if opened and prefix:  # a forced start (a tool call) goes after the thinking, which it skips
             prefix, opened = f"{markers[1]}\n\n{prefix}", False
         thought = ThoughtSpec(markers, opened)
     # the output syntax's markers are control text too where they are tokens of their own (Qwen, R1 distills)
     added = tokenizer.get_added_vocab()
-    protected = sorted({m for m in (*markers, *syntax) if m in added}, key=len, reverse=True)
+    protected = sorted({m for m in (*markers, *profile.syntax) if m in added}, key=len, reverse=True)
     controls = sorted({*control_tokens(tokenizer), *protected}, key=len, reverse=True)
     pieces = message_pieces(prompt, converted, controls, text_of)
     ids = tokenize_prompt(tokenizer, [*pieces, (prefix, False)], protected)

@@ -1,31 +1,159 @@
-"""Streaming: the chunks of one call, their sum, and the bridge from blocking steps to asyncio.
+"""Streaming: one call's path from verified steps to chunks to the final message, and the bridge to asyncio.
 
-Each verified step becomes a message chunk (:func:`step_chunk`; :class:`ShownContent` keeps tool-call
-text and incomplete markers out of the content), the last chunk is derived from the final message
-(:func:`last_chunk`), and ``invoke``'s message is the sum of the chunks (:func:`aggregate`). The decoding
-blocks, so async callers run it in a worker thread one step per hop (:func:`iterate_in_thread`) and feed
-the steps to the same sync chunk generator (:func:`drive`).
+:func:`call_chunks` is the path every entry point reads: each verified step becomes a message chunk
+(:func:`step_chunk`; :class:`ShownContent` keeps tool-call text and incomplete markers out of the content),
+and the last chunk (:func:`last_chunk`) is derived from the final message (:func:`final_message`: content,
+reasoning, tool calls, usage, the step summary), so ``invoke``'s message, the sum of the chunks
+(:func:`aggregate`), equals it. The decoding blocks, so async callers run it in a worker thread one step per
+hop (:func:`iterate_in_thread`) and feed the steps to the same sync chunk generator (:func:`drive`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.messages import AIMessage, AIMessageChunk, message_chunk_to_message
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.utils import LC_ID_PREFIX
 
 from .binding import ToolSetup
 from .callbacks import StepReporter
-from .engine import ModelPair, StepEvent, token_bytes
+from .engine import ModelPair, SpecGuardParams, StepEvent, summarize, token_bytes
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """One call, prepared: the loaded pair, the prompt's token ids, the decoding parameters, stops and tools."""
+
+    pair: ModelPair
+    prompt: list[int]
+    params: SpecGuardParams
+    stops: list[str]
+    setup: ToolSetup
+    step_details: bool = False  # return_step_details: the step events go into the final message too
+
+
+def call_chunks(
+    call: PreparedCall, events: Iterable[StepEvent], message_id: str | None
+) -> Generator[ChatGenerationChunk, None, None]:
+    """The call's chunks: one per step as it is verified, then the last chunk, derived from the final message.
+
+    Every path reads this generator, so the chunks of ``stream``, the chunks that ``invoke`` hands to
+    streaming callbacks and the message ``invoke`` returns (their sum, :func:`aggregate`) cannot differ.
+    """
+    steps: list[StepEvent] = []
+    shown = ShownContent(call.setup)
+    for event in events:
+        steps.append(event)
+        yield step_chunk(shown.add(event.text), call.pair, event, message_id)
+    yield last_chunk(final_message(call, steps), shown, message_id)
+
+
+def reported_chunks(
+    call: PreparedCall, steps: Iterator[StepEvent], reporter: StepReporter, run: CallbackManagerForLLMRun | None
+) -> Iterator[ChatGenerationChunk]:
+    """``_stream``: the call's chunks, each step reported to the run before its chunk, the summary with the last.
+
+    A consumer that stops early closes ``steps`` now (the generation lock is released), not at GC.
+    """
+    events = reporter.steps(steps)
+    try:
+        for chunk in call_chunks(call, events, run_message_id(run)):
+            if is_last(chunk):
+                reporter.summary(chunk.message.response_metadata["specguard"])
+            yield chunk
+    finally:
+        close_now(events)
+
+
+async def areported_chunks(
+    call: PreparedCall, steps: Iterator[StepEvent], reporter: StepReporter, run: AsyncCallbackManagerForLLMRun | None
+) -> AsyncGenerator[ChatGenerationChunk, None]:
+    """``_astream``: the same chunks, the decoding in a worker thread one step per hop, so the event loop stays free."""
+    events = reporter.asteps(iterate_in_thread(steps))
+    message_id = run_message_id(run)
+    async with contextlib.aclosing(drive(lambda arrived: call_chunks(call, arrived, message_id), events)) as chunks:
+        async for chunk in chunks:
+            if is_last(chunk):
+                await reporter.asummary(chunk.message.response_metadata["specguard"])
+            yield chunk
+
+
+def collect(chunks: Iterator[ChatGenerationChunk], run_manager: CallbackManagerForLLMRun | None) -> ChatResult:
+    """``_generate``: the chunks summed (:func:`aggregate`), each that carries something handed to the streaming
+    callbacks (``on_llm_new_token``) as it comes."""
+    kept: list[ChatGenerationChunk] = []
+    for chunk in chunks:
+        if run_manager is not None and carries_something(chunk):
+            run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+        kept.append(chunk)
+    return aggregate(kept)
+
+
+async def acollect(
+    chunks: AsyncIterator[ChatGenerationChunk], run_manager: AsyncCallbackManagerForLLMRun | None
+) -> ChatResult:
+    """The async twin of :func:`collect`."""
+    kept: list[ChatGenerationChunk] = []
+    async for chunk in chunks:
+        if run_manager is not None and carries_something(chunk):
+            await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+        kept.append(chunk)
+    return aggregate(kept)
+
+
+def final_message(call: PreparedCall, steps: list[StepEvent]) -> AIMessage:
+    """The message of a call that produced ``steps``: its content, reasoning, tool calls, usage and summary."""
+    metadata = final_metadata(call, steps)
+    text = "".join(s.text for s in steps)
+    setup = call.setup
+    reasoning, answer = setup.thought.split(text) if setup.thought is not None else ("", text)
+    content, calls = setup.read_answer(answer)
+    if calls.get("tool_calls") and metadata["finish_reason"] == "stop":
+        metadata["finish_reason"] = "tool_calls"
+    return AIMessage(
+        content=content,
+        additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+        response_metadata=metadata,
+        usage_metadata=usage(call.prompt, steps),
+        **calls,
+    )
+
+
+def final_metadata(call: PreparedCall, steps: list[StepEvent]) -> dict[str, Any]:
+    """The final message's ``response_metadata``: the model, why it finished, the step summary, log-probabilities."""
+    summary = summarize(steps, sum(s.seconds for s in steps), len(call.prompt))
+    if call.step_details:
+        summary["step_events"] = [s.to_dict() for s in steps]  # beside the count "steps": one type each
+    metadata = {
+        "model_name": call.pair.name,
+        "model_provider": "specguard",
+        "finish_reason": (steps[-1].finish_reason if steps else None) or "length",
+        "specguard": summary,
+    }
+    if steps and steps[0].logprobs is not None:
+        metadata["logprobs"] = {"content": [e for s in steps for e in openai_logprobs(call.pair.tokenizer, s)]}
+    return metadata
+
+
+def usage(prompt: list[int], steps: list[StepEvent]) -> UsageMetadata:
+    """Prompt and output tokens, the reasoning steps' tokens among the output's details."""
+    out = sum(s.num_tokens for s in steps)
+    # (a cast: mypy at python_version 3.10 reads langchain-core's NotRequired detail keys as required)
+    counts = cast(UsageMetadata, {"input_tokens": len(prompt), "output_tokens": out, "total_tokens": len(prompt) + out})
+    thinking = sum(s.num_tokens for s in steps if s.kind == "reasoning")
+    if thinking:
+        counts["output_token_details"] = {"reasoning": thinking}
+    return counts
 
 
 @dataclass
@@ -153,9 +281,6 @@ def openai_logprobs(tokenizer: Any, event: StepEvent) -> list[dict[str, Any]]:
         {**entry(item.token, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]}
         for item in event.logprobs or []
     ]
-
-
-STREAM_EMITTER: ContextVar[StepReporter | None] = ContextVar("specguard_stream_emitter", default=None)
 
 
 _T = TypeVar("_T")

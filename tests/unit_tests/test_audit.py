@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard
+from langchain_specguard.binding import ToolRequest
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair, loading
 from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
 from tests.scripted import force_script
@@ -149,15 +150,13 @@ def _saved(tokenizer: Any, tmp_path: Path) -> str:
 
 
 def test_prompt_tokenization_is_unchanged_for_ordinary_text() -> None:
-    from langchain_specguard.prompts import render
-    from langchain_specguard.reasoning import DEFAULT_MARKERS
-    from langchain_specguard.tools import HERMES
+    from langchain_specguard.prompts import TemplateProfile, render
 
     tokenizer = bpe_tokenizer()
     message = {"role": "user", "content": "Step 1: 3 + 5 = 8"}
     text = tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
     messages = [HumanMessage("Step 1: 3 + 5 = 8")]
-    ids, _ = render(tokenizer, CHATML, "tiny", messages, None, False, "", {}, DEFAULT_MARKERS, False, HERMES)
+    ids, _ = render(TemplateProfile(tokenizer, CHATML, "tiny"), messages)
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -340,7 +339,7 @@ def test_tool_choice_holes_are_closed() -> None:
     with pytest.raises(ValueError, match="forces a tool call, but no tools are bound"):
         llm.bind_tools([], tool_choice="any")
     json_style = llm.model_copy(update={"tool_call_format": "json"})
-    setup = json_style._tool_setup([json.loads(json.dumps(_openai(_echo)))], "any")
+    setup = ToolRequest([json.loads(json.dumps(_openai(_echo)))], "any").setup(json_style.tool_format(), None, {})
     assert setup.prefix == '{"name": "'  # "any" is enforced in the JSON format too
 
 

@@ -25,11 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from langchain_specguard import ChatSpecGuard, pairs
 from langchain_specguard.engine import SpecGuardParams
 from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
-from langchain_specguard.prompts import render
-from langchain_specguard.reasoning import DEFAULT_MARKERS
+from langchain_specguard.prompts import TemplateProfile, render
 from langchain_specguard.tools import (
     FORMATS,
-    HERMES,
     HERMES_MARKERS,
     fallback_tool_prompt,
     parse_tool_calls,
@@ -322,9 +320,7 @@ def test_19_9_copies_hold_the_shared_pair_like_constructed_instances(monkeypatch
 
 def gemma_text(messages: list[BaseMessage]) -> str:
     tokenizer = make_tokenizer()
-    ids, _ = render(
-        tokenizer, GEMMA_CHAT_TEMPLATE, "gemma", messages, None, False, "", {}, DEFAULT_MARKERS, False, HERMES
-    )
+    ids, _ = render(TemplateProfile(tokenizer, GEMMA_CHAT_TEMPLATE, "gemma"), messages)
     return str(tokenizer.decode(ids))
 
 

@@ -47,7 +47,7 @@ def llm() -> ChatSpecGuard:
 def test_construction_is_lazy() -> None:
     target, draft = llama_pair()
     model = ChatSpecGuard(target_model=target, draft_model=draft)
-    assert model._pair is None
+    assert model._pairs().pair is None
     assert model._llm_type == "specguard"
     assert model._get_ls_params()["ls_model_name"] == target
 

@@ -64,7 +64,7 @@ def script(llm: ChatSpecGuard, draft: str | list[str], target: str | list[str]) 
 
 def test_the_llama3_style_template_renders_and_reads_json_calls() -> None:
     llm = make_json_llm()
-    assert llm.template_takes_tools() and llm.tool_style() == "json"
+    assert llm.template_profile().native_tools and llm.tool_format().name == "json"
     history = [
         HumanMessage("Capital of France?"),
         AIMessage("", tool_calls=[{"name": "lookup", "args": {"country": "France"}, "id": "c1"}]),

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from transformers import AutoTokenizer
 
 from langchain_specguard import STEP_EVENT, ChatSpecGuard
+from langchain_specguard.binding import ToolRequest
 from langchain_specguard.engine.decoding import generate
 from langchain_specguard.tools import HERMES_MARKERS, step_validator
 from tests.scripted import force_script
@@ -156,7 +157,7 @@ def test_tool_turns_render_through_the_gemma_template() -> None:
     from langchain_specguard.engine.loading import GEMMA_CHAT_TEMPLATE
 
     llm = make_llm(chat_template=GEMMA_CHAT_TEMPLATE)
-    assert not llm.template_takes_tools() and llm.tool_style() == "hermes"
+    assert not llm.template_profile().native_tools and llm.tool_format().name == "hermes"
     history = [
         HumanMessage("What is 2+2?"),
         AIMessage("Let me add.", tool_calls=[{"name": "calculator", "args": {"expression": "2+2"}, "id": "c1"}]),
@@ -202,7 +203,7 @@ QWEN_LIKE_TEMPLATE = (
 
 def test_tool_turns_render_through_templates_with_tool_support() -> None:
     llm = make_llm(chat_template=QWEN_LIKE_TEMPLATE)
-    assert llm.template_takes_tools() and llm.tool_style() == "hermes"
+    assert llm.template_profile().native_tools and llm.tool_format().name == "hermes"
     history = [
         HumanMessage("What is 2+2?"),
         AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "2+2"}, "id": "c1"}]),
@@ -309,7 +310,8 @@ def test_structured_output_forces_the_schemas_own_tool(method: str) -> None:
     force_script(pair.target, pair.tokenizer, script)
     out = llm.with_structured_output(Answer, method=method, include_raw=True).invoke("A number and a city?")
     assert out["parsed"] == Answer(number=7, city="Oslo") and out["parsing_error"] is None
-    setup = llm._tool_setup([convert_to_openai_tool(Answer)], "Answer")  # the answer starts naming the tool
+    setup = ToolRequest([convert_to_openai_tool(Answer)], "Answer").setup(llm.tool_format(), None, {})
+    # the answer starts naming the tool
     assert setup.prefix.endswith('{"name": "Answer", "arguments": ')
 
 
