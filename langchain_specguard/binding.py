@@ -16,14 +16,15 @@ from typing import Any
 
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, ToolCall
+from langchain_core.messages import AIMessage, InvalidToolCall, ToolCall
 from langchain_core.messages.tool import invalid_tool_call
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.tools import StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ValidationError
 
 from .reasoning import ThoughtSpec
-from .tools import HERMES, ToolFormat, inert, load_json, tools_by_name, validate_tool_call
+from .tools import HERMES, ToolFormat, inert, lenient_call, load_json, tools_by_name, validate_tool_call
 
 
 @dataclass(frozen=True)
@@ -36,21 +37,33 @@ class ToolSetup:
     prefix: str = ""
     single_call: bool = False  # parallel_tool_calls=False: the answer ends with its first call
     thought: ThoughtSpec | None = None  # set when the output is split into reasoning and answer
+    answers: frozenset[str] = frozenset()  # tools nothing runs (see answer_tools): their schema's parser judges
 
     def read_answer(self, text: str) -> tuple[str, dict[str, Any]]:
         """Content and tool-call fields of the final message for ``text`` (the generated answer).
 
         A call that parses but does not fit the bound tools (unknown name, arguments against the schema),
-        whoever wrote it, is an ``invalid_tool_call`` with the reason, never a call an agent would run.
+        whoever wrote it, is an ``invalid_tool_call`` with the reason, never a call an agent would run. A call of
+        an answer tool (:func:`answer_tools`: create_agent's ``response_format``) is run by nobody: when it
+        reads as JSON (NaN and Infinity as Python reads them) it is a call, also against its schema, so that the
+        schema's own parser judges it (the agent's ``ToolStrategy`` raises or asks again, per its
+        ``handle_errors``), as with LangChain's own providers.
         """
         if self.tools is None:
             return text, {}
         parsed = self.format.parse(self.prefix + text)
         schemas = tools_by_name(self.tools)
         calls: list[ToolCall] = []
-        invalid = list(parsed.invalid_tool_calls)
-        for call in parsed.tool_calls:
-            reason = validate_tool_call(call, schemas)
+        invalid: list[InvalidToolCall] = []
+        candidates = list(parsed.tool_calls)
+        for bad in parsed.invalid_tool_calls:
+            readable = lenient_call(bad) if bad.get("name") in self.answers else None
+            if readable is not None:
+                candidates.append(readable)
+            else:
+                invalid.append(bad)
+        for call in candidates:
+            reason = None if call["name"] in self.answers else validate_tool_call(call, schemas)
             if reason is None and self.single_call and calls:
                 reason = "parallel_tool_calls=False allows one call per answer: this one was not made"
             if reason is None:
@@ -70,6 +83,7 @@ class ToolRequest:
     tools: Sequence[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    answer_tools: Sequence[str] = ()  # bound tools nothing runs, by name (bind_tools found them: tool_binding)
 
     @classmethod
     def take(cls, kwargs: dict[str, Any]) -> ToolRequest:
@@ -77,7 +91,8 @@ class ToolRequest:
         parallel = tool_flag("parallel_tool_calls", kwargs.pop("parallel_tool_calls", None))
         tool_flag("strict", kwargs.pop("strict", None))  # calls are always schema-checked (see bind_tools)
         kwargs.pop("ls_structured_output_format", None)
-        return cls(kwargs.pop("tools", None), kwargs.pop("tool_choice", None), parallel)
+        answers = tuple(kwargs.pop("answer_tools", ()))
+        return cls(kwargs.pop("tools", None), kwargs.pop("tool_choice", None), parallel, answers)
 
     def setup(self, fmt: ToolFormat, markers: tuple[str, str] | None, kwargs: dict[str, Any]) -> ToolSetup:
         """The call's tool setup in the model's format ``fmt``.
@@ -101,6 +116,7 @@ class ToolRequest:
             validate=fmt.validator(tools) if checked else None,
             prefix=fmt.forced_prefix(forced_tool_name(tool_choice), tool_choice in ("any", "required", True)),
             single_call=self.parallel_tool_calls is False,
+            answers=frozenset([*self.answer_tools, *answer_tools(self.tools or [])]),
         )
 
 
@@ -214,7 +230,22 @@ def tool_binding(
             f"strict, stop and the decoding fields {list(decoding)}"
         )
     bound = {name: value for name, value in flags.items() if value is not None}
-    return {"tools": formatted, "tool_choice": tool_choice, **bound, **kwargs}
+    answers = answer_tools(tools)
+    return {
+        "tools": formatted,
+        "tool_choice": tool_choice,
+        **bound,
+        **({"answer_tools": answers} if answers else {}),
+        **kwargs,
+    }
+
+
+def answer_tools(tools: Sequence[Any]) -> list[str]:
+    """The names of the tools nothing can run, whose call is the answer itself: a ``StructuredTool`` without a
+    function, which is how ``create_agent`` binds its ``response_format`` (``ToolStrategy``)."""
+    return [
+        tool.name for tool in tools if isinstance(tool, StructuredTool) and tool.func is None and tool.coroutine is None
+    ]
 
 
 def structured_output(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +36,7 @@ from typing import Any, Literal
 from langchain_core.messages import InvalidToolCall, ToolCall
 from langchain_core.messages.tool import invalid_tool_call, tool_call
 
-from .engine import json_region
+from .engine import json_region, marker_calls
 
 ToolCallStyle = Literal["hermes", "json"]
 HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
@@ -114,7 +115,7 @@ def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
     if value is None:
         value, error = load_json(raw)
         if error is not None:
-            return invalid_tool_call(name=None, args=raw, id=call_id, error=error)
+            return invalid_tool_call(name=written_name(raw), args=raw, id=call_id, error=error)
     if not isinstance(value, dict):
         return invalid_tool_call(name=None, args=raw, id=call_id, error="a tool call must be a JSON object")
     name = value.get("name")
@@ -134,6 +135,34 @@ def call_from_json(raw: str, value: Any = None) -> ToolCall | InvalidToolCall:
         error = f"not valid text: the string {bad!a} holds a lone surrogate"
         return invalid_tool_call(name=None if bad == name else name, args=raw, id=call_id, error=error)
     return tool_call(name=name, args=args, id=call_id)
+
+
+_NAME = re.compile(r'\s*(?:```(?:json)?\s*)?\[?\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def written_name(raw: str) -> str | None:
+    """The tool name a call's text opens with (``{"name": "f", ...``), also when the rest does not read as JSON: an
+    invalid call keeps the name it was written with, as LangChain's providers keep it."""
+    match = _NAME.match(raw)
+    if match is None:
+        return None
+    name, error = load_json(match.group(1))
+    return name if error is None and isinstance(name, str) and name and _lone_surrogate(name) is None else None
+
+
+def lenient_call(bad: InvalidToolCall) -> ToolCall | None:
+    """An invalid call whose text reads as JSON the way Python's ``json`` reads it (``NaN``, ``Infinity``), as a call
+    with the same id; None when even that does not give a call. Only for calls whose schema's own parser judges
+    them (:attr:`~.binding.ToolSetup.answers`): strict JSON is this package's rule, not the schema's."""
+    try:
+        value = json.loads(bad.get("args") or "")
+    except (ValueError, RecursionError):
+        return None
+    call = call_from_json(bad.get("args") or "", value) if isinstance(value, dict) else None
+    args = call.get("args") if call is not None and call.get("type") != "invalid_tool_call" else None
+    if call is None or not isinstance(args, dict):
+        return None
+    return tool_call(name=str(call["name"]), args=args, id=bad.get("id"))
 
 
 def inert_args(text: str) -> str:
@@ -161,29 +190,24 @@ def _add(parsed: ParsedOutput, call: ToolCall | InvalidToolCall) -> None:
 
 
 def parse_hermes(text: str, markers: tuple[str, str] = HERMES_MARKERS) -> ParsedOutput:
-    """Every ``<tool_call>...</tool_call>`` block; an unclosed last block is an invalid call."""
+    """Every ``<tool_call>...</tool_call>`` block; an unclosed last block is an invalid call. A block ends at the
+    first closing marker outside its JSON strings (:func:`~.engine.steps.marker_calls`, the engine's rule too)."""
     opening, closing = markers
     parsed = ParsedOutput(content="")
     pieces: list[str] = []
-    pos = 0
-    while True:
-        start = text.find(opening, pos)
-        if start < 0:
-            pieces.append(text[pos:])
+    position = 0
+    for start, end in marker_calls(text, markers):
+        pieces.append(text[position:start])
+        body = text[start + len(opening) : end].strip()
+        if end is None:
+            error = f"unterminated {opening}: no {closing}"
+            unterminated = invalid_tool_call(name=written_name(body), args=body, id=new_call_id(), error=error)
+            parsed.invalid_tool_calls.append(unterminated)
+            position = len(text)
             break
-        pieces.append(text[pos:start])
-        body_start = start + len(opening)
-        end = text.find(closing, body_start)
-        body = text[body_start:] if end < 0 else text[body_start:end]
-        if end < 0:
-            parsed.invalid_tool_calls.append(
-                invalid_tool_call(
-                    name=None, args=body.strip(), id=new_call_id(), error=f"unterminated {opening}: no {closing}"
-                )
-            )
-            break
-        _add(parsed, call_from_json(body.strip()))
-        pos = end + len(closing)
+        _add(parsed, call_from_json(body))
+        position = end + len(closing)
+    pieces.append(text[position:])
     parsed.content = "".join(pieces)
     return parsed
 

@@ -23,7 +23,7 @@ from .packaged import PACKAGED_PAIRS, load_packaged_pair
 from .params import PARAM_FIELDS, SpecGuardParams
 from .scoring import GroundingScorer, score_layers
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
-from .steps import json_region, leading_thought, may_open_thought
+from .steps import json_region, leading_thought, marker_calls, may_open_thought
 from .text import held_back, token_bytes
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "load_embedded_pair",
     "load_packaged_pair",
     "load_pair",
+    "marker_calls",
     "may_open_thought",
     "resolve_dtype",
     "score_layers",

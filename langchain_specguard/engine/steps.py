@@ -52,15 +52,50 @@ def new_text(previous: str, current: str) -> str:
     return current[common:]
 
 
+def closing_at(text: str, start: int, closing: str) -> int | None:
+    """Where the first ``closing`` marker at or after ``start`` begins, outside JSON strings; else None.
+
+    A marker call's body is JSON: a closing marker inside one of its strings (an argument's text) is that
+    text, not the call's end, as :func:`json_end` reads brackets. ``start`` must lie outside a string.
+    """
+    in_string = escaped = False
+    for i in range(start, len(text)):
+        char = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif text.startswith(closing, i):
+            return i
+    return None
+
+
+def marker_calls(text: str, markers: tuple[str, str]) -> list[tuple[int, int | None]]:
+    """Each marker call in ``text``: where its opening marker starts and where its closing marker starts (None
+    for a call still open at the end). Markers inside a call's JSON strings belong to the call."""
+    opening, closing = markers
+    calls: list[tuple[int, int | None]] = []
+    position = 0
+    while (start := text.find(opening, position)) >= 0:
+        end = closing_at(text, start + len(opening), closing)
+        calls.append((start, end))
+        if end is None:
+            break
+        position = end + len(closing)
+    return calls
+
+
 def open_call_start(text: str, markers: tuple[str, str] | None) -> int | None:
     """Index of the opening marker of a tool call still open at the end of ``text``, else None."""
     if markers is None:
         return None
-    opening, closing = markers
-    start = text.rfind(opening)
-    if start < 0 or text.find(closing, start + len(opening)) >= 0:
-        return None
-    return start
+    calls = marker_calls(text, markers)
+    return calls[-1][0] if calls and calls[-1][1] is None else None
 
 
 def is_tool_call_step(text: str, markers: tuple[str, str] | None, continues_call: bool = False) -> bool:
@@ -79,12 +114,14 @@ def is_tool_call_step(text: str, markers: tuple[str, str] | None, continues_call
 
 
 def tool_step_complete(text: str, markers: tuple[str, str], continues_call: bool = False) -> bool:
-    """A tool-call step ends with the token that completes its closing marker, never before."""
+    """A tool-call step ends with the token that completes its closing marker, never before; a closing marker
+    inside the call's JSON strings is argument text (:func:`closing_at`). ``continues_call``: ``text`` starts
+    inside a call, outside its strings (:class:`MarkerCalls` reads a continued call from its opening marker)."""
     opening, closing = markers
     start = 0 if continues_call else text.find(opening)
     if start < 0:
         return False
-    return text.find(closing, start + (0 if continues_call else len(opening))) >= 0
+    return closing_at(text, start + (0 if continues_call else len(opening)), closing) is not None
 
 
 def marker_split(text: str, markers: tuple[str, str] | None) -> int | None:
@@ -261,7 +298,8 @@ class MarkerCalls:
 
     def read(self, text: str) -> CallStep:
         maybe = is_tool_call_step(text, self.markers, self.continues)
-        complete = maybe and tool_step_complete(text, self.markers, self.continues)
+        # a continued call is read from its opening marker, so that its strings are known to be open or closed
+        complete = maybe and tool_step_complete(self.open_text + text, self.markers)
         split = None if maybe else marker_split(text, self.markers)
         return CallStep(maybe, maybe, complete, self.open_text + text.lstrip(), split)
 

@@ -326,3 +326,88 @@ def test_structured_output_failure_is_a_parsing_error() -> None:
     assert "number" in str(out["parsing_error"])
     with pytest.raises(Exception, match="no valid 'Answer' call"):
         llm.with_structured_output(Answer).invoke("A number and a city?")
+
+
+def test_a_call_argument_holding_the_closing_marker_is_one_call_on_every_path() -> None:
+    """Issue 25 item 10: a Hermes call whose string argument holds ``</tool_call>`` was cut in two, on invoke and
+    every stream path: an invalid call, and the rest of its JSON in the answer's content."""
+    llm = make_llm()
+    pair = llm.load()
+    answer = 'Checking.\n\n<tool_call>\n{"name": "lookup", "arguments": {"country": "a</tool_call>b"}}\n</tool_call>'
+    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
+    force_script(pair.target, pair.tokenizer, lambda prompt: answer)
+    bound = llm.bind_tools([lookup])
+    invoked = bound.invoke("Capital?")
+    streamed = None
+    for chunk in bound.stream("Capital?"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert streamed is not None
+    for message in (invoked, streamed):
+        assert message.content == "Checking.\n\n"
+        assert [(c["name"], c["args"]) for c in message.tool_calls] == [("lookup", {"country": "a</tool_call>b"})]
+        assert message.invalid_tool_calls == []
+
+
+# --------------------------------------------------------------------------------------------------
+# create_agent(response_format=Schema): a broken structured call is the schema parser's to judge
+
+
+def broken_then_fixed(broken: str) -> Any:
+    """The structured call ``broken`` first; once the agent has told the model what is wrong, a valid one."""
+
+    def script(prompt: str) -> str:
+        if "Please fix your mistakes" in prompt:
+            return call_block("Answer", {"number": 7, "city": "Oslo"})
+        return f'<tool_call>\n{{"name": "Answer", "arguments": {broken}}}\n</tool_call>'
+
+    return script
+
+
+@pytest.mark.parametrize("broken", ['{"number": "many", "city": "Oslo"}', '{"number": NaN, "city": "Oslo"}'])
+def test_create_agent_retries_a_broken_structured_call(broken: str) -> None:
+    """Issue 25 item 11: ``create_agent(response_format=Schema)`` ended silently, with no ``structured_response``
+    and no error, when the forced structured call was broken (against the schema, NaN): ChatSpecGuard filed it
+    under ``invalid_tool_calls``, which the agent does not read. A call of a tool nothing can run (the agent's
+    response-format tool) is now handed to the agent as LangChain's own providers hand it any call that reads
+    as JSON: its ``ToolStrategy`` validates it and, by default, asks the model again with the error."""
+    from langchain.agents import create_agent
+
+    llm = make_llm()
+    pair = llm.load()
+    force_script(pair.draft, pair.tokenizer, broken_then_fixed(broken))
+    force_script(pair.target, pair.tokenizer, broken_then_fixed(broken))
+    agent = create_agent(llm, tools=[lookup], response_format=Answer)
+    state = agent.invoke({"messages": [HumanMessage("A number and a city?")]})
+    assert state["structured_response"] == Answer(number=7, city="Oslo")
+    first, feedback = state["messages"][1], state["messages"][2]
+    assert isinstance(first, AIMessage) and [c["name"] for c in first.tool_calls] == ["Answer"]
+    assert isinstance(feedback, ToolMessage) and "Please fix your mistakes" in str(feedback.content)
+
+
+def test_create_agent_raises_on_a_broken_structured_call_when_told_not_to_retry() -> None:
+    """Issue 25 item 11, ``handle_errors=False``: the failure surfaces as the agent's own error, as
+    ``with_structured_output`` raises ``OutputParserException``."""
+    from langchain.agents import create_agent
+    from langchain.agents.structured_output import StructuredOutputValidationError, ToolStrategy
+
+    llm = make_llm()
+    pair = llm.load()
+    script = broken_then_fixed('{"number": "many", "city": "Oslo"}')
+    force_script(pair.draft, pair.tokenizer, script)
+    force_script(pair.target, pair.tokenizer, script)
+    agent = create_agent(llm, tools=[lookup], response_format=ToolStrategy(Answer, handle_errors=False))
+    with pytest.raises(StructuredOutputValidationError, match="Answer"):
+        agent.invoke({"messages": [HumanMessage("A number and a city?")]})
+
+
+def test_an_unreadable_forced_call_keeps_its_tool_name() -> None:
+    """Issue 25 item 11: an invalid forced call lost its tool name (``name=None``); like ChatOpenAI's invalid calls,
+    it keeps the name it was written with."""
+    llm = make_llm()
+    pair = llm.load()
+    script = lambda prompt: '<tool_call>\n{"name": "Answer", "arguments": {"number": 7, "city": }}\n</tool_call>'  # noqa: E731
+    force_script(pair.draft, pair.tokenizer, script)
+    force_script(pair.target, pair.tokenizer, script)
+    message = llm.bind_tools([Answer], tool_choice="Answer").invoke("A number and a city?")
+    assert message.tool_calls == []
+    assert [c["name"] for c in message.invalid_tool_calls] == ["Answer"]

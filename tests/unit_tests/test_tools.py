@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from langchain_specguard.engine.steps import (
     CallStep,
     JsonCalls,
+    MarkerCalls,
     is_tool_call_step,
     json_end,
     json_region,
@@ -284,3 +285,37 @@ def test_fuzz_streamed_json_content_is_a_prefix_of_the_final_content(text: str) 
     for cut in range(len(text) + 1):
         assert final.content.startswith(JSON_CALLS.visible(text[:cut]))
     assert step_validator(TOOLS, "json")(text) is None or isinstance(step_validator(TOOLS, "json")(text), str)
+
+
+# --------------------------------------------------------------------------------------------------
+# a closing marker inside a JSON string is argument text
+
+
+CLOSING_IN_STRING = (
+    '<tool_call>\n{"name": "echo", "arguments": {"text": "a </tool_call> b \\" </tool_call>"}}\n</tool_call>'
+)
+
+
+def test_hermes_parsing_skips_a_closing_marker_inside_a_json_string() -> None:
+    """Issue 25 item 10: a Hermes call whose string argument holds ``</tool_call>`` was cut in two: an invalid call,
+    and the rest of its JSON became the answer's content. Markers inside JSON strings are text, as the
+    JSON-fenced format already reads them."""
+    parsed = parse_tool_calls("Sure. " + CLOSING_IN_STRING + " Done.", "hermes")
+    assert parsed.invalid_tool_calls == []
+    assert [c["args"] for c in parsed.tool_calls] == [{"text": 'a </tool_call> b " </tool_call>'}]
+    assert parsed.content == "Sure.  Done."
+
+
+def test_the_step_end_rule_skips_a_closing_marker_inside_a_json_string() -> None:
+    """Issue 25 item 10, the engine's half: a call step ended at the ``</tool_call>`` inside the string."""
+    inside = CLOSING_IN_STRING[: CLOSING_IN_STRING.index("</tool_call>", 20) + len("</tool_call>")]
+    assert not tool_step_complete(inside, HERMES_MARKERS)
+    assert tool_step_complete(CLOSING_IN_STRING, HERMES_MARKERS)
+    assert open_call_start(inside, HERMES_MARKERS) == 0  # the call is still open
+    # a step that continues a call cut by the token cap reads the string state of the call so far
+    calls = MarkerCalls(HERMES_MARKERS)
+    cut = CLOSING_IN_STRING.index("b \\")
+    calls.begin("Sure. " + CLOSING_IN_STRING[:cut])
+    assert not calls.read(' \\" </tool_call>').complete
+    calls.begin("Sure. " + CLOSING_IN_STRING[:cut])
+    assert calls.read(CLOSING_IN_STRING[cut:]).complete
