@@ -23,7 +23,8 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from transformers import PreTrainedModel
 
 from .binding import ToolRequest, openai_tools, structured_output, tool_binding
@@ -116,13 +117,19 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
 
     @model_validator(mode="before")
     @classmethod
-    def _reject_unknown_fields(cls, values: Any) -> Any:
-        """A misspelt option (``acceptence_threshold``, ``max_new_tokens``) is an error, not silently dropped."""
+    def _check_spellings(cls, values: Any) -> Any:
+        """A misspelt option (``acceptence_threshold``, ``max_new_tokens``) is an error, not silently dropped; so are
+        two spellings of one option (``model`` beside ``target_model``), of which only one would be kept."""
         if isinstance(values, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias} | {"dtype"}
+            spellings = [_spellings(name, field) for name, field in cls.model_fields.items()]
+            known = {spelling for names in spellings for spelling in names}
             unknown = sorted(str(k) for k in values if k not in known)
             if unknown:
                 raise ValueError(f"unknown option(s) {unknown} for ChatSpecGuard; the options are {sorted(known)}")
+            for names in spellings:
+                given = [name for name in names if name in values]
+                if len(given) > 1:
+                    raise ValueError(f"{' and '.join(map(repr, given))} are two spellings of one option: give one")
         return values
 
     @classmethod
@@ -133,6 +140,9 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         takes only LangChain's built-in providers): the draft is ``draft_model`` (an id, a path, a model or a
         pipeline), or the target's first ``draft_layers`` layers; ``kwargs`` are the other options
         (``max_tokens=...``, ``torch_dtype=...``)."""
+        given = sorted({"target_model", "model"} & kwargs.keys())
+        if given:
+            raise ValueError(f"from_model_id names the target model already ({model_id!r}): drop {given}")
         options = {"target_model": model_id, "draft_model": draft_model, "draft_layers": draft_layers, **kwargs}
         return cls(**options)
 
@@ -199,8 +209,9 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     # models, prompt, params
 
     def _loaded(self, pair: ModelPair) -> None:
-        if self.profile is not None and self.profile.get("max_input_tokens") is None:
-            self.profile = {**self.profile, "max_input_tokens": pair.context_window}
+        window = self.known_context_window()
+        if self.profile is not None and self.profile.get("max_input_tokens") is None and window is not None:
+            self.profile = {**self.profile, "max_input_tokens": window}
         self._check_score_layers()
 
     def engine_params(self, **overrides: Any) -> SpecGuardParams:
@@ -442,3 +453,10 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
             ):
                 pass
         return calibrator.threshold()
+
+
+def _spellings(name: str, field: FieldInfo) -> list[str]:
+    """The names an option is accepted under: its own, its alias, its validation aliases."""
+    choices = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
+    names = [name, field.alias, field.validation_alias, *choices]
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))

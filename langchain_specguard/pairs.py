@@ -19,15 +19,20 @@ from typing import Any, Literal
 import torch
 from langchain_core.language_models.model_profile import ModelProfile
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
-from transformers import Pipeline, PreTrainedModel
+from transformers import Pipeline, TextGenerationPipeline
 from typing_extensions import Self
 
 from .engine import (
     PACKAGED_PAIRS,
+    UNKNOWN_WINDOW,
     ModelPair,
+    check_causal_lm,
+    check_object_dtype,
+    check_tokenizer_spec,
     config_values,
     config_window,
     declared_window,
+    hub_options,
     load_embedded_pair,
     load_packaged_pair,
     load_pair,
@@ -93,18 +98,20 @@ def identity(value: Any) -> Any:
     return f"{type(value).__name__}:{getattr(value, 'name_or_path', '')}:{id(value)}"
 
 
-def context_window_of(spec: Any) -> int | None:
+def context_window_of(spec: Any, hub: Mapping[str, Any] | None = None) -> int | None:
     """The target's context window when it is known without loading weights (object, embedded, its config).
 
-    A path or Hub id is read from its ``config.json`` as data (:func:`~.engine.loading.config_values`): no
-    repository code runs and nothing asks on stdin, whatever ``trust_remote_code`` says.
+    A path or Hub id is read from its ``config.json`` as data (:func:`~.engine.loading.config_values`, where
+    ``hub`` says where its files are): no repository code runs and nothing asks on stdin, whatever
+    ``trust_remote_code`` says, and a Hub that answers badly costs seconds. A window of 0 or less is unknown.
     """
     if spec is None:
         return EMBEDDED_CONTEXT_WINDOW
-    if isinstance(spec, PreTrainedModel):
-        return config_window(spec.config)
+    if isinstance(spec, torch.nn.Module):
+        config = getattr(spec, "config", None)
+        return config_window(config) if config is not None else None
     try:
-        return declared_window(config_values(str(spec)))
+        return declared_window(config_values(str(spec), hub))
     except (OSError, ValueError):
         return None  # neither local nor reachable, or unreadable: filled in when the model loads
 
@@ -250,18 +257,25 @@ class PairSource(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_pipelines(cls, values: Any) -> Any:
-        """A transformers ``Pipeline`` (or langchain-huggingface's ``HuggingFacePipeline``, which holds one) as
-        ``target_model``/``model`` or ``draft_model`` stands for its model; the target's pipeline also gives the
-        tokenizer unless one is given."""
+        """A transformers text-generation ``Pipeline`` (or langchain-huggingface's ``HuggingFacePipeline``, which
+        holds one) as ``target_model``/``model`` or ``draft_model`` stands for its model, and its tokenizer for the
+        model's, unless one is given (the draft's is checked against the target's vocabulary)."""
         if not isinstance(values, dict):
             return values
         values = dict(values)
         for key in ("target_model", "model", "draft_model"):
             pipe = _pipeline_of(values.get(key))
-            if pipe is not None:
-                values[key] = pipe.model
-                if key != "draft_model" and values.get("tokenizer") is None:
-                    values["tokenizer"] = pipe.tokenizer
+            if pipe is None:
+                continue
+            if not isinstance(pipe, TextGenerationPipeline) and pipe.task != "text-generation":
+                raise ValueError(
+                    f"{key} is a {pipe.task or type(pipe).__name__!r} pipeline; a chat model needs a 'text-generation' "
+                    "pipeline (a causal language model)"
+                )
+            values[key] = pipe.model
+            tokenizer = "draft_tokenizer" if key == "draft_model" else "tokenizer"
+            if values.get(tokenizer) is None:
+                values[tokenizer] = pipe.tokenizer
         return values
 
     @model_validator(mode="after")
@@ -282,7 +296,40 @@ class PairSource(BaseModel):
                 "draft_model was given without target_model: name the target too (the embedded default model "
                 "drafts with its own first layers, set with draft_layers)"
             )
+        self._check_what_applies()
+        for role in ("target", "draft"):
+            model = getattr(self, f"{role}_model")
+            if isinstance(model, torch.nn.Module):
+                check_causal_lm(model, role)
+                check_object_dtype(model, self.torch_dtype, role)
+        try:
+            check_tokenizer_spec(self.tokenizer, "tokenizer")
+            check_tokenizer_spec(self.draft_tokenizer, "draft_tokenizer")
+        except TypeError as exc:  # a ValidationError naming the option, as every option's is
+            raise ValueError(str(exc)) from None
         return self
+
+    def _check_what_applies(self) -> None:
+        """Refuse loading options that nothing would apply (they were once silently dropped)."""
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory applies only with device_map (accelerate places the model by both): set both")
+        if self.pair is not None and self.draft_tokenizer is not None:
+            raise ValueError(
+                f"pair={self.pair!r} shares one tokenizer between its models: give tokenizer=... to replace it"
+            )
+        if self.pair is None and self.target_model is None:  # the embedded default: its own GGUF, tokenizer, draft
+            given = [name for name in ("tokenizer", "gguf_file") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"the embedded default model has its own GGUF and tokenizer: drop {given}, or name a target_model"
+                )
+        if self.draft_model is None and self.pair is None:  # the draft is the target's first layers
+            given = [name for name in ("draft_gguf_file", "draft_model_kwargs", "draft_tokenizer")
+                     if getattr(self, name) is not None]  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"{given} apply to a draft_model; the draft here is the target's first layers, which loads nothing"
+                )
 
     # -- the loaded pair, shared ---------------------------------------------------------------
 
@@ -336,10 +383,20 @@ class PairSource(BaseModel):
                 dtype=self.torch_dtype,
                 tokenizer=self.tokenizer,
                 trust_remote_code=self.trust_remote_code,
+                device_map=self.device_map,
+                max_memory=self.max_memory,
+                model_kwargs=self.model_kwargs,
+                draft_model_kwargs=self.draft_model_kwargs,
             )
         if self.target_model is None:
             return load_embedded_pair(
-                draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS, device=self.device, dtype=self.torch_dtype
+                draft_layers=self.draft_layers or EMBEDDED_DRAFT_LAYERS,
+                device=self.device,
+                dtype=self.torch_dtype,
+                trust_remote_code=self.trust_remote_code,
+                device_map=self.device_map,
+                max_memory=self.max_memory,
+                model_kwargs=self.model_kwargs,
             )
         return load_pair(
             self.target_model,
@@ -432,9 +489,13 @@ class PairSource(BaseModel):
         return PACKAGED_PAIRS[self.pair].tool_call_format if self.pair is not None else None
 
     def known_context_window(self) -> int | None:
-        """The target's context window, where it is known before loading (see :func:`context_window_of`)."""
+        """The target's context window where it is known: the loaded pair's, or before loading (see
+        :func:`context_window_of`); None when its config states none (the loader then refuses nothing for length)."""
+        loaded = self._pairs().pair
+        if loaded is not None:
+            return loaded.context_window if loaded.context_window < UNKNOWN_WINDOW else None
         window = PACKAGED_PAIRS[self.pair].context_window if self.pair is not None else None
-        return window or context_window_of(self.target_model)
+        return window or context_window_of(self.target_model, hub_options(self.model_kwargs))
 
 
 def _pipeline_of(value: Any) -> Pipeline | None:

@@ -322,3 +322,35 @@ def thinking_pair() -> tuple[str, str]:
         _save(_llama(len(tok), 4, seed=10, positions=4096), tok, root / "thinking-target"),
         _save(_llama(len(tok), 2, seed=11, positions=4096), tok, root / "thinking-draft"),
     )
+
+
+def tokenizer_gguf(path: Path) -> Path:
+    """A GGUF file holding only :func:`bpe_tokenizer` (its vocabulary, merges and special tokens) and a tiny Llama's
+    header: what ``AutoTokenizer.from_pretrained(folder, gguf_file=...)`` converts, without any weights."""
+    import json
+
+    import gguf
+
+    tok = bpe_tokenizer()
+    data = json.loads(tok.backend_tokenizer.to_str())
+    added = {a["id"]: a["content"] for a in data["added_tokens"]}
+    tokens = {**{i: t for t, i in data["model"]["vocab"].items()}, **added}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([tokens[i] for i in range(len(tokens))])
+    kinds = [gguf.TokenType.CONTROL if i in added else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    writer.add_token_types(kinds)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

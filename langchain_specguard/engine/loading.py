@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import os
+import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,6 +120,18 @@ def _is_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the network (as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint in force: ``HF_ENDPOINT`` (a mirror, any port), else huggingface_hub's."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face endpoint answers within ``timeout`` seconds.
 
@@ -125,17 +139,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     ``HF_ENDPOINT`` (a mirror, any port), and never when ``HF_HUB_OFFLINE`` is set. Any HTTP answer,
     even an error status, means the endpoint is there.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return False
-    from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     try:
-        get_session().head(endpoint, timeout=timeout)
+        get_session().head(hub_endpoint(), timeout=timeout)
     except Exception:  # connection refused, DNS failure, timeout, proxy error...
         return False
     return True
+
+
+HUB_OPTIONS = ("cache_dir", "revision", "subfolder", "token", "local_files_only", "proxies", "force_download")
+"""``from_pretrained`` arguments that say where a model's files are, not what the model is: from ``model_kwargs``
+they also reach the tokenizer's load and the profile's config lookup (:func:`hub_options`)."""
+
+REPOSITORY_OPTIONS = ("revision", "subfolder")
+"""Hub options that name a place inside the model's own repository: a tokenizer from elsewhere does not get them."""
+
+
+def hub_options(model_kwargs: Mapping[str, Any] | None, same_repository: bool = True) -> dict[str, Any]:
+    """The :data:`HUB_OPTIONS` among ``model_kwargs``, for another load of files from the same place (the tokenizer,
+    the config); ``same_repository=False`` for files from another repository (a tokenizer given by its own id)."""
+    names = HUB_OPTIONS if same_repository else tuple(n for n in HUB_OPTIONS if n not in REPOSITORY_OPTIONS)
+    return {name: model_kwargs[name] for name in names if model_kwargs and name in model_kwargs}
 
 
 def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str, *, trust_remote_code: bool) -> Any:
@@ -143,11 +170,12 @@ def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str, 
 
     Local directories and models already in the HF cache load without the network. Otherwise the Hub
     is probed first: huggingface_hub's own retries take half a minute to give up when it is
-    unreachable, which reads as a hang. ``trust_remote_code`` is always given as a bool: left unset,
+    unreachable, which reads as a hang. ``local_files_only=True`` among ``kwargs`` (``model_kwargs``) is the
+    caller's: nothing asks the network. ``trust_remote_code`` is always given as a bool: left unset,
     transformers asks on stdin whether to run a repository's code (and blocks while nobody answers).
     """
     kwargs = {**kwargs, "trust_remote_code": bool(trust_remote_code)}
-    if not Path(name).exists():
+    if not kwargs.pop("local_files_only", False) and not Path(name).exists():
         try:
             return loader.from_pretrained(name, local_files_only=True, **kwargs)
         except OSError:
@@ -156,6 +184,8 @@ def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str, 
                     f"could not load {what} {name!r}: it is not a local directory, not in the Hugging Face cache, "
                     "and the Hub is unreachable (offline or HF_HUB_OFFLINE set)"
                 ) from None
+    elif not Path(name).exists():
+        kwargs["local_files_only"] = True
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as exc:
@@ -164,25 +194,59 @@ def _from_pretrained(loader: Any, name: str, kwargs: dict[str, Any], what: str, 
         raise ValueError(f"could not load {what} from {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def config_values(name: str) -> dict[str, Any]:
+CONFIG_FETCH_TIMEOUT = 5.0
+"""Seconds the profile's config lookup waits on the Hub at construction (one request, no retries)."""
+
+
+def config_values(name: str, hub: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``config.json`` of a model path or Hub id, as data: local or cached first, else the Hub's.
 
     Profile-driven LangChain code (``SummarizationMiddleware(trigger=("fraction", ...))``) reads the context
     window when the chat model is constructed, before any weights load. This reads the file and nothing
     else: no configuration class of the repository is imported, whatever its ``auto_map`` says and whatever
     ``trust_remote_code`` is, so constructing a chat model never runs a repository's code and never asks on
-    stdin whether to (the repository's code runs, when allowed, only where the model loads).
+    stdin whether to (the repository's code runs, when allowed, only where the model loads). ``hub``: the
+    model's :func:`hub_options` (``cache_dir``, ``revision``, ``subfolder``, ``token``, ``local_files_only``).
+    A file neither local nor cached is fetched with one request of at most :data:`CONFIG_FETCH_TIMEOUT`
+    seconds, no retries: a Hub that answers badly costs construction seconds, never minutes.
     """
     from transformers import PretrainedConfig
 
+    hub = dict(hub or {})
+    options: dict[str, Any] = {key: hub[key] for key in ("cache_dir", "revision", "subfolder", "token") if key in hub}
     source = _local_or_hub(name, "model")
-    if not Path(source).exists():
-        try:
-            return PretrainedConfig.get_config_dict(source, local_files_only=True)[0]
-        except OSError:
-            if not hub_reachable():
-                raise OSError(f"the config of {name!r} is not local, not cached, and the Hub is unreachable") from None
-    return PretrainedConfig.get_config_dict(source)[0]
+    if Path(source).exists():
+        return PretrainedConfig.get_config_dict(source, **options)[0]
+    try:
+        return PretrainedConfig.get_config_dict(source, local_files_only=True, **options)[0]
+    except OSError:
+        if hub.get("local_files_only") or hub_offline():
+            raise
+    return _fetch_config(source, options)
+
+
+def _fetch_config(repo_id: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json`` of ``repo_id`` from the Hub: one request, bounded by :data:`CONFIG_FETCH_TIMEOUT`."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    endpoint = hub_endpoint()
+    url = hf_hub_url(
+        repo_id, "config.json", subfolder=options.get("subfolder"), revision=options.get("revision"), endpoint=endpoint
+    )
+    try:
+        response = get_session().get(
+            url, headers=build_hf_headers(token=options.get("token")), timeout=CONFIG_FETCH_TIMEOUT
+        )
+        response.raise_for_status()
+        values = response.json()
+    except Exception as exc:  # a timeout, an error status, a body that is not JSON...
+        raise OSError(
+            f"could not fetch the config of {repo_id!r} from {endpoint}: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(values, dict):
+        raise ValueError(f"the config of {repo_id!r} is not a JSON object")
+    return values
 
 
 WINDOW_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -249,6 +313,7 @@ def load_model(
     ``device_map`` (such models cannot be moved with ``.to()``).
     """
     if isinstance(spec, torch.nn.Module):
+        check_causal_lm(spec, role)
         return spec
     extra = dict(model_kwargs or {})
     clashes = sorted(set(extra) & OWN_LOADING_ARGS)
@@ -298,15 +363,77 @@ def load_tokenizer(
     *,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    hub: Mapping[str, Any] | None = None,
+    option: str = "tokenizer",
 ) -> PreTrainedTokenizerBase:
-    """The tokenizer given, or the one saved beside the model."""
+    """The tokenizer given, or the one saved beside the model. ``hub``: where its files are (:func:`hub_options`)."""
     if isinstance(spec, PreTrainedTokenizerBase):
         return spec
+    check_tokenizer_spec(spec, option)
     source = spec if spec is not None else getattr(model, "name_or_path", None)
     if not source:
         raise ValueError("a model object was given without a tokenizer: pass tokenizer=... as well")
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    return _from_pretrained(AutoTokenizer, os.fspath(source), kwargs, "tokenizer", trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {**(hub or {}), **({"gguf_file": gguf_file} if gguf_file else {})}
+    return _from_pretrained(AutoTokenizer, os.fspath(source), kwargs, option, trust_remote_code=trust_remote_code)
+
+
+def check_tokenizer_spec(spec: Any, option: str = "tokenizer") -> None:
+    """Refuse what cannot name a tokenizer, naming the option (a pipeline, say, holds one: pass that)."""
+    if spec is not None and not isinstance(spec, (str, os.PathLike, PreTrainedTokenizerBase)):
+        hint = f": pass its tokenizer ({type(spec).__name__}.tokenizer)" if hasattr(spec, "tokenizer") else ""
+        raise TypeError(
+            f"{option} must be a tokenizer id, a local path or a tokenizer (PreTrainedTokenizerBase), "
+            f"got {type(spec).__name__}{hint}"
+        )
+
+
+def check_causal_lm(model: Any, role: str) -> None:
+    """Refuse a model that is not a causal language model (a masked LM, a classifier): its logits are no next
+    token's scores over the vocabulary, so decoding with it would crash deep inside or read labels as token ids."""
+    can_generate = getattr(model, "can_generate", None)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None or (callable(can_generate) and not can_generate()):
+        raise ValueError(
+            f"{role}_model must be a causal language model (what AutoModelForCausalLM loads: an LM head scoring the "
+            f"next token), got {type(model).__name__}"
+        )
+
+
+def check_object_dtype(model: Any, dtype: str | torch.dtype | None, role: str) -> None:
+    """Refuse a ``torch_dtype`` that a model object given as it is does not have: objects are used as they are,
+    never converted behind the caller's back."""
+    if dtype in (None, "auto") or not isinstance(model, torch.nn.Module):
+        return
+    wanted, has = resolve_dtype(dtype, "cpu"), getattr(model, "dtype", None)
+    if isinstance(has, torch.dtype) and has != wanted:
+        name = str(wanted).removeprefix("torch.")
+        raise ValueError(
+            f"torch_dtype={name} cannot apply to the {role} model object, which is {str(has).removeprefix('torch.')}:"
+            f" convert it yourself ({role}.to(torch.{name})) or drop torch_dtype"
+        )
+
+
+def head_rows(model: PreTrainedModel) -> int:
+    """Tokens a model's LM head scores (the width of its logits)."""
+    weight = model.get_output_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0])
+
+
+def saved_tokenizer(
+    model: PreTrainedModel, *, trust_remote_code: bool = False, hub: Mapping[str, Any] | None = None
+) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved where a model object came from (its ``name_or_path``: a folder, or the Hub cache), if
+    one can be read there without the network; None when there is none."""
+    source = getattr(model, "name_or_path", "")
+    if not source:
+        return None
+    try:
+        return load_tokenizer(
+            None, model, trust_remote_code=trust_remote_code, hub={**(hub or {}), "local_files_only": True}
+        )
+    except (OSError, ValueError):
+        return None
 
 
 def self_speculative_draft(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:
@@ -348,8 +475,11 @@ def self_speculative_draft(target: PreTrainedModel, num_layers: int) -> PreTrain
     return draft
 
 
-def check_vocabularies(target_tok: PreTrainedTokenizerBase, draft_tok: PreTrainedTokenizerBase) -> None:
-    """Fail unless both tokenizers map the same strings to the same ids (drafted ids go to the target as is)."""
+def check_vocabularies(target_tok: PreTrainedTokenizerBase, draft_tok: PreTrainedTokenizerBase | None) -> None:
+    """Fail unless both tokenizers map the same strings to the same ids (drafted ids go to the target as is); a
+    draft without a tokenizer to read (None) is checked by its embedding's size alone."""
+    if draft_tok is None:
+        return
     t_vocab, d_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
     if t_vocab == d_vocab:
         return
@@ -406,6 +536,8 @@ def load_pair(
         raise ValueError("give a draft_model, or draft_layers=k to draft with the target's first k layers")
     if draft is not None and draft_layers is not None:
         raise ValueError("give either draft_model or draft_layers, not both")
+    check_object_dtype(target, dtype, "target")
+    check_object_dtype(draft, dtype, "draft")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     target_model = load_model(
@@ -424,6 +556,7 @@ def load_pair(
         target_model,
         gguf_file=gguf_file,
         trust_remote_code=trust_remote_code,
+        hub=hub_options(model_kwargs, same_repository=tokenizer is None or tokenizer == target),
     )
     if draft is None:
         assert draft_layers is not None
@@ -441,22 +574,27 @@ def load_pair(
             role="draft",
             model_kwargs=draft_model_kwargs,
         )
-        draft_source = (
-            draft_tokenizer
-            if draft_tokenizer is not None
-            else (draft if isinstance(draft, (str, os.PathLike)) else None)
+        draft_tok = _draft_tokenizer(
+            draft,
+            draft_model,
+            draft_tokenizer,
+            gguf_file=draft_gguf_file,
+            trust_remote_code=trust_remote_code,
+            model_kwargs=draft_model_kwargs,
         )
-        if draft_source is not None:
-            draft_tok = load_tokenizer(
-                draft_source, draft_model, gguf_file=draft_gguf_file, trust_remote_code=trust_remote_code
-            )
-            check_vocabularies(target_tok, draft_tok)
+        check_vocabularies(target_tok, draft_tok)
         t_rows = embedding_rows(target_model)
         d_rows = embedding_rows(draft_model)
         if min(t_rows, d_rows) < len(target_tok):
             raise ValueError(
                 f"the tokenizer has {len(target_tok)} tokens but the target embeds {t_rows} and the draft {d_rows}: "
                 "the draft and target must share the tokenizer's vocabulary"
+            )
+    for role, model in (("target", target_model), ("draft", draft_model)):
+        if head_rows(model) < len(target_tok):
+            raise ValueError(
+                f"the {role}'s head scores {head_rows(model)} tokens, but the tokenizer has {len(target_tok)}: its "
+                "logits cannot be read as the next token over this vocabulary"
             )
     name = target if isinstance(target, (str, os.PathLike)) else getattr(target_model, "name_or_path", "custom")
     return ModelPair(
@@ -467,6 +605,26 @@ def load_pair(
         context_window=context_window(target_model),
         draft_layers=draft_layers,
         name=str(name) or "custom",
+    )
+
+
+def _draft_tokenizer(
+    draft: ModelSpec,
+    draft_model: PreTrainedModel,
+    given: str | PreTrainedTokenizerBase | None,
+    *,
+    gguf_file: str | None,
+    trust_remote_code: bool,
+    model_kwargs: dict[str, Any] | None,
+) -> PreTrainedTokenizerBase | None:
+    """The draft's own tokenizer, to check against the target's: the one given, the one beside a draft loaded by
+    path, or the one saved where a draft object came from (None when there is none to read)."""
+    source = given if given is not None else (draft if isinstance(draft, (str, os.PathLike)) else None)
+    if source is None:
+        return saved_tokenizer(draft_model, trust_remote_code=trust_remote_code)
+    hub = hub_options(model_kwargs, same_repository=given is None or given == draft)
+    return load_tokenizer(
+        source, draft_model, gguf_file=gguf_file, trust_remote_code=trust_remote_code, hub=hub, option="draft_tokenizer"
     )
 
 
@@ -513,10 +671,12 @@ def write_atomically(target: Path, write: Callable[[Path], object], what: str) -
     """``target`` written by ``write(partial)`` under a temporary name and renamed into place once complete.
 
     An interrupted or failed write (a full disk) never leaves a truncated file behind, and two processes
-    writing at once each rename a complete, identical copy. What ``write`` raises other than ``OSError``
-    (a failed checksum) goes through as it is.
+    writing at once each rename a complete, identical copy. What a writer killed outright (SIGKILL, a power
+    cut) leaves is deleted by the next writer (:func:`remove_stale_partials`). What ``write`` raises other than
+    ``OSError`` (a failed checksum) goes through as it is.
     """
-    partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    remove_stale_partials(target)
+    partial = partial_path(target)
     try:
         write(partial)
         os.replace(partial, target)
@@ -526,6 +686,38 @@ def write_atomically(target: Path, write: Callable[[Path], object], what: str) -
         with contextlib.suppress(OSError):
             partial.unlink()
     return target
+
+
+def partial_path(target: Path) -> Path:
+    """Where this process and thread write ``target`` before it is complete: a hidden name that says whose it is."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+
+
+def remove_stale_partials(target: Path) -> None:
+    """Delete the partial files (or folders) of ``target`` whose writing process is gone (killed outright).
+
+    A partial file names its writer's process id (:func:`partial_path`); one whose process still runs (another
+    assembler, this one) is never touched. Best effort: what cannot be deleted stays.
+    """
+    for partial in target.parent.glob(f".{glob.escape(target.name)}.*-*.partial"):
+        pid = partial.name[len(target.name) + 2 :].split("-", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if partial.is_dir():
+                shutil.rmtree(partial)
+            else:
+                partial.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
 
 
 def check_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -547,9 +739,17 @@ def check_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def load_embedded_pair(
-    *, draft_layers: int = 15, device: str | None = None, dtype: str | torch.dtype | None = None
+    *,
+    draft_layers: int = 15,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    **loading: Any,
 ) -> ModelPair:
-    """Gemma 3 270M (base, GGUF Q4_K_M dequantised) as target, its first ``draft_layers`` layers as draft."""
+    """Gemma 3 270M (base, GGUF Q4_K_M dequantised) as target, its first ``draft_layers`` layers as draft.
+
+    ``loading``: more of :func:`load_pair`'s options for the target (``device_map``, ``max_memory``,
+    ``model_kwargs``, ``trust_remote_code``).
+    """
     path = embedded_gguf_path()
     pair = load_pair(
         str(path.parent),
@@ -557,6 +757,7 @@ def load_embedded_pair(
         device=device,
         dtype=dtype,
         gguf_file=path.name,
+        **loading,
     )
     check_gguf_tokenizer(pair.tokenizer)
     if pair.tokenizer.chat_template is None:

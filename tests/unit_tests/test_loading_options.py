@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from langchain_specguard import ChatSpecGuard
 from tests.tiny_models import llama_pair, mismatched_draft
@@ -180,3 +184,176 @@ def test_a_packaged_pairs_tokenizer_path_is_loaded_without_running_its_code(tmp_
     assert "Do you wish to run the custom code" not in output
     assert "REFUSED ValueError" in output and "trust_remote_code" in output, output
     assert not list((tmp_path / "cache").rglob("*.gguf"))  # refused before anything was assembled
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub options: a model cached in a cache_dir of its own, offline
+
+
+def hub_cache(root: Path) -> Path:
+    """A Hugging Face cache holding the tiny pair as ``specguard/tiny-target`` and ``specguard/tiny-draft`` (the
+    layout ``hf_hub_download`` writes), and nothing else: only a load that reads this ``cache_dir`` finds them."""
+    cache = root / "hub-cache"
+    target, draft = llama_pair()
+    for repo, source in (("specguard/tiny-target", target), ("specguard/tiny-draft", draft)):
+        folder = cache / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(source, folder / "snapshots" / ("0" * 40))
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+    return cache
+
+
+def test_local_files_only_in_model_kwargs_loads_a_hub_id(tmp_path: Path) -> None:
+    """Issue 25 item 2: ``model_kwargs={"local_files_only": True}`` (a ``HuggingFacePipeline.from_model_id`` habit)
+    crashed every Hub-id load with "got multiple values for keyword argument 'local_files_only'"."""
+    cache = str(hub_cache(tmp_path))
+    options = {"cache_dir": cache, "local_files_only": True}
+    llm = ChatSpecGuard(
+        model="specguard/tiny-target",
+        draft_model="specguard/tiny-draft",
+        model_kwargs=options,
+        draft_model_kwargs=options,
+        max_tokens=4,
+    )
+    assert llm.invoke("Hello").content is not None
+
+
+def test_hub_options_reach_the_tokenizer_and_the_profile(tmp_path: Path) -> None:
+    """Issue 25 item 3: ``model_kwargs`` reached only the model's ``from_pretrained``: a model cached only in a
+    ``cache_dir`` of its own failed offline at the tokenizer, and its profile was empty. ``cache_dir``,
+    ``revision``, ``subfolder``, ``token`` and ``local_files_only`` now reach the tokenizer's load and the profile's
+    config lookup too (the draft's from ``draft_model_kwargs``)."""
+    cache = str(hub_cache(tmp_path))
+    llm = ChatSpecGuard(
+        model="specguard/tiny-target",
+        draft_model="specguard/tiny-draft",
+        model_kwargs={"cache_dir": cache},
+        draft_model_kwargs={"cache_dir": cache},
+        max_tokens=4,
+    )
+    assert llm.profile is not None and llm.profile.get("max_input_tokens") == 512  # known before loading
+    assert llm.invoke("Hello").content is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# only causal LMs, drafts checked against the target's vocabulary
+
+
+def test_models_that_are_not_causal_lms_are_refused() -> None:
+    """Issue 25 item 4: a masked LM or a sequence-classification model as the target (an object, or through a
+    text-classification pipeline) crashed deep inside; a 3-label token-classification model as the draft *ran*,
+    its 3 logits read as token ids, and the answer was empty. The head, the task and the output width are checked."""
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+    )
+
+    target, _ = llama_pair()
+    tok = AutoTokenizer.from_pretrained(target)
+    llama = AutoModelForCausalLM.from_pretrained(target).config
+    masked = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    classifier = LlamaForSequenceClassification(llama)
+    with pytest.raises(ValidationError, match=r"target_model must be a causal language model.*BertForMaskedLM"):
+        ChatSpecGuard(model=masked, tokenizer=tok, draft_layers=1)
+    with pytest.raises(ValidationError, match=r"target_model must be a causal language model.*SequenceClassification"):
+        ChatSpecGuard(model=classifier, tokenizer=tok, draft_layers=1)
+    classify = pipeline("text-classification", model=classifier, tokenizer=tok)
+    with pytest.raises(ValidationError, match=r"a 'text-classification' pipeline.*needs a 'text-generation' pipeline"):
+        ChatSpecGuard(model=classify, draft_layers=1)
+    llama.num_labels = 3
+    tagger = LlamaForTokenClassification(llama)
+    with pytest.raises(ValidationError, match=r"draft_model must be a causal language model.*TokenClassification"):
+        ChatSpecGuard(model=target, draft_model=tagger)
+
+
+def test_a_narrow_lm_head_is_refused() -> None:
+    """Issue 25 item 4, the output width: a causal LM whose head scores fewer tokens than the vocabulary (its
+    logits would be read as ids of the first few tokens)."""
+    target, _ = llama_pair()
+    config = AutoModelForCausalLM.from_pretrained(target).config
+    config.vocab_size = 3
+    narrow = AutoModelForCausalLM.from_config(config)
+    llm = ChatSpecGuard(model=narrow, tokenizer=AutoTokenizer.from_pretrained(target), draft_layers=1)
+    with pytest.raises(ValueError, match=r"the target's head scores 3 tokens, but the tokenizer has 94"):
+        llm.load()
+
+
+def test_a_draft_object_is_checked_against_the_targets_vocabulary() -> None:
+    """Issue 25 item 9: a draft given as a path was refused when its tokenizer differed, but given as a
+    text-generation pipeline (whose own tokenizer was dropped) or as a model object (whose folder holds another
+    tokenizer) it was accepted, and its ids then meant other tokens."""
+    target, _ = llama_pair()
+    other = mismatched_draft()
+    as_object = AutoModelForCausalLM.from_pretrained(other)
+    with pytest.raises(ValueError, match="draft and target tokenizers do not match"):
+        ChatSpecGuard(model=target, draft_model=as_object).load()
+    as_pipeline = pipeline("text-generation", model=other)
+    with pytest.raises(ValueError, match="draft and target tokenizers do not match"):
+        ChatSpecGuard(model=target, draft_model=as_pipeline).load()
+    _, draft = llama_pair()
+    fine = ChatSpecGuard(model=target, draft_model=pipeline("text-generation", model=draft), max_tokens=3)
+    assert fine.invoke("Hi").content is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# a Hub endpoint that answers badly never holds up construction
+
+
+class BadHub(http.server.BaseHTTPRequestHandler):
+    """An endpoint whose root answers (so a reachability probe passes) but whose files never answer, or fail."""
+
+    mode = "hang"
+    release = threading.Event()
+
+    def do_HEAD(self) -> None:
+        self.answer(200)
+
+    def do_GET(self) -> None:
+        if self.path in ("", "/"):
+            self.answer(200)
+        elif self.mode == "500":
+            self.answer(500)
+        else:
+            self.release.wait(600)  # a file request that is never answered (until the test ends)
+
+    def answer(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["hang", "500"])
+def test_construction_does_not_wait_on_a_hub_that_answers_badly(tmp_path: Path, mode: str) -> None:
+    """Issue 25 item 7: with an endpoint whose root answers but whose file requests never do, construction blocked
+    for more than 15 minutes; with one that answers HTTP 500 it took 23 s (huggingface_hub's retries). The profile's
+    config fetch is one request with a bounded timeout and no retries: construction gives up within seconds, with
+    the window unknown until the model loads."""
+    handler = type("Handler", (BadHub,), {"mode": mode, "release": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = (
+        "import time\nfrom langchain_specguard import ChatSpecGuard\nstart = time.monotonic()\n"
+        "llm = ChatSpecGuard(model='specguard/not-cached', draft_layers=1)\n"
+        "print('CONSTRUCTED', round(time.monotonic() - start, 2), llm.profile.get('max_input_tokens'))\n"
+    )
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path)}
+    env.pop("HF_HUB_OFFLINE", None)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+            cwd=Path(__file__).parents[2],
+        )  # fmt: skip
+    finally:
+        handler.release.set()
+        server.shutdown()
+    line = next((x for x in done.stdout.splitlines() if x.startswith("CONSTRUCTED")), None)
+    assert line is not None, done.stdout + done.stderr
+    seconds, window = line.split()[1:]
+    assert float(seconds) < 12 and window == "None", line

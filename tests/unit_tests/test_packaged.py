@@ -8,16 +8,30 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from transformers import PreTrainedTokenizerBase
 
 from langchain_specguard.engine import packaged
-from langchain_specguard.engine.packaged import QWEN_CODER, PartedGGUF, assemble, cache_dir, check_tokenizer
-from tests.tiny_models import make_tokenizer
+from langchain_specguard.engine.packaged import (
+    QWEN_CODER,
+    PackagedPair,
+    PartedGGUF,
+    assemble,
+    cache_dir,
+    check_tokenizer,
+)
+from tests.tiny_models import bpe_tokenizer, make_tokenizer, tokenizer_gguf
 
 PIECES = [b"GGUF" + bytes(range(256)) * 40, b"middle part " * 300, b"the end"]
 
@@ -138,3 +152,96 @@ def test_an_embedded_cache_that_is_a_file_is_the_readmes_error(tmp_path: Path, m
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(OSError, match=r"could not write the embedded model into .*is a file, not a directory"):
         loading.embedded_gguf_path()
+
+
+# --------------------------------------------------------------------------------------------------
+# the converted tokenizer's cache: best effort to write, rebuilt when damaged
+
+
+def tokenizer_pair(folder: Path) -> tuple[PackagedPair, Path]:
+    """A packaged pair whose target GGUF (in ``folder``) holds a real tokenizer and no weights, and its sample."""
+    gguf = tokenizer_gguf(folder / "tiny-target.gguf")
+    sample = "Hi<|im_end|>\n<|im_start|>user 你好世界 😀"
+    ids = tuple(bpe_tokenizer()(sample, add_special_tokens=False)["input_ids"])
+    pair = replace(QWEN_CODER, name="tiny", sample=sample, sample_ids=ids)
+    return pair, gguf
+
+
+def test_a_read_only_cache_still_gives_the_converted_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25 item 5: a read-only packaged cache that holds both GGUFs but no converted tokenizer yet failed with
+    EROFS while writing the tokenizer cache, although the converted tokenizer was in memory and checked. Writing
+    that cache is best effort: the conversion is simply redone next time."""
+    pair, gguf = tokenizer_pair(tmp_path)
+
+    def read_only(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", read_only)
+    tokenizer = packaged.packaged_tokenizer(pair, tmp_path, gguf)
+    assert tuple(tokenizer(pair.sample, add_special_tokens=False)["input_ids"]) == pair.sample_ids
+    assert sorted(p.name for p in tmp_path.iterdir()) == [gguf.name]  # nothing half-written
+
+
+def test_a_damaged_tokenizer_cache_is_rebuilt(tmp_path: Path) -> None:
+    """Issue 25 item 17: a damaged converted-tokenizer cache gave a bare ``JSONDecodeError``. It is converted again
+    from the GGUF and the cache is written anew."""
+    pair, gguf = tokenizer_pair(tmp_path)
+    first = packaged.packaged_tokenizer(pair, tmp_path, gguf)  # converts and caches
+    saved = tmp_path / "tokenizer" / "tokenizer.json"
+    assert saved.exists()
+    saved.write_text('{"version": "1.0", "trunc')  # a write cut short, a disk error...
+    again = packaged.packaged_tokenizer(pair, tmp_path, gguf)
+    assert again.get_vocab() == first.get_vocab()
+    vocabulary = json.loads(first.backend_tokenizer.to_str())["model"]["vocab"]
+    assert json.loads(saved.read_text())["model"]["vocab"] == vocabulary  # written anew
+    assert sorted(p.name for p in tmp_path.iterdir()) == [gguf.name, "tokenizer"]
+
+
+# --------------------------------------------------------------------------------------------------
+# an assembler killed mid-write; a part whose data file is gone
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from langchain_specguard.engine.loading import write_atomically
+
+def write(partial):
+    partial.write_bytes(b"GGUF half of it")
+    print("WRITING", flush=True)
+    time.sleep(600)
+
+write_atomically(Path(sys.argv[1]), write, "a model")
+"""
+
+
+def test_a_killed_assemblers_partial_file_is_cleaned_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25 item 15: an assembly killed with SIGKILL left its hidden ``.partial`` file forever (1 GB for the
+    pair). The next assembly deletes the partial files of writers that are gone, and never those of a live one."""
+    model = fake_parts(tmp_path / "site", monkeypatch)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(folder / model.filename)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "WRITING"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    stale = [p.name for p in folder.iterdir()]
+    assert len(stale) == 1 and stale[0].endswith(".partial")  # what SIGKILL leaves
+    live = folder / f".{model.filename}.{os.getpid()}-{threading.get_ident() + 1}.partial"
+    live.write_bytes(b"another assembler, still writing")  # this process is alive: its partial is kept
+    assert assemble(model, folder, "qwen-coder").read_bytes() == b"".join(PIECES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([model.filename, live.name])
+
+
+def test_a_missing_part_file_says_to_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25 item 16: a part package whose data file is gone gave an error that blamed the cache write
+    ("could not write ... into ..."), without the README's reinstall advice."""
+    model = fake_parts(tmp_path / "site", monkeypatch, name="lostpart_part")
+    (tmp_path / "site" / "lostpart_part2" / "data" / "part02.bin").unlink()
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"part 2 of lostpart_part.gguf .* is missing.*--force-reinstall"):
+        assemble(model, folder, "qwen-coder")
+    assert list(folder.iterdir()) == []
