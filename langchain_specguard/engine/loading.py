@@ -226,8 +226,10 @@ def config_values(name: str, hub: Mapping[str, Any] | None = None) -> dict[str, 
 
 
 def _fetch_config(repo_id: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``config.json`` of ``repo_id`` from the Hub: one request, bounded by :data:`CONFIG_FETCH_TIMEOUT`."""
-    from huggingface_hub import hf_hub_url
+    """``config.json`` of ``repo_id`` from the Hub: one request, bounded by :data:`CONFIG_FETCH_TIMEOUT`; once the
+    Hub has answered it, the file is also put in the Hugging Face cache, where ``from_pretrained`` (and an offline
+    process) reads it later (best effort)."""
+    from huggingface_hub import hf_hub_download, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
 
     endpoint = hub_endpoint()
@@ -246,6 +248,16 @@ def _fetch_config(repo_id: str, options: Mapping[str, Any]) -> dict[str, Any]:
         ) from None
     if not isinstance(values, dict):
         raise ValueError(f"the config of {repo_id!r} is not a JSON object")
+    with contextlib.suppress(Exception):  # the Hub just answered this file: its cached copy is a second request
+        hf_hub_download(
+            repo_id,
+            "config.json",
+            subfolder=options.get("subfolder"),
+            revision=options.get("revision"),
+            cache_dir=options.get("cache_dir"),
+            token=options.get("token"),
+            etag_timeout=CONFIG_FETCH_TIMEOUT,
+        )
     return values
 
 

@@ -87,7 +87,9 @@ def test_20_4_from_model_id_and_from_a_transformers_pipeline() -> None:
     assert from_pipe.target_model is model and from_pipe.tokenizer is pipe.tokenizer
     plain = ChatSpecGuard(model=model, tokenizer=pipe.tokenizer, draft_layers=2, **options)
     assert from_pipe.invoke("Hello").content == plain.invoke("Hello").content
-    drafted = ChatSpecGuard.from_model_id(target, **options, draft_model=pipeline("text-generation", model=draft))
+    draft_pipe = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float64),
+                          tokenizer=AutoTokenizer.from_pretrained(draft))  # fmt: skip
+    drafted = ChatSpecGuard.from_model_id(target, **options, draft_model=draft_pipe)  # of the dtype asked for
     assert isinstance(drafted.draft_model, torch.nn.Module) and drafted.invoke("Hello").content
 
 
