@@ -5,7 +5,7 @@ layer needs from the engine is named here.
 """
 
 from .calibration import ThresholdCalibrator
-from .decoding import generate, generate_steps, threshold_calibrator
+from .decoding import generate, generate_steps, threshold_calibrator, warm_up
 from .events import EVENT_VERSION, GenerationResult, StepEvent, step_totals, summarize
 from .loading import (
     GEMMA_CHAT_TEMPLATE,
@@ -18,6 +18,7 @@ from .loading import (
     self_speculative_draft,
 )
 from .packaged import PACKAGED_PAIRS, load_packaged_pair
+from .options import CallOptions
 from .params import PARAM_FIELDS, SpecGuardParams
 from .scoring import GroundingScorer, score_layers
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
@@ -26,6 +27,7 @@ from .text import held_back, token_bytes
 
 __all__ = [
     "EVENT_VERSION",
+    "CallOptions",
     "GEMMA_CHAT_TEMPLATE",
     "PACKAGED_PAIRS",
     "PARAM_FIELDS",
@@ -57,4 +59,5 @@ __all__ = [
     "summarize",
     "threshold_calibrator",
     "token_bytes",
+    "warm_up",
 ]
