@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from operator import itemgetter
@@ -63,6 +62,7 @@ from .callbacks import (
 from .engine import (
     PACKAGED_PAIRS,
     PARAM_FIELDS,
+    CallOptions,
     ModelPair,
     SpecGuardParams,
     StepEvent,
@@ -204,7 +204,17 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     )
     # what LangChain code passes to every chat model; a local model has no endpoint, key or retries
     timeout: float | None = Field(
-        default=None, gt=0, description="Seconds a call may run; past it the call raises TimeoutError between steps."
+        default=None,
+        gt=0,
+        description="Seconds a call may run; past it the call raises TimeoutError, within one draft chunk or one "
+        "target pass of the deadline.",
+    )
+    max_batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="The most concurrent calls that share the model's passes (threads, batch/abatch, asyncio, "
+        "LangGraph branches); more wait for a place. Each call's text is what it would be alone.",
     )
     max_retries: int = Field(
         default=0, ge=0, description="Accepted for interface compatibility: local generation is never retried."
@@ -226,7 +236,6 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     _pair_key: tuple[Any, ...] | None = PrivateAttr(default=None)  # the loading key _pair was loaded for
     _holding: Holding | None = PrivateAttr(default=None)  # this instance counted as a holder of its key's pair
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _generate_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
 
@@ -371,7 +380,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
 
     def __copy__(self) -> ChatSpecGuard:
         copied = super().__copy__()
-        copied._load_lock, copied._generate_lock = threading.Lock(), threading.Lock()
+        copied._load_lock = threading.Lock()
         copied._hold()
         return copied
 
@@ -382,7 +391,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         shared = [self._pair, self._pair_key, self.target_model, self.draft_model, self.tokenizer]
         memo.update({id(value): value for value in shared if value is not None and not isinstance(value, str)})
         memo[id(self._holding)] = None
-        memo[id(self._load_lock)], memo[id(self._generate_lock)] = threading.Lock(), threading.Lock()
+        memo[id(self._load_lock)] = threading.Lock()
         copied = super().__deepcopy__(memo)
         copied._hold()
         return copied
@@ -632,40 +641,30 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         prefix = fmt.forced_prefix(forced_tool_name(tool_choice), tool_choice in ("any", "required", True))
         return ToolSetup(tools=tools, format=fmt, validate=fmt.validator(tools), prefix=prefix)
 
-    def _locked_steps(self, call: _Call, calibrator: ThresholdCalibrator | None = None) -> Iterator[StepEvent]:
-        """Steps of one generation; the models run one step at a time per instance.
+    def _steps(self, call: _Call, calibrator: ThresholdCalibrator | None = None) -> Iterator[StepEvent]:
+        """Steps of one generation, as they are verified.
 
-        The lock is held while a step is computed, never across a ``yield``: a caller that pauses a
-        stream (or a callback that calls the model again) would otherwise block every other call on
-        the instance, its own thread included, forever. Each generation owns its caches and sampling
-        generator, so interleaved generations give the same output as sequential ones; the price is
-        that memory grows with the number of generations in flight (one KV cache pair each).
+        The generation joins the pair's running batch: concurrent calls on this model, on its copies and on other
+        instances sharing its pair (threads, ``batch``, asyncio, LangGraph branches) share their passes, and each
+        call's text is what it would be alone. Closing the iterator (a stream stopped early, a cancelled task) takes
+        the generation out of the batch at the next step boundary.
         """
         setup = call.setup
-        thinking = setup.thought is not None and setup.thought.opened
-        steps = generate_steps(
-            call.pair,
-            call.prompt,
-            call.params,
-            call.stops,
-            setup.validate,
-            setup.prefix,
-            setup.single_call,
-            thinking,
-            calibrator,  # "auto" learns within the call unless calibrate() passes one to learn across prompts
+        options = CallOptions(
+            stop=tuple(call.stops),
+            validate_step=setup.validate,
+            prefix=setup.prefix,
+            single_call=setup.single_call,
+            thinking=setup.thought is not None and setup.thought.opened,
+            calibrator=calibrator,  # "auto" learns within the call, unless calibrate() passes one across prompts
+            timeout=self.timeout,
+            max_batch_size=self.max_batch_size,
         )
-        started = time.monotonic()
+        steps = generate_steps(call.pair, call.prompt, call.params, options)
         try:
-            while True:
-                if self.timeout is not None and time.monotonic() - started > self.timeout:
-                    raise TimeoutError(f"the call ran past its timeout of {self.timeout} s")
-                with self._generate_lock:
-                    event = next(steps, None)
-                if event is None:
-                    return
-                yield event
+            yield from steps
         finally:
-            getattr(steps, "close", lambda: None)()  # a generator: runs its cleanup now, not at GC
+            close_now(steps)  # leaves its batch now, not at GC
 
     # ------------------------------------------------------------------------------------------
     # tools
@@ -776,9 +775,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         calibrator = threshold_calibrator(self.engine_params(**options))
         assert calibrator is not None
         for item in inputs:
-            for _ in self._locked_steps(
-                self._prepare(self._convert_input(item).to_messages(), None, options), calibrator
-            ):
+            for _ in self._steps(self._prepare(self._convert_input(item).to_messages(), None, options), calibrator):
                 pass
         return calibrator.threshold()
 
@@ -861,7 +858,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
     ) -> Iterator[ChatGenerationChunk]:
         emitter = self._reporter(run_manager)
         call = self._prepare(messages, stop, kwargs)
-        events = emitter.steps(self._locked_steps(call))
+        events = emitter.steps(self._steps(call))
         try:
             for chunk in self._chunks(call, events, run_message_id(run_manager)):
                 if is_last(chunk):
@@ -896,7 +893,7 @@ class ChatSpecGuard(BaseChatModel, SpecGuardParams):
         emitter = self._reporter(run_manager)
         call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
         message_id = run_message_id(run_manager)
-        events = emitter.asteps(iterate_in_thread(self._locked_steps(call)))
+        events = emitter.asteps(iterate_in_thread(self._steps(call)))
         async with contextlib.aclosing(drive(lambda steps: self._chunks(call, steps, message_id), events)) as chunks:
             async for chunk in chunks:
                 if is_last(chunk):

@@ -211,7 +211,7 @@ async def drive(
 
 
 def close_now(iterator: Iterator[Any]) -> None:
-    """Close a generator now (its ``finally`` blocks run: the generation lock is released), not at GC."""
+    """Close a generator now (its ``finally`` blocks run: the generation leaves its batch), not at GC."""
     close = getattr(iterator, "close", None)
     if close is not None:
         close()

@@ -17,8 +17,8 @@ from .loading import (
     resolve_dtype,
     self_speculative_draft,
 )
-from .packaged import PACKAGED_PAIRS, load_packaged_pair
 from .options import CallOptions
+from .packaged import PACKAGED_PAIRS, load_packaged_pair
 from .params import PARAM_FIELDS, SpecGuardParams
 from .scoring import GroundingScorer, score_layers
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
@@ -27,10 +27,10 @@ from .text import held_back, token_bytes
 
 __all__ = [
     "EVENT_VERSION",
-    "CallOptions",
     "GEMMA_CHAT_TEMPLATE",
     "PACKAGED_PAIRS",
     "PARAM_FIELDS",
+    "CallOptions",
     "GenerationResult",
     "GroundingScorer",
     "ModelPair",

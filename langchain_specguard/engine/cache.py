@@ -120,7 +120,7 @@ class KVCache:
 
 
 def causal_mask(positions: torch.Tensor, length: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask ``[B, 1, q, length]``: row b's query at position p sees keys ``j <= p`` (and ``j > p - window``)."""
+    """Additive mask ``[B, 1, q, length]``: row b's query at position p sees keys ``j <= p`` (and ``> p - window``)."""
     keys = torch.arange(length, device=positions.device)
     allowed = keys[None, None, :] <= positions[:, :, None]
     if window is not None:

@@ -27,8 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-import torch
-
 from .calibration import ThresholdCalibrator
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .generation import AgreementRate, Generation, seeded_generator
@@ -85,7 +83,8 @@ def step(batch: Batch) -> StepResults:
             results.append((gen, overdue(gen)))
             continue
         timing = (started, drafted, verified, wrote)
-        results.append((gen, commit(runtime, gen, proposals[gen.slot], verdicts[gen.slot], written.get(gen.slot), timing)))
+        event = commit(runtime, gen, proposals[gen.slot], verdicts[gen.slot], written.get(gen.slot), timing)
+        results.append((gen, event))
     return results
 
 
@@ -239,7 +238,7 @@ def generate_steps(
     Closing the iterator early (a stream stopped, a cancelled task) takes the generation out of its batch at the
     next step boundary.
     """
-    gen, ticket = new_generation(pair, prompt_ids, params, options or CallOptions())
+    _, ticket = new_generation(pair, prompt_ids, params, options or CallOptions())
     scheduler_of(pair).submit(ticket)
     try:
         while True:
@@ -253,7 +252,9 @@ def generate_steps(
         ticket.cancel()
 
 
-def warm_up(pair: ModelPair, params: SpecGuardParams, prompt_tokens: int = 64, batch_sizes: Sequence[int] = (1,)) -> None:
+def warm_up(
+    pair: ModelPair, params: SpecGuardParams, prompt_tokens: int = 64, batch_sizes: Sequence[int] = (1,)
+) -> None:
     """Compile and capture what generations with ``params`` run, at each of ``batch_sizes`` concurrent calls, before a
     real call needs it.
 

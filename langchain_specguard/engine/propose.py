@@ -71,7 +71,7 @@ def propose(runtime: Runtime, gens: list[Generation]) -> dict[int, Proposal]:
         top_logprobs=top,
     )
     record = grounding.record(draft, [len(g.ids) for g in _padded(by_slot, slots)]) if scored and grounding else None
-    rows = {g.slot: [[] for _ in range(draft.width)] for g in gens}
+    rows: dict[int, list[list[int]]] = {g.slot: [[] for _ in range(draft.width)] for g in gens}
     ends: dict[int, list[int | None]] = {g.slot: [None] * draft.width for g in gens}
     ran: dict[int, int] = {}  # iterations each generation decoded
     going = list(gens)

@@ -525,16 +525,16 @@ class ModelRunner:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
         rows = self.rows_of(len(tokens), leaders)
         count = self._count(rows)
-        cur, pos, temps, limit = [], [], [], []
+        cur, pos, temps, limit = [0] * count, [0] * count, [0.0] * count, [0] * count
         for i in range(count):
             slot = self._slot_of(rows, i)
             row = rows.start + i * (rows.step or 1)
             token = tokens[slot] if slot < len(tokens) else None
             if token is None:  # rides along, standing still past what it holds
-                cur.append(0), pos.append(self.cache.valid[row]), temps.append(0.0), limit.append(0)
+                pos[i] = self.cache.valid[row]
                 continue
-            cur.append(int(token)), pos.append(int(positions[slot])), limit.append(int(limits[slot]))
-            temps.append(float(temperatures[slot][(row - slot * self.width) if not leaders else 0]))
+            cur[i], pos[i], limit[i] = int(token), int(positions[slot]), int(limits[slot])
+            temps[i] = float(temperatures[slot][(row - slot * self.width) if not leaders else 0])
         if max(limit) > self.steps:
             raise RuntimeError(f"decode loop holds {self.steps} iterations, {max(limit)} asked")
         state = self.state.rows(rows)
@@ -550,7 +550,7 @@ class ModelRunner:
             if seen is not None and seen[slot] is not None:
                 mask = seen[slot]
                 assert mask is not None
-                state.seen[slot_rows].copy_(mask.to(self.device)[None].expand(len(slot_rows), -1))
+                state.seen[slot_rows].copy_(mask.to(self.device)[None].expand(state.seen[slot_rows].shape[0], -1))
             if uniforms is not None and uniforms[slot] is not None:
                 draws = uniforms[slot]
                 assert draws is not None
@@ -562,16 +562,17 @@ class ModelRunner:
         self.decoded = 0
         self._decode_starts, self._decode_limits = pos, limit
 
-    def _rows_in(self, rows: slice, slot: int) -> list[int]:
-        """Indices, within a pass's ``rows`` (which start at row 0), of ``slot``'s rows."""
+    def _rows_in(self, rows: slice, slot: int) -> slice:
+        """Where ``slot``'s rows are within a pass's ``rows`` (which start at row 0): a slice, so that writing through
+        it reaches the buffers."""
         if (rows.step or 1) > 1:  # leaders only: one row per slot
-            return [slot]
-        return list(range(slot * self.width, (slot + 1) * self.width))
+            return slice(slot, slot + 1)
+        return slice(slot * self.width, (slot + 1) * self.width)
 
     def stop_slots(self, slots: Sequence[int]) -> None:
         """The slots' rows stop advancing after the iterations run so far (their steps ended)."""
         for slot in slots:
-            for i in self._rows_in(self.decoding, slot):
+            for i in range(*self._rows_in(self.decoding, slot).indices(len(self._decode_limits))):
                 self._decode_limits[i] = min(self._decode_limits[i], self.decoded)
         limits = torch.as_tensor(self._decode_limits, dtype=torch.long)
         self.state.rows(self.decoding).limit.copy_(limits)
@@ -595,7 +596,16 @@ class ModelRunner:
                         record.rows = state.it.view(1)
                         record.batch_rows = rows
                     decode_iteration(
-                        self.view, self.cache, self.windows, state, controls, sampling, end, forward, top, self.vocab_rows
+                        self.view,
+                        self.cache,
+                        self.windows,
+                        state,
+                        controls,
+                        sampling,
+                        end,
+                        forward,
+                        top,
+                        self.vocab_rows,
                     )
             finally:
                 self.cache.rows = slice(0, self.batch)
@@ -617,7 +627,8 @@ class ModelRunner:
     def read_decoded(self, slots: Sequence[int], start: int) -> dict[int, list[list[int]]]:
         """Tokens of the iterations ``start..decoded`` of each of ``slots``' decoding rows (one host read)."""
         rows = self.decoding
-        picks = {slot: self._rows_in(rows, slot) for slot in slots}
+        count = self._count(rows)
+        picks = {slot: list(range(*self._rows_in(rows, slot).indices(count))) for slot in slots}
         flat = [i for slot in slots for i in picks[slot]]
         if not flat:
             return {}
@@ -634,7 +645,7 @@ class ModelRunner:
     def decoded_row(self, slot: int, row: int = 0) -> int:
         """The buffer row of ``slot``'s ``row``-th decoding row (for its log-probabilities)."""
         rows = self.decoding
-        return rows.start + self._rows_in(rows, slot)[row] * (rows.step or 1)
+        return rows.start + (self._rows_in(rows, slot).start + row) * (rows.step or 1)
 
     # -- resizing ------------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ class Batch:
         self.cap = 1 << 30  # the most generations it may hold (the smallest max_batch_size among them)
 
     def join(self, gen: Generation) -> None:
-        """Give ``gen`` a slot and write its prompt (but the last token, which its first pass feeds) into both caches."""
+        """Give ``gen`` a slot and write its prompt (but its last token, which its first pass feeds) into the caches."""
         slot = self.runtime.take_slot()
         try:
             prompt = gen.ids[:-1]

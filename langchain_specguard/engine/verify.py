@@ -91,9 +91,9 @@ def verify(runtime: Runtime, gens: list[Generation], proposals: dict[int, Propos
         grounding = scorer.score(record, gen.slot, k) if scorer is not None and record is not None else math.nan
         verdict = step_rule(gen, proposal, judgement.logp[i, :k], judgement.top[i, :k], grounding)
         verdict.target_forwards = 1
-        agreed = accept(
-            torch.tensor([proposal.tokens]), [k], [k], choices=judgement.choices[i : i + 1, :k]
-        )[0].kept  # how many leading tokens are the target's own choices (greedy, whatever the sampling)
+        agreed = accept(torch.tensor([proposal.tokens]), [k], [k], choices=judgement.choices[i : i + 1, :k])[
+            0
+        ].kept  # how many leading tokens are the target's own choices (greedy, whatever the sampling)
         # a step made only of the target's own first choices is one it writes itself: its score is a sample of
         # how the target's steps score, whatever this step's verdict (calibration.py)
         verdict.calibration = verdict.score if agreed == k else None

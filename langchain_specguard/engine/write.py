@@ -121,21 +121,17 @@ def _draft_round(runtime: Runtime, writing: list[_Writing]) -> dict[int, tuple[l
         fed[w.gen.slot], starts[w.gen.slot] = sequence[valid : len(sequence) - 1], valid
     draft.forward(fed, starts, leaders=True, logits=False)
 
-    def each(s: int) -> _Writing | None:
-        return by_slot.get(s)
-
+    order = [by_slot.get(s) for s in range(slots)]  # every slot of the pass: writing, or riding along (None)
     draft.start_decode(
-        [w.written.tokens[-1] if (w := each(s)) else None for s in range(slots)],
-        [len(w.gen.ids) + len(w.written.tokens) - 1 if (w := each(s)) else 0 for s in range(slots)],
-        [[w.gen.params.temperature] if (w := each(s)) else [] for s in range(slots)],
-        [w.gamma if (w := each(s)) else 0 for s in range(slots)],
+        [o.written.tokens[-1] if o else None for o in order],
+        [len(o.gen.ids) + len(o.written.tokens) - 1 if o else 0 for o in order],
+        [[o.gen.params.temperature] if o else [] for o in order],
+        [o.gamma if o else 0 for o in order],
         leaders=True,
         controls=writing[0].gen.controls,
-        seen=[w.gen.seen(draft, w.written.tokens) if (w := each(s)) else None for s in range(slots)],
-        uniforms=[w.gen.uniform(1, w.gamma) if (w := each(s)) and w.gen.sampling else None for s in range(slots)],
+        seen=[o.gen.seen(draft, o.written.tokens) if o else None for o in order],
+        uniforms=[o.gen.uniform(1, o.gamma) if o and o.gen.sampling else None for o in order],
     )
     draft.decode(max(w.gamma for w in writing))
     tokens = draft.read_decoded(list(by_slot), 0)
-    return {
-        s: (tokens[s][0][: w.gamma], draft.out_logq[draft.decoded_row(s)][: w.gamma]) for s, w in by_slot.items()
-    }
+    return {s: (tokens[s][0][: w.gamma], draft.out_logq[draft.decoded_row(s)][: w.gamma]) for s, w in by_slot.items()}
