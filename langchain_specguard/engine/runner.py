@@ -197,6 +197,9 @@ _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 def compiled_model_pass() -> Callable[..., torch.Tensor]:
     """:func:`model_pass` through ``torch.compile``, made once per process (shared by every runner)."""
     if "pass" not in _COMPILED:
+        # each model view, and each batch shape until the batch dimension turns dynamic, compiles once: room for
+        # them all, where the default limit would quietly fall back to eager passes
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _COMPILED["pass"] = torch.compile(model_pass)
     return _COMPILED["pass"]
 
