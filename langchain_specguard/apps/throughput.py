@@ -186,7 +186,8 @@ def run(pair: ModelPair, prompts: list[list[int]], check: Callable[[int, str], b
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         share = prompts[: max(args.calls_per_client * concurrency, args.min_calls)]
         for method in wanted:
-            if method == "serial" and concurrency not in [int(c) for c in args.serial_at.split(",")]:
+            only = {"serial": args.serial_at, "sd": args.sd_at}.get(method)
+            if only and concurrency not in [int(c) for c in only.split(",")]:
                 continue
             started = time.perf_counter()
             if method == "generate":
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,8,16,32")
     parser.add_argument("--methods", default="generate,specguard,serial,sd")
     parser.add_argument("--serial-at", default="8", help="concurrencies at which 'serial' runs (it is slow)")
+    parser.add_argument("--sd-at", default=None, help="concurrencies at which 'sd' runs (default: all)")
     parser.add_argument("--calls-per-client", type=int, default=2, help="calls per concurrency: this x clients...")
     parser.add_argument("--min-calls", type=int, default=8, help="...and at least this many")
     parser.add_argument("--eager-generate", action="store_true", help="generate() with a dynamic cache, no compile")
