@@ -348,7 +348,8 @@ class ModelRunner:
                     reset()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread-local: calls arriving in other threads (a new call's generator, say) never break the capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 outputs = body()
             reset()
             entry = self._graphs[key] = _Graph(graph, outputs)
