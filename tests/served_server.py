@@ -88,7 +88,11 @@ def free_port() -> int:
 
 
 class VLLMServer:
-    """``vllm serve`` on 127.0.0.1 as a child process: started, waited for, and stopped (killed if it must be)."""
+    """``vllm serve`` on 127.0.0.1 as a child process: started, waited for, and stopped (killed if it must be).
+
+    float32 by default: on a CPU without AVX512-BF16 (CI's and the developers' are AVX2) vLLM's oneDNN
+    bfloat16 matmul fails over to a slower plain-torch one.
+    """
 
     def __init__(self, model_dir: Path, name: str, *, dtype: str = "float32", max_model_len: int = 4096) -> None:
         python = server_python()
@@ -99,7 +103,6 @@ class VLLMServer:
         self.log = model_dir.parent / f"vllm-{name}-{self.port}.log"
         env = {
             **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache: plenty for the tests' contexts
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # share the cores with the test process instead of pinning them
             "VLLM_LOGGING_LEVEL": "WARNING",
             "VLLM_NO_USAGE_STATS": "1",
@@ -110,7 +113,8 @@ class VLLMServer:
             "--model", str(model_dir), "--served-model-name", name,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", dtype, "--max-model-len", str(max_model_len),
-            "--max-num-seqs", "4", "--enforce-eager", "--disable-log-stats",
+            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(512 << 20),  # room for the tests' contexts
+            "--enforce-eager", "--disable-log-stats",
         ]  # fmt: skip
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
