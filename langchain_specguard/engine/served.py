@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -171,6 +172,8 @@ class ServedTarget:
         )
         self._model = cfg.model
         self.context_window: int | None = None  # the server's max_model_len, where it says (learned with the model)
+        self._count = threading.Lock()
+        self.round_trips = 0  # HTTP exchanges so far, retries included (what a step event can report)
 
     def __repr__(self) -> str:
         key = f", api key from ${self._key_env}" if self._client.headers.get("Authorization") else ""
@@ -430,6 +433,8 @@ class ServedTarget:
     def _send(self, method: str, url: str, body: dict[str, Any] | None) -> tuple[int, bytes]:
         """One exchange, bounded by ``timeout`` in all: a server that answers slowly, byte by byte, is cut off too."""
         deadline = time.monotonic() + self.config.timeout
+        with self._count:
+            self.round_trips += 1
         with self._client.stream(method, url, json=body) as response:
             chunks = []
             for chunk in response.iter_bytes():

@@ -213,6 +213,7 @@ def test_a_server_killed_mid_request_gives_a_clear_error_within_the_timeout(
 
 
 @pytest.mark.qwen
+@pytest.mark.timeout(3000)  # the first run exports the 1.5B checkpoint from its GGUF (minutes)
 def test_the_served_1_5b_target_judges_its_own_greedy_continuation(prompt: list[int]) -> None:
     with VLLMServer(exported("target"), "qwen-1.5b") as server:
         check_judges_its_own_greedy_continuation(server, prompt, 16)

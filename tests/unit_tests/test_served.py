@@ -126,7 +126,7 @@ def test_http_500_is_retried_when_idempotent_then_reported_with_the_servers_word
     target = ServedTarget(url, model="m", retries=2, backoff=0.01)
     with pytest.raises(ServedHTTPError) as err:
         target.judge([1, 2], [3])
-    assert err.value.status == 500 and len(seen) == 3
+    assert err.value.status == 500 and len(seen) == 3 and target.round_trips == 3
     assert str(err.value) == (
         f"served target {url}: /v1/completions answered HTTP 500: engine core died (after 3 tries)"
     )
