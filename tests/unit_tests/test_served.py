@@ -7,12 +7,12 @@ tests/integration_tests/test_served.py; these cases need none and run in a secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -27,52 +27,33 @@ from langchain_specguard.engine.served import (
     ServedTimeoutError,
 )
 from langchain_specguard.engine.signals import confidence_score
+from tests.served_server import JSONHandler, free_port, peer
 
 SECRET = "sk-test-0123456789-do-not-show"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Recorder(BaseHTTPRequestHandler):
+class Recorder(JSONHandler):
     """Answers every POST with the status and body the test set, recording what it was sent."""
 
     status = 500
     body: dict = {"error": {"message": "engine core died", "type": "InternalServerError"}}  # noqa: RUF012
     seen: list[tuple[str, dict, dict]] = []  # noqa: RUF012
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 (http.server names it)
         length = int(self.headers.get("content-length", 0))
         self.seen.append((self.path, dict(self.headers), json.loads(self.rfile.read(length) or b"{}")))
-        data = json.dumps(self.body).encode()
-        self.send_response(self.status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.reply(self.status, self.body)
 
 
 @pytest.fixture
 def http_stub() -> Iterator[Callable[[int, dict], tuple[str, list]]]:
-    servers = []
+    with contextlib.ExitStack() as stack:
 
-    def start(status: int, body: dict) -> tuple[str, list]:
-        handler = type("Handler", (Recorder,), {"status": status, "body": body, "seen": []})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1", handler.seen
+        def start(status: int, body: dict) -> tuple[str, list]:
+            handler = type("Handler", (Recorder,), {"status": status, "body": body, "seen": []})
+            return stack.enter_context(peer(handler)), handler.seen
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 @pytest.fixture
