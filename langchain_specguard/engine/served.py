@@ -245,11 +245,13 @@ class ServedTarget:
         return [(tokens[p], _logprob(self.url, token_logprobs[p], p), tops[p]) for p in range(start, len(prompt) + 1)]
 
     def _judge_sglang(self, prompt: list[int], start: int) -> list[tuple[int, float, dict[int, float]]]:
+        """SGLang's native ``/generate``: scored from ``logprob_start_len``, whose own entry has no log-probability
+        (SGLang puts None first: the logits before it are not computed), so it starts at the last committed token."""
         body = {
             "input_ids": prompt,
             "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
             "return_logprob": True,
-            "logprob_start_len": start,
+            "logprob_start_len": start - 1,
             "top_logprobs_num": 1,
             "return_text_in_logprobs": False,
         }
@@ -257,14 +259,8 @@ class ServedTarget:
         meta = answer.get("meta_info") if isinstance(answer, dict) else None
         if not isinstance(meta, dict):
             raise ServedProtocolError(self.url, "answered /generate without meta_info")
-        fed = _sglang_rows(self.url, meta, "input", len(prompt) - start)
-        new = _sglang_rows(self.url, meta, "output", 1)
-        rows = fed + new
-        if [r[0] for r in fed] != prompt[start:]:
-            raise ServedProtocolError(
-                self.url, f"scored tokens {[r[0] for r in fed]} where {prompt[start:]} were sent (logprob_start_len)"
-            )
-        return rows
+        fed = _sglang_rows(self.url, meta, "input", prompt[start - 1 :])
+        return fed + _sglang_rows(self.url, meta, "output", None)[:1]
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -517,18 +513,30 @@ def _openai_logprobs(
     return [_token(url, t) for t in tokens], values, by_id
 
 
-def _sglang_rows(url: str, meta: Mapping[str, Any], side: str, expected: int | None) -> list[tuple[int, float, dict]]:
-    """``(id, logprob, {id: logprob} of the top)`` rows from SGLang's ``{side}_token_logprobs`` triples."""
+def _sglang_rows(
+    url: str, meta: Mapping[str, Any], side: str, fed: list[int] | None
+) -> list[tuple[int, float, dict[int, float]]]:
+    """``(id, logprob, {id: logprob} of the top)`` rows from SGLang's ``{side}_token_logprobs`` triples.
+
+    For the prompt (``fed``: the ids from ``logprob_start_len`` on), the entries must name exactly those ids,
+    and the first, which SGLang leaves without a log-probability, is dropped."""
     values, tops = meta.get(f"{side}_token_logprobs"), meta.get(f"{side}_top_logprobs")
-    if not isinstance(values, list) or (expected is not None and len(values) != expected):
+    if not isinstance(values, list) or not values or (fed is not None and len(values) != len(fed)):
         got = len(values) if isinstance(values, list) else "no"
-        raise ServedProtocolError(url, f"returned {got} {side} log-probabilities where {expected} were asked for")
+        wanted = len(fed) if fed is not None else "some"
+        raise ServedProtocolError(url, f"returned {got} {side} log-probabilities where {wanted} were asked for")
     if not isinstance(tops, list) or len(tops) != len(values):
         tops = [None] * len(values)
+    if any(not isinstance(entry, (list, tuple)) or len(entry) < 2 for entry in values):
+        raise ServedProtocolError(url, f"returned a malformed {side} log-probability entry")
+    ids = [int(entry[1]) for entry in values]
+    if fed is not None and ids != fed:
+        raise ServedProtocolError(url, f"scored tokens {ids} where {fed} were sent (from logprob_start_len)")
+    skip = 1 if fed is not None else 0
     rows = []
     for i, (entry, top) in enumerate(zip(values, tops, strict=True)):
-        if not isinstance(entry, (list, tuple)) or len(entry) < 2:
-            raise ServedProtocolError(url, f"returned a malformed {side} log-probability entry {entry!r}")
+        if i < skip:
+            continue
         best = {int(t[1]): _logprob(url, t[0], i) for t in top} if isinstance(top, list) else {}
         rows.append((int(entry[1]), _logprob(url, entry[0], i), best))
     return rows

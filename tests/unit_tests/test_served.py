@@ -221,3 +221,30 @@ def test_bad_input_is_refused_before_any_request() -> None:
         target.judge([1], [-3])
     with pytest.raises(ValueError, match="max_tokens"):
         target.write([1], 0)
+
+
+def test_the_sglang_dialect_reads_its_native_answer(http_stub: Callable) -> None:
+    """SGLang's /generate (api="sglang"), answered in the shape SGLang 0.5.23's source builds
+    (scheduler_components/logprob_result_processor.py: the entry at logprob_start_len has no log-probability,
+    then one (logprob, id, text) triple a token). Not run against an SGLang server here (docs/served.md)."""
+    meta = {
+        "input_token_logprobs": [[None, 6, None], [-0.1, 7, None], [-2.5, 8, None]],
+        "input_top_logprobs": [None, [[-0.1, 7, None]], [[-0.3, 11, None]]],
+        "output_token_logprobs": [[-0.05, 12, None]],
+        "output_top_logprobs": [[[-0.05, 12, None]]],
+        "finish_reason": {"type": "length", "length": 1},
+    }
+    url, seen = http_stub(200, {"text": "", "meta_info": meta})
+    target = ServedTarget(url, api="sglang")
+    judged = target.judge([5, 6], [7, 8])
+    path, _, body = seen[0]
+    assert path == "/generate" and body["input_ids"] == [5, 6, 7, 8] and body["logprob_start_len"] == 1
+    assert judged.choices.tolist() == [7, 11, 12] and judged.accepted() == (1, 11)
+    assert judged.logp.tolist() == [-0.1, -2.5] and judged.top_logp.tolist() == [-0.1, -0.3]
+    written = target.write([5, 6], 1)
+    assert (written.tokens, written.logprobs, written.finish_reason) == ([12], [-0.05], "length")
+    # scored from the wrong position: refused, not misread
+    shifted = {**meta, "input_token_logprobs": [[None, 5, None], [-0.1, 6, None], [-2.5, 7, None]]}
+    url, _ = http_stub(200, {"meta_info": shifted})
+    with pytest.raises(ServedProtocolError, match=r"scored tokens \[5, 6, 7\] where \[6, 7, 8\] were sent"):
+        ServedTarget(url, api="sglang").judge([5, 6], [7, 8])
