@@ -194,12 +194,14 @@ class ServedTarget:
     def model(self) -> str:
         """The served model's name: the one configured, else the server's only model (asked once)."""
         if self._model is None:
-            listed = self._get("/models").get("data")
-            names = [m.get("id") for m in listed] if isinstance(listed, list) else []
+            answer = self._get("/models")
+            listed = answer.get("data") if isinstance(answer, dict) else None
+            models = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+            names = [m.get("id") for m in models]
             if len(names) != 1 or not isinstance(names[0], str):
                 raise ServedProtocolError(self.url, f"serves {names or 'no models'}; name one with model=...")
             self._model = names[0]
-            length = listed[0].get("max_model_len")
+            length = models[0].get("max_model_len")
             self.context_window = length if isinstance(length, int) else None
         return self._model
 
