@@ -35,7 +35,7 @@ from .options import CallOptions
 from .params import SpecGuardParams
 from .propose import Proposal, propose
 from .runtimes import Runtime, RuntimePool
-from .scheduler import Batch, Scheduler, StepResults, Ticket, batch_key, overdue
+from .scheduler import Scheduler, StepResults, Ticket, batch_key, overdue
 from .scoring import GroundingScorer
 from .text import OutputText
 from .verify import Verdict, verify
@@ -56,9 +56,9 @@ __all__ = [
 # one step of a batch
 
 
-def step(batch: Batch) -> StepResults:
-    """One step for every generation of the batch: propose, verify, write the rejected ones, commit; their events."""
-    runtime, gens = batch.runtime, list(batch.running)
+def step(runtime: Runtime, gens: list[Generation]) -> StepResults:
+    """One step for every generation given (a batch's, in slot order): propose, verify, write the rejected ones,
+    commit; their events."""
     started = time.perf_counter()
     for gen in gens:
         gen.begin_step()

@@ -31,6 +31,11 @@ from .runtimes import Runtime, RuntimePool, Shape
 
 StepResults = Sequence[tuple[Generation, "StepEvent | BaseException"]]
 
+AHEAD = 2
+"""Steps a generation may have computed that its caller has not taken yet. The batch runs one step ahead of each
+caller, so a caller's own work between steps (chunks, callbacks, traces) overlaps the next step instead of making the
+batch wait; a caller that stops reading holds its generation there (memory stays bounded)."""
+
 
 class Batch:
     """Generations decoding together on one runtime: they share every pass, and join and leave between steps."""
@@ -67,17 +72,35 @@ class Ticket:
     def __init__(self, gen: Generation, key: Hashable, shape: Shape) -> None:
         self.gen, self.key, self.shape = gen, key, shape
         self.cancelled = False
+        self.pending = 0  # steps put and not taken yet (changed under the scheduler's lock)
+        self.scheduler: Scheduler | None = None
         self._out: queue.SimpleQueue[StepEvent | BaseException] = queue.SimpleQueue()
 
     def put(self, item: StepEvent | BaseException) -> None:
+        if self.scheduler is not None:
+            with self.scheduler.changed:
+                self.pending += 1
         self._out.put(item)
 
     def get(self) -> StepEvent | BaseException:
-        return self._out.get()
+        item = self._out.get()
+        if self.scheduler is not None:
+            with self.scheduler.changed:
+                self.pending -= 1
+                self.scheduler.changed.notify()
+        return item
+
+    @property
+    def ready(self) -> bool:
+        """Whether its generation may take another step now (its caller is at most ``AHEAD`` steps behind)."""
+        return self.pending < AHEAD
 
     def cancel(self) -> None:
         """The caller stopped reading: the generation leaves its batch at the next step boundary."""
         self.cancelled = True
+        if self.scheduler is not None:
+            with self.scheduler.changed:
+                self.scheduler.changed.notify()
 
 
 def batch_key(gen: Generation, shape: Shape) -> Hashable:
@@ -90,17 +113,22 @@ def batch_key(gen: Generation, shape: Shape) -> Hashable:
 class Scheduler:
     """Every generation of one pair, batched, in one worker thread (started on demand, gone when idle)."""
 
-    def __init__(self, pool: RuntimePool, device: torch.device, step: Callable[[Batch], StepResults]) -> None:
+    def __init__(
+        self, pool: RuntimePool, device: torch.device, step: Callable[[Runtime, list[Generation]], StepResults]
+    ) -> None:
         self.pool, self.device, self.step = pool, device, step
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # a caller took a step, cancelled, or arrived
         self.waiting: deque[Ticket] = deque()
         self.batches: dict[Hashable, Batch] = {}
         self.tickets: dict[int, Ticket] = {}  # by id of the generation
         self.worker: threading.Thread | None = None
 
     def submit(self, ticket: Ticket) -> None:
+        ticket.scheduler = self
         with self.lock:
             self.waiting.append(ticket)
+            self.changed.notify()
             if self.worker is None:
                 self.worker = threading.Thread(target=self._run, name="specguard-batch", daemon=True)
                 self.worker.start()
@@ -115,8 +143,9 @@ class Scheduler:
                         return
                     for batch, ticket in joining:
                         self._join(batch, ticket)
-                    for batch in list(self.batches.values()):
-                        self._step(batch)
+                    stepped = [self._step(batch) for batch in list(self.batches.values())]
+                    if not any(stepped) and not joining:
+                        self._wait()
         except BaseException as error:  # the worker itself broke (a bug): no call may wait forever
             with self.lock:
                 stranded = [*self.waiting, *self.tickets.values()]
@@ -162,22 +191,31 @@ class Scheduler:
             return
         self.tickets[id(ticket.gen)] = ticket
 
-    def _step(self, batch: Batch) -> None:
+    def _wait(self) -> None:
+        """Nothing to step: wait until a caller takes a step, cancels or arrives (or a deadline may have passed)."""
+        with self.changed:
+            if self.waiting or any(self.tickets[id(g)].ready for b in self.batches.values() for g in b.running):
+                return
+            self.changed.wait(timeout=0.05)
+
+    def _step(self, batch: Batch) -> bool:
+        """One step of the batch's generations whose callers are ready for it; whether any step ran."""
         for gen in list(batch.running):  # leave between steps: cancelled, or past the deadline
             ticket = self.tickets[id(gen)]
             if ticket.cancelled or gen.overdue():
                 if not ticket.cancelled:
                     ticket.put(overdue(gen))
                 self._leave(batch, gen)
-        if batch.running:
+        ready = [g for g in batch.running if self.tickets[id(g)].ready]
+        if ready:
             try:
-                results = self.step(batch)
+                results = self.step(batch.runtime, ready)
             except Exception as error:  # a pass failed: every call of the batch gets the error, the runtime goes
                 for gen in batch.running:
                     self.tickets.pop(id(gen)).put(error)
                 with self.lock:
                     del self.batches[batch.key]
-                return
+                return True
             for gen, result in results:
                 self.tickets[id(gen)].put(result)
                 if isinstance(result, BaseException) or result.finish_reason:
@@ -187,6 +225,7 @@ class Scheduler:
                 if not batch.running and self.batches.get(batch.key) is batch:
                     del self.batches[batch.key]
                     self.pool.give(batch.runtime)
+        return bool(ready)
 
     def _leave(self, batch: Batch, gen: Generation) -> None:
         batch.leave(gen)

@@ -170,9 +170,8 @@ def test_braces_in_prose_are_not_call_steps(answer: str) -> None:
     script(llm, answer, answer)
     pair, tools = llm.load(), [convert_to_openai_tool(lookup)]
     prompt = llm.render_prompt([HumanMessage("Tell me.")], tools)
-    as_calls = generate(
-        pair, prompt, llm.engine_params(json_tool_calls=True), validate_step=step_validator(tools, "json")
-    )
+    checked = CallOptions(validate_step=step_validator(tools, "json"))
+    as_calls = generate(pair, prompt, llm.engine_params(json_tool_calls=True), checked)
     plain = generate(pair, prompt, llm.engine_params())
     assert [(s.kind, s.text) for s in as_calls.steps] == [(s.kind, s.text) for s in plain.steps]
     assert {s.kind for s in as_calls.steps} == {"text"} and as_calls.text == answer
