@@ -402,6 +402,7 @@ class ModelRunner:
         self.cache.ensure(end)
         if size > self.tokens_in.shape[1]:  # (growable caches only: fixed ones pass at most MAX_BUCKET at a time)
             self.tokens_in = torch.zeros(self.batch, size, dtype=torch.long, device=self.device)
+            self._arange = torch.arange(size, dtype=torch.long, device=self.device)
         if end > self.cache.capacity:
             raise RuntimeError(f"KV cache holds {self.cache.capacity} positions, {end} needed")
         self.tokens_in[rows, :size].copy_(tokens)

@@ -120,7 +120,7 @@ class ServedJudgement:
     ``top_logp[i]`` that of the target's first choice there, so ``logp - top_logp`` are the "ratio" scores
     (:func:`.signals.confidence_score`). ``choices`` has one row more than there are proposals: the target's
     first choice at each proposed position, then its own next token after the whole step, so
-    ``accept(None, proposed, greedy=True, choices=choices)`` returns both the kept prefix and the token the
+    ``accept(proposed[None], [k], [k + 1], choices=choices[None])`` returns both the kept prefix and the token the
     target writes next (:meth:`accepted`). Where a proposal ties the best log-probability it counts as the
     target's choice.
     """
@@ -138,7 +138,9 @@ class ServedJudgement:
     def accepted(self, passed: torch.Tensor | None = None) -> Accepted:
         """The greedy accept rule: proposals kept up to the first the target would not write (or not ``passed``),
         and the target's token there (after a fully kept step: its next token)."""
-        return accept(None, self.proposed, greedy=True, choices=self.choices, passed=passed)
+        k = len(self.proposed)
+        rows = passed[None] if passed is not None else None
+        return accept(self.proposed[None], [k], [k + 1], choices=self.choices[None], passed=rows)[0]
 
 
 @dataclass(frozen=True)

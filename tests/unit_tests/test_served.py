@@ -176,7 +176,8 @@ def test_a_judgement_feeds_the_engines_accept_and_confidence_rules(http_stub: Ca
     judged = ServedTarget(url, model="m").judge([5, 6], [7, 8, 9])
     assert judged.choices.tolist() == [7, 11, 9, 12]
     assert judged.logp.tolist() == [-0.1, -2.5, -0.2] and judged.top_logp.tolist() == [-0.1, -0.3, -0.2]
-    assert judged.accepted() == accept(None, torch.tensor([7, 8, 9]), greedy=True, choices=judged.choices)
+    assert judged.accepted() == accept(torch.tensor([[7, 8, 9]]), [3], [4], choices=judged.choices[None])[0]
+    assert judged.accepted() == (1, 11)  # 7 is the target's choice, 8 is not: the target writes 11 there
     assert judged.accepted() == (1, 11)  # kept 7, the target writes 11 where the draft had 8
     assert judged.accepted(passed=torch.tensor([True, True, True])) == (3, 12)  # all passed: the next token
     assert confidence_score(judged.ratio_scores(), "ratio") == pytest.approx(torch.tensor(-2.2).exp().item())
