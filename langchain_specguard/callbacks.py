@@ -316,7 +316,7 @@ class StepReporter:
         """``source``'s steps, each reported (child run, custom event, tracer event) before it is yielded.
 
         ``source`` is closed when this generator ends or is closed, so a consumer that stops early
-        still releases what the engine's generator holds (the per-instance generation lock).
+        still releases what the engine's generator holds (its place in the pair's batch).
         """
         index, last = 0, False
         try:

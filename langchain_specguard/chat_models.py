@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -23,7 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
-from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from transformers import PreTrainedModel
 
@@ -31,6 +29,7 @@ from .binding import ToolRequest, openai_tools, structured_output, tool_binding
 from .callbacks import TracedChatModel, langsmith_params
 from .engine import (
     PARAM_FIELDS,
+    CallOptions,
     ModelPair,
     SpecGuardParams,
     StepEvent,
@@ -41,7 +40,7 @@ from .engine import (
 )
 from .pairs import PairSource, model_profile
 from .prompts import PromptRequest, TemplateProfile, template_variables
-from .streaming import PreparedCall, acollect, areported_chunks, collect, reported_chunks
+from .streaming import PreparedCall, acollect, areported_chunks, close_now, collect, reported_chunks
 from .tools import ToolFormat
 
 __all__ = ["ChatSpecGuard"]
@@ -93,7 +92,17 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     )
     # what LangChain code passes to every chat model; a local model has no endpoint, key or retries
     timeout: float | None = Field(
-        default=None, gt=0, description="Seconds a call may run; past it the call raises TimeoutError between steps."
+        default=None,
+        gt=0,
+        description="Seconds a call may run; past it the call raises TimeoutError, within one draft chunk or one "
+        "target pass of the deadline.",
+    )
+    max_batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="The most concurrent calls that share the model's passes (threads, batch/abatch, asyncio, "
+        "LangGraph branches); more wait for a place. Each call's text is what it would be alone.",
     )
     max_retries: int = Field(
         default=0, ge=0, description="Accepted for interface compatibility: local generation is never retried."
@@ -110,8 +119,6 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         "'fallback' adds a system block describing them and the <tool_call> format, and renders past tool "
         "calls and results as text. 'auto': 'template' when the chat template mentions tools.",
     )
-
-    _generate_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
 
@@ -199,11 +206,6 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """Prompt tokens of ``messages`` as this model would see them: chat template, tools and all."""
         return len(self.render_prompt(messages, openai_tools(tools) if tools else None))
-
-    def _copied(self) -> ChatSpecGuard:
-        """A copy shares the loaded pair (see :class:`~.pairs.PairSource`); it generates under a lock of its own."""
-        self._generate_lock = threading.Lock()
-        return super()._copied()
 
     # ------------------------------------------------------------------------------------------
     # models, prompt, params
@@ -301,40 +303,30 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         prompt, thought = profile.render(messages, request)
         return PreparedCall(pair, prompt, params, stops, replace(setup, thought=thought), self.return_step_details)
 
-    def _locked_steps(self, call: PreparedCall, calibrator: ThresholdCalibrator | None = None) -> Iterator[StepEvent]:
-        """Steps of one generation; the models run one step at a time per instance.
+    def _steps(self, call: PreparedCall, calibrator: ThresholdCalibrator | None = None) -> Iterator[StepEvent]:
+        """Steps of one generation, as they are verified.
 
-        The lock is held while a step is computed, never across a ``yield``: a caller that pauses a
-        stream (or a callback that calls the model again) would otherwise block every other call on
-        the instance, its own thread included, forever. Each generation owns its caches and sampling
-        generator, so interleaved generations give the same output as sequential ones; the price is
-        that memory grows with the number of generations in flight (one KV cache pair each).
+        The generation joins the pair's running batch: concurrent calls on this model, on its copies and on other
+        instances sharing its pair (threads, ``batch``, asyncio, LangGraph branches) share their passes, and each
+        call's text is what it would be alone. Closing the iterator (a stream stopped early, a cancelled task) takes
+        the generation out of the batch at the next step boundary.
         """
         setup = call.setup
-        thinking = setup.thought is not None and setup.thought.opened
-        steps = generate_steps(
-            call.pair,
-            call.prompt,
-            call.params,
-            call.stops,
-            setup.validate,
-            setup.prefix,
-            setup.single_call,
-            thinking,
-            calibrator,  # "auto" learns within the call unless calibrate() passes one to learn across prompts
+        options = CallOptions(
+            stop=tuple(call.stops),
+            validate_step=setup.validate,
+            prefix=setup.prefix,
+            single_call=setup.single_call,
+            thinking=setup.thought is not None and setup.thought.opened,
+            calibrator=calibrator,  # "auto" learns within the call, unless calibrate() passes one across prompts
+            timeout=self.timeout,
+            max_batch_size=self.max_batch_size,
         )
-        started = time.monotonic()
+        steps = generate_steps(call.pair, call.prompt, call.params, options)
         try:
-            while True:
-                if self.timeout is not None and time.monotonic() - started > self.timeout:
-                    raise TimeoutError(f"the call ran past its timeout of {self.timeout} s")
-                with self._generate_lock:
-                    event = next(steps, None)
-                if event is None:
-                    return
-                yield event
+            yield from steps
         finally:
-            getattr(steps, "close", lambda: None)()  # a generator: runs its cleanup now, not at GC
+            close_now(steps)  # leaves its batch now, not at GC
 
     # ------------------------------------------------------------------------------------------
     # one step-to-chunk path (streaming.call_chunks): ``_stream`` is it, ``_generate`` aggregates it, async drives it
@@ -347,7 +339,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         call = self._prepare(messages, stop, kwargs)
-        yield from reported_chunks(call, self._locked_steps(call), self.step_reporter(run_manager), run_manager)
+        yield from reported_chunks(call, self._steps(call), self.step_reporter(run_manager), run_manager)
 
     def _generate(
         self,
@@ -366,8 +358,8 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)  # the event loop stays free
-        chunks = areported_chunks(call, self._locked_steps(call), self.step_reporter(run_manager), run_manager)
-        async with contextlib.aclosing(chunks):  # a consumer that stops early releases the generation lock now
+        chunks = areported_chunks(call, self._steps(call), self.step_reporter(run_manager), run_manager)
+        async with contextlib.aclosing(chunks):  # a consumer that stops early leaves the batch now
             async for chunk in chunks:
                 yield chunk
 
@@ -448,9 +440,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         calibrator = threshold_calibrator(self.engine_params(**options))
         assert calibrator is not None
         for item in inputs:
-            for _ in self._locked_steps(
-                self._prepare(self._convert_input(item).to_messages(), None, options), calibrator
-            ):
+            for _ in self._steps(self._prepare(self._convert_input(item).to_messages(), None, options), calibrator):
                 pass
         return calibrator.threshold()
 

@@ -422,8 +422,8 @@ class PairSource(BaseModel):
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
         """A deep copy of the options; the loaded pair, any model or tokenizer object given and the instance's
-        private state (locks, the handle) are shared, never copied, and then :meth:`_copied` makes the copy its
-        own handle (and a subclass its own locks)."""
+        private state (the load lock, the handle) are shared, never copied, and then :meth:`_copied` makes the
+        copy its own handle."""
         memo = {} if memo is None else memo
         shared = [*(self.__pydantic_private__ or {}).values(), *(getattr(self, name) for name in MODEL_OBJECTS)]
         memo.update({id(value): value for value in shared if value is not None and not isinstance(value, str)})

@@ -63,7 +63,7 @@ def reported_chunks(
 ) -> Iterator[ChatGenerationChunk]:
     """``_stream``: the call's chunks, each step reported to the run before its chunk, the summary with the last.
 
-    A consumer that stops early closes ``steps`` now (the generation lock is released), not at GC.
+    A consumer that stops early closes ``steps`` now (the generation leaves its batch), not at GC.
     """
     events = reporter.steps(steps)
     try:
@@ -336,7 +336,7 @@ async def drive(
 
 
 def close_now(iterator: Iterator[Any]) -> None:
-    """Close a generator now (its ``finally`` blocks run: the generation lock is released), not at GC."""
+    """Close a generator now (its ``finally`` blocks run: the generation leaves its batch), not at GC."""
     close = getattr(iterator, "close", None)
     if close is not None:
         close()
@@ -353,7 +353,7 @@ async def iterate_in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:
     """Drive a blocking iterator from a worker thread, one item per hop.
 
     If the consumer stops early (cancellation, ``break``), the iterator is closed once its item in
-    flight is done, so its ``finally`` blocks (the generation lock) always run.
+    flight is done, so its ``finally`` blocks (leaving the batch) always run.
     """
     loop = asyncio.get_running_loop()
     pending: asyncio.Future[Any] | None = None

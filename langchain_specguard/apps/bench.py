@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..engine import SpecGuardParams, generate, load_embedded_pair, load_pair
+from ..engine import CallOptions, SpecGuardParams, generate, load_embedded_pair, load_pair
 from ..engine.decoding import warm_up
 from ..engine.loading import ModelPair, decode, weight_bytes
 from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer, raw_prompt_ids
@@ -179,7 +179,7 @@ def _specguard_runner(
         if not warmed:  # compile and capture before anything is timed (the bench's warm-up call comes here first)
             warm_up(pair, params, len(prompt))
             warmed = True
-        result = generate(pair, prompt, params, stop=stop)
+        result = generate(pair, prompt, params, CallOptions(stop=tuple(stop or ())))
         summary = result.summary
         return Run(
             tokens=result.token_ids,

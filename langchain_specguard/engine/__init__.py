@@ -5,7 +5,7 @@ layer needs from the engine is named here.
 """
 
 from .calibration import ThresholdCalibrator
-from .decoding import generate, generate_steps, threshold_calibrator
+from .decoding import generate, generate_steps, threshold_calibrator, warm_up
 from .events import EVENT_VERSION, GenerationResult, StepEvent, step_totals, summarize
 from .loading import (
     GEMMA_CHAT_TEMPLATE,
@@ -24,6 +24,7 @@ from .loading import (
     resolve_dtype,
     self_speculative_draft,
 )
+from .options import CallOptions
 from .packaged import PACKAGED_PAIRS, load_packaged_pair
 from .params import PARAM_FIELDS, SpecGuardParams
 from .scoring import GroundingScorer, score_layers
@@ -37,6 +38,7 @@ __all__ = [
     "PACKAGED_PAIRS",
     "PARAM_FIELDS",
     "UNKNOWN_WINDOW",
+    "CallOptions",
     "GenerationResult",
     "GroundingScorer",
     "ModelPair",
@@ -72,4 +74,5 @@ __all__ = [
     "summarize",
     "threshold_calibrator",
     "token_bytes",
+    "warm_up",
 ]

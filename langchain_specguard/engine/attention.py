@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -28,27 +28,28 @@ IMPL_NAME = "specguard"
 
 @dataclass
 class StepAttention:
-    """Reduced attention of a step's query rows, per scored layer, in buffers of fixed shape.
+    """Reduced attention of a step's query rows, per scored layer and batch row, in buffers of fixed shape.
 
-    Row ``r`` is the query at position ``L - 1 + r`` (``L`` = ``context_len``, the committed length
-    when the step started; row 0 is the last committed token). Shapes, for ``m`` scored layers, a
-    batch of ``B`` and room for ``T`` rows:
+    Query row ``r`` of batch row ``b`` is the query at position ``L_b - 1 + r`` (``L_b`` = ``context_len[b]``, its
+    committed length when the step started; query row 0 is the last committed token). Shapes, for ``m`` scored
+    layers, ``B`` batch rows and room for ``T`` query rows:
 
     - ``sink [m, B, T]``: mass on position 0;
-    - ``context [m, B, T]``: mass on positions ``1..L-1`` (prompt and verified steps);
-    - ``step [m, B, T, T]``: ``step[l, b, q, r]`` is the mass row ``q`` pays to the input of row ``r``
+    - ``context [m, B, T]``: mass on positions ``1..L_b-1`` (prompt and verified steps);
+    - ``step [m, B, T, T]``: ``step[l, b, q, r]`` is the mass query row ``q`` pays to the input of query row ``r``
       (column 0, the last committed token, counts as context and is folded into ``context``).
 
-    ``rows [q]`` says which rows the next forward's query rows are; the engine sets it (and
-    ``context_len``) in place before each pass, so a captured graph picks up the new values.
+    ``rows [q]`` says which query rows the next pass's positions are, and ``batch_rows`` which batch rows it
+    runs; the engine sets them (and ``context_len``) before each pass, in place where a captured graph reads them.
     """
 
     layers: tuple[int, ...]
     sink: torch.Tensor
     context: torch.Tensor
     step: torch.Tensor
-    context_len: torch.Tensor  # [] int64
+    context_len: torch.Tensor  # [B] int64
     rows: torch.Tensor  # [q] int64
+    batch_rows: slice = field(default_factory=lambda: slice(None))
 
     @classmethod
     def allocate(
@@ -60,7 +61,7 @@ class StepAttention:
             sink=torch.zeros(m, batch, rows, device=device, dtype=dtype),
             context=torch.zeros(m, batch, rows, device=device, dtype=dtype),
             step=torch.zeros(m, batch, rows, rows, device=device, dtype=dtype),
-            context_len=torch.zeros((), dtype=torch.long, device=device),
+            context_len=torch.zeros(batch, dtype=torch.long, device=device),
             rows=torch.arange(queries, dtype=torch.long, device=device),
         )
 
@@ -69,19 +70,21 @@ class StepAttention:
         return self.sink[:, row, :k], self.context[:, row, :k], self.step[:, row, :k, :k]
 
     def add(self, layer: int, probs: torch.Tensor) -> None:
-        """Reduce head-averaged probabilities ``[B, q, S]`` of the current query rows into the buffers."""
+        """Reduce head-averaged probabilities ``[b, q, S]`` of the current query rows into the buffers."""
         index = self.layers.index(layer)
-        size, width = probs.shape[-1], self.step.shape[-1]
+        batch, queries, size = probs.shape
+        width = self.step.shape[-1]
         keys = torch.arange(size, device=probs.device)
-        last = self.context_len - 1
-        context_keys = ((keys >= 1) & (keys <= last)).to(probs.dtype)
-        step_keys = last + torch.arange(width, device=probs.device)
-        own = probs.index_select(-1, step_keys.clamp(max=size - 1))
-        own = own * ((step_keys <= size - 1) & (step_keys > last)).to(probs.dtype)
+        last = self.context_len[self.batch_rows][:, None] - 1  # [b, 1]
+        context_keys = ((keys[None] >= 1) & (keys[None] <= last)).to(probs.dtype)  # [b, S]
+        step_keys = last + torch.arange(width, device=probs.device)[None]  # [b, width]
+        picked = step_keys.clamp(max=size - 1)[:, None, :].expand(batch, queries, width)
+        own = probs.gather(-1, picked) * ((step_keys <= size - 1) & (step_keys > last)).to(probs.dtype)[:, None]
         rows = self.rows.clamp(max=width - 1)
-        self.sink[index].index_copy_(1, rows, probs[..., 0].to(self.sink.dtype))
-        self.context[index].index_copy_(1, rows, (probs * context_keys).sum(-1).to(self.context.dtype))
-        self.step[index].index_copy_(1, rows, own.to(self.step.dtype))
+        self.sink[index][self.batch_rows].index_copy_(1, rows, probs[..., 0].to(self.sink.dtype))
+        context = (probs * context_keys[:, None]).sum(-1)
+        self.context[index][self.batch_rows].index_copy_(1, rows, context.to(self.context.dtype))
+        self.step[index][self.batch_rows].index_copy_(1, rows, own.to(self.step.dtype))
 
 
 _ACTIVE: ContextVar[StepAttention | None] = ContextVar("specguard_step_attention", default=None)

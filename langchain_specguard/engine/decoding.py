@@ -1,49 +1,49 @@
-"""The SpecGuard decoding loop, top to bottom.
+"""The SpecGuard decoding loop, top to bottom, for a batch of generations.
 
-One generation is one :class:`~.generation.Generation`: the committed sequence, the output text, the
-sampling generator, the agreement estimate, and a :class:`~.runtimes.Runtime` (the draft's and the
-target's runners: KV caches, buffers, CUDA graphs) lent by the pair's pool. Each step (:func:`step`) is
+A generation is one call's :class:`~.generation.Generation`: its committed sequence, output text, sampling
+generator and agreement rate. Concurrent calls on one pair decode together (:mod:`.scheduler`); each step of a
+batch (:func:`step`) is
 
-1. **propose** (:mod:`.propose`): the draft decodes ``n_candidates`` continuations in one batch on the
-   device, reading them back once per chunk; the most consistent one is kept;
-2. **verify** (:mod:`.verify`): one target pass over the kept step gives grounding, confidence and the
-   verdict, and the target's own tokens for the step;
-3. **write** (:mod:`.write`), if rejected: the target keeps the step's tokens it would have written
-   itself and continues from the first disagreement, speculating with the draft;
-4. **commit** (:mod:`.text`): the step's text, stop sequences, EOS, the budget; a :class:`StepEvent`.
+1. **propose** (:mod:`.propose`): the draft decodes ``n_candidates`` continuations for every generation in one
+   batched loop on the device, reading them back once per chunk; each generation keeps its most consistent one;
+2. **verify** (:mod:`.verify`): one target pass over every kept step gives the signals and, by the step rule,
+   the verdicts, and for each rejected step the target's own tokens;
+3. **write** (:mod:`.write`), for the rejected steps: the target keeps the tokens it would have written itself
+   and continues from the first disagreement, in batched rounds speculating with the draft;
+4. **commit** (:mod:`.text`), per generation: the step's text, stop sequences, EOS, the budget; a
+   :class:`StepEvent`.
 
-Positions: each runner's ``cache.valid`` counts the positions holding the sequence. A runner's pass sets
-it to the end of what it fed (a fact the runner knows); a phase starts by catching up from ``valid`` to
-the last committed token, which it feeds again (its logits start the step). What is kept is the loop's
-call alone: it rewinds both caches after a rejection and after each commit (``Runtime.rewind``), and
-:mod:`.write`'s rounds do the same after each round. The phases report what they learnt (the verdict's
-agreement and calibration sample); the loop feeds the estimates.
+Positions: each runner's ``cache.valid`` counts, per row, the positions holding that row's sequence. A runner's
+pass sets it to the end of what the row fed (a fact the runner knows); a phase starts by catching each row up
+from ``valid`` to the last committed token, which it feeds again (its logits start the step). What is kept is the
+loop's call alone: it rewinds a generation's caches after a rejection and after each commit
+(``Runtime.rewind``), and :mod:`.write`'s rounds do the same after each round. The phases report what they
+learnt (the verdict's agreement and calibration sample); the loop feeds the estimates.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-import torch
-
 from .calibration import ThresholdCalibrator
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
-from .generation import Agreement, Generation
+from .generation import AgreementRate, Generation, seeded_generator
 from .loading import ModelPair, decode
-from .logprobs import StepLogprobs
+from .options import CallOptions
 from .params import SpecGuardParams
-from .propose import propose
-from .runtimes import RuntimePool
-from .sampling import Controls
+from .propose import Proposal, propose
+from .runtimes import Runtime, RuntimePool
+from .scheduler import Scheduler, StepResults, Ticket, batch_key, overdue
 from .scoring import GroundingScorer
-from .steps import call_syntax
 from .text import OutputText
-from .verify import verify
-from .write import write
+from .verify import Verdict, verify
+from .write import Rejected, Written, write
 
 __all__ = [
     "EVENT_VERSION",
+    "CallOptions",
     "GenerationResult",
     "StepEvent",
     "generate",
@@ -53,34 +53,69 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# one generation
+# one step of a batch
 
 
-def step(gen: Generation) -> StepEvent:
-    """One step of the loop: propose, verify, write if rejected, commit; its event."""
+def step(runtime: Runtime, gens: list[Generation]) -> StepResults:
+    """One step for every generation given (a batch's, in slot order): propose, verify, write the rejected ones,
+    commit; their events."""
     started = time.perf_counter()
-    gen.out.begin_step()
-    gen.logprobs = StepLogprobs(gen.params.top_logprobs or 0) if gen.params.logprobs else None
-    limit = min(gen.params.step_cap, gen.budget - len(gen.out.generated))
-    proposal = propose(gen, limit)
+    for gen in gens:
+        gen.begin_step()
+    proposals = propose(runtime, gens)
     drafted = time.perf_counter()
-    verdict = verify(gen, proposal)
+    verdicts = verify(runtime, live(gens), proposals)
+    for gen in live(gens):
+        learn(gen, verdicts[gen.slot])
+        if not verdicts[gen.slot].accepted:  # the caches keep the committed sequence and the step's kept tokens
+            runtime.rewind(gen.slot, len(gen.ids) + verdicts[gen.slot].kept)
+    verified = time.perf_counter()
+    rejected = [
+        Rejected(gen=g, proposed=proposals[g.slot].tokens, kept=verdicts[g.slot].kept,
+                 next_token=verdicts[g.slot].next_token)
+        for g in live(gens) if not verdicts[g.slot].accepted
+    ]  # fmt: skip
+    written = write(runtime, rejected) if rejected else {}
+    wrote = time.perf_counter()
+    results: list[tuple[Generation, StepEvent | BaseException]] = []
+    for gen in gens:
+        if gen.halted:
+            results.append((gen, overdue(gen)))
+            continue
+        timing = (started, drafted, verified, wrote)
+        event = commit(runtime, gen, proposals[gen.slot], verdicts[gen.slot], written.get(gen.slot), timing)
+        results.append((gen, event))
+    return results
+
+
+def live(gens: Sequence[Generation]) -> list[Generation]:
+    """The generations still in this step (not past their deadline, not failed)."""
+    return [g for g in gens if not g.halted]
+
+
+def learn(gen: Generation, verdict: Verdict) -> None:
+    """What a verification teaches the generation: the "auto" threshold's sample, how often its draft agrees."""
     if gen.calibrator is not None and verdict.calibration is not None:
         gen.calibrator.observe(verdict.calibration)
-    if verdict.agreement is not None:  # how often the draft agrees sets the speculation length in write
-        gen.agreement.observe(*verdict.agreement)
-    if not verdict.accepted:  # the caches keep the committed sequence and the step's tokens the target keeps
-        gen.runtime.rewind(len(gen.ids) + verdict.agree)
-    verified = time.perf_counter()
-    tokens, written = proposal.tokens, None
-    if not verdict.accepted:
-        written = write(gen, proposal.tokens, verdict.agree, verdict.next_token, limit)
-        tokens = written.tokens
-    wrote = time.perf_counter()
+    if verdict.agreement_seen is not None:  # how often the draft agrees sets the speculation length in write
+        gen.agreement.observe(*verdict.agreement_seen)
+
+
+def commit(
+    runtime: Runtime,
+    gen: Generation,
+    proposal: Proposal,
+    verdict: Verdict,
+    written: Written | None,
+    timing: tuple[float, float, float, float],
+) -> StepEvent:
+    """Add the step to the generation's output and sequence; the caches keep all of it but its last token."""
+    started, drafted, verified, wrote = timing
+    tokens = proposal.tokens if verdict.accepted or written is None else written.tokens
     committed = gen.out.commit(tokens, gen.budget)
     logprobs = gen.logprobs.read(len(committed.tokens)) if gen.logprobs is not None else None
     gen.ids.extend(committed.tokens)
-    gen.runtime.rewind(len(gen.ids) - 1)  # the next pass feeds the last committed token again
+    runtime.rewind(gen.slot, len(gen.ids) - 1)  # the next pass feeds the last committed token again
     event = StepEvent(
         index=gen.index,
         source="draft" if verdict.accepted else "target",
@@ -105,7 +140,7 @@ def step(gen: Generation) -> StepEvent:
         kind=committed.kind,
         detail=verdict.detail,
         signals=verdict.signals,
-        kept_tokens=0 if verdict.accepted else min(verdict.agree, len(committed.tokens)),
+        kept_tokens=0 if verdict.accepted else min(verdict.kept, len(committed.tokens)),
         speculated_tokens=written.speculated if written else 0,
         logprobs=logprobs,
         call_candidates=proposal.call_candidates,
@@ -115,16 +150,8 @@ def step(gen: Generation) -> StepEvent:
     return event
 
 
-def _generator(device: torch.device, params: SpecGuardParams) -> torch.Generator:
-    """Seeded by ``seed``; greedy calls without one use seed 0, so the same call gives the same text."""
-    gen = torch.Generator(device=device)
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    elif params.temperature == 0:
-        gen.manual_seed(0)
-    else:
-        gen.seed()
-    return gen
+# --------------------------------------------------------------------------------------------------
+# calls
 
 
 def threshold_calibrator(params: SpecGuardParams) -> ThresholdCalibrator | None:
@@ -147,45 +174,23 @@ def check_prompt(pair: ModelPair, prompt_ids: Sequence[int]) -> None:
         )
 
 
-def generate_steps(
-    pair: ModelPair,
-    prompt_ids: Sequence[int],
-    params: SpecGuardParams,
-    stop: Sequence[str] | None = None,
-    validate_step: Callable[[str], str | None] | None = None,
-    prefix: str = "",
-    single_call: bool = False,
-    thinking: bool = False,
-    calibrator: ThresholdCalibrator | None = None,
-    grounding: GroundingScorer | None = None,
-) -> Iterator[StepEvent]:
-    """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
+_SCHEDULERS_LOCK = threading.Lock()
 
-    With ``params.tool_call_markers`` set, a tool call is one step from its opening to its closing
-    marker: it never ends at a CoT delimiter, and a text step that runs into an opening marker is cut
-    just before it, so the call starts a step of its own. With ``params.json_tool_calls`` set, each
-    bare JSON call that opens the answer (:func:`~.steps.json_region`) is one step from its ``{`` to
-    the brace that balances it. ``validate_step`` (the text of a finished draft tool call in, a
-    rejection reason or None out) checks every candidate's call: a broken call loses the candidate
-    vote to any candidate that fits, and a kept broken call is rejected whatever its score, so the
-    target writes that step instead (``reason="schema"``). ``prefix`` is assistant text already
-    rendered at the end of the prompt (e.g. a forced ``<tool_call>``): it counts when deciding whether
-    a call is open, and is not part of the yielded text. ``single_call``: the output ends
-    (``finish_reason`` "stop") with the step that closes its first tool call.
 
-    With ``params.reasoning_markers`` set, a think block that opens the output (``<think>...</think>``,
-    reasoning models) is stepped like any chain of thought, its closing marker ends a step so the answer
-    starts a new one, its steps have ``kind="reasoning"``, and tool-call rules apply only after it.
-    ``thinking``: the prompt already opened the block (the chat template's generation prompt ends with
-    ``<think>``), so the output starts inside it.
+def scheduler_of(pair: ModelPair) -> Scheduler:
+    """The pair's scheduler (one per loaded pair, shared by every call and every copy of a model sharing it)."""
+    pool = RuntimePool.for_pair(pair)
+    with _SCHEDULERS_LOCK:
+        if not isinstance(pool.scheduler, Scheduler):
+            pool.scheduler = Scheduler(pool, pair.device, step)
+        return pool.scheduler
 
-    ``calibrator``: with ``acceptance_threshold="auto"``, where the threshold is learned; by default one
-    of the generation's own (:func:`threshold_calibrator`). Pass one to learn across prompts on purpose
-    (``ChatSpecGuard.calibrate``).
 
-    ``grounding``: a grounding scorer of your own (a subclass studying another attention signal); by default the
-    one ``params`` describe (:meth:`GroundingScorer.of`), none when the decision does not read grounding.
-    """
+def new_generation(
+    pair: ModelPair, prompt_ids: Sequence[int], params: SpecGuardParams, options: CallOptions
+) -> tuple[Generation, Ticket]:
+    """A call's generation, checked and ready to join a batch (every mistake in the call is raised here, in the
+    caller's thread, before anything runs)."""
     check_prompt(pair, prompt_ids)
     if params.max_tokens > pair.context_window:
         # a cap the model can never reach is a configuration mistake; a cap that only this prompt
@@ -194,95 +199,89 @@ def generate_steps(
             f"max_tokens is {params.max_tokens} but the model's context window is {pair.context_window} tokens "
             f"(prompt and output together): set max_tokens to at most {pair.context_window}"
         )
-    stops = [s for s in (stop or []) if s]
-    if stop is not None and len(stops) != len(stop):
-        raise ValueError("stop sequences must be non-empty strings")
     budget = min(params.max_tokens, pair.context_window - len(prompt_ids))
-    out = OutputText(
-        pair.tokenizer,
-        pair.eos_token_ids,
-        params.step_delimiters,
-        stops,
-        call_syntax(params.tool_call_markers, params.json_tool_calls),
-        params.max_step_tokens,
-        params.max_tool_call_tokens,
-        prefix,
-        single_call,
-        params.reasoning_markers,
-        thinking and params.reasoning_markers is not None,
-    )
     described = GroundingScorer.of(pair, params)  # checks the requested layers even when unused
-    grounding = grounding if grounding is not None else described
+    grounding = options.grounding if options.grounding is not None else described
     pool = RuntimePool.for_pair(pair)
-    runtime = pool.take(params, len(prompt_ids) + budget, params.step_cap + 1, pair.device)
+    gen = Generation(
+        pair=pair,
+        params=params,
+        options=options,
+        out=OutputText(pair.tokenizer, pair.eos_token_ids, params, options),
+        ids=list(prompt_ids),
+        budget=budget,
+        rng=seeded_generator(pair.device, params),
+        grounding=grounding,
+        agreement=AgreementRate(cost=pool.cost),
+        calibrator=options.calibrator if options.calibrator is not None else threshold_calibrator(params),
+        deadline=time.monotonic() + options.timeout if options.timeout is not None else None,
+    )
+    shape = pool.shape(params, len(prompt_ids) + budget, min(params.step_cap, budget), pair.device)
+    return gen, Ticket(gen, batch_key(gen, shape), shape)
+
+
+def generate_steps(
+    pair: ModelPair, prompt_ids: Sequence[int], params: SpecGuardParams, options: CallOptions | None = None
+) -> Iterator[StepEvent]:
+    """Run SpecGuard on ``prompt_ids`` and yield each step as soon as it is verified.
+
+    The generation joins the pair's running batch (concurrent calls share their passes) and its text is what it
+    would be alone. With ``params.tool_call_markers`` set, a tool call is one step from its opening to its closing
+    marker: it never ends at a CoT delimiter, and a text step that runs into an opening marker is cut just before
+    it, so the call starts a step of its own. With ``params.json_tool_calls`` set, each bare JSON call that opens
+    the answer (:func:`~.steps.json_region`) is one step from its ``{`` to the brace that balances it. With
+    ``params.reasoning_markers`` set, a think block that opens the output is stepped like any chain of thought,
+    its closing marker ends a step so the answer starts a new one, its steps have ``kind="reasoning"``, and
+    tool-call rules apply only after it. ``options``: the call's stops, step check, answer prefix, deadline...
+    (:class:`~.options.CallOptions`).
+
+    Closing the iterator early (a stream stopped, a cancelled task) takes the generation out of its batch at the
+    next step boundary.
+    """
+    _, ticket = new_generation(pair, prompt_ids, params, options or CallOptions())
+    scheduler_of(pair).submit(ticket)
     try:
-        gen = Generation(
-            pair=pair,
-            params=params,
-            runtime=runtime,
-            out=out,
-            ids=list(prompt_ids),
-            budget=budget,
-            generator=_generator(pair.device, params),
-            validate_step=validate_step,
-            grounding=grounding,
-            agreement=Agreement(cost=runtime.cost),
-            calibrator=calibrator if calibrator is not None else threshold_calibrator(params),
-        )
         while True:
-            # inference mode per step, never across a yield: the consumer may resume us in another thread
-            with torch.inference_mode():
-                event = step(gen)
-            yield event
-            if event.finish_reason:
+            item = ticket.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
                 return
     finally:
-        pool.give(runtime)
+        ticket.cancel()
 
 
-def warm_up(pair: ModelPair, params: SpecGuardParams, prompt_tokens: int = 64) -> None:
-    """Compile and capture the decode iterations a generation with ``params`` runs, before a real call needs them.
+def warm_up(
+    pair: ModelPair, params: SpecGuardParams, prompt_tokens: int = 64, batch_sizes: Sequence[int] = (1,)
+) -> None:
+    """Compile and capture what generations with ``params`` run, at each of ``batch_sizes`` concurrent calls, before a
+    real call needs it.
 
-    On a GPU with compiled decode this moves the minute or two of compilation out of the first real
-    call; the runtime it prepares (caches and graphs) goes back to the pair's pool for the next call.
+    On a GPU with compiled decode this moves the minute or two of compilation out of the first real call; the
+    runtime it prepares (caches and graphs) goes back to the pair's pool for the next calls.
     """
-    pool = RuntimePool.for_pair(pair)
-    runtime = pool.take(params, prompt_tokens + params.max_tokens, params.step_cap + 1, pair.device)
     token = next(t for t in range(len(pair.tokenizer)) if t not in pair.eos_token_ids)
-    generator = _generator(pair.device, params)
-    try:
-        with torch.inference_mode():
-            draft_temperatures = params.candidate_temperatures
-            controls, top = Controls.of(params), (params.top_logprobs or 0) if params.logprobs else 0
-            for runner, temps in ((runtime.draft, draft_temperatures), (runtime.target, [params.temperature])):
-                runner.prefill([token] * (prompt_tokens - 1), 0)
-                seen = torch.zeros(runner.vocab, dtype=torch.bool, device=runner.device)
-                seen[token] = True
-                runner.start_decode(token, prompt_tokens - 1, temps, controls, seen=seen, top_logprobs=top)
-                runner.decode(2, generator)
-    finally:
-        pool.give(runtime)
+    for size in batch_sizes:
+        runs = [generate_steps(pair, [token] * prompt_tokens, params) for _ in range(size)]
+        threads = [threading.Thread(target=lambda r=run: [None for _ in r]) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
 
 def generate(
     pair: ModelPair,
     prompt_ids: Sequence[int],
     params: SpecGuardParams,
-    stop: Sequence[str] | None = None,
+    options: CallOptions | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
-    validate_step: Callable[[str], str | None] | None = None,
-    prefix: str = "",
-    single_call: bool = False,
-    thinking: bool = False,
-    grounding: GroundingScorer | None = None,
 ) -> GenerationResult:
     """Run SpecGuard to the end and return the text, the token ids and every step."""
     started = time.perf_counter()
     steps: list[StepEvent] = []
-    run = generate_steps(
-        pair, prompt_ids, params, stop, validate_step, prefix, single_call, thinking, grounding=grounding
-    )
-    for event in run:
+    for event in generate_steps(pair, prompt_ids, params, options):
         steps.append(event)
         if on_step is not None:
             on_step(event)

@@ -1,17 +1,22 @@
-"""One generation's state: the committed sequence, the output text, the sampling generator, the agreement
-estimate and the runtime it decodes with.
+"""One generation's state: the committed sequence, the output text, its sampling generator, its agreement rate,
+and the slot it holds in the batch it decodes in.
 
 The loop (:mod:`.decoding`) owns it: the committed ids, the step index, what the caches keep
-(``Runtime.rewind``), the calibrator and the agreement estimate change there alone, from what the phases
-return (``Proposal``, ``Verdict``, ``Written``). The phases (:mod:`.propose`, :mod:`.verify`,
-:mod:`.write`) read it and write only the device state of the runners they run (a pass records how far it
-fed) and the step's log-probability record; :mod:`.write`'s speculation rounds are a loop of their own
-and feed the agreement after each round, because the next round's length depends on it.
+(``Runtime.rewind``), the calibrator and the agreement rate change there alone, from what the phases
+return (``Proposal``, ``Verdict``, ``Written``). The phases (:mod:`.propose`, :mod:`.verify`, :mod:`.write`)
+read it and write only the device state of the runners they run (a pass records how far it fed) and the
+step's log-probability record; :mod:`.write`'s speculation rounds are a loop of their own and feed the
+agreement rate after each round, because the next round's length depends on it.
+
+Everything a generation's text depends on is its own: its parameters and options, its generator (seeded
+per call, its draws made per step in amounts that depend on this generation alone), its agreement rate and
+calibrator. So a call decodes the same text alone or beside others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +24,9 @@ import torch
 from .calibration import ThresholdCalibrator
 from .loading import ModelPair
 from .logprobs import StepLogprobs
+from .options import CallOptions
 from .params import SpecGuardParams
 from .runner import ModelRunner
-from .runtimes import Runtime
 from .sampling import Controls, seen_rows
 from .scoring import GroundingScorer
 from .text import OutputText
@@ -31,7 +36,7 @@ MAX_SPECULATION = 32
 
 
 @dataclass
-class Agreement:
+class AgreementRate:
     """How often the draft's next token is the target's, over every comparison of this generation.
 
     Each verification or speculation round shows ``a`` agreeing tokens and then, unless the whole run
@@ -63,22 +68,38 @@ class Agreement:
         return best
 
 
+def seeded_generator(device: torch.device, params: SpecGuardParams) -> torch.Generator:
+    """Seeded by ``seed``; greedy calls without one use seed 0, so the same call gives the same text."""
+    rng = torch.Generator(device=device)
+    if params.seed is not None:
+        rng.manual_seed(params.seed)
+    elif params.temperature == 0:
+        rng.manual_seed(0)
+    else:
+        rng.seed()
+    return rng
+
+
 @dataclass
 class Generation:
     """Everything one call's decoding needs: the loop updates it, the phases read it."""
 
     pair: ModelPair
     params: SpecGuardParams
-    runtime: Runtime
+    options: CallOptions
     out: OutputText
     ids: list[int]  # prompt + committed output
     budget: int
-    generator: torch.Generator
-    validate_step: Callable[[str], str | None] | None
+    rng: torch.Generator
     grounding: GroundingScorer | None  # whose step attention is recorded and scored; None: not read
-    agreement: Agreement
+    agreement: AgreementRate
     calibrator: ThresholdCalibrator | None = None  # with acceptance_threshold="auto"
-    index: int = 0
+    deadline: float | None = None  # time.monotonic() past which the call stops
+    slot: int = -1  # its place in the batch's runners
+    index: int = 0  # the next step's index
+    limit: int = 0  # the most tokens the current step may take
+    halted: bool = False  # past its deadline (or failed) mid-step: the phases leave it alone, the loop reports why
+    error: BaseException | None = None  # why it halted, when not its deadline
     logprobs: StepLogprobs | None = None  # the current step's, when the call reports log-probabilities
     controls: Controls = field(init=False)
     _seen: dict[tuple[torch.device, int], tuple[torch.Tensor, int]] = field(default_factory=dict)
@@ -86,8 +107,28 @@ class Generation:
     def __post_init__(self) -> None:
         self.controls = Controls.of(self.params)
 
-    def uniform(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator, device=self.generator.device)
+    def begin_step(self) -> None:
+        """Get ready for the next step: its rules, its token limit, its log-probability record."""
+        self.out.begin_step()
+        self.logprobs = StepLogprobs(self.params.top_logprobs or 0) if self.params.logprobs else None
+        self.limit = min(self.params.step_cap, self.budget - len(self.out.generated))
+
+    def overdue(self) -> bool:
+        """Past the call's deadline (then halted: the phases skip it for the rest of the step)."""
+        if self.deadline is not None and not self.halted and time.monotonic() > self.deadline:
+            self.halted = True
+        return self.halted
+
+    def fail(self, error: BaseException) -> None:
+        """Halt with ``error`` (e.g. the caller's own step check raised): the loop reports it to this call alone."""
+        self.error, self.halted = error, True
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.rng, device=self.rng.device)
+
+    @property
+    def sampling(self) -> bool:
+        return self.params.temperature > 0
 
     def threshold(self) -> float:
         """The acceptance threshold in force for the next step."""

@@ -1,16 +1,22 @@
-"""Forward passes of one model: eager, or replayed as CUDA graphs; and its sync-free decode loop.
+"""Forward passes of one model over a batch of sequences: eager, or replayed as CUDA graphs; its sync-free decode loop.
 
-A :class:`ModelRunner` owns a model view, its :class:`~.cache.KVCache` and a set of static buffers.
-Every pass reads its inputs from those buffers (tokens, start position, decode state); positions,
-masks and write offsets are computed from them on the device, so the same Python function runs
-eagerly (CPU, dynamic caches) or is captured once and replayed as a CUDA graph (GPU, fixed caches):
+A :class:`ModelRunner` owns a model view, its :class:`~.cache.KVCache` and a set of static buffers for
+``slots`` sequences (the generations of a batch) of ``width`` rows each (the draft's candidates; the
+target has one row per slot). Every row has its own positions. A pass reads its inputs from the
+buffers (tokens, each row's start position, the decode state); positions, masks and write offsets are
+computed from them on the device, so the same Python function runs eagerly (CPU, dynamic caches) or is
+captured once per shape and replayed as a CUDA graph (GPU, fixed caches):
 
-- :meth:`ModelRunner.forward`: ``q`` tokens at explicit positions, padded to a bucket size when the
-  cache is fixed (one graph per bucket), optionally recording step attention;
-- :meth:`ModelRunner.decode`: ``n`` iterations of :func:`decode_iteration` ("forward one token per
-  row, sample, record, advance"), all state on the device (gpt-fast's decode loop, with the bookkeeping
-  inside the graph too). The host reads the sampled tokens when it wants to, not per token. With
-  ``compile_decode`` its forward pass goes through ``torch.compile`` (fused kernels) before capture.
+- :meth:`ModelRunner.forward`: each slot's own tokens at its own positions (a verification, a
+  speculation round, a catch-up), padded to a bucket in length and in slots when the cache is fixed
+  (one graph per bucket pair), optionally recording step attention;
+- :meth:`ModelRunner.decode`: iterations of :func:`decode_iteration` ("forward one token per row, sample,
+  record, advance") with all state on the device (gpt-fast's decode loop, the bookkeeping inside the
+  graph too). The host reads the sampled tokens when it wants to, not per token. With ``compile_decode``
+  its forward goes through ``torch.compile`` (fused kernels) before capture.
+
+A pass covers the slots ``0..n-1`` (all their rows, or only each slot's first row, its *leader*); slots
+with nothing to feed ride along at positions past their valid part, where what they write is never read.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from .view import layer_windows
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per position the decode loop records (``top_logprobs``'s range, as OpenAI's)."""
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-"""Query lengths a fixed-cache pass is padded to (one CUDA graph each); longer inputs go in chunks."""
+"""Lengths (and slot counts) a fixed-cache pass is padded to (one CUDA graph each); longer inputs go in chunks."""
 MAX_BUCKET = BUCKETS[-1]
 
 
@@ -65,6 +71,19 @@ def cache_argument(model: torch.nn.Module) -> str:
     return name
 
 
+class Rows(NamedTuple):
+    """How one model of a pair meets the other's vocabulary rows (Qwen2.5-7B has 152,064, its 0.5B draft
+    151,936; the tokenizer uses fewer than either).
+
+    ``output``: logit columns kept, so the draft never proposes a token the target cannot embed.
+    ``embed``: input ids at or past it, which only the other model can write, are fed as the last row
+    (the draft's proposals after such a token are poor, and the target checks them as always).
+    """
+
+    output: int | None = None
+    embed: int | None = None
+
+
 def model_pass(
     view: PreTrainedModel,
     cache: KVCache,
@@ -75,10 +94,11 @@ def model_pass(
     keep: int = 0,
     rows: Rows | None = None,
 ) -> torch.Tensor:
-    """Logits ``[B, q, V]`` (the last ``keep``, or all) of ``tokens [B, q]`` at ``positions [q]``.
+    """Logits ``[B, q, V]`` (the last ``keep``, or all) of ``tokens [B, q]`` at ``positions [B, q]``, on the cache
+    rows ``cache.rows``.
 
-    ``end`` (eager, growable caches) is one past the last position: attention reads that many keys;
-    ``None`` reads the whole fixed cache under the mask. Layers with a sliding window get their own mask.
+    ``end`` (eager, growable caches) is one past the last position any row writes: attention reads that many
+    keys; ``None`` reads the whole fixed cache under the mask. Layers with a sliding window get their own mask.
     ``rows`` limits a model of a pair whose vocabulary rows differ (:class:`Rows`).
     """
     if rows is not None and rows.embed is not None:
@@ -99,7 +119,7 @@ def model_pass(
         }
     out = view(
         input_ids=tokens,
-        position_ids=positions[None].expand(tokens.shape[0], -1),
+        position_ids=positions,
         attention_mask=mask,
         **{cache_argument(view): cache},
         use_cache=True,
@@ -110,34 +130,25 @@ def model_pass(
     return out.logits
 
 
-class Rows(NamedTuple):
-    """How one model of a pair meets the other's vocabulary rows (Qwen2.5-7B has 152,064, its 0.5B draft
-    151,936; the tokenizer uses fewer than either).
-
-    ``output``: logit columns kept, so the draft never proposes a token the target cannot embed.
-    ``embed``: input ids at or past it, which only the other model can write, are fed as the last row
-    (the draft's proposals after such a token are poor, and the target checks them as always).
-    """
-
-    output: int | None = None
-    embed: int | None = None
-
-
 class DecodeState(NamedTuple):
     """The decode loop's device state (shapes for ``B`` rows and room for ``T`` iterations)."""
 
     cur: torch.Tensor  # [B] token each row feeds next
-    pos: torch.Tensor  # [] the position it is fed at
+    pos: torch.Tensor  # [B] the position it is fed at
     it: torch.Tensor  # [] iteration index: the output column
+    limit: torch.Tensor  # [B] a row decodes while it < limit, then stands still (its later columns are garbage)
     temps: torch.Tensor  # [B] sampling temperature per row (0: greedy)
-    uniform: torch.Tensor  # [B] U(0, 1) draws for this iteration
-    follow: torch.Tensor  # [] bool: every row feeds row 0's token (rows stay alike)
+    uniform: torch.Tensor  # [B, T] U(0, 1) draws, one per row and iteration
     seen: torch.Tensor  # [B, V] bool: tokens each row's sequence holds (the repetition penalty's input)
     tokens: torch.Tensor  # [B, T] sampled tokens
     logp: torch.Tensor  # [B, T] their raw log-probabilities (the model's own distribution)
     logq: torch.Tensor  # [B, T] their log-probabilities under the distribution sampled from
     top_logp: torch.Tensor  # [B, T, MAX_TOP_LOGPROBS] the most probable tokens' raw log-probabilities...
     top_ids: torch.Tensor  # [B, T, MAX_TOP_LOGPROBS] ...and ids (filled only when asked for)
+
+    def rows(self, rows: slice) -> DecodeState:
+        """The state of the rows a pass runs (views: writes reach the buffers)."""
+        return DecodeState(*(t if t.dim() == 0 else t[rows] for t in self))
 
 
 def decode_iteration(
@@ -152,20 +163,20 @@ def decode_iteration(
     top: int = 0,
     vocab: Rows | None = None,
 ) -> None:
-    """One decode step for every row: forward the current tokens, sample, store, advance. No host reads.
+    """One decode step for every row of ``state``: forward the current tokens, sample, store, advance. No host reads.
 
     ``forward`` is :func:`model_pass` or its compiled form; sampling and bookkeeping stay eager (they are
     a few small kernels, captured in the same CUDA graph). With a repetition penalty the rows' seen-token
     masks are read and updated in place; ``top`` > 0 also records that many most probable tokens.
-    Neither costs anything when off.
+    Neither costs anything when off. A row past its ``limit`` still computes (the batch costs the same) but
+    no longer advances: what it writes lands at a position past what it holds.
     """
-    logits = forward(view, cache, windows, state.cur[:, None], state.pos.view(1), end, rows=vocab)[:, -1]
-    seen = state.seen if controls.penalised else None
-    tokens, logq = sample(logits, state.temps, controls, state.uniform if sampling else None, seen)
-    tokens = torch.where(state.follow, tokens[:1].expand_as(tokens), tokens)
-    logq = torch.where(state.follow, logq[:1].expand_as(logq), logq)
-    raw = raw_logprobs(logits).to(state.logp.dtype)
+    logits = forward(view, cache, windows, state.cur[:, None], state.pos[:, None], end, rows=vocab)[:, -1]
     column = state.it.view(1)
+    seen = state.seen if controls.penalised else None
+    uniform = state.uniform.index_select(1, column).squeeze(1) if sampling else None
+    tokens, logq = sample(logits, state.temps, controls, uniform, seen)
+    raw = raw_logprobs(logits).to(state.logp.dtype)
     state.tokens.index_copy_(1, column, tokens[:, None])
     state.logp.index_copy_(1, column, raw.gather(-1, tokens[:, None]))
     state.logq.index_copy_(1, column, logq[:, None].to(state.logq.dtype))
@@ -176,7 +187,7 @@ def decode_iteration(
     if seen is not None:
         seen.scatter_(1, tokens[:, None], True)
     state.cur.copy_(tokens)
-    state.pos.add_(1)
+    state.pos.add_((state.it < state.limit).to(state.pos.dtype))
     state.it.add_(1)
 
 
@@ -186,6 +197,9 @@ _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 def compiled_model_pass() -> Callable[..., torch.Tensor]:
     """:func:`model_pass` through ``torch.compile``, made once per process (shared by every runner)."""
     if "pass" not in _COMPILED:
+        # each model view, and each batch shape until the batch dimension turns dynamic, compiles once: room for
+        # them all, where the default limit would quietly fall back to eager passes
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _COMPILED["pass"] = torch.compile(model_pass)
     return _COMPILED["pass"]
 
@@ -196,16 +210,21 @@ class _Graph:
     outputs: Any
 
 
+Feed = Sequence[int]
+"""Tokens one slot feeds in a pass (empty: the slot rides along)."""
+
+
 class ModelRunner:
-    """One model view with its cache and buffers; ``batch`` rows decode side by side."""
+    """One model view with its cache and buffers: ``slots`` sequences of ``width`` rows each, decoded side by side."""
 
     def __init__(
         self,
         view: PreTrainedModel,
         *,
-        batch: int,
+        slots: int,
+        width: int = 1,
         capacity: int,
-        rows: int,
+        steps: int,
         growable: bool,
         graphs: bool,
         compile_decode: bool = False,
@@ -215,16 +234,16 @@ class ModelRunner:
         assert isinstance(weight, torch.Tensor)
         self.view = view
         self.device = weight.device
-        self.batch = batch
-        self.rows = rows
-        self.cache = KVCache(int(view.config.num_hidden_layers), capacity, growable, batch)
+        self.slots, self.width = slots, width
+        self.batch = slots * width
+        self.steps = steps  # decode iterations one decode loop holds (a step's tokens)
+        self.cache = KVCache(int(view.config.num_hidden_layers), capacity, growable, self.batch)
         self.windows = tuple(layer_windows(view.config))
         self.use_graphs = graphs and not growable
         self.compile_decode = compile_decode and self.use_graphs
         dev = self.device
-        # forward inputs: tokens (padded) and where they start
-        self.tokens_in = torch.zeros(batch, max(MAX_BUCKET, rows), dtype=torch.long, device=dev)
-        self.start = torch.zeros((), dtype=torch.long, device=dev)
+        self.tokens_in = torch.zeros(self.batch, MAX_BUCKET, dtype=torch.long, device=dev)
+        self.starts = torch.zeros(self.batch, dtype=torch.long, device=dev)  # each row's first position in a pass
         self.row_offset = torch.zeros((), dtype=torch.long, device=dev)  # first step-attention row of a pass
         self._arange = torch.arange(MAX_BUCKET, dtype=torch.long, device=dev)
 
@@ -235,26 +254,29 @@ class ModelRunner:
 
         self.vocab_rows = vocab
         self.vocab = min(output_vocab(view), vocab.output or 1 << 62) if vocab is not None else output_vocab(view)
+        rows, b = steps, self.batch
         self.state = DecodeState(
-            cur=zeros(batch, dtype=torch.long),
-            pos=zeros(dtype=torch.long),
+            cur=zeros(b, dtype=torch.long),
+            pos=zeros(b, dtype=torch.long),
             it=zeros(dtype=torch.long),
-            temps=zeros(batch),
-            uniform=zeros(batch, dtype=torch.float32),
-            follow=zeros(dtype=torch.bool),
-            seen=zeros(batch, self.vocab, dtype=torch.bool),
-            tokens=zeros(batch, rows, dtype=torch.long),
-            logp=zeros(batch, rows),
-            logq=zeros(batch, rows),
-            top_logp=zeros(batch, rows, MAX_TOP_LOGPROBS),
-            top_ids=zeros(batch, rows, MAX_TOP_LOGPROBS, dtype=torch.long),
+            limit=zeros(b, dtype=torch.long),
+            temps=zeros(b),
+            uniform=zeros(b, rows, dtype=torch.float32),
+            seen=zeros(b, self.vocab, dtype=torch.bool),
+            tokens=zeros(b, rows, dtype=torch.long),
+            logp=zeros(b, rows),
+            logq=zeros(b, rows),
+            top_logp=zeros(b, rows, MAX_TOP_LOGPROBS),
+            top_ids=zeros(b, rows, MAX_TOP_LOGPROBS, dtype=torch.long),
         )
+        # the running decode loop, as the host knows it (no device reads)
         self.controls = NO_CONTROLS
         self.top = 0  # most probable tokens recorded per iteration
         self.sampling = False  # some row samples (host mirror of ``temps > 0``)
-        self.decode_pos = 0  # host mirror of ``state.pos``
-        self.decoded = 0  # host mirror of ``state.it``
-        self._temps: dict[tuple[float, ...], torch.Tensor] = {}
+        self.decoding = slice(0, 0)  # the rows it runs
+        self.decoded = 0  # iterations run (host mirror of ``state.it``)
+        self._decode_starts: list[int] = []  # per row of ``decoding``: its first position...
+        self._decode_limits: list[int] = []  # ...and how many iterations it advances
         self._graphs: dict[Any, _Graph] = {}
         self._records: dict[tuple[int, ...], StepAttention] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -275,9 +297,30 @@ class ModelRunner:
         """This runner's step-attention buffers for ``layers`` (one set per layer choice, reused)."""
         if layers not in self._records:
             self._records[layers] = StepAttention.allocate(
-                layers, self.batch, self.rows, MAX_BUCKET, self.device, torch.float32
+                layers, self.batch, self.steps, MAX_BUCKET, self.device, torch.float32
             )
         return self._records[layers]
+
+    # -- which rows a pass runs ---------------------------------------------------------------------
+
+    def rows_of(self, slots: int, leaders: bool = False) -> slice:
+        """The rows a pass over slots ``0..slots-1`` runs: every row of each, or each slot's first (its leader).
+
+        With graphs the slot count is padded to a bucket, so few shapes exist; the padding slots ride along.
+        """
+        n = min(self.slots, bucket(slots) or self.slots) if self.use_graphs else slots
+        step = self.width if leaders and self.width > 1 else 1
+        return slice(0, n * self.width, step)
+
+    def slot_rows(self, slot: int) -> range:
+        return range(slot * self.width, (slot + 1) * self.width)
+
+    def _slot_of(self, rows: slice, i: int) -> int:
+        """The slot of the ``i``-th row of ``rows``."""
+        return (rows.start + i * (rows.step or 1)) // self.width
+
+    def _count(self, rows: slice) -> int:
+        return len(range(rows.start, rows.stop, rows.step or 1))
 
     def _graphed(self, key: Any, body: Callable[[], Any]) -> Any:
         """Run ``body`` eagerly, or replay its CUDA graph (captured on first use under ``key``).
@@ -305,7 +348,8 @@ class ModelRunner:
                     reset()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread-local: calls arriving in other threads (a new call's generator, say) never break the capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 outputs = body()
             reset()
             entry = self._graphs[key] = _Graph(graph, outputs)
@@ -314,189 +358,316 @@ class ModelRunner:
 
     # -- forward passes ------------------------------------------------------------------------------
 
-    def _positions(self, start: int | torch.Tensor, q: int) -> torch.Tensor:
-        steps = self._arange[:q] if q <= MAX_BUCKET else torch.arange(q, device=self.device)
-        return start + steps
-
     def forward(
         self,
-        tokens: Sequence[int] | torch.Tensor | None,
-        start: int,
+        fed: Sequence[Feed],
+        starts: Sequence[int | None],
+        *,
+        leaders: bool = False,
         record: StepAttention | None = None,
-        keep: int = 0,
-        q: int | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[B, q, V]`` (or the last ``keep``) of ``tokens`` (one row, fed to every batch row) at
-        positions ``start...``; ``tokens=None`` takes the first ``q`` columns the caller wrote into
-        ``tokens_in`` (device to device, no host round trip).
+        logits: bool = True,
+    ) -> torch.Tensor | None:
+        """Logits ``[rows, q, V]`` of slot ``s`` feeding ``fed[s]`` at positions ``starts[s]...`` (every row of the
+        slot, or its leader alone), for slots ``0..len(fed)-1``; ``q`` is the longest feed, and a row's columns past
+        its own feed are padding. A slot with nothing to feed (or a ``None`` start) rides along.
 
-        Writes the cache at those positions and records it (``cache.valid``: up to ``start + q``, the pass having
-        read every position before ``start`` as valid). With a fixed cache ``q``
-        (at most ``MAX_BUCKET``) is padded to a bucket and the pass replays that bucket's graph; the
-        padding writes slots past the tokens, which no real position reads before they are written again.
+        Writes each fed row's cache at those positions and records it (``cache.valid``: up to its start plus its
+        feed, the pass having read every position before its start as valid). With a fixed cache ``q`` (at most
+        ``MAX_BUCKET``, longer feeds go in chunks) and the slot count are padded to buckets and the pass replays
+        that shape's graph; the padding writes positions past what each row holds, which no real position reads
+        before they are written again. ``logits=False``: the caller needs only the cache (a catch-up).
         """
-        if tokens is not None:
-            ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-            q = ids.shape[0]
-            if q > self.tokens_in.shape[1]:
-                self.tokens_in = torch.zeros(self.batch, q, dtype=torch.long, device=self.device)
-            self.tokens_in[:, :q].copy_(ids[None].expand(self.batch, -1))
-        assert q is not None, "forward needs tokens or q"
-        if self.cache.growable:  # eagerly and exactly: attention reads the positions written so far
-            self.cache.ensure(start + q)
-            with recording(record):
-                if record is not None:
-                    record.rows = self._positions(0, q)
-                logits = model_pass(
-                    self.view,
-                    self.cache,
-                    self.windows,
-                    self.tokens_in[:, :q],
-                    self._positions(start, q),
-                    start + q,
-                    keep,
-                    self.vocab_rows,
-                )
-            self.cache.valid = start + q
-            return logits
-        size = bucket(q)
-        if size is None:
-            return self._long_forward(start, record, keep, q)
-        if start + size > self.cache.capacity:
-            raise RuntimeError(f"KV cache holds {self.cache.capacity} positions, {start + size} needed")
-        self.start.fill_(start)
-
-        # multi-token passes are captured eagerly: compiling each bucket (or dynamic shapes) would cost a compile
-        # of minutes on first use, for passes that run once per step; the decode iterations are what pays
+        q = max((len(f) for f in fed), default=0)
+        if q == 0:
+            return None
+        rows = self.rows_of(len(fed), leaders)
+        if q > MAX_BUCKET and not self.cache.growable:
+            return self._long_forward(fed, starts, leaders, record, logits)
+        count = self._count(rows)
+        size = q if self.cache.growable else bucket(q)
+        assert size is not None
+        tokens = torch.zeros(count, size, dtype=torch.long)
+        firsts = []
+        for i in range(count):
+            slot = self._slot_of(rows, i)
+            row = rows.start + i * (rows.step or 1)
+            feed = fed[slot] if slot < len(fed) else ()
+            start = starts[slot] if slot < len(fed) and feed and starts[slot] is not None else None
+            if start is None:  # rides along, past what it holds
+                start, feed = self.cache.valid[row], ()
+            if feed:
+                tokens[i, : len(feed)] = torch.as_tensor(list(feed), dtype=torch.long)
+            firsts.append(int(start))
+        end = max(firsts) + size
+        self.cache.ensure(end)
+        if size > self.tokens_in.shape[1]:  # (growable caches only: fixed ones pass at most MAX_BUCKET at a time)
+            self.tokens_in = torch.zeros(self.batch, size, dtype=torch.long, device=self.device)
+            self._arange = torch.arange(size, dtype=torch.long, device=self.device)
+        if end > self.cache.capacity:
+            raise RuntimeError(f"KV cache holds {self.cache.capacity} positions, {end} needed")
+        self.tokens_in[rows, :size].copy_(tokens)
+        self.starts[rows].copy_(torch.as_tensor(firsts, dtype=torch.long))
+        keep = 0 if logits else 1
+        compiled = self.compile_decode and size == 1 and record is None
+        forward = compiled_model_pass() if compiled else model_pass
 
         def body() -> torch.Tensor:
             with recording(record):
                 if record is not None:
                     record.rows = self.row_offset + self._arange[:size]
-                positions = self.start + self._arange[:size]
-                return model_pass(
-                    self.view, self.cache, self.windows, self.tokens_in[:, :size], positions, None, 0, self.vocab_rows
-                )
+                    record.batch_rows = rows
+                positions = self.starts[rows][:, None] + self._arange[:size]
+                self.cache.rows = rows
+                try:
+                    return forward(
+                        self.view,
+                        self.cache,
+                        self.windows,
+                        self.tokens_in[rows, :size],
+                        positions,
+                        end if self.cache.growable else None,
+                        keep,
+                        self.vocab_rows,
+                    )
+                finally:
+                    self.cache.rows = slice(0, self.batch)
 
-        logits = self._graphed(("forward", size, record.layers if record is not None else None), body)
-        self.cache.valid = start + q
-        return logits[:, :q] if not keep else logits[:, q - keep : q]
+        key = ("forward", rows.stop, rows.step, size, keep, compiled, record.layers if record is not None else None)
+        out = self._graphed(key, body)
+        for i in range(count):
+            slot = self._slot_of(rows, i)
+            if slot < len(fed) and fed[slot] and starts[slot] is not None:
+                self.cache.valid[rows.start + i * (rows.step or 1)] = firsts[i] + len(fed[slot])
+        if not logits:
+            return None
+        return out[:, :q]
 
-    def _long_forward(self, start: int, record: StepAttention | None, keep: int, q: int) -> torch.Tensor:
-        """A fixed-cache pass of more than ``MAX_BUCKET`` tokens: bucket-sized passes in turn, each reading
-        what the ones before it wrote (so a step of any length is verified in one call)."""
-        staged = self.tokens_in[:, :q].clone()
+    def _long_forward(
+        self,
+        fed: Sequence[Feed],
+        starts: Sequence[int | None],
+        leaders: bool,
+        record: StepAttention | None,
+        logits: bool,
+    ) -> torch.Tensor | None:
+        """A fixed-cache pass of more than ``MAX_BUCKET`` tokens: bucket-sized passes in turn, each reading what
+        the ones before it wrote (so a step of any length is verified in one call)."""
+        q = max(len(f) for f in fed)
         pieces = []
         try:
             for offset in range(0, q, MAX_BUCKET):
-                n = min(MAX_BUCKET, q - offset)
-                self.tokens_in[:, :n].copy_(staged[:, offset : offset + n])
+                part = [list(f[offset : offset + MAX_BUCKET]) for f in fed]
+                at = [None if s is None else s + offset for s in starts]
                 self.row_offset.fill_(offset)  # the step-attention rows of this piece
-                pieces.append(self.forward(None, start + offset, record, q=n).clone())
+                out = self.forward(part, at, leaders=leaders, record=record, logits=logits)
+                if out is not None:
+                    width = min(MAX_BUCKET, q - offset)
+                    if out.shape[1] < width:
+                        out = torch.nn.functional.pad(out, (0, 0, 0, width - out.shape[1]))
+                    pieces.append(out.clone())
         finally:
             self.row_offset.zero_()
-        logits = torch.cat(pieces, dim=1)
-        return logits if not keep else logits[:, q - keep :]
+        return torch.cat(pieces, dim=1) if logits else None
 
-    def prefill(self, tokens: Sequence[int], start: int) -> None:
-        """Write the keys/values of ``tokens`` at ``start...`` (a prompt, or a catch-up), in bucket-sized
-        chunks; the logits are not needed (the next pass feeds the last token again).
-
-        Every row holds the same sequence, so eagerly (growable caches) the pass runs on row 0 alone and
-        the rows are copied: a batch of candidates costs one prefill, not one per row.
-        """
+    def prefill(self, slot: int, tokens: Sequence[int], start: int) -> None:
+        """Write the keys/values of ``tokens`` at ``start...`` on every row of ``slot`` (a prompt), eagerly, on the
+        slot's first row alone; the other rows copy it (a batch of candidates costs one prefill, not one per row).
+        The logits are not needed: the next pass feeds the last token again."""
         if not tokens:
             return
-        if self.cache.growable and self.batch > 1:
-            self.cache.rows = slice(0, 1)
-            try:
-                self._prefill(tokens, start, rows=1)
-            finally:
-                self.cache.rows = None
-            self.cache.copy_row(0, start, start + len(tokens))
-        else:
-            self._prefill(tokens, start, rows=self.batch)
-        self.cache.valid = start + len(tokens)
+        first = slot * self.width
+        rows = slice(first, first + 1)
+        end = start + len(tokens)
+        self.cache.ensure(end)
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[None]
+        positions = (start + torch.arange(len(tokens), device=self.device))[None]
+        self.cache.rows = rows
+        try:
+            model_pass(self.view, self.cache, self.windows, ids, positions, end if self.cache.growable else None, 1,
+                       self.vocab_rows)  # fmt: skip
+        finally:
+            self.cache.rows = slice(0, self.batch)
+        self.cache.valid[first] = end
+        self.spread(slot)
 
-    def _prefill(self, tokens: Sequence[int], start: int, rows: int) -> None:
-        for offset in range(0, len(tokens), MAX_BUCKET):
-            chunk = tokens[offset : offset + MAX_BUCKET]
-            if rows == self.batch:
-                self.forward(chunk, start + offset, keep=1)
-                continue
-            q, at = len(chunk), start + offset
-            self.cache.ensure(at + q)
-            ids = torch.as_tensor(chunk, dtype=torch.long, device=self.device)[None]
-            model_pass(self.view, self.cache, self.windows, ids, self._positions(at, q), at + q, 1, self.vocab_rows)
+    def spread(self, slot: int) -> None:
+        """Every row of ``slot`` takes what its first row holds past its own valid part (its candidates restart from
+        the sequence the first row caught up to)."""
+        first = slot * self.width
+        others = [r for r in self.slot_rows(slot) if r != first]
+        stop = self.cache.valid[first]
+        lagging = [r for r in others if self.cache.valid[r] != stop]
+        if not lagging:
+            return
+        start = min(min(self.cache.valid[r] for r in lagging), stop)
+        self.cache.copy_rows([first] * len(lagging), lagging, start, stop)
+        for row in lagging:
+            self.cache.valid[row] = stop
 
     # -- the decode loop -----------------------------------------------------------------------------
 
     def start_decode(
         self,
-        token: int,
-        position: int,
-        temperatures: Sequence[float],
+        tokens: Sequence[int | None],
+        positions: Sequence[int],
+        temperatures: Sequence[Sequence[float]],
+        limits: Sequence[int],
+        *,
+        leaders: bool = False,
         controls: Controls = NO_CONTROLS,
-        follow_first: bool = False,
-        seen: torch.Tensor | None = None,
+        seen: Sequence[torch.Tensor | None] | None = None,
+        uniforms: Sequence[torch.Tensor | None] | None = None,
         top_logprobs: int = 0,
     ) -> None:
-        """Every row feeds ``token`` at ``position`` next; rows sample at their own temperature.
+        """Slot ``s`` (of ``0..len(tokens)-1``; ``None``: it rides along) feeds ``tokens[s]`` at ``positions[s]`` next
+        on each of its rows (or its leader), which sample at ``temperatures[s][r]`` and decode ``limits[s]`` tokens.
 
-        ``follow_first``: every row feeds row 0's token, so the rows stay alike (speculating for one
-        sequence with a batch-``B`` cache). ``seen`` (``[V]`` bool, needed with a repetition penalty):
-        the tokens of the sequence up to ``token`` included. ``top_logprobs``: how many most probable
-        tokens each iteration records (see :attr:`DecodeState.top_ids`).
+        ``seen[s]`` (``[V]`` bool, needed with a repetition penalty): the tokens of the slot's sequence up to the
+        one fed. ``uniforms[s]``: ``[rows, n]`` U(0, 1) draws (``n`` >= its limit) for the slot's sampling rows.
+        ``top_logprobs``: how many most probable tokens each iteration records (see :attr:`DecodeState.top_ids`).
         """
         if controls.penalised and seen is None:
-            raise ValueError("a repetition penalty needs the seen-token mask of the sequence")
+            raise ValueError("a repetition penalty needs the seen-token mask of each sequence")
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
-        state = self.state
-        state.cur.fill_(token)
-        state.pos.fill_(position)
-        state.it.zero_()
-        state.follow.fill_(follow_first)
-        if seen is not None:
-            state.seen.copy_(seen.to(self.device)[None].expand_as(state.seen))
-        key = tuple(float(t) for t in temperatures)
-        if key not in self._temps:
-            self._temps[key] = torch.tensor(key, dtype=state.temps.dtype, device=self.device)
-        state.temps.copy_(self._temps[key])
-        self.sampling = any(t > 0 for t in key)
+        rows = self.rows_of(len(tokens), leaders)
+        count = self._count(rows)
+        cur, pos, temps, limit = [0] * count, [0] * count, [0.0] * count, [0] * count
+        for i in range(count):
+            slot = self._slot_of(rows, i)
+            row = rows.start + i * (rows.step or 1)
+            token = tokens[slot] if slot < len(tokens) else None
+            if token is None:  # rides along, standing still past what it holds
+                pos[i] = self.cache.valid[row]
+                continue
+            cur[i], pos[i], limit[i] = int(token), int(positions[slot]), int(limits[slot])
+            temps[i] = float(temperatures[slot][(row - slot * self.width) if not leaders else 0])
+        if max(limit) > self.steps:
+            raise RuntimeError(f"decode loop holds {self.steps} iterations, {max(limit)} asked")
+        state = self.state.rows(rows)
+        state.cur.copy_(torch.as_tensor(cur, dtype=torch.long))
+        state.pos.copy_(torch.as_tensor(pos, dtype=torch.long))
+        state.limit.copy_(torch.as_tensor(limit, dtype=torch.long))
+        state.temps.copy_(torch.as_tensor(temps, dtype=state.temps.dtype))
+        self.state.it.zero_()
+        for slot in range(len(tokens)):
+            if tokens[slot] is None:
+                continue
+            slot_rows = self._rows_in(rows, slot)
+            if seen is not None and seen[slot] is not None:
+                mask = seen[slot]
+                assert mask is not None
+                state.seen[slot_rows].copy_(mask.to(self.device)[None].expand(state.seen[slot_rows].shape[0], -1))
+            if uniforms is not None and uniforms[slot] is not None:
+                draws = uniforms[slot]
+                assert draws is not None
+                state.uniform[slot_rows, : draws.shape[-1]].copy_(draws.to(self.device, state.uniform.dtype))
+        self.sampling = any(t > 0 for t in temps)
         self.controls = controls
         self.top = top_logprobs
-        self.decode_pos = position
+        self.decoding = rows
         self.decoded = 0
+        self._decode_starts, self._decode_limits = pos, limit
 
-    def decode(self, n: int, generator: torch.Generator | None, record: StepAttention | None = None) -> None:
-        """``n`` more iterations of the decode loop; tokens land in ``out_tokens[:, decoded - n : decoded]``."""
-        if self.decoded + n > self.rows:
-            raise RuntimeError(f"decode loop holds {self.rows} iterations, {self.decoded + n} asked")
+    def _rows_in(self, rows: slice, slot: int) -> slice:
+        """Where ``slot``'s rows are within a pass's ``rows`` (which start at row 0): a slice, so that writing through
+        it reaches the buffers."""
+        if (rows.step or 1) > 1:  # leaders only: one row per slot
+            return slice(slot, slot + 1)
+        return slice(slot * self.width, (slot + 1) * self.width)
+
+    def stop_slots(self, slots: Sequence[int]) -> None:
+        """The slots' rows stop advancing after the iterations run so far (their steps ended)."""
+        for slot in slots:
+            for i in range(*self._rows_in(self.decoding, slot).indices(len(self._decode_limits))):
+                self._decode_limits[i] = min(self._decode_limits[i], self.decoded)
+        limits = torch.as_tensor(self._decode_limits, dtype=torch.long)
+        self.state.rows(self.decoding).limit.copy_(limits)
+
+    def decode(self, n: int, generator: torch.Generator | None = None, record: StepAttention | None = None) -> None:
+        """``n`` more iterations of the decode loop; tokens land in ``out_tokens[row, decoded - n : decoded]``."""
+        if self.decoded + n > self.steps:
+            raise RuntimeError(f"decode loop holds {self.steps} iterations, {self.decoded + n} asked")
+        del generator  # the draws were made at start_decode (one block per slot, so batching never moves them)
         compiled = self.compile_decode and record is None  # (compiled passes cannot record attention)
         forward = compiled_model_pass() if compiled else model_pass
-        sampling = self.sampling and generator is not None
-        state, controls, top = self.state, self.controls, self.top
+        rows, controls, top, sampling = self.decoding, self.controls, self.top, self.sampling
+        state = self.state.rows(rows)
 
         def body() -> None:
-            end = None if not self.cache.growable else self.decode_pos + 1
-            if record is None:
-                decode_iteration(
-                    self.view, self.cache, self.windows, state, controls, sampling, end, forward, top, self.vocab_rows
-                )
-                return
-            with recording(record):
-                record.rows = state.it.view(1)
-                decode_iteration(
-                    self.view, self.cache, self.windows, state, controls, sampling, end, forward, top, self.vocab_rows
-                )
+            end = None if not self.cache.growable else self._decode_end() + 1
+            self.cache.rows = rows
+            try:
+                with recording(record):
+                    if record is not None:
+                        record.rows = state.it.view(1)
+                        record.batch_rows = rows
+                    decode_iteration(
+                        self.view,
+                        self.cache,
+                        self.windows,
+                        state,
+                        controls,
+                        sampling,
+                        end,
+                        forward,
+                        top,
+                        self.vocab_rows,
+                    )
+            finally:
+                self.cache.rows = slice(0, self.batch)
 
-        key = ("decode", compiled, sampling, controls, top, record.layers if record is not None else None)
+        key = ("decode", rows.stop, rows.step, compiled, sampling, controls, top,
+               record.layers if record is not None else None)  # fmt: skip
         for _ in range(n):
-            self.cache.ensure(self.decode_pos + 1)
-            if self.sampling and generator is not None:
-                state.uniform.uniform_(generator=generator)
+            self.cache.ensure(self._decode_end() + 1)
             self._graphed(key, body)
-            self.decode_pos += 1
             self.decoded += 1
-        self.cache.valid = self.decode_pos  # the positions fed so far; the last sampled token is not fed yet
+        for i, (start, limit) in enumerate(zip(self._decode_starts, self._decode_limits, strict=True)):
+            if limit:  # the positions each row fed so far; its last sampled token is not fed yet
+                self.cache.valid[rows.start + i * (rows.step or 1)] = start + min(self.decoded, limit)
+
+    def _decode_end(self) -> int:
+        """The highest position any decoding row feeds at next."""
+        return max(s + min(self.decoded, lim) for s, lim in zip(self._decode_starts, self._decode_limits, strict=True))
+
+    def read_decoded(self, slots: Sequence[int], start: int) -> dict[int, list[list[int]]]:
+        """Tokens of the iterations ``start..decoded`` of each of ``slots``' decoding rows (one host read)."""
+        rows = self.decoding
+        count = self._count(rows)
+        picks = {slot: list(range(*self._rows_in(rows, slot).indices(count))) for slot in slots}
+        flat = [i for slot in slots for i in picks[slot]]
+        if not flat:
+            return {}
+        state = self.state.rows(rows)
+        index = torch.as_tensor(flat, device=self.device)
+        table = state.tokens.index_select(0, index)[:, start : self.decoded].tolist()
+        out: dict[int, list[list[int]]] = {}
+        at = 0
+        for slot in slots:
+            out[slot] = table[at : at + len(picks[slot])]
+            at += len(picks[slot])
+        return out
+
+    def decoded_row(self, slot: int, row: int = 0) -> int:
+        """The buffer row of ``slot``'s ``row``-th decoding row (for its log-probabilities)."""
+        rows = self.decoding
+        return rows.start + (self._rows_in(rows, slot).start + row) * (rows.step or 1)
+
+    # -- resizing ------------------------------------------------------------------------------------
+
+    def with_slots(self, slots: int) -> ModelRunner:
+        """A runner of ``slots`` slots over the same view, holding this one's caches in its first slots."""
+        grown = ModelRunner(
+            self.view,
+            slots=slots,
+            width=self.width,
+            capacity=self.cache.capacity,
+            steps=self.steps,
+            growable=self.cache.growable,
+            graphs=self.use_graphs,
+            compile_decode=self.compile_decode,
+            vocab=self.vocab_rows,
+        )
+        grown.cache = self.cache.with_batch(slots * self.width)
+        return grown

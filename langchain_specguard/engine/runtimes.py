@@ -1,14 +1,16 @@
-"""Runtimes: the draft's and the target's runners (KV caches, buffers, CUDA graphs) lent to one generation at a time.
+"""Runtimes: the draft's and the target's runners (KV caches, buffers, CUDA graphs) for one batch of generations.
 
-A :class:`RuntimePool` per loaded pair keeps a few for reuse; fixed caches come in power-of-two capacities so
-that few shapes (graphs, compiled kernels) ever exist.
+A :class:`Runtime` has slots, one per generation it runs; a generation takes a slot when it joins the batch and
+frees it when it leaves, and the runtime doubles its slots when a batch outgrows them. A :class:`RuntimePool` per
+loaded pair keeps a few idle runtimes for reuse; fixed caches come in power-of-two capacities and step buffers in
+power-of-two lengths, so that few shapes (graphs, compiled kernels) ever exist.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -19,24 +21,74 @@ from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
 from .view import engine_view
 
 MAX_IDLE_RUNTIMES = 2
-"""Runtimes (caches + graphs) a pair keeps for reuse once their generations end; more are freed."""
+"""Runtimes (caches + graphs) a pair keeps for reuse once their batches end; more are freed."""
+
+
+def _tier(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+class Shape(NamedTuple):
+    """What a runtime is built for: rows per generation, step buffer, cache kind and size."""
+
+    width: int  # draft rows per generation (its candidates)
+    steps: int  # decode iterations a step's buffers hold
+    growable: bool
+    graphs: bool
+    compiled: bool
+    capacity: int  # positions per row of a fixed cache (0: growable)
+
+    @classmethod
+    def of(cls, params: SpecGuardParams, need: int, limit: int, device: torch.device, single_device: bool) -> Shape:
+        """The shape a generation of ``need`` positions (prompt and budget) and steps of at most ``limit`` tokens
+        needs. The step buffers are sized by what a step can produce (its cap, the budget, the context window),
+        never by the cap alone."""
+        impl = params.cache_implementation
+        if impl == "auto":
+            impl = "static" if device.type == "cuda" else "dynamic"
+        growable = impl == "dynamic"
+        graphs = not growable and device.type == "cuda" and single_device
+        compiled = graphs and params.compile_decode is not False  # None: compile wherever graphs run
+        # fixed caches need room for the sequence and a pass padded past its end; growable ones grow from empty
+        capacity = 0 if growable else _tier(need + MAX_BUCKET, 1024)
+        return cls(params.n_candidates, _tier(limit + 1, 16), growable, graphs, compiled, capacity)
 
 
 @dataclass
 class Runtime:
-    """The draft's and the target's runners for one generation at a time."""
+    """The draft's and the target's runners for a batch: slot ``s`` is one generation's rows in both."""
 
     draft: ModelRunner
     target: ModelRunner
-    key: tuple[Any, ...]
+    shape: Shape
     chunk: int  # draft decode iterations per host read
     cost: float  # one draft iteration over one target pass (weights read per token)
+    taken: set[int] = field(default_factory=set)
 
-    def rewind(self, keep: int) -> None:
-        """Both caches hold at most the first ``keep`` positions of what the loop now takes as the sequence: the
-        rest, written for tokens that were not kept, is overwritten by the next pass (never read past this)."""
+    @property
+    def slots(self) -> int:
+        return self.target.slots
+
+    def take_slot(self) -> int:
+        """The lowest free slot (doubling the runners' slots when all are taken)."""
+        free = next((s for s in range(self.slots) if s not in self.taken), None)
+        if free is None:
+            free = self.slots
+            self.draft, self.target = self.draft.with_slots(2 * self.slots), self.target.with_slots(2 * self.slots)
+        self.taken.add(free)
+        self.rewind(free, 0)
+        return free
+
+    def release(self, slot: int) -> None:
+        self.taken.discard(slot)
+        self.rewind(slot, 0)
+
+    def rewind(self, slot: int, keep: int) -> None:
+        """Both caches hold at most the first ``keep`` positions of what the loop now takes as ``slot``'s sequence:
+        the rest, written for tokens that were not kept, is overwritten by the next pass (never read past this)."""
         for runner in (self.draft, self.target):
-            runner.cache.valid = min(runner.cache.valid, keep)
+            for row in runner.slot_rows(slot):
+                runner.cache.valid[row] = min(runner.cache.valid[row], keep)
 
 
 def _single_device(model: torch.nn.Module) -> bool:
@@ -45,15 +97,17 @@ def _single_device(model: torch.nn.Module) -> bool:
 
 
 class RuntimePool:
-    """Runtimes of one pair: lent to one generation at a time, a few kept for reuse (their graphs too)."""
+    """Runtimes of one pair: lent to one batch at a time, a few kept for reuse (their graphs too)."""
 
     def __init__(self, pair: ModelPair) -> None:
         self.draft_view = engine_view(pair.draft)
         self.target_view = engine_view(pair.target)
         self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
         self.vocab = vocab_rows(self.draft_view, self.target_view)
+        self.single_device = _single_device(self.target_view)
         self.idle: list[Runtime] = []
         self.lock = threading.Lock()
+        self.scheduler: object | None = None  # the pair's batch scheduler (decoding.py), made on first use
 
     @staticmethod
     def for_pair(pair: ModelPair) -> RuntimePool:
@@ -64,46 +118,42 @@ class RuntimePool:
                 pool = pair.runtime_pools[key] = RuntimePool(pair)
         return pool
 
-    def take(self, params: SpecGuardParams, need: int, rows: int, device: torch.device) -> Runtime:
-        impl = params.cache_implementation
-        if impl == "auto":
-            impl = "static" if device.type == "cuda" else "dynamic"
-        growable = impl == "dynamic"
-        graphs = not growable and device.type == "cuda" and _single_device(self.target_view)
-        compiled = graphs and params.compile_decode is not False  # None: compile wherever graphs run
-        kind = (params.n_candidates, rows, growable, graphs, compiled)
-        # fixed caches need room for the sequence and a pass padded past its end; their sizes come in
-        # power-of-two tiers so that few shapes (CUDA graphs, compiled kernels) ever exist
-        room = need if growable else need + MAX_BUCKET
+    def shape(self, params: SpecGuardParams, need: int, limit: int, device: torch.device) -> Shape:
+        return Shape.of(params, need, limit, device, self.single_device)
+
+    def take(self, shape: Shape) -> Runtime:
+        """A runtime of ``shape`` (an idle one with the room, else a new one of one slot)."""
         with self.lock:
-            fits = [r for r in self.idle if r.key[:-1] == kind and r.key[-1] >= room]
-            runtime = min(fits, key=lambda r: r.key[-1]) if fits else None
+            fits = [r for r in self.idle if r.shape[:-1] == shape[:-1] and r.shape.capacity >= shape.capacity]
+            runtime = min(fits, key=lambda r: r.shape.capacity) if fits else None
             if runtime is not None:
                 self.idle.remove(runtime)
         if runtime is None:
-            capacity = room if growable else max(1024, 1 << (room - 1).bit_length())
             runners = [
                 ModelRunner(
                     view,
-                    batch=batch,
-                    capacity=capacity,
-                    rows=rows,
-                    growable=growable,
-                    graphs=graphs,
-                    compile_decode=compiled,
+                    slots=1,
+                    width=width,
+                    capacity=shape.capacity,
+                    steps=shape.steps,
+                    growable=shape.growable,
+                    graphs=shape.graphs,
+                    compile_decode=shape.compiled,
                     vocab=vocab,
                 )
-                for view, batch, vocab in (
-                    (self.draft_view, params.n_candidates, self.vocab[0]),
+                for view, width, vocab in (
+                    (self.draft_view, shape.width, self.vocab[0]),
                     (self.target_view, 1, self.vocab[1]),
                 )
             ]
             draft, target = runners
-            runtime = Runtime(draft, target, key=(*kind, capacity), chunk=4 if graphs else 1, cost=self.cost)
-        runtime.rewind(0)
+            runtime = Runtime(draft, target, shape, chunk=4 if shape.graphs else 1, cost=self.cost)
+        for slot in range(runtime.slots):
+            runtime.rewind(slot, 0)
         return runtime
 
     def give(self, runtime: Runtime) -> None:
+        runtime.taken.clear()
         with self.lock:
             self.idle.append(runtime)
             del self.idle[:-MAX_IDLE_RUNTIMES]  # the oldest go; their tensors and graphs are freed

@@ -1,4 +1,4 @@
-"""Sampling without host synchronisation, and the speculative acceptance rule.
+"""Sampling without host synchronisation: the one processed distribution, and the greedy choice.
 
 :func:`processed_logprobs` is the one place where logits become the distribution a token is drawn
 from, for the draft's candidates, the target's own tokens and both sides of speculative rejection
@@ -125,17 +125,19 @@ def greedy(logits: torch.Tensor, controls: Controls = NO_CONTROLS, seen: torch.T
 
 
 def seen_rows(before: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
-    """Seen-token masks ``[q, V]`` of a pass that fed ``fed [q]`` after a sequence whose mask is ``before [V]``.
+    """Seen-token masks ``[..., q, V]`` of a pass that fed ``fed [..., q]`` after sequences whose masks are
+    ``before [..., V]``.
 
-    Row ``j`` (the logits after feeding ``fed[j]``) has seen ``before`` and ``fed[0..j]``: what
-    transformers' ``input_ids`` would hold there. Built with one scatter and no host read; the pairs
-    outside the triangle write ``fed[0]``, which every row has seen, so every write sets True.
+    Row ``j`` (the logits after feeding ``fed[..., j]``) has seen ``before`` and ``fed[..., :j + 1]``: what
+    transformers' ``input_ids`` would hold there. Built with one scatter and no host read; the pairs outside
+    the triangle write ``fed[..., 0]``, which every row has seen, so every write sets True.
     """
-    q = fed.shape[0]
+    q = fed.shape[-1]
     lower = torch.ones(q, q, dtype=torch.bool, device=fed.device).tril()
-    columns = torch.where(lower, fed[None, :].expand(q, q), fed[:1, None].expand(q, q))
-    marks = torch.zeros(q, before.shape[-1], dtype=torch.bool, device=fed.device)
-    return before.to(fed.device)[None] | marks.scatter_(1, columns, True)
+    spread = fed[..., None, :].expand(*fed.shape[:-1], q, q)
+    columns = torch.where(lower, spread, fed[..., :1, None].expand_as(spread))
+    marks = torch.zeros(*fed.shape, before.shape[-1], dtype=torch.bool, device=fed.device)
+    return before.to(fed.device)[..., None, :] | marks.scatter_(-1, columns, True)
 
 
 def draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -169,11 +171,11 @@ def sample(
 
 
 def residual_sample(logp: torch.Tensor, logq: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A token from ``max(0, p - q)`` renormalised (where speculative sampling lands after a rejection).
+    """A token from ``max(0, p - q)`` renormalised, per row (where speculative sampling lands after a rejection).
 
-    ``logp``/``logq`` ``[V]`` are processed log-probabilities of the target and the draft; where the
+    ``logp``/``logq`` ``[..., V]`` are processed log-probabilities of the target and the draft; where a row's
     residual is empty (p == q) it falls back to ``p``.
     """
     residual = (logp.exp() - logq.exp()).clamp_min(0.0)
-    weights = torch.where(residual.sum() > 0, residual, logp.exp())
+    weights = torch.where(residual.sum(-1, keepdim=True) > 0, residual, logp.exp())
     return draw(weights, uniform)

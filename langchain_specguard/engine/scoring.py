@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from transformers import PreTrainedModel
 
 from .attention import StepAttention, decoder_layers
@@ -65,10 +66,12 @@ class GroundingScorer:
         layers = score_layers(model, params.score_layers)
         return cls(params.signal_source, layers, params.grounding_method) if params.uses_grounding else None
 
-    def record(self, runner: ModelRunner, context_len: int) -> StepAttention:
-        """``runner``'s buffers for the coming pass's step attention; ``context_len`` tokens precede the step."""
+    def record(self, runner: ModelRunner, context_lens: Sequence[int]) -> StepAttention:
+        """``runner``'s buffers for the coming pass's step attention; ``context_lens[s]`` tokens precede slot ``s``'s
+        step."""
         record = runner.record(self.layers)
-        record.context_len.fill_(context_len)
+        per_row = [length for length in context_lens for _ in range(runner.width)]
+        record.context_len[: len(per_row)].copy_(torch.as_tensor(per_row, dtype=torch.long))
         return record
 
     def score(self, record: StepAttention, row: int, k: int) -> float:

@@ -20,7 +20,9 @@ from typing import Any
 
 from .events import StepKind
 from .loading import decode
-from .steps import CallSyntax, find_stop, leading_thought, may_open_thought, new_text, step_complete
+from .options import CallOptions
+from .params import SpecGuardParams
+from .steps import call_syntax, find_stop, leading_thought, may_open_thought, new_text, step_complete
 
 
 def _alive(ref: weakref.ref[Any]) -> Any:
@@ -176,33 +178,23 @@ class Committed:
 class OutputText:
     """Generated tokens, their text, the part already shown, and the step rules that apply to them."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        eos: frozenset[int],
-        delimiters: Sequence[str],
-        stops: Sequence[str],
-        calls: CallSyntax | None,
-        max_step_tokens: int,
-        max_tool_call_tokens: int,
-        prefix: str = "",
-        single_call: bool = False,
-        reasoning: tuple[str, str] | None = None,
-        thinking: bool = False,
-    ) -> None:
+    def __init__(self, tokenizer: Any, eos: frozenset[int], params: SpecGuardParams, options: CallOptions) -> None:
+        stops, reasoning = options.stop, params.reasoning_markers
+        calls = call_syntax(params.tool_call_markers, params.json_tool_calls)
+        thinking = options.thinking and reasoning is not None
         self.tokenizer = tokenizer
         self.eos = eos
         self.stops = list(stops)
-        self.delimiters = [*delimiters, *stops]
+        self.delimiters = [*params.step_delimiters, *stops]
         self.max_stop = max((len(s) for s in stops), default=0)
         self.calls = calls
-        self.max_step = max_step_tokens
-        self.max_call = max_tool_call_tokens
-        self.prefix = prefix  # assistant text already in the prompt (e.g. a forced "<tool_call>")
+        self.max_step = params.max_step_tokens
+        self.max_call = params.max_tool_call_tokens
+        self.prefix = options.prefix  # assistant text already in the prompt (e.g. a forced "<tool_call>")
         self.generated: list[int] = []
         self.full = ""  # decode(generated), cut at a stop sequence
         self.emitted = 0  # characters of ``full`` already handed out
-        self.single_call = single_call  # the output ends with its first complete tool call
+        self.single_call = options.single_call  # the output ends with its first complete tool call
         self.reasoning = reasoning  # (opening, closing) of the think block a reasoning model starts with
         self.opened = thinking  # the prompt opened the think block: the output starts inside it
         self.thinking = thinking  # the current step starts inside the think block
@@ -210,7 +202,7 @@ class OutputText:
         self.answer = ""  # the output past the think block (all of it when there is none)
         patterns = [*self.delimiters, *(calls.patterns if calls else ()), *(reasoning[1:] if reasoning else ())]
         self.may_end = may_end_table(tokenizer, patterns)
-        self.checkpoints = {max_step_tokens, max_tool_call_tokens} if calls else set()
+        self.checkpoints = {self.max_step, self.max_call} if calls else set()
 
     def begin_step(self) -> None:
         self.answer, self.thinking, self.undecided = self.full, False, False

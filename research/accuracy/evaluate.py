@@ -113,7 +113,7 @@ def _init(target: str, draft: str, device: str, dtype: str) -> None:
 
 
 def _run_specguard(job: dict[str, Any]) -> list[dict[str, Any]]:
-    from langchain_specguard.engine import SpecGuardParams, generate
+    from langchain_specguard.engine import CallOptions, SpecGuardParams, generate
     from research.accuracy.problems import dataset, final_answer, prompt_text, step_is_correct
 
     pair = _STATE["pair"]
@@ -128,7 +128,7 @@ def _run_specguard(job: dict[str, Any]) -> list[dict[str, Any]]:
         )  # fmt: skip
         prompt = pair.tokenizer(prompt_text(problem))["input_ids"]
         _STATE["variants"].clear()
-        result = generate(pair, prompt, params, grounding=_study_scorer(params))
+        result = generate(pair, prompt, params, CallOptions(grounding=_study_scorer(params)))
         variants = list(_STATE["variants"])
         if len(variants) != len(result.steps):  # one grounding per verified step; never misalign them
             variants = [{} for _ in result.steps]

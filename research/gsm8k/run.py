@@ -65,12 +65,12 @@ def _prompt_ids(problem: dict[str, Any]) -> list[int]:
 
 def _engine(method: dict[str, Any], problem: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from langchain_specguard.apps.fewshot import TERMINATOR
-    from langchain_specguard.engine import SpecGuardParams, generate
+    from langchain_specguard.engine import CallOptions, SpecGuardParams, generate
     from research.gsm8k.data import correct, step_label
 
     options = {"max_tokens": args.max_tokens, "compile_decode": False, **method["params"]}
     params = SpecGuardParams(**options, seed=args.seed * 100_003 + problem["index"])
-    result = generate(_STATE["pair"], _prompt_ids(problem), params, stop=[TERMINATOR])
+    result = generate(_STATE["pair"], _prompt_ids(problem), params, CallOptions(stop=(TERMINATOR,)))
     right, answer = correct(result.text, problem)
     summary = result.summary
     steps = [

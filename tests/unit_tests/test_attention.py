@@ -13,8 +13,9 @@ from tests.tiny_models import gemma_pair, llama_pair
 TOKENS = [5, 9, 14, 20, 33, 41, 7, 8, 12, 60, 61, 62]
 
 
-def _runner(model: torch.nn.Module, growable: bool, batch: int = 1) -> ModelRunner:
-    return ModelRunner(engine_view(model), batch=batch, capacity=768, rows=16, growable=growable, graphs=False)
+def _runner(model: torch.nn.Module, growable: bool, width: int = 1) -> ModelRunner:
+    view = engine_view(model)
+    return ModelRunner(view, slots=1, width=width, capacity=768, steps=16, growable=growable, graphs=False)
 
 
 @pytest.mark.parametrize("growable", [True, False])
@@ -30,9 +31,9 @@ def test_step_attention_matches_eager_attentions(context_len: int, growable: boo
     with torch.no_grad():
         reference = eager(torch.tensor([TOKENS]), output_attentions=True)  # softmax in float32, even in float64
         plain = model(torch.tensor([TOKENS])).logits
-        runner.prefill(TOKENS[: L - 1], 0)
+        runner.prefill(0, TOKENS[: L - 1], 0)
         record.context_len.fill_(L)
-        logits = runner.forward(TOKENS[L - 1 :], L - 1, record)
+        logits = runner.forward([TOKENS[L - 1 :]], [L - 1], record=record)
     assert torch.allclose(logits[0], plain[0, L - 1 :], atol=1e-12)  # recording changes nothing
 
     k = len(TOKENS) - L + 1
@@ -53,21 +54,21 @@ def test_decode_loop_records_the_same_rows_as_one_pass() -> None:
     target, _ = llama_pair()
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float64)
     L, layers = 5, (3,)
-    whole, loop = _runner(model, True), _runner(model, True, batch=2)
+    whole, loop = _runner(model, True), _runner(model, True, width=2)
     with torch.no_grad():
         first = whole.record(layers)
         first.context_len.fill_(L)
-        whole.prefill(TOKENS[: L - 1], 0)
-        whole.forward(TOKENS[L - 1 :], L - 1, first)
+        whole.prefill(0, TOKENS[: L - 1], 0)
+        whole.forward([TOKENS[L - 1 :]], [L - 1], record=first)
         second = loop.record(layers)
         second.context_len.fill_(L)
-        loop.prefill(TOKENS[: L - 1], 0)
-        # greedy decoding from L-1 writes its own tokens; feed the same ones by forcing the first rows
+        loop.prefill(0, TOKENS[: L - 1], 0)
+        # greedy decoding from L-1 writes its own tokens; feed the same ones by forcing each iteration's token
         for offset, token in enumerate(TOKENS[L - 1 :]):
-            loop.start_decode(token, L - 1 + offset, [0.0, 0.0])
+            loop.start_decode([token], [L - 1 + offset], [[0.0, 0.0]], [offset + 1])
             loop.state.it.fill_(offset)
             loop.decoded = offset
-            loop.decode(1, None, second)
+            loop.decode(1, record=second)
     k = len(TOKENS) - L + 1
     for a, b in zip(first.for_row(0, k), second.for_row(1, k), strict=True):
         assert torch.allclose(a, b)
@@ -83,8 +84,8 @@ def test_sliding_window_layers_match_transformers() -> None:
         reference = model(torch.tensor([tokens])).logits[0]
         for growable in (True, False):
             runner = _runner(model, growable)
-            runner.prefill(tokens[:-5], 0)
-            logits = runner.forward(tokens[-5:], len(tokens) - 5)[0]
+            runner.prefill(0, tokens[:-5], 0)
+            logits = runner.forward([tokens[-5:]], [len(tokens) - 5])[0]
             assert torch.allclose(logits, reference[-5:], atol=1e-10)
 
 

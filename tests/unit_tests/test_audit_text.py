@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.engine import SpecGuardParams, generate, load_pair
+from langchain_specguard.engine import CallOptions, SpecGuardParams, generate, load_pair
 from langchain_specguard.engine.text import token_bytes
 from tests.tiny_models import bpe_pair
 from tests.unit_tests.test_audit import scripted_llm
@@ -26,7 +26,7 @@ def test_tokenizer_is_freed_after_its_pair_is_dropped() -> None:
     pair = load_pair(target, draft, tokenizer=AutoTokenizer.from_pretrained(target), device="cpu")
     prompt = pair.tokenizer("<s>Hello", add_special_tokens=False)["input_ids"]
     params = SpecGuardParams(max_tokens=12, max_step_tokens=3, acceptance_threshold=0.5)
-    result = generate(pair, prompt, params, stop=["zz"])  # fills the step-end table of this tokenizer
+    result = generate(pair, prompt, params, CallOptions(stop=("zz",)))  # fills the step-end table of this tokenizer
     assert result.token_ids
     assert token_bytes(pair.tokenizer, result.token_ids[0])  # and its byte table
     tokenizer = weakref.ref(pair.tokenizer)

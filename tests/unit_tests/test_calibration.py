@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.engine import SpecGuardParams, generate, generate_steps, load_pair
+from langchain_specguard.engine import CallOptions, SpecGuardParams, generate, generate_steps, load_pair
 from langchain_specguard.engine.calibration import PRIOR_THRESHOLD, PRIOR_WEIGHT, ThresholdCalibrator
 from langchain_specguard.engine.scoring import score_layers
 from tests.tiny_models import gemma_pair, llama_pair
@@ -79,13 +79,13 @@ def test_a_calibrator_learned_up_front_then_fixed_is_what_a_fixed_threshold_give
     agreeing = load_pair(target, target, dtype="float64", device="cpu")  # learns fast: its steps are the target's
     prompt = pair.tokenizer("<s>Hello there", add_special_tokens=False)["input_ids"]
     calibrator = ThresholdCalibrator(AUTO.calibration_quantile)
-    list(generate_steps(agreeing, prompt, AUTO, calibrator=calibrator))
+    list(generate_steps(agreeing, prompt, AUTO, CallOptions(calibrator=calibrator)))
     for _ in range(3):
-        list(generate_steps(pair, prompt, AUTO, calibrator=calibrator))
+        list(generate_steps(pair, prompt, AUTO, CallOptions(calibrator=calibrator)))
     assert len(calibrator) > 0
     frozen = calibrator.threshold()
     calibrator.observe = lambda score: None  # type: ignore[method-assign]  # hold it still for the comparison
-    learned = list(generate_steps(pair, prompt, AUTO, calibrator=calibrator))
+    learned = list(generate_steps(pair, prompt, AUTO, CallOptions(calibrator=calibrator)))
     fixed = generate(pair, prompt, AUTO.model_copy(update={"acceptance_threshold": frozen}))
     assert [t for s in learned for t in s.token_ids] == fixed.token_ids
     assert [s.accepted for s in learned] == [s.accepted for s in fixed.steps]

@@ -16,10 +16,19 @@ from typing import Any
 import pytest
 import torch
 
-from langchain_specguard.engine import EVENT_VERSION, SpecGuardParams, generate, generate_steps, load_pair
-from langchain_specguard.engine.generation import Agreement
+from langchain_specguard.engine import (
+    EVENT_VERSION,
+    CallOptions,
+    SpecGuardParams,
+    decoding,
+    generate,
+    generate_steps,
+    load_pair,
+)
+from langchain_specguard.engine.generation import AgreementRate, Generation
 from langchain_specguard.engine.loading import ModelPair
-from langchain_specguard.engine.runtimes import Runtime, RuntimePool
+from langchain_specguard.engine.runner import ModelRunner
+from langchain_specguard.engine.runtimes import Runtime
 from tests.tiny_models import WINDOW, bpe_pair, gemma_pair, llama_pair, qwen_pair
 
 PROMPTS = ["<s>Hello there, how are you?", "<s>The sum of 3 and 5 is"]
@@ -182,7 +191,7 @@ def test_stop_sequence_cuts_exactly() -> None:
     stop = full[12:15]
     cut = full.index(stop)
     params = SpecGuardParams(acceptance_threshold=2.0, max_tokens=40, max_step_tokens=4)
-    result = generate(p, prompt, params, stop=[stop])
+    result = generate(p, prompt, params, CallOptions(stop=(stop,)))
     assert result.text == full[:cut]
     assert stop not in result.text
     assert result.finish_reason == "stop"
@@ -206,7 +215,7 @@ def test_prompt_errors() -> None:
     with pytest.raises(ValueError, match=r"prompt has 600 tokens but the model's context window is 512"):
         generate(p, [5] * 600, SpecGuardParams())
     with pytest.raises(ValueError, match="non-empty"):
-        generate(p, [5, 6], SpecGuardParams(), stop=[""])
+        generate(p, [5, 6], SpecGuardParams(), CallOptions(stop=("",)))
     # the pair is still usable afterwards
     assert generate(p, [5, 6], SpecGuardParams(max_tokens=3)).token_ids
 
@@ -300,20 +309,20 @@ def test_sampling_is_reproducible_and_kept_prefix_is_counted(threshold: float) -
         assert step.kept_tokens == 0 or step.source == "target"
 
 
-def _held_as_if_fresh(pool: RuntimePool, runtime: Runtime, sequence: list[int], params: SpecGuardParams) -> None:
-    """Each cache's valid positions hold what a fresh prefill of ``sequence`` writes there (every batch row)."""
-    fresh = pool.take(params, len(sequence) + 8, 8, torch.device("cpu"))
-    try:
-        for runner, clean in ((runtime.draft, fresh.draft), (runtime.target, fresh.target)):
-            n = runner.cache.valid
-            clean.prefill(sequence[:n], 0)
-            pairs = zip(runner.cache.keys + runner.cache.values, clean.cache.keys + clean.cache.values, strict=True)
+def _held_as_if_fresh(runtime: Runtime, slot: int, sequence: list[int]) -> None:
+    """Each of the slot's cache rows holds, on its valid positions, what a fresh prefill of ``sequence`` writes."""
+    for runner in (runtime.draft, runtime.target):
+        fresh = ModelRunner(runner.view, slots=1, capacity=0, steps=8, growable=True, graphs=False)
+        for row in runner.slot_rows(slot):
+            n = runner.cache.valid[row]
+            if not n:
+                continue
+            fresh.cache.valid[0] = 0
+            fresh.prefill(0, sequence[:n], 0)
+            pairs = zip(runner.cache.keys + runner.cache.values, fresh.cache.keys + fresh.cache.values, strict=True)
             for held, expected in pairs:
-                if n:
-                    assert held is not None and expected is not None
-                    torch.testing.assert_close(held[:, :, :n], expected[:, :, :n], rtol=1e-9, atol=1e-9)
-    finally:
-        pool.give(fresh)
+                assert held is not None and expected is not None
+                torch.testing.assert_close(held[row, :, :n], expected[0, :, :n], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("rounds", [False, True])
@@ -327,25 +336,33 @@ def test_between_steps_the_caches_hold_the_committed_sequence_and_no_more(
     what it holds is what a fresh prefill of that sequence writes (no position of a token that was not kept counts
     as valid), whichever phases ran (accepted steps, rejected ones, speculation rounds); after an accepted step the
     draft's holds exactly that (it fed the whole step but its last token). A cache that lags catches up later.
+    Checked inside the loop, right after each commit, for two generations sharing the batch.
 
     ``rounds``: a rejected step is written in a speculation round of 4 draft tokens, then by the target
     alone (these tiny models' sizes would make it plain decoding throughout); what is written stays the same."""
     if rounds:
         lengths = itertools.cycle([4, 0])
-        monkeypatch.setattr(Agreement, "speculation_length", lambda self, room: min(room, next(lengths)))
-    taken: list[Runtime] = []
-    take = RuntimePool.take
+        monkeypatch.setattr(AgreementRate, "speculation_length", lambda self, room: min(room, next(lengths)))
+    sources: set[str] = set()
+    commit = decoding.commit
 
-    def recording_take(self: RuntimePool, *args: Any, **kwargs: Any) -> Runtime:
-        taken.append(take(self, *args, **kwargs))
-        return taken[-1]
+    def checking_commit(runtime: Runtime, gen: Generation, *args: Any) -> Any:
+        event = commit(runtime, gen, *args)
+        sequence = gen.ids
+        for runner in (runtime.draft, runtime.target):
+            assert all(runner.cache.valid[row] <= len(sequence) - 1 for row in runner.slot_rows(gen.slot))
+        if event.accepted:
+            assert runtime.draft.cache.valid[gen.slot * runtime.draft.width] == len(sequence) - 1
+        _held_as_if_fresh(runtime, gen.slot, sequence)
+        sources.add(event.source)
+        return event
 
-    monkeypatch.setattr(RuntimePool, "take", recording_take)
+    monkeypatch.setattr(decoding, "commit", checking_commit)
     p = pair("llama")
     params = SpecGuardParams(
         cache_implementation=cache,
         # between these models' step scores: some steps pass, some go to the target
-        acceptance_threshold=0.555 if temperature == 0 else 0.45,
+        acceptance_threshold=0.555 if temperature == 0 else 0.55,
         n_candidates=3,
         max_tokens=40,
         max_step_tokens=5,
@@ -353,16 +370,10 @@ def test_between_steps_the_caches_hold_the_committed_sequence_and_no_more(
         seed=3,
     )
     prompt = ids(p, PROMPTS[1])
-    sequence, sources = list(prompt), set()
-    for event in generate_steps(p, prompt, params):
-        sequence += event.token_ids
-        sources.add(event.source)
-        runtime = taken[0]
-        assert runtime.draft.cache.valid <= len(sequence) - 1
-        assert runtime.target.cache.valid <= len(sequence) - 1
-        if event.accepted:
-            assert runtime.draft.cache.valid == len(sequence) - 1
-        _held_as_if_fresh(RuntimePool.for_pair(p), runtime, sequence, params)
+    together = [generate_steps(p, prompt, params), generate_steps(p, ids(p, PROMPTS[0]), params)]
+    sequence = list(prompt)
+    for first, _ in itertools.zip_longest(*together):
+        sequence += first.token_ids if first is not None else []
     assert sources == {"draft", "target"}  # both kinds of step ran
     if temperature == 0:  # how a rejected step is written never changes what is written
         monkeypatch.undo()

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.engine import SpecGuardParams, generate_steps, load_pair
+from langchain_specguard.engine import CallOptions, SpecGuardParams, generate_steps, load_pair
 from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.steps import find_stop, new_text, step_complete
 from langchain_specguard.engine.text import held_back as _held_back
@@ -236,7 +236,7 @@ def test_decoding_loop_limits_and_stops(
         max_step_tokens=step,
         step_delimiters=delimiters,
     )
-    events = list(generate_steps(pair(), prompt(), params, stops))
+    events = list(generate_steps(pair(), prompt(), params, CallOptions(stop=tuple(stops))))
     text = "".join(e.text for e in events)
     assert sum(e.num_tokens for e in events) <= max_tokens
     limited = pair().tokenizer.decode([t for e in events for t in e.token_ids], skip_special_tokens=True)

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from transformers import AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.engine.decoding import generate
+from langchain_specguard.engine.decoding import CallOptions, generate
 from langchain_specguard.tools import step_validator
 from tests.scripted import force_script
 from tests.tiny_models import LLAMA3_HEADER, llama3_pair
@@ -170,9 +170,8 @@ def test_braces_in_prose_are_not_call_steps(answer: str) -> None:
     script(llm, answer, answer)
     pair, tools = llm.load(), [convert_to_openai_tool(lookup)]
     prompt = llm.render_prompt([HumanMessage("Tell me.")], tools)
-    as_calls = generate(
-        pair, prompt, llm.engine_params(json_tool_calls=True), validate_step=step_validator(tools, "json")
-    )
+    checked = CallOptions(validate_step=step_validator(tools, "json"))
+    as_calls = generate(pair, prompt, llm.engine_params(json_tool_calls=True), checked)
     plain = generate(pair, prompt, llm.engine_params())
     assert [(s.kind, s.text) for s in as_calls.steps] == [(s.kind, s.text) for s in plain.steps]
     assert {s.kind for s in as_calls.steps} == {"text"} and as_calls.text == answer
@@ -204,7 +203,7 @@ def test_the_vote_prefers_a_schema_valid_candidate(style: str) -> None:
     unchecked = generate(pair, prompt, params)  # without a schema the medoid is the broken call two rows agree on
     assert unchecked.steps[0].draft_text.strip() == bad
 
-    checked = generate(pair, prompt, params, validate_step=step_validator(tools, style))  # type: ignore[arg-type]
+    checked = generate(pair, prompt, params, CallOptions(validate_step=step_validator(tools, style)))  # type: ignore[arg-type]
     first = checked.steps[0]
     assert first.draft_text.strip() == good and first.source == "draft" and first.accepted
     assert (first.kind, first.call_candidates, first.valid_call_candidates) == ("tool_call", 3, 1)

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.engine import SpecGuardParams, generate, load_pair, loading
+from langchain_specguard.engine import CallOptions, SpecGuardParams, generate, load_pair, loading
 from langchain_specguard.engine.loading import ModelPair
 from tests.tiny_models import CHATML, llama_pair, long_llama_pair
 
@@ -513,7 +513,7 @@ def test_stop_spanning_steps_cut_exactly_when_streaming(mode: str) -> None:
 def _steps(pair: ModelPair, prompt: list[int], params: SpecGuardParams, stop: list[str]) -> list[Any]:
     from langchain_specguard.engine import generate_steps
 
-    return list(generate_steps(pair, prompt, params, stop))
+    return list(generate_steps(pair, prompt, params, CallOptions(stop=tuple(stop or ()))))
 
 
 def test_stop_in_chat_stream_never_leaks(llm: ChatSpecGuard) -> None:

@@ -144,7 +144,7 @@ def test_select_needs_a_candidate() -> None:
 
 @pytest.mark.parametrize("source", ["target", "draft"])
 def test_a_grounding_scorer_of_your_own_sees_the_recorded_attention_and_decides(source: str) -> None:
-    from langchain_specguard.engine import GroundingScorer, SpecGuardParams, generate, load_pair
+    from langchain_specguard.engine import CallOptions, GroundingScorer, SpecGuardParams, generate, load_pair
     from tests.tiny_models import llama_pair
 
     target, draft = llama_pair()
@@ -166,7 +166,7 @@ def test_a_grounding_scorer_of_your_own_sees_the_recorded_attention_and_decides(
             seen.append((k, tuple(record.layers)))
             return super().score(record, row, k)
 
-    studied = generate(pair, prompt, params, grounding=Study(source, described.layers, described.method))
+    studied = generate(pair, prompt, params, CallOptions(grounding=Study(source, described.layers, described.method)))
     # the same attention, the same scores, the same text: the study only looked
     assert studied.text == plain.text
     assert [s.grounding for s in studied.steps] == pytest.approx([s.grounding for s in plain.steps], nan_ok=True)
@@ -178,7 +178,9 @@ def test_a_grounding_scorer_of_your_own_sees_the_recorded_attention_and_decides(
         def score(self, record, row, k):  # type: ignore[no-untyped-def]
             return 1.0
 
-    grounded = generate(pair, prompt, params, grounding=Grounded(source, described.layers, described.method))
+    grounded = generate(
+        pair, prompt, params, CallOptions(grounding=Grounded(source, described.layers, described.method))
+    )
     assert all(s.grounding == 1.0 for s in grounded.steps)
     # the decision with confidence alone records nothing: no scorer is made
     assert GroundingScorer.of(pair, SpecGuardParams(**{**options, "decision": "confidence"})) is None

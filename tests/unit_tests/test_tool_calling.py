@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from langchain_specguard import STEP_EVENT, ChatSpecGuard
 from langchain_specguard.binding import ToolRequest
-from langchain_specguard.engine.decoding import generate
+from langchain_specguard.engine.decoding import CallOptions, generate
 from langchain_specguard.tools import HERMES_MARKERS, step_validator
 from tests.scripted import force_script
 from tests.tiny_models import long_llama_pair
@@ -103,7 +103,7 @@ def test_schema_invalid_draft_call_is_rejected_and_target_writes_the_step() -> N
     prompt = llm.render_prompt([HumanMessage("What is 17 * 3?")], tools)
     target_alone = generate(pair, prompt, params.model_copy(update={"acceptance_threshold": 2.0}))
 
-    result = generate(pair, prompt, params, validate_step=step_validator(tools))
+    result = generate(pair, prompt, params, CallOptions(validate_step=step_validator(tools)))
     first = result.steps[0]
     assert first.draft_text.strip() == bad_call
     assert first.reason == "schema" and not first.accepted and first.source == "target"
@@ -129,7 +129,7 @@ def test_valid_draft_call_is_one_step_and_text_before_it_is_split_off() -> None:
     tools = [convert_to_openai_tool(lookup)]
     params = llm.engine_params(tool_call_markers=HERMES_MARKERS, step_delimiters=["\n"])
     prompt = llm.render_prompt([HumanMessage("Capital of France?")], tools)
-    result = generate(pair, prompt, params, validate_step=step_validator(tools))
+    result = generate(pair, prompt, params, CallOptions(validate_step=step_validator(tools)))
     texts = [(s.kind, s.text) for s in result.steps]
     # the call holds two "\n" delimiters, yet it is one step, opening marker to closing marker
     assert texts[0] == ("text", "Sure thing ")

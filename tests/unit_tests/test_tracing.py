@@ -184,10 +184,10 @@ def test_langsmith_step_runs_form_a_tree_when_streaming(llm: ChatSpecGuard, lang
         assert child["run_type"] == "chain" and child["inputs"] == {"index": index}
         assert child["outputs"] == event
         assert child["dotted_order"].startswith(run["dotted_order"] + ".")
-        # each child spans its own step: opened before the step ran, closed when it was verified
+        # each child spans its own step as the call waited for it: opened when the call asked for the step (the
+        # batch may have computed it already, one step ahead), closed when it was delivered
         started, ended = _time(child["start_time"]), _time(child["end_time"])
         assert previous_end <= started < ended <= _time(run["end_time"])
-        assert (ended - started).total_seconds() >= event["seconds"]
         previous_end = ended
 
 
