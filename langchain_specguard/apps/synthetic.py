@@ -54,6 +54,15 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
         "vocab_size": 152064,
     },
+    "qwen2.5-1.5b": {
+        **_QWEN,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+    },
     "qwen2.5-0.5b": {
         **_QWEN,
         "hidden_size": 896,

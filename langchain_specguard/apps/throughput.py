@@ -158,12 +158,27 @@ def batched_generate(
             seconds = time.perf_counter() - started
         wall += seconds
         for row in out[:, width:].tolist():
-            ends = [i for i, t in enumerate(row) if t in pair.eos_token_ids]
-            row = row[: ends[0]] if ends else row
+            ends = [i for i, t in enumerate(row) if t in pair.eos_token_ids or t == pad]
+            row = until_stop(tok, row[: ends[0]] if ends else row, stop)
             text = decode(tok, row)
             cut = min((text.find(s) for s in stop if s in text), default=-1)
             answers.append(Answer(len(row), text[:cut] if cut >= 0 else text, seconds))
     return wall, answers
+
+
+def until_stop(tokenizer: Any, row: list[int], stop: tuple[str, ...]) -> list[int]:
+    """``row`` up to the token that completes the first stop string: what a call that stops there is charged
+    (a batch's rows go on after their own stop until the whole batch is done, which must not count as throughput)."""
+    if not stop or not any(s in decode(tokenizer, row) for s in stop):
+        return row
+    low, high = 1, len(row)  # the shortest prefix whose text holds a stop string
+    while low < high:
+        middle = (low + high) // 2
+        if any(s in decode(tokenizer, row[:middle]) for s in stop):
+            high = middle
+        else:
+            low = middle + 1
+    return row[:low]
 
 
 def _sync(device: torch.device) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from pydantic import ValidationError
 
@@ -128,3 +132,36 @@ def test_chat_model_calibrate_returns_a_threshold_and_changes_no_later_call() ->
     assert after.content == before.content
     fixed = llm.invoke("Hello there", acceptance_threshold=value)  # the value is for fixing
     assert fixed.response_metadata["specguard"]["step_events"][0]["threshold"] == pytest.approx(value)
+
+
+# one caller's traffic never changes another's output (origin: issue 19 item 4, the "auto" threshold was one
+# calibrator per loaded pair, fed by every call at any temperature)
+
+GREEDY_CALL = textwrap.dedent(
+    """
+    from langchain_specguard import ChatSpecGuard
+    from tests.tiny_models import llama_pair
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_model=draft, max_tokens=40, max_step_tokens=4, {options})
+    print(repr(llm.invoke("The sum of 3 and 5 is").content))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "options", ["", "acceptance_threshold='auto', confidence_method='mean'"], ids=["default", "auto"]
+)
+def test_a_greedy_call_gives_the_same_text_whatever_other_callers_did(options: str) -> None:
+    target, draft = llama_pair()
+    config = eval(f"dict({options})")  # the same options as the fresh process below
+    llm = ChatSpecGuard(model=target, draft_model=draft, max_tokens=40, max_step_tokens=4, **config)
+    before = llm.invoke("The sum of 3 and 5 is").content
+    other = ChatSpecGuard(model=target, draft_model=draft, max_tokens=40, max_step_tokens=4, **config)
+    assert other.load() is llm.load()  # one loaded pair: where shared state would live
+    for seed in range(10):  # another caller's sampled traffic on the same pair
+        other.invoke("Hello there, how are you?", temperature=0.9, seed=seed)
+    assert llm.invoke("The sum of 3 and 5 is").content == before
+    fresh = subprocess.run(
+        [sys.executable, "-c", GREEDY_CALL.format(options=options)], capture_output=True, text=True, check=True
+    )
+    assert fresh.stdout.strip().splitlines()[-1] == repr(before)

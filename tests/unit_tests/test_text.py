@@ -1,4 +1,5 @@
-"""Regression tests for issue 19's findings about the output's text (engine/text.py), one or more per finding.
+"""The output's text (engine/text.py): its per-tokenizer tables are freed with their tokenizer, and stop sequences
+cut where they occur, even one holding U+FFFD. Origin: issue 19's findings about the output's text.
 
 Where a specific answer is needed the text is scripted (:mod:`tests.scripted`); everything downstream of the
 logits is the real code.
