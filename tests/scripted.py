@@ -37,11 +37,13 @@ def force_script(
 ) -> PreTrainedModel:
     """Make ``model`` write ``script(prompt_text)`` after ``header``, then ``end_token``.
 
-    ``script`` returns one text for every batch row, or a list of texts, one per row.
+    ``script`` returns one text for every batch row, or a list of texts, one per row of a pass. Each cache row
+    (a generation's row in a batch) is followed on its own, so generations that joined a batch at different times
+    each get their own script at their own positions.
     """
     end = tokenizer.convert_tokens_to_ids(end_token)
     marker = tokenizer(header, add_special_tokens=False)["input_ids"]
-    state: dict[str, Any] = {"seen": {}, "start": None, "answers": [[]]}
+    rows_state: dict[int, dict[str, Any]] = {}
 
     def tokens_of(text: str) -> list[int]:
         ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -49,34 +51,56 @@ def force_script(
 
     def forward(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
         input_ids: torch.Tensor = kwargs["input_ids"]
-        positions: list[int] = kwargs["position_ids"][0].tolist()
+        all_positions: list[list[int]] = kwargs["position_ids"].tolist()
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        rows = getattr(cache, "rows", None) or slice(0, input_ids.shape[0])
         out = type(self).forward(self, *args, **kwargs)  # the real forward of whichever object runs
-        if positions[0] == 0:  # a new generation
-            state.update(seen={}, start=None, answers=[[]])
-        seen: dict[int, int] = state["seen"]
-        for position, token in zip(positions, input_ids[0].tolist(), strict=True):
-            seen[position] = token  # the latest write wins: padded passes write placeholders past the end
-        row = [seen[i] for i in range(len(seen))]
-        starts = [i + len(marker) for i in range(len(row) - len(marker) + 1) if row[i : i + len(marker)] == marker]
-        if starts and starts[-1] != state["start"]:  # the prompt may arrive in chunks: the last header wins
-            state["start"] = starts[-1]
-            texts = script(tokenizer.decode(row[: starts[-1]]))
-            state["answers"] = [tokens_of(texts)] if isinstance(texts, str) else [tokens_of(t) for t in texts]
-        if state["start"] is None:
-            return out
         logits = out.logits
         keep = logits.shape[1]
         bias = torch.zeros_like(logits)
-        answers: list[list[int]] = state["answers"]
-        for j, position in enumerate(positions[len(positions) - keep :]):
-            offset = position + 1 - state["start"]
-            if offset < 0:
+        scripted = False
+        for r, (positions, tokens) in enumerate(zip(all_positions, input_ids.tolist(), strict=True)):
+            cache_row = (rows.start or 0) + r * (rows.step or 1)
+            if positions[0] == 0 or cache_row not in rows_state:  # a new generation in this row
+                rows_state[cache_row] = {"seen": {}, "start": None, "answers": [[]]}
+            state = rows_state[cache_row]
+            seen: dict[int, int] = state["seen"]
+            if any(p not in seen for p in range(positions[0])):  # its cache was copied from its slot's leader
+                donor = _donor(rows_state, cache_row, positions[0])
+                if donor is not None:
+                    seen.update({p: t for p, t in donor["seen"].items() if p < positions[0]})
+                    state.update(start=donor["start"], answers=donor["answers"])
+            for position, token in zip(positions, tokens, strict=True):
+                seen[position] = token  # the latest write wins: padded passes write placeholders past the end
+            row: list[int] = []
+            while len(row) in seen:
+                row.append(seen[len(row)])
+            starts = [i + len(marker) for i in range(len(row) - len(marker) + 1) if row[i : i + len(marker)] == marker]
+            if starts and starts[-1] != state["start"]:  # the prompt may arrive in chunks: the last header wins
+                state["start"] = starts[-1]
+                texts = script(tokenizer.decode(row[: starts[-1]]))
+                state["answers"] = [tokens_of(texts)] if isinstance(texts, str) else [tokens_of(t) for t in texts]
+            if state["start"] is None:
                 continue
-            for r in range(logits.shape[0]):
-                answer = answers[min(r, len(answers) - 1)]
-                bias[r, j, answer[offset] if offset < len(answer) else end] = BIAS
-        out.logits = logits + bias
+            answers: list[list[int]] = state["answers"]
+            answer = answers[min(r, len(answers) - 1)]
+            for j, position in enumerate(positions[len(positions) - keep :]):
+                offset = position + 1 - state["start"]
+                if offset >= 0:
+                    bias[r, j, answer[offset] if offset < len(answer) else end] = BIAS
+                    scripted = True
+        if scripted:
+            out.logits = logits + bias
         return out
 
     model.forward = types.MethodType(forward, model)  # type: ignore[method-assign]
     return model
+
+
+def _donor(rows_state: dict[int, dict[str, Any]], row: int, length: int) -> dict[str, Any] | None:
+    """The nearest earlier row holding the first ``length`` positions: the slot leader whose cache the engine copied
+    into ``row`` (a draft slot's candidate rows share the leader's prefilled prompt)."""
+    for other in sorted((r for r in rows_state if r < row), reverse=True):
+        if all(p in rows_state[other]["seen"] for p in range(length)):
+            return rows_state[other]
+    return None

@@ -9,6 +9,7 @@ crashed sampling and could feed the target a token it cannot embed (item 5); fix
 from __future__ import annotations
 
 import functools
+import time
 
 import pytest
 import torch
@@ -134,3 +135,22 @@ def test_a_step_longer_than_256_tokens_runs_on_a_fixed_cache(decision: str, thre
     for mine, theirs in zip(static.steps, dynamic.steps, strict=True):
         assert mine.grounding == pytest.approx(theirs.grounding, abs=1e-6, nan_ok=True)
         assert mine.confidence == pytest.approx(theirs.confidence, abs=1e-6)
+
+
+def test_step_buffers_are_sized_by_what_the_call_can_produce() -> None:
+    """A step cap far past the budget allocates for the budget. Origin: issue 25 item 6, where
+    ``invoke("hi", max_tokens=8, max_step_tokens=10**7)`` tried to allocate 6.4 GB for step buffers sized by the cap."""
+    from langchain_specguard import ChatSpecGuard
+    from langchain_specguard.engine.runtimes import RuntimePool
+
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_model=draft, max_tokens=8)
+    for options in ({"max_step_tokens": 10**7}, {"max_tool_call_tokens": 10**7, "max_step_tokens": 500_000}):
+        assert isinstance(llm.invoke("hi", **options).content, str)
+        pool = RuntimePool.for_pair(llm.load())
+        for _ in range(100):  # the batch's worker gives the runtime back just after the call's last step
+            if pool.idle:
+                break
+            time.sleep(0.05)
+        assert pool.idle and all(runtime.shape.steps == 16 for runtime in pool.idle)  # the smallest tier
+        assert all(runtime.draft.state.tokens.shape[1] == 16 for runtime in pool.idle)
