@@ -201,6 +201,10 @@ def test_a_server_killed_mid_request_gives_a_clear_error_within_the_timeout(
 
 @pytest.mark.qwen
 @pytest.mark.timeout(3000)  # the first run exports the 1.5B checkpoint from its GGUF (minutes)
+@pytest.mark.skipif(
+    not os.environ.get("SPECGUARD_SERVED_LARGE"),
+    reason="the 1.5B server takes minutes and ~6 GB on a 2-core CI box: set SPECGUARD_SERVED_LARGE=1 to run it",
+)
 def test_the_served_1_5b_target_judges_its_own_greedy_continuation(prompt: list[int]) -> None:
     with VLLMServer(exported("target"), "qwen-1.5b") as server:
         check_judges_its_own_greedy_continuation(server, prompt, 16)
