@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import threading
 import time
 from typing import Any
 
 import torch
 
-from langchain_specguard.apps import synthetic
-from langchain_specguard.engine import CallOptions, SpecGuardParams, decoding, generate
+from langchain_specguard.apps import synthetic, throughput
+from langchain_specguard.engine import SpecGuardParams, decoding
 from langchain_specguard.engine import runner as runner_module
 
 PHASES = ("propose", "verify", "write", "commit")
@@ -76,28 +75,10 @@ def instrument() -> None:
 
 
 def clients(pair: Any, params: SpecGuardParams, prompts: list[list[int]], concurrency: int) -> tuple[float, int]:
-    todo = list(range(len(prompts)))
-    lock = threading.Lock()
-    tokens = [0]
-    options = CallOptions(max_batch_size=max(concurrency, 1))
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                i = todo.pop()
-            result = generate(pair, prompts[i], params, options)
-            with lock:
-                tokens[0] += len(result.token_ids)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started, tokens[0]
+    """The throughput app's closed-loop clients; the wall time and the tokens written."""
+    call = throughput.engine_call(pair, params, (), max(concurrency, 1))
+    wall, answers = throughput.clients(call, prompts, concurrency)
+    return wall, sum(a.tokens for a in answers)
 
 
 def main() -> None:
@@ -116,10 +97,23 @@ def main() -> None:
     params = SpecGuardParams(max_tokens=args.max_tokens, compile_decode=args.compile, seed=0)
     prompts = synthetic.synthetic_prompts(pair, 64, args.prompt_tokens)
     instrument()
-    print(f"{pair.name}; {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}; params {params.max_step_tokens=} "
-          f"{params.n_candidates=} {params.compile_decode=}", flush=True)
-    header = ("conc", "tok/s", "steps", "batch", "ms/step", *(f"{p} ms" for p in PHASES), "captures", "capture s",
-              "passes/step")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(
+        f"{pair.name}; {device}, torch {torch.__version__}; params {params.max_step_tokens=} "
+        f"{params.n_candidates=} {params.compile_decode=}",
+        flush=True,
+    )
+    header = (
+        "conc",
+        "tok/s",
+        "steps",
+        "batch",
+        "ms/step",
+        *(f"{p} ms" for p in PHASES),
+        "captures",
+        "capture s",
+        "passes/step",
+    )
     print(" ".join(f"{h:>10}" for h in header), flush=True)
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         clients(pair, params, prompts[:concurrency], concurrency)  # warm this concurrency's shapes
@@ -134,8 +128,9 @@ def main() -> None:
         top = passes.most_common(8)
         print("   most run passes (model, kind, rows.stop, rows.step, q): " + ", ".join(f"{k}x{n}" for k, n in top))
         if concurrency == args.torch_profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
                 clients(pair, params, prompts[:concurrency], concurrency)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 

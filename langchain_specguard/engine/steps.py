@@ -11,7 +11,7 @@ open the answer (Llama 3.x, :class:`JsonCalls`; the rule is :func:`json_calls`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -58,6 +58,14 @@ def closing_at(text: str, start: int, closing: str) -> int | None:
     A marker call's body is JSON: a closing marker inside one of its strings (an argument's text) is that
     text, not the call's end, as :func:`json_end` reads brackets. ``start`` must lie outside a string.
     """
+    return next((i for i, _ in outside_strings(text, start) if text.startswith(closing, i)), None)
+
+
+def outside_strings(text: str, start: int) -> Iterator[tuple[int, str]]:
+    """The characters of ``text`` from ``start`` (outside a string) that lie outside JSON strings, with their index.
+
+    A quote opens a string, which a quote not escaped by a backslash closes; the quotes themselves are not yielded.
+    """
     in_string = escaped = False
     for i in range(start, len(text)):
         char = text[i]
@@ -70,9 +78,8 @@ def closing_at(text: str, start: int, closing: str) -> int | None:
                 in_string = False
         elif char == '"':
             in_string = True
-        elif text.startswith(closing, i):
-            return i
-    return None
+        else:
+            yield i, char
 
 
 def marker_calls(text: str, markers: tuple[str, str]) -> list[tuple[int, int | None]]:
@@ -152,19 +159,9 @@ def json_end(text: str, start: int) -> int | None:
     count), so the end is found without parsing; whether the value is valid JSON is the validator's
     question.
     """
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        char = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
+    depth = 0
+    for i, char in outside_strings(text, start):
+        if char in "{[":
             depth += 1
         elif char in "}]":
             depth -= 1
