@@ -13,6 +13,7 @@ answer starts (after the last assistant header, ``<|im_start|>assistant\\n`` by 
 every position after it, so batched draft candidates, verification and speculation passes are forced
 consistently. A script may also give one text per batch row, so the draft's candidates differ: row
 ``r`` is forced along text ``r`` position by position (rows past the list take the last text).
+:func:`scripted_llm` builds a chat model on a pair of its own with both models scripted.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from langchain_specguard import ChatSpecGuard
 
 ASSISTANT = "<|im_start|>assistant\n"
 BIAS = 1e4
@@ -104,3 +107,21 @@ def _donor(rows_state: dict[int, dict[str, Any]], row: int, length: int) -> dict
         if all(p in rows_state[other]["seen"] for p in range(length)):
             return rows_state[other]
     return None
+
+
+def scripted_llm(pair_dirs: tuple[str, str], script: str, **options: Any) -> ChatSpecGuard:
+    """A chat model on ``pair_dirs`` whose draft and target both write ``script``, so whichever model writes a
+    step, the text is the same; ``options`` override the small defaults below.
+
+    A tokenizer object of its own gives the instance a pair of its own (instances with the same loading
+    options share one loaded pair): scripting its models reaches no other test's instance.
+    """
+    target, draft = pair_dirs
+    config: dict[str, Any] = {"max_tokens": 60, "n_candidates": 2, "seed": 0, "step_delimiters": ["\n"]}
+    llm = ChatSpecGuard(
+        target_model=target, draft_model=draft, tokenizer=AutoTokenizer.from_pretrained(target), **{**config, **options}
+    )
+    pair = llm.load()
+    force_script(pair.draft, pair.tokenizer, lambda prompt: script)
+    force_script(pair.target, pair.tokenizer, lambda prompt: script)
+    return llm

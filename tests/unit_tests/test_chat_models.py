@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,10 +13,11 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import ValidationError
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from langchain_specguard import STEP_EVENT, SUMMARY_EVENT, ChatSpecGuard
 from tests.tiny_models import llama_pair, mismatched_draft
+from tests.unit_tests.test_binding import echo
 
 
 class Collector(BaseCallbackHandler):
@@ -271,3 +273,64 @@ def test_missing_local_path_and_unknown_hub_id_fail_fast() -> None:
     with pytest.raises(OSError, match="not in the Hugging Face cache"):
         ChatSpecGuard(target_model="no-such-org/no-such-model", draft_layers=1).invoke("Hello")
     assert time.perf_counter() - started < 20
+
+
+def test_unknown_options_are_rejected() -> None:
+    """Origin: the outside audit (issue 11), item 12: unknown constructor arguments (``max_new_tokens``, a
+    misspelt option) were silently ignored, and ``ChatSpecGuard(draft_model=X)`` quietly loaded the embedded
+    model. ``model`` is the usual LangChain alias of ``target_model``."""
+    target, draft = llama_pair()
+    assert ChatSpecGuard(model=target, draft_model=draft).target_model == target
+    for bad in ({"max_new_tokens": 5}, {"acceptence_threshold": 0.9}):
+        with pytest.raises(ValidationError, match=r"unknown option\(s\) .* the options are .*acceptance_threshold"):
+            ChatSpecGuard(model=target, draft_model=draft, **bad)
+    with pytest.raises(ValidationError, match="draft_model was given without target_model"):
+        ChatSpecGuard(draft_model=draft)
+
+
+def test_score_layers_checked_against_the_scoring_model() -> None:
+    """Origin: the outside audit (issue 11), item 13: ``score_layers`` was checked against the draft even when
+    the target scores, and only at call time; it is checked against the model that computes the signals, at
+    construction where that model is known."""
+    target, draft = llama_pair()  # 4-layer target, 2-layer draft
+    llm = ChatSpecGuard(target_model=target, draft_model=draft, score_layers=[3], max_tokens=4, seed=0)
+    assert llm.invoke("hi").content is not None  # layer 3 exists in the target, which scores
+    with pytest.raises(ValueError, match=r"score_layers must be .* in \[-2, 1\]"):
+        ChatSpecGuard(
+            target_model=target,
+            draft_model=draft,
+            score_layers=[3],
+            signal_source="draft",
+            confidence_method="mean",
+            acceptance_threshold=0.5,
+        ).load()
+    loaded = AutoModelForCausalLM.from_pretrained(target)
+    with pytest.raises(ValidationError, match=r"score_layers must be .* in \[-4, 3\]"):  # known at construction
+        ChatSpecGuard(
+            target_model=loaded, draft_layers=2, tokenizer=AutoTokenizer.from_pretrained(target), score_layers=[7]
+        )
+
+
+def test_bad_values_get_clear_errors(tmp_path: Path) -> None:
+    """Origin: the outside audit (issue 11), item 14: ``seed=2**64``, ``stop=5``, a lone surrogate in a message,
+    a truncated safetensors file and a malformed ``tool_choice`` each gave an error naming neither the option
+    nor the cause; each is now a clear error, and the instance stays usable."""
+    target, draft = llama_pair()
+    with pytest.raises(ValidationError, match="seed"):
+        ChatSpecGuard(model=target, draft_model=draft, seed=2**64)
+    llm = ChatSpecGuard(model=target, draft_model=draft, max_tokens=4, seed=0)
+    with pytest.raises(TypeError, match="stop must be a list of strings, got int"):
+        llm.invoke("hi", stop=5)
+    with pytest.raises(ValueError, match=r"user message is not valid text: .*lone surrogates"):
+        llm.invoke("bad \ud800 text")
+    with pytest.raises(ValueError, match=r"tool_choice .* is malformed"):
+        llm.bind_tools([echo], tool_choice={"type": "function", "function": None})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in Path(target).iterdir():
+        (broken / name.name).write_bytes(name.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"could not load target_model from '{broken}'"):
+        ChatSpecGuard(model=str(broken), draft_model=draft).invoke("hi")
+    assert llm.invoke("hi").content is not None  # still usable

