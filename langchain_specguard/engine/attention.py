@@ -140,6 +140,7 @@ def specguard_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    *,
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,

@@ -153,7 +153,7 @@ def decide(
             proposed = torch.tensor([_pad(trials[i].proposed, k) for i in chosen])
             decided = accept(proposed, lengths, rows, choices=judgement.choices[chosen], passed=marks)
         else:
-            decided = _sample(runtime, judgement, chosen, k, lengths, rows, marks)
+            decided = _sample(runtime, judgement, chosen, k=k, lengths=lengths, rows=rows, passed=marks)
         for i, result in zip(chosen, decided, strict=True):
             results[i] = result
     return [r for r in results if r is not None]
@@ -163,6 +163,7 @@ def _sample(
     runtime: Runtime,
     judgement: Judgement,
     chosen: list[int],
+    *,
     k: int,
     lengths: list[int],
     rows: list[int],
