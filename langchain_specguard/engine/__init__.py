@@ -21,6 +21,7 @@ from .loading import (
     hub_options,
     load_embedded_pair,
     load_pair,
+    load_served_pair,
     resolve_dtype,
     self_speculative_draft,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "load_embedded_pair",
     "load_packaged_pair",
     "load_pair",
+    "load_served_pair",
     "marker_calls",
     "may_open_thought",
     "resolve_dtype",
