@@ -152,7 +152,7 @@ class ModelServer:
         if body.get("temperature", 1.0) != 0:
             return 400, {"error": {"message": "this stand-in server decodes greedily only"}}
         stops, stop_ids = list(body.get("stop") or []), set(body.get("stop_token_ids") or []) | self.eos
-        tokens, values, tops = (list(prompt), [None], [None]) if echo else ([], [], [])
+        tokens, values, tops = ([prompt[0]], [None], [None]) if echo else ([], [], [])
         with self.lock, torch.no_grad():
             if echo:
                 logp = self._logprobs(prompt)

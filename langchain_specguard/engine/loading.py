@@ -704,9 +704,9 @@ def load_served_pair(
             f"the draft's head scores {head_rows(draft_model)} tokens, but the tokenizer has {len(tok)}: its logits "
             "cannot be read as the next token over this vocabulary"
         )
+    served_window = served.learn_context_window()  # (also: the server serves that model)
     served.check_tokenizer(tok)
     window = context_window(draft_model)
-    served_window = served.learn_context_window()
     return ModelPair(
         target=None,
         served=served,

@@ -207,7 +207,8 @@ class ServedTarget:
 
     def learn_context_window(self) -> int | None:
         """The served model's context window as the server states it (vLLM's ``max_model_len`` in ``/models``),
-        kept in :attr:`context_window`; None where the server does not say (a server without ``/models`` too)."""
+        kept in :attr:`context_window`; None where the server does not say (a server without ``/models`` too).
+        A server that lists its models but not this one is an error that names the ones it serves."""
         name = self.model
         try:
             models = self._models()
@@ -216,6 +217,9 @@ class ServedTarget:
                 return None
             raise
         entry = next((m for m in models if m.get("id") == name), None)
+        if entry is None and models:
+            served = [m.get("id") for m in models]
+            raise ServedProtocolError(self.url, f"serves {served}, not {name!r}: name one of them")
         self.context_window = _max_model_len(entry) if entry is not None else None
         return self.context_window
 
