@@ -447,7 +447,7 @@ class ServedTarget:
                 failure = ServedConnectionError(self.url, f"no connection within {self.config.connect_timeout:g}s")
                 retry = True
             except httpx.TimeoutException:
-                raise ServedTimeoutError(self.url, f"no answer to {where} within {limit:g}s") from None
+                raise ServedTimeoutError(self.url, f"no answer to {where} within {limit:.3g}s") from None
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 failure = ServedConnectionError(
                     self.url, f"the connection closed during {where}, the server may have died ({_reason(exc)})"
