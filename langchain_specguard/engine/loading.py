@@ -605,22 +605,14 @@ def load_pair(
         draft_device = device
         if device_map is not None:  # a sharded target: the draft goes where the target's inputs go
             draft_device = str(model_device(target_model))
-        draft_model = load_model(
+        draft_model, draft_tok = load_draft(
             draft,
             device=draft_device,
             dtype=torch_dtype,
             gguf_file=draft_gguf_file,
             trust_remote_code=trust_remote_code,
-            role="draft",
             model_kwargs=draft_model_kwargs,
-        )
-        draft_tok = _draft_tokenizer(
-            draft,
-            draft_model,
-            draft_tokenizer,
-            gguf_file=draft_gguf_file,
-            trust_remote_code=trust_remote_code,
-            model_kwargs=draft_model_kwargs,
+            tokenizer=draft_tokenizer,
         )
         check_vocabularies(target_tok, draft_tok)
         t_rows = embedding_rows(target_model)
@@ -674,22 +666,14 @@ def load_served_pair(
     served = ServedTarget(url, model=model, **dict(server_options or {}))
     check_object_dtype(draft, dtype, "draft")
     device = device or default_device()
-    draft_model = load_model(
+    draft_model, own = load_draft(
         draft,
         device=device,
         dtype=resolve_dtype(dtype, device),
         gguf_file=draft_gguf_file,
         trust_remote_code=trust_remote_code,
-        role="draft",
         model_kwargs=draft_model_kwargs,
-    )
-    own = _draft_tokenizer(
-        draft,
-        draft_model,
-        draft_tokenizer,
-        gguf_file=draft_gguf_file,
-        trust_remote_code=trust_remote_code,
-        model_kwargs=draft_model_kwargs,
+        tokenizer=draft_tokenizer,
     )
     if tokenizer is not None:
         hub = hub_options(draft_model_kwargs, same_repository=False)
@@ -716,6 +700,32 @@ def load_served_pair(
         context_window=min(window, served_window) if served_window is not None else window,
         name=served.model,
     )
+
+
+def load_draft(
+    draft: ModelSpec,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    gguf_file: str | None,
+    trust_remote_code: bool,
+    model_kwargs: dict[str, Any] | None,
+    tokenizer: str | PreTrainedTokenizerBase | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A draft model and its own tokenizer (None when there is none to read), for checking against the target's."""
+    model = load_model(
+        draft,
+        device=device,
+        dtype=dtype,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+        role="draft",
+        model_kwargs=model_kwargs,
+    )
+    own = _draft_tokenizer(
+        draft, model, tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code, model_kwargs=model_kwargs
+    )
+    return model, own
 
 
 def _draft_tokenizer(

@@ -15,16 +15,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import pytest
 import torch
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
-from langchain_specguard import STEP_EVENT, ChatSpecGuard
+from langchain_specguard import ChatSpecGuard, SpecGuardCallbackHandler
 from langchain_specguard.engine.served import (
     ServedConnectionError,
     ServedProtocolError,
@@ -215,15 +213,6 @@ def tiny_qwen_draft() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).to(torch.float64).eval()
 
 
-class Steps(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.steps: list[dict] = []
-
-    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
-        if name == STEP_EVENT:
-            self.steps.append(data)
-
-
 def test_chat_spec_guard_with_the_served_target_end_to_end(
     draft_server: VLLMServer, tokenizer: PreTrainedTokenizerBase
 ) -> None:
@@ -234,17 +223,17 @@ def test_chat_spec_guard_with_the_served_target_end_to_end(
     llm = ChatSpecGuard(target_url=draft_server.url, model=draft_server.name, draft_model=draft, tokenizer=tokenizer,
                         device="cpu", n_candidates=1, max_tokens=24, acceptance_threshold=0.5)  # fmt: skip
     prompt = llm.render_prompt([HumanMessage(QUESTION)])
-    steps = Steps()
-    message = llm.invoke(QUESTION, config={"callbacks": [steps]})
-    assert [t for s in steps.steps for t in s["token_ids"]] == greedy_completion(draft_server, prompt, 24)
-    assert steps.steps and all(s["source"] == "target" and not s["accepted"] for s in steps.steps)
-    assert message.content == tokenizer.decode([t for s in steps.steps for t in s["token_ids"]])
-    accepting = llm.model_copy(update={"acceptance_threshold": -1.0})
-    steps = Steps()
-    accepting.invoke(QUESTION, config={"callbacks": [steps]})
-    expected = draft.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert [t for s in steps.steps for t in s["token_ids"]] == expected[0, len(prompt) :].tolist()
-    assert all(s["accepted"] and s["target_forwards"] == 1 for s in steps.steps)
+    rejected, accepted = SpecGuardCallbackHandler(), SpecGuardCallbackHandler()
+    message = llm.invoke(QUESTION, config={"callbacks": [rejected]})
+    steps = rejected.to_records()
+    written = [t for s in steps for t in s["token_ids"]]
+    assert written == greedy_completion(draft_server, prompt, 24) and message.content == tokenizer.decode(written)
+    assert steps and all(s["source"] == "target" and not s["accepted"] for s in steps)
+    llm.model_copy(update={"acceptance_threshold": -1.0}).invoke(QUESTION, config={"callbacks": [accepted]})
+    steps = accepted.to_records()
+    drafted = draft.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert [t for s in steps for t in s["token_ids"]] == drafted[0, len(prompt) :].tolist()
+    assert all(s["accepted"] and s["target_forwards"] == 1 for s in steps)
 
 
 @pytest.mark.qwen

@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from langchain_specguard import STEP_EVENT, ChatSpecGuard
+from langchain_specguard import ChatSpecGuard, SpecGuardCallbackHandler
 from langchain_specguard.engine.served import API_KEY_ENV
 from langchain_specguard.tools import HERMES_MARKERS
 from tests.scripted import force_script
@@ -30,15 +29,6 @@ from tests.served_server import ModelServer, peer
 from tests.tiny_models import long_llama_pair
 
 NAME = "tiny-chat"
-
-
-class Collector(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.steps: list[dict[str, Any]] = []
-
-    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
-        if name == STEP_EVENT:
-            self.steps.append(data)
 
 
 @tool
@@ -98,13 +88,13 @@ def test_invoke_stream_and_step_events_come_from_the_served_target(server: tuple
     expected = stand_in.model.generate(
         torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=[2, 4], pad_token_id=0
     )[0, len(prompt) :].tolist()
-    collector = Collector()
-    message = llm.invoke("Hello", config={"callbacks": [collector]})
+    handler = SpecGuardCallbackHandler()
+    message = llm.invoke("Hello", config={"callbacks": [handler]})
     assert message.content == pair.tokenizer.decode(expected, skip_special_tokens=True)
-    assert collector.steps and all(s["source"] == "target" and not s["accepted"] for s in collector.steps)
-    assert sum(s["num_tokens"] for s in collector.steps) == message.usage_metadata["output_tokens"]  # type: ignore[index]
+    assert handler.to_records() and all(s["source"] == "target" and not s["accepted"] for s in handler.to_records())
+    assert sum(s["num_tokens"] for s in handler.to_records()) == message.usage_metadata["output_tokens"]  # type: ignore[index]
     assert message.response_metadata["specguard"]["target_forwards"] == sum(
-        s["target_forwards"] for s in collector.steps
+        s["target_forwards"] for s in handler.to_records()
     )
     chunks = list(llm.stream("Hello"))
     assert "".join(str(c.content) for c in chunks) == message.content
@@ -117,12 +107,12 @@ def test_a_tool_call_the_served_target_writes_arrives_whole() -> None:
     stand_in = served_model(answer)
     with peer(stand_in.handler()) as url:
         llm = chat(url, max_tokens=120, max_tool_call_tokens=100, acceptance_threshold=0.3)
-        collector = Collector()
-        message = llm.bind_tools([lookup]).invoke("Capital of Japan?", config={"callbacks": [collector]})
+        handler = SpecGuardCallbackHandler()
+        message = llm.bind_tools([lookup]).invoke("Capital of Japan?", config={"callbacks": [handler]})
     assert message.content == "Checking.\n\n"
     assert [(c["name"], c["args"]) for c in message.tool_calls] == [("lookup", {"country": "Japan"})]
     assert message.response_metadata["finish_reason"] == "tool_calls"
-    calls = [s for s in collector.steps if s["kind"] == "tool_call"]
+    calls = [s for s in handler.to_records() if s["kind"] == "tool_call"]
     assert len(calls) == 1 and calls[0]["source"] == "target" and calls[0]["target_forwards"] > 2
     writes = [body for body in stand_in.completion_requests() if not body.get("echo")]
     assert any("</tool_call>" in body["stop"] for body in writes)

@@ -204,7 +204,7 @@ def test_a_failing_server_ends_the_call_with_its_error_and_the_pair_works_after(
 
 
 def test_the_calls_timeout_bounds_a_slow_server(pair: ModelPair, stand_in: ModelServer) -> None:
-    stand_in.delay = 5.0
+    stand_in.delay = 3.0
     started = time.monotonic()
     with pytest.raises(TimeoutError, match=r"timeout of 1\.0 s"):
         generate(pair, ids(pair, PROMPTS[0]), params(), CallOptions(timeout=1.0))
