@@ -34,10 +34,12 @@ from .engine import (
     SpecGuardParams,
     StepEvent,
     ThresholdCalibrator,
+    check_served_params,
     generate_steps,
     score_layers,
     threshold_calibrator,
 )
+from .engine.served import API_KEY_ENV
 from .pairs import PairSource, model_profile
 from .prompts import PromptRequest, TemplateProfile, template_variables
 from .streaming import PreparedCall, acollect, areported_chunks, close_now, collect, reported_chunks
@@ -156,6 +158,11 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     @model_validator(mode="after")
     def _check_options(self) -> ChatSpecGuard:
         self._check_score_layers()
+        if self.target_url is not None:  # what a served target cannot do fails here, not at the first call
+            check_served_params(self.engine_params(), self.target_url)
+            if self.api_key is not None:
+                raise ValueError(f"a served target's API key is read from an environment variable ({API_KEY_ENV} "
+                                 "by default, see target_server_options), never passed as api_key")  # fmt: skip
         template_variables(None, self.chat_template_kwargs)
         if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop sequences must be non-empty strings")

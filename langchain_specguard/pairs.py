@@ -36,8 +36,10 @@ from .engine import (
     load_embedded_pair,
     load_packaged_pair,
     load_pair,
+    load_served_pair,
     resolve_dtype,
 )
+from .engine.served import ServedConfig
 
 
 @dataclass
@@ -215,7 +217,21 @@ class PairSource(BaseModel):
         default=None,
         alias="model",
         description="Hub id, local path or loaded PreTrainedModel of the target (also accepted as `model`); "
-        "None = embedded Gemma 3 270M.",
+        "None = embedded Gemma 3 270M. With target_url: the served model's name (None: the server's only model).",
+    )
+    target_url: str | None = Field(
+        default=None,
+        description="Base URL of an OpenAI-compatible server that runs the target, e.g. vLLM's "
+        "'http://host:8000/v1': each step is judged by one request to it and a rejected step written by it, while "
+        "draft_model runs here (its tokenizer must be the served model's; checked at loading). Greedy only; the "
+        "attention grounding of the target is not available. See docs/served.md.",
+    )
+    target_server_options: dict[str, Any] | None = Field(
+        default=None,
+        description="With target_url, how to talk to the server: timeout (seconds a request may take, default 60), "
+        "connect_timeout, retries (default 2), backoff, max_connections (the pool concurrent calls share, default "
+        "8), api ('openai', or 'sglang' for SGLang's native /generate) and api_key_env (the environment variable "
+        "holding its API key, default SPECGUARD_TARGET_API_KEY).",
     )
     draft_model: Any = Field(default=None, description="Hub id, local path or model object of the draft.")
     draft_layers: int | None = Field(
@@ -281,6 +297,8 @@ class PairSource(BaseModel):
     @model_validator(mode="after")
     def _check_pair_options(self) -> Self:
         """Refuse loading options that contradict each other, before anything loads."""
+        if self.target_url is not None or self.target_server_options is not None:
+            self._check_served_options()
         if self.pair is not None:
             given = [name for name in ("target_model", "draft_model", "draft_layers", "gguf_file", "draft_gguf_file")
                      if getattr(self, name) is not None]  # fmt: skip
@@ -291,7 +309,7 @@ class PairSource(BaseModel):
             raise ValueError("give either draft_model or draft_layers, not both")
         if self.target_model is not None and self.draft_model is None and self.draft_layers is None:
             raise ValueError("a target_model needs a draft: set draft_model=... or draft_layers=k")
-        if self.target_model is None and self.draft_model is not None:
+        if self.target_model is None and self.draft_model is not None and self.target_url is None:
             raise ValueError(
                 "draft_model was given without target_model: name the target too (the embedded default model "
                 "drafts with its own first layers, set with draft_layers)"
@@ -309,6 +327,32 @@ class PairSource(BaseModel):
             raise ValueError(str(exc)) from None
         return self
 
+    def _check_served_options(self) -> None:
+        """Refuse what a served target cannot use: options of a local target, a draft made of its layers."""
+        if self.target_url is None:
+            raise ValueError("target_server_options apply to a served target: set target_url as well")
+        given = [name for name in ("pair", "draft_layers", "gguf_file", "model_kwargs", "device_map", "max_memory")
+                 if getattr(self, name) is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{given} apply to a local target; with target_url the target runs on the server and only the draft "
+                "loads here (draft_model, draft_gguf_file, draft_model_kwargs, device, torch_dtype)"
+            )
+        if self.draft_model is None:
+            raise ValueError(
+                "a served target (target_url) needs a local draft_model, speaking the served model's tokenizer"
+            )
+        if self.target_model is not None and not isinstance(self.target_model, str):
+            raise ValueError(
+                "with target_url, target_model (model) is the served model's name as the server lists it, "
+                f"not a {type(self.target_model).__name__}"
+            )
+        options = dict(self.target_server_options or {})
+        named = sorted({"url", "model"} & options.keys())
+        if named:
+            raise ValueError(f"target_server_options cannot set {named}: they are target_url and target_model")
+        ServedConfig(url=self.target_url, model=self.target_model, **options)  # a bad URL or option fails here
+
     def _check_what_applies(self) -> None:
         """Refuse loading options that nothing would apply (they were once silently dropped)."""
         if self.max_memory is not None and self.device_map is None:
@@ -317,7 +361,7 @@ class PairSource(BaseModel):
             raise ValueError(
                 f"pair={self.pair!r} shares one tokenizer between its models: give tokenizer=... to replace it"
             )
-        if self.pair is None and self.target_model is None:  # the embedded default: its own GGUF, tokenizer, draft
+        if self.pair is None and self.target_model is None and self.target_url is None:  # the embedded default
             given = [name for name in ("tokenizer", "gguf_file") if getattr(self, name) is not None]
             if given:
                 raise ValueError(
@@ -372,10 +416,26 @@ class PairSource(BaseModel):
             identity(self.draft_tokenizer),
             self.draft_gguf_file,
             repr(self.max_memory),
+            self.target_url,
+            repr(self.target_server_options),
         )
 
     def _load_pair(self) -> ModelPair:
         """Load the pair these options describe (the registry calls this once per key: :func:`shared_pair`)."""
+        if self.target_url is not None:
+            return load_served_pair(
+                self.target_url,
+                self.draft_model,
+                model=self.target_model,
+                tokenizer=self.tokenizer,
+                draft_tokenizer=self.draft_tokenizer,
+                device=self.device,
+                dtype=self.torch_dtype,
+                draft_gguf_file=self.draft_gguf_file,
+                trust_remote_code=self.trust_remote_code,
+                draft_model_kwargs=self.draft_model_kwargs,
+                server_options=self.target_server_options,
+            )
         if self.pair is not None:
             return load_packaged_pair(
                 self.pair,
@@ -461,10 +521,13 @@ class PairSource(BaseModel):
             "draft_model_kwargs": repr(self.draft_model_kwargs),
             "draft_tokenizer": identity(self.draft_tokenizer),
             "draft_gguf_file": self.draft_gguf_file,
+            "target_url": self.target_url,
         }
 
     @property
     def model_name(self) -> str:
+        if self.target_url is not None:  # the served model's name, else the server's address
+            return self.target_model if isinstance(self.target_model, str) else self.target_url
         if self.pair is not None:
             return PACKAGED_PAIRS[self.pair].target.filename
         if self.target_model is None:
@@ -494,6 +557,8 @@ class PairSource(BaseModel):
         loaded = self._pairs().pair
         if loaded is not None:
             return loaded.context_window if loaded.context_window < UNKNOWN_WINDOW else None
+        if self.target_url is not None:  # the server says, once asked (at loading)
+            return None
         window = PACKAGED_PAIRS[self.pair].context_window if self.pair is not None else None
         return window or context_window_of(self.target_model, hub_options(self.model_kwargs))
 

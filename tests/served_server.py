@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -111,6 +112,126 @@ def peer(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class ModelServer:
+    """vLLM's completions dialect answered by a local Hugging Face model, exactly and greedily, for tests that need a
+    served target whose every answer is known (its own ``generate()`` says what it writes).
+
+    What it answers, as vLLM 0.32 does (checked against the real server in tests/integration_tests/test_served.py):
+    ``POST /v1/completions`` with the prompt as ids; ``echo`` with ``logprobs`` gives every prompt token's
+    log-probability and, per position, the top ``logprobs`` entries plus the token itself, named ``token_id:N``;
+    ``stop`` strings (kept in the output with ``include_stop_str_in_output``), ``stop_token_ids`` and the model's
+    end-of-sequence tokens stop a completion after the token that completed them. ``GET /v1/models`` (with
+    ``max_model_len``), ``POST /tokenize`` and ``POST /detokenize`` as vLLM's. Greedy only (temperature 0); one
+    request at a time runs the model (a lock), any number wait. ``delay`` seconds pass before each completion;
+    ``fail`` makes completions answer that HTTP status; ``requests`` records each one's path and body, and
+    ``most_at_once`` how many completions were in flight together.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, *, max_model_len: int = 512) -> None:
+        self.model, self.tokenizer, self.name, self.max_model_len = model, tokenizer, name, max_model_len
+        eos = model.generation_config.eos_token_id
+        self.eos = {eos} if isinstance(eos, int) else set(eos or [])
+        if tokenizer.eos_token_id is not None:
+            self.eos.add(tokenizer.eos_token_id)
+        self.lock = threading.Lock()
+        self.count = threading.Lock()
+        self.delay = 0.0
+        self.fail: int | None = None
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.in_flight = 0
+        self.most_at_once = 0
+
+    def completions(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        import torch
+
+        if body.get("model") != self.name:
+            return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}}
+        prompt, echo, top = list(body["prompt"]), bool(body.get("echo")), body.get("logprobs")
+        if body.get("temperature", 1.0) != 0:
+            return 400, {"error": {"message": "this stand-in server decodes greedily only"}}
+        stops, stop_ids = list(body.get("stop") or []), set(body.get("stop_token_ids") or []) | self.eos
+        tokens, values, tops = ([prompt[0]], [None], [None]) if echo else ([], [], [])
+        with self.lock, torch.no_grad():
+            if echo:
+                logp = self._logprobs(prompt)
+                for p in range(1, len(prompt)):
+                    tokens.append(prompt[p])
+                    values.append(logp[p - 1, prompt[p]].item())
+                    tops.append(self._top(logp[p - 1], prompt[p], top))
+            sequence, written, finish = list(prompt), [], "length"
+            for _ in range(int(body.get("max_tokens", 16))):
+                logp = self._logprobs(sequence)[-1]
+                token = int(logp.argmax())
+                sequence.append(token)
+                written.append(token)
+                tokens.append(token)
+                values.append(logp[token].item())
+                tops.append(self._top(logp, token, top))
+                text = self.tokenizer.decode(written)
+                if token in stop_ids or any(stop in text for stop in stops):
+                    finish = "stop"
+                    break
+        named = [{f"token_id:{t}": v for t, v in entry.items()} if entry is not None else None for entry in tops]
+        logprobs = {"tokens": [f"token_id:{t}" for t in tokens], "token_logprobs": values, "top_logprobs": named}
+        choice = {"index": 0, "text": self.tokenizer.decode(written), "finish_reason": finish}
+        choice["logprobs"] = logprobs if top is not None else None
+        return 200, {"object": "text_completion", "model": self.name, "choices": [choice]}
+
+    def _logprobs(self, ids: list[int]) -> Any:
+        import torch
+
+        positions = torch.arange(len(ids))[None]
+        logits = self.model(input_ids=torch.tensor([ids]), position_ids=positions).logits[0]
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    @staticmethod
+    def _top(logp: Any, token: int, n: int | None) -> dict[int, float]:
+        best = logp.topk(max(n or 0, 1))
+        entries = {int(i): float(v) for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)}
+        return {**entries, token: float(logp[token])}
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(JSONHandler):
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    entry = {"id": server.name, "object": "model", "max_model_len": server.max_model_len}
+                    self.reply(200, {"object": "list", "data": [entry]})
+                else:
+                    self.reply(404, {"detail": "Not Found"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                with server.count:
+                    server.requests.append((self.path, body))
+                if self.path == "/tokenize":
+                    ids = server.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+                    self.reply(200, {"tokens": ids["input_ids"], "max_model_len": server.max_model_len})
+                elif self.path == "/detokenize":
+                    self.reply(200, {"prompt": server.tokenizer.decode(body["tokens"])})
+                elif self.path == "/v1/completions":
+                    with server.count:
+                        server.in_flight += 1
+                        server.most_at_once = max(server.most_at_once, server.in_flight)
+                    try:
+                        time.sleep(server.delay)
+                        if server.fail is not None:
+                            self.reply(server.fail, {"error": {"message": "the stand-in server was told to fail"}})
+                        else:
+                            self.reply(*server.completions(body))
+                    finally:
+                        with server.count:
+                            server.in_flight -= 1
+                else:
+                    self.reply(404, {"detail": "Not Found"})
+
+        return Handler
+
+    def completion_requests(self) -> list[dict[str, Any]]:
+        return [body for path, body in self.requests if path == "/v1/completions"]
 
 
 def free_port() -> int:

@@ -228,13 +228,13 @@ def build_methods(
     stop = [s for s in (_arg(args, "stop", "") or "").split("|") if s] or None
     for name in (m.strip() for m in _arg(args, "methods", "target,specguard").split(",") if m.strip()):
         if name == "target" and baselines:
-            methods["target"] = _hf_runner(pair, pair.target, max_tokens, stop=stop)
+            methods["target"] = _hf_runner(pair, pair.local_target, max_tokens, stop=stop)
         elif name == "target-static" and baselines:
-            methods["target-static"] = _hf_runner(pair, pair.target, max_tokens, static=True, stop=stop)
+            methods["target-static"] = _hf_runner(pair, pair.local_target, max_tokens, static=True, stop=stop)
         elif name == "draft" and baselines:
             methods["draft"] = _hf_runner(pair, pair.draft, max_tokens, stop=stop)
         elif name == "assisted":
-            methods["assisted"] = _hf_runner(pair, pair.target, max_tokens, assistant=pair.draft, stop=stop)
+            methods["assisted"] = _hf_runner(pair, pair.local_target, max_tokens, assistant=pair.draft, stop=stop)
         elif name == "specguard":
             for source in _arg(args, "signal_sources", "target").split(","):
                 for threshold in _thresholds(getattr(args, "thresholds", None)):
@@ -343,7 +343,7 @@ def _environment(pair: ModelPair) -> dict[str, Any]:
         "commit": commit,
         "model": pair.name,
         "draft_layers": pair.draft_layers,
-        "dtype": str(pair.target.dtype),
+        "dtype": str(pair.local_target.dtype),
     }
 
 
@@ -361,7 +361,7 @@ def _ratios(rows: list[dict[str, Any]], limit_tps: float | None) -> None:
 def run_benchmark(pair: ModelPair, args: argparse.Namespace) -> dict[str, Any]:
     """A word-problem benchmark on ``pair`` (``args`` as the command line gives them)."""
     bandwidth = measure_bandwidth(pair.device)
-    limit = bandwidth / weight_bytes(pair.target) if bandwidth else None
+    limit = bandwidth / weight_bytes(pair.local_target) if bandwidth else None
     rows = run_problems(pair, answer_problems(pair, args), build_methods(pair, args))
     _ratios(rows, limit)
     return {
@@ -401,7 +401,7 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
 
     problems = [Problem(p, "", checker(expected(p))) for p in prompts]
     bandwidth = measure_bandwidth(pair.device)
-    limit = bandwidth / weight_bytes(pair.target) if bandwidth else None
+    limit = bandwidth / weight_bytes(pair.local_target) if bandwidth else None
     rows: list[dict[str, Any]] = []
     for i, agreement in enumerate(agreements):
         synthetic.set_agreement(pair, agreement)
@@ -416,7 +416,7 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
         **_environment(pair),
         "max_tokens": args.max_tokens,
         "prompt_tokens": args.prompt_tokens,
-        "target_weight_gb": weight_bytes(pair.target) / 1e9,
+        "target_weight_gb": weight_bytes(pair.local_target) / 1e9,
         "draft_weight_gb": weight_bytes(pair.draft) / 1e9,
         "bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
         "target_limit_tokens_per_s": limit,

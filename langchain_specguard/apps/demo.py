@@ -100,7 +100,7 @@ def target_alone(llm: ChatSpecGuard, question: str, tokens: int) -> float:
     ids = torch.tensor([prompt], device=pair.device)
     started = time.perf_counter()
     with torch.inference_mode():
-        pair.target.generate(  # type: ignore[operator]
+        pair.local_target.generate(  # type: ignore[operator]
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max(1, tokens),

@@ -150,7 +150,7 @@ def batched_generate(
         for _ in range(2 if static else 1):  # with a static cache the first run of each batch compiles; then timed
             _sync(pair.device)
             started = time.perf_counter()
-            out = pair.target.generate(  # type: ignore[operator]
+            out = pair.local_target.generate(  # type: ignore[operator]
                 ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
                 pad_token_id=pad, **kwargs,
             )  # fmt: skip

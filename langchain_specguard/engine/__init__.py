@@ -21,6 +21,7 @@ from .loading import (
     hub_options,
     load_embedded_pair,
     load_pair,
+    load_served_pair,
     resolve_dtype,
     self_speculative_draft,
 )
@@ -28,6 +29,7 @@ from .options import CallOptions
 from .packaged import PACKAGED_PAIRS, load_packaged_pair
 from .params import PARAM_FIELDS, SpecGuardParams
 from .scoring import GroundingScorer, score_layers
+from .served_steps import check_served_params
 from .signals import combine_scores, confidence_score, grounding_score, select_consistent
 from .steps import json_region, leading_thought, marker_calls, may_open_thought
 from .text import held_back, token_bytes
@@ -47,6 +49,7 @@ __all__ = [
     "ThresholdCalibrator",
     "check_causal_lm",
     "check_object_dtype",
+    "check_served_params",
     "check_tokenizer_spec",
     "combine_scores",
     "confidence_score",
@@ -64,6 +67,7 @@ __all__ = [
     "load_embedded_pair",
     "load_packaged_pair",
     "load_pair",
+    "load_served_pair",
     "marker_calls",
     "may_open_thought",
     "resolve_dtype",

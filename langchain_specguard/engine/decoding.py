@@ -13,6 +13,9 @@ batch (:func:`step`) is
 4. **commit** (:mod:`.text`), per generation: the step's text, stop sequences, EOS, the budget; a
    :class:`StepEvent`.
 
+With a served target (``Runtime.served``) steps 2 and 3 are requests to its server (:mod:`.served_steps`), decided
+by the same rules; proposing and committing are the same code.
+
 Positions: each runner's ``cache.valid`` counts, per row, the positions holding that row's sequence. A runner's
 pass sets it to the end of what the row fed (a fact the runner knows); a phase starts by catching each row up
 from ``valid`` to the last committed token, which it feeds again (its logits start the step). What is kept is the
@@ -37,6 +40,7 @@ from .propose import Proposal, propose
 from .runtimes import Runtime, RuntimePool
 from .scheduler import Scheduler, StepResults, Ticket, batch_key, overdue
 from .scoring import GroundingScorer
+from .served_steps import check_served_params, verify_served, write_served
 from .text import OutputText
 from .verify import Verdict, verify
 from .write import Rejected, Written, write
@@ -64,7 +68,8 @@ def step(runtime: Runtime, gens: list[Generation]) -> StepResults:
         gen.begin_step()
     proposals = propose(runtime, gens)
     drafted = time.perf_counter()
-    verdicts = verify(runtime, live(gens), proposals)
+    served = runtime.served is not None
+    verdicts = (verify_served if served else verify)(runtime, live(gens), proposals)
     for gen in live(gens):
         learn(gen, verdicts[gen.slot])
         if not verdicts[gen.slot].accepted:  # the caches keep the committed sequence and the step's kept tokens
@@ -75,7 +80,7 @@ def step(runtime: Runtime, gens: list[Generation]) -> StepResults:
                  next_token=verdicts[g.slot].next_token)
         for g in live(gens) if not verdicts[g.slot].accepted
     ]  # fmt: skip
-    written = write(runtime, rejected) if rejected else {}
+    written = (write_served if served else write)(runtime, rejected) if rejected else {}
     wrote = time.perf_counter()
     results: list[tuple[Generation, StepEvent | BaseException]] = []
     for gen in gens:
@@ -200,6 +205,10 @@ def new_generation(
             f"(prompt and output together): set max_tokens to at most {pair.context_window}"
         )
     budget = min(params.max_tokens, pair.context_window - len(prompt_ids))
+    if pair.served is not None:
+        check_served_params(params, pair.served.url)
+        if options.grounding is not None and options.grounding.source == "target":
+            raise ValueError(f"a grounding scorer of the target's attention needs a local target, not {pair.served}")
     described = GroundingScorer.of(pair, params)  # checks the requested layers even when unused
     grounding = options.grounding if options.grounding is not None else described
     pool = RuntimePool.for_pair(pair)

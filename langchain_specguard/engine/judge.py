@@ -87,7 +87,7 @@ def judge(
     runtime: Runtime, trials: Sequence[Trial], *, scores: bool = False, record: StepAttention | None = None
 ) -> Judgement:
     """One target pass over every trial (each slot catching up from its cache's valid part first); one host read."""
-    target = runtime.target
+    target = runtime.local_target
     slots = max(t.gen.slot for t in trials) + 1
     fed: list[list[int]] = [[] for _ in range(slots)]
     starts: list[int | None] = [None] * slots
@@ -175,7 +175,7 @@ def _sample(
     window = torch.stack([torch.nn.functional.pad(judgement.logits[i], (0, 0, 0, width - judgement.logits[i].shape[0]))
                           for i in chosen])  # fmt: skip
     controls = trials[0].gen.controls
-    seen = _seen_rows(runtime.target, trials, width) if controls.penalised else None
+    seen = _seen_rows(runtime.local_target, trials, width) if controls.penalised else None
     temperatures = torch.tensor([[t.gen.params.temperature] for t in trials], dtype=torch.float64, device=device)
     logp = processed_logprobs(window, temperatures, controls, seen)  # [m, r, V]
     logq = torch.stack([_pad_tensor(t.logq, k, device) for t in trials])

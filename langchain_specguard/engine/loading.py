@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import decoder_layers
+from .served import ServedTarget
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,13 @@ first) into a user turn of its own, so no system message is ever dropped."""
 
 @dataclass
 class ModelPair:
-    """A verified-compatible target and draft sharing one tokenizer vocabulary."""
+    """A verified-compatible target and draft sharing one tokenizer vocabulary.
 
-    target: PreTrainedModel
+    The target is a local model (``target``) or a model an inference server runs (``served``, with ``target``
+    None: :func:`load_served_pair`); exactly one of them is set. The draft is always local.
+    """
+
+    target: PreTrainedModel | None
     draft: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     eos_token_ids: frozenset[int]
@@ -65,10 +70,28 @@ class ModelPair:
     # the pair's runtimes.RuntimePool (caches, buffers, CUDA graphs) per (target, draft) objects, written by
     # runtimes.py alone: a copy of the pair may swap a model, and must not reuse runners built over the other
     runtime_pools: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False, compare=False)
+    served: ServedTarget | None = None  # the target's server, when the target is not local
+
+    def __post_init__(self) -> None:
+        if (self.target is None) == (self.served is None):
+            raise ValueError("a pair has a local target or a served one: give exactly one of target and served")
 
     @property
     def device(self) -> torch.device:
-        return model_device(self.target)
+        """Where the pair's local passes run: the target's input device, or the draft's when the target is served."""
+        return model_device(self.target if self.target is not None else self.draft)
+
+    @property
+    def local_target(self) -> PreTrainedModel:
+        """The target model, for what needs its weights here (attention, ``generate``); an error naming the server
+        when the target is served."""
+        if self.target is None:
+            assert self.served is not None
+            raise ValueError(
+                f"the target is served at {self.served.url}: this needs a local target model (its weights or its "
+                "attention), which a served target does not give"
+            )
+        return self.target
 
 
 def model_device(model: PreTrainedModel) -> torch.device:
@@ -582,22 +605,14 @@ def load_pair(
         draft_device = device
         if device_map is not None:  # a sharded target: the draft goes where the target's inputs go
             draft_device = str(model_device(target_model))
-        draft_model = load_model(
+        draft_model, draft_tok = load_draft(
             draft,
             device=draft_device,
             dtype=torch_dtype,
             gguf_file=draft_gguf_file,
             trust_remote_code=trust_remote_code,
-            role="draft",
             model_kwargs=draft_model_kwargs,
-        )
-        draft_tok = _draft_tokenizer(
-            draft,
-            draft_model,
-            draft_tokenizer,
-            gguf_file=draft_gguf_file,
-            trust_remote_code=trust_remote_code,
-            model_kwargs=draft_model_kwargs,
+            tokenizer=draft_tokenizer,
         )
         check_vocabularies(target_tok, draft_tok)
         t_rows = embedding_rows(target_model)
@@ -623,6 +638,94 @@ def load_pair(
         draft_layers=draft_layers,
         name=str(name) or "custom",
     )
+
+
+def load_served_pair(
+    url: str,
+    draft: ModelSpec,
+    *,
+    model: str | None = None,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    draft_tokenizer: str | PreTrainedTokenizerBase | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    draft_gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    draft_model_kwargs: dict[str, Any] | None = None,
+    server_options: Mapping[str, Any] | None = None,
+) -> ModelPair:
+    """A pair whose target an inference server runs (an OpenAI-compatible server at ``url``, e.g. vLLM's
+    ``http://host:8000/v1``, serving ``model``, or its only model) and whose draft is loaded here.
+
+    The tokenizer is ``tokenizer`` (the served model's, by id, path or object), else the draft's own, and is checked
+    against the server's tokenization of a probe text (:meth:`~.served.ServedTarget.check_tokenizer`): token ids
+    go over the wire, so they must mean the same text on both sides. The context window is the smaller of the
+    draft's and the server's (``max_model_len``). ``server_options``: how to talk to the server
+    (:class:`~.served.ServedConfig`: ``timeout``, ``retries``, ``max_connections``, ``api``, ``api_key_env``...).
+    """
+    served = ServedTarget(url, model=model, **dict(server_options or {}))
+    check_object_dtype(draft, dtype, "draft")
+    device = device or default_device()
+    draft_model, own = load_draft(
+        draft,
+        device=device,
+        dtype=resolve_dtype(dtype, device),
+        gguf_file=draft_gguf_file,
+        trust_remote_code=trust_remote_code,
+        model_kwargs=draft_model_kwargs,
+        tokenizer=draft_tokenizer,
+    )
+    if tokenizer is not None:
+        hub = hub_options(draft_model_kwargs, same_repository=False)
+        tok = load_tokenizer(tokenizer, None, trust_remote_code=trust_remote_code, hub=hub)
+        check_vocabularies(tok, own)
+    elif own is not None:
+        tok = own
+    else:
+        raise ValueError("the draft model object came without a tokenizer: pass tokenizer=... (the served model's)")
+    if head_rows(draft_model) < len(tok):
+        raise ValueError(
+            f"the draft's head scores {head_rows(draft_model)} tokens, but the tokenizer has {len(tok)}: its logits "
+            "cannot be read as the next token over this vocabulary"
+        )
+    served_window = served.learn_context_window()  # (also: the server serves that model)
+    served.check_tokenizer(tok)
+    window = context_window(draft_model)
+    return ModelPair(
+        target=None,
+        served=served,
+        draft=draft_model,
+        tokenizer=tok,
+        eos_token_ids=eos_ids(draft_model, tok),
+        context_window=min(window, served_window) if served_window is not None else window,
+        name=served.model,
+    )
+
+
+def load_draft(
+    draft: ModelSpec,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    gguf_file: str | None,
+    trust_remote_code: bool,
+    model_kwargs: dict[str, Any] | None,
+    tokenizer: str | PreTrainedTokenizerBase | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A draft model and its own tokenizer (None when there is none to read), for checking against the target's."""
+    model = load_model(
+        draft,
+        device=device,
+        dtype=dtype,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+        role="draft",
+        model_kwargs=model_kwargs,
+    )
+    own = _draft_tokenizer(
+        draft, model, tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code, model_kwargs=model_kwargs
+    )
+    return model, own
 
 
 def _draft_tokenizer(

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from .loading import ModelPair, embedding_rows, weight_bytes
 from .params import SpecGuardParams
 from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
+from .served import ServedTarget
 from .view import engine_view
 
 MAX_IDLE_RUNTIMES = 2
@@ -56,25 +57,41 @@ class Shape(NamedTuple):
 
 @dataclass
 class Runtime:
-    """The draft's and the target's runners for a batch: slot ``s`` is one generation's rows in both."""
+    """The draft's and the target's runners for a batch: slot ``s`` is one generation's rows in both.
+
+    With a served target (``served``) there is no target runner (``target`` is None): the server keeps no state
+    between requests, and the loop's served phases (:mod:`.served_steps`) send it the sequence each time.
+    """
 
     draft: ModelRunner
-    target: ModelRunner
+    target: ModelRunner | None
     shape: Shape
     chunk: int  # draft decode iterations per host read
     cost: float  # one draft iteration over one target pass (weights read per token)
     taken: set[int] = field(default_factory=set)
+    served: ServedTarget | None = None
 
     @property
     def slots(self) -> int:
-        return self.target.slots
+        return self.draft.slots
+
+    @property
+    def local_target(self) -> ModelRunner:
+        """The target's runner (the local phases run only where there is one)."""
+        assert self.target is not None, "a served target has no local runner"
+        return self.target
+
+    @property
+    def runners(self) -> list[ModelRunner]:
+        return [self.draft] if self.target is None else [self.draft, self.target]
 
     def take_slot(self) -> int:
         """The lowest free slot (doubling the runners' slots when all are taken)."""
         free = next((s for s in range(self.slots) if s not in self.taken), None)
         if free is None:
             free = self.slots
-            self.draft, self.target = self.draft.with_slots(2 * self.slots), self.target.with_slots(2 * self.slots)
+            self.draft = self.draft.with_slots(2 * free)
+            self.target = self.target.with_slots(2 * free) if self.target is not None else None
         self.taken.add(free)
         self.rewind(free, 0)
         return free
@@ -86,7 +103,7 @@ class Runtime:
     def rewind(self, slot: int, keep: int) -> None:
         """Both caches hold at most the first ``keep`` positions of what the loop now takes as ``slot``'s sequence:
         the rest, written for tokens that were not kept, is overwritten by the next pass (never read past this)."""
-        for runner in (self.draft, self.target):
+        for runner in self.runners:
             for row in runner.slot_rows(slot):
                 runner.cache.valid[row] = min(runner.cache.valid[row], keep)
 
@@ -101,17 +118,24 @@ class RuntimePool:
 
     def __init__(self, pair: ModelPair) -> None:
         self.draft_view = engine_view(pair.draft)
-        self.target_view = engine_view(pair.target)
-        self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
-        self.vocab = vocab_rows(self.draft_view, self.target_view)
-        self.single_device = _single_device(self.target_view)
+        self.served = pair.served
+        if pair.target is None:  # served: the draft alone runs here
+            self.target_view: PreTrainedModel | None = None
+            self.cost = 0.0  # (the speculation length it sets is for local writing, which a served target never runs)
+            self.vocab: tuple[Rows | None, Rows | None] = (served_rows(self.draft_view, len(pair.tokenizer)), None)
+            self.single_device = _single_device(self.draft_view)
+        else:
+            self.target_view = engine_view(pair.target)
+            self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
+            self.vocab = vocab_rows(self.draft_view, self.target_view)
+            self.single_device = _single_device(self.target_view)
         self.idle: list[Runtime] = []
         self.lock = threading.Lock()
         self.scheduler: object | None = None  # the pair's batch scheduler (decoding.py), made on first use
 
     @staticmethod
     def for_pair(pair: ModelPair) -> RuntimePool:
-        key = (id(pair.target), id(pair.draft))  # copies of a pair may swap or replace models
+        key = (id(pair.target if pair.target is not None else pair.served), id(pair.draft))  # copies may swap models
         with _POOL_LOCK:
             pool = pair.runtime_pools.get(key)
             if pool is None:
@@ -145,9 +169,11 @@ class RuntimePool:
                     (self.draft_view, shape.width, self.vocab[0]),
                     (self.target_view, 1, self.vocab[1]),
                 )
+                if view is not None
             ]
-            draft, target = runners
-            runtime = Runtime(draft, target, shape, chunk=4 if shape.graphs else 1, cost=self.cost)
+            draft, target = runners[0], (runners[1] if len(runners) > 1 else None)
+            chunk = 4 if shape.graphs else 1
+            runtime = Runtime(draft, target, shape, chunk=chunk, cost=self.cost, served=self.served)
         for slot in range(runtime.slots):
             runtime.rewind(slot, 0)
         return runtime
@@ -160,6 +186,14 @@ class RuntimePool:
 
 
 _POOL_LOCK = threading.Lock()
+
+
+def served_rows(draft: PreTrainedModel, tokens: int) -> Rows | None:
+    """How the draft meets a served target's vocabulary, which is known only through the tokenizer (``tokens``
+    ids, checked against the server's at loading): it proposes only those ids, and a token the server writes
+    past its embedding is fed as its last row (as with a local target, :func:`vocab_rows`)."""
+    rows = Rows(output=tokens if output_vocab(draft) > tokens else None, embed=embedding_rows(draft))
+    return rows
 
 
 def vocab_rows(draft: PreTrainedModel, target: PreTrainedModel) -> tuple[Rows | None, Rows | None]:

@@ -51,8 +51,8 @@ class Batch:
         slot = self.runtime.take_slot()
         try:
             prompt = gen.ids[:-1]
-            self.runtime.target.prefill(slot, prompt, 0)
-            self.runtime.draft.prefill(slot, prompt, 0)
+            for runner in self.runtime.runners:  # (a served target keeps nothing between requests)
+                runner.prefill(slot, prompt, 0)
         except BaseException:
             self.runtime.release(slot)
             raise

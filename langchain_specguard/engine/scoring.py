@@ -20,6 +20,7 @@ from .attention import StepAttention, decoder_layers
 from .loading import ModelPair
 from .params import SpecGuardParams
 from .runner import ModelRunner
+from .served_steps import check_served_params
 from .signals import grounding_score
 from .view import layer_windows
 
@@ -60,9 +61,15 @@ class GroundingScorer:
         """The scorer ``params`` describe, or None when the decision does not read grounding (nothing recorded).
 
         The requested layers are checked against the scoring model either way: a configuration that names a
-        layer the model lacks is an error whether or not this decision reads it.
+        layer the model lacks is an error whether or not this decision reads it. A served target's attention is
+        not available (its server returns none): a decision that reads it is an error, and there is nothing to
+        check the layers against.
         """
         model = pair.target if params.signal_source == "target" else pair.draft
+        if model is None:  # the target is served
+            assert pair.served is not None
+            check_served_params(params, pair.served.url)
+            return None
         layers = score_layers(model, params.score_layers)
         return cls(params.signal_source, layers, params.grounding_method) if params.uses_grounding else None
 

@@ -135,12 +135,13 @@ class ServedJudgement:
         """Each proposal's log-probability over the target's first choice's: 0 where it is that choice."""
         return self.logp - self.top_logp
 
-    def accepted(self, passed: torch.Tensor | None = None) -> Accepted:
+    def accepted(self, passed: torch.Tensor | None = None, *, bonus: bool = True) -> Accepted:
         """The greedy accept rule: proposals kept up to the first the target would not write (or not ``passed``),
-        and the target's token there (after a fully kept step: its next token)."""
+        and the target's token there. After a fully kept step that token is its next one, or None with
+        ``bonus=False`` (a verification, whose next step starts after the step, as the local engine's does)."""
         k = len(self.proposed)
         rows = passed[None] if passed is not None else None
-        return accept(self.proposed[None], [k], [k + 1], choices=self.choices[None], passed=rows)[0]
+        return accept(self.proposed[None], [k], [k + int(bonus)], choices=self.choices[None], passed=rows)[0]
 
 
 @dataclass(frozen=True)
@@ -196,38 +197,61 @@ class ServedTarget:
     def model(self) -> str:
         """The served model's name: the one configured, else the server's only model (asked once)."""
         if self._model is None:
-            answer = self._get("/models")
-            listed = answer.get("data") if isinstance(answer, dict) else None
-            models = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+            models = self._models()
             names = [m.get("id") for m in models]
             if len(names) != 1 or not isinstance(names[0], str):
                 raise ServedProtocolError(self.url, f"serves {names or 'no models'}; name one with model=...")
             self._model = names[0]
-            length = models[0].get("max_model_len")
-            self.context_window = length if isinstance(length, int) else None
+            self.context_window = _max_model_len(models[0])
         return self._model
+
+    def learn_context_window(self) -> int | None:
+        """The served model's context window as the server states it (vLLM's ``max_model_len`` in ``/models``),
+        kept in :attr:`context_window`; None where the server does not say (a server without ``/models`` too).
+        A server that lists its models but not this one is an error that names the ones it serves."""
+        name = self.model
+        try:
+            models = self._models()
+        except ServedHTTPError as exc:
+            if exc.status in (404, 405):
+                return None
+            raise
+        entry = next((m for m in models if m.get("id") == name), None)
+        if entry is None and models:
+            served = [m.get("id") for m in models]
+            raise ServedProtocolError(self.url, f"serves {served}, not {name!r}: name one of them")
+        self.context_window = _max_model_len(entry) if entry is not None else None
+        return self.context_window
+
+    def _models(self) -> list[dict[str, Any]]:
+        answer = self._get("/models")
+        listed = answer.get("data") if isinstance(answer, dict) else None
+        return [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
 
     # --- judging a step --------------------------------------------------------------------------------------
 
-    def judge(self, ids: Sequence[int], proposed: Sequence[int]) -> ServedJudgement:
+    def judge(self, ids: Sequence[int], proposed: Sequence[int], *, timeout: float | None = None) -> ServedJudgement:
         """One request: the target's log-probabilities and first choices over ``proposed`` after ``ids``, and its
         own next token after them (greedy).
 
         ``ids`` are the committed tokens (at least one: the first position has no log-probability), ``proposed``
         the step. The server scores the whole prompt (vLLM reads no prefix cache for a request with prompt
-        log-probabilities), so a request costs a prefill of ``ids + proposed``.
+        log-probabilities), so a request costs a prefill of ``ids + proposed``. ``timeout``: seconds this request
+        may take, when less than the configured ``timeout`` (a call's own deadline).
         """
         ids, proposed = _ids(ids, "ids"), _ids(proposed, "proposed")
         if not ids:
             raise ValueError("judge needs at least one committed token before the step (the prompt)")
         prompt = ids + proposed
         if self.config.api == "sglang":
-            rows = self._judge_sglang(prompt, len(ids))
+            rows = self._judge_sglang(prompt, len(ids), timeout)
         else:
-            rows = self._judge_openai(prompt, len(ids))
+            rows = self._judge_openai(prompt, len(ids), timeout)
         return _judgement(self.url, proposed, rows)
 
-    def _judge_openai(self, prompt: list[int], start: int) -> list[tuple[int, float, dict[int, float]]]:
+    def _judge_openai(
+        self, prompt: list[int], start: int, timeout: float | None
+    ) -> list[tuple[int, float, dict[int, float]]]:
         body = {
             "model": self.model,
             "prompt": prompt,
@@ -237,7 +261,7 @@ class ServedTarget:
             "temperature": 0.0,
             "return_tokens_as_token_ids": True,
         }
-        choice = self._choice(self._post("/completions", body, idempotent=True))
+        choice = self._choice(self._post("/completions", body, idempotent=True, timeout=timeout))
         tokens, token_logprobs, tops = _openai_logprobs(self.url, choice, len(prompt) + 1)
         if tokens[: len(prompt)] != prompt:
             at = next(i for i, (a, b) in enumerate(zip(tokens, prompt, strict=False)) if a != b)
@@ -248,7 +272,9 @@ class ServedTarget:
             )
         return [(tokens[p], _logprob(self.url, token_logprobs[p], p), tops[p]) for p in range(start, len(prompt) + 1)]
 
-    def _judge_sglang(self, prompt: list[int], start: int) -> list[tuple[int, float, dict[int, float]]]:
+    def _judge_sglang(
+        self, prompt: list[int], start: int, timeout: float | None
+    ) -> list[tuple[int, float, dict[int, float]]]:
         """SGLang's native ``/generate``: scored from ``logprob_start_len``, whose own entry has no log-probability
         (SGLang puts None first: the logits before it are not computed), so it starts at the last committed token."""
         body = {
@@ -259,7 +285,7 @@ class ServedTarget:
             "top_logprobs_num": 1,
             "return_text_in_logprobs": False,
         }
-        answer = self._post_root("/generate", body, idempotent=True)
+        answer = self._post_root("/generate", body, idempotent=True, timeout=timeout)
         meta = answer.get("meta_info") if isinstance(answer, dict) else None
         if not isinstance(meta, dict):
             raise ServedProtocolError(self.url, "answered /generate without meta_info")
@@ -277,11 +303,13 @@ class ServedTarget:
         stop_token_ids: Sequence[int] = (),
         temperature: float = 0.0,
         seed: int | None = None,
+        timeout: float | None = None,
     ) -> ServedWrite:
         """An ordinary completion after ``ids``: up to ``max_tokens`` tokens, ending at a stop string (the step's
         delimiters) or stop token. Greedy or seeded, the request is retried where safe; unseeded sampling only
         when it never reached the server. The tokens come back as ids, up to and including the one that
-        completed a stop string: the engine's own step rule decides where the step ends."""
+        completed a stop string: the engine's own step rule decides where the step ends. ``timeout`` as for
+        :meth:`judge`."""
         ids = _ids(ids, "ids")
         if not ids:
             raise ValueError("write needs at least one token to continue")
@@ -291,7 +319,7 @@ class ServedTarget:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         deterministic = temperature == 0 or seed is not None
         if self.config.api == "sglang":
-            return self._write_sglang(ids, max_tokens, list(stop), list(stop_token_ids), temperature, seed)
+            return self._write_sglang(ids, max_tokens, list(stop), list(stop_token_ids), temperature, seed, timeout)
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": ids,
@@ -307,7 +335,7 @@ class ServedTarget:
             body["stop_token_ids"] = list(stop_token_ids)
         if seed is not None:
             body["seed"] = seed
-        choice = self._choice(self._post("/completions", body, idempotent=deterministic))
+        choice = self._choice(self._post("/completions", body, idempotent=deterministic, timeout=timeout))
         tokens, token_logprobs, _ = _openai_logprobs(self.url, choice, None)
         logprobs = [_logprob(self.url, lp, i) for i, lp in enumerate(token_logprobs)]
         reason = choice.get("finish_reason")
@@ -321,6 +349,7 @@ class ServedTarget:
         stop_ids: list[int],
         temperature: float,
         seed: int | None,
+        timeout: float | None,
     ) -> ServedWrite:
         params: dict[str, Any] = {"max_new_tokens": max_tokens, "temperature": temperature}
         if stop:
@@ -330,7 +359,7 @@ class ServedTarget:
         if seed is not None:
             params["sampling_seed"] = seed
         body = {"input_ids": ids, "sampling_params": params, "return_logprob": True, "return_text_in_logprobs": False}
-        answer = self._post_root("/generate", body, idempotent=temperature == 0 or seed is not None)
+        answer = self._post_root("/generate", body, idempotent=temperature == 0 or seed is not None, timeout=timeout)
         meta = answer.get("meta_info") if isinstance(answer, dict) else None
         if not isinstance(meta, dict):
             raise ServedProtocolError(self.url, "answered /generate without meta_info")
@@ -391,20 +420,26 @@ class ServedTarget:
     def _get(self, path: str) -> Any:
         return self._request("GET", self.url + path, None, idempotent=True)
 
-    def _post(self, path: str, body: dict[str, Any], *, idempotent: bool) -> Any:
-        return self._request("POST", self.url + path, body, idempotent=idempotent)
+    def _post(self, path: str, body: dict[str, Any], *, idempotent: bool, timeout: float | None = None) -> Any:
+        return self._request("POST", self.url + path, body, idempotent=idempotent, timeout=timeout)
 
-    def _post_root(self, path: str, body: dict[str, Any], *, idempotent: bool) -> Any:
-        return self._request("POST", self._root + path, body, idempotent=idempotent)
+    def _post_root(self, path: str, body: dict[str, Any], *, idempotent: bool, timeout: float | None = None) -> Any:
+        return self._request("POST", self._root + path, body, idempotent=idempotent, timeout=timeout)
 
-    def _request(self, method: str, url: str, body: dict[str, Any] | None, *, idempotent: bool) -> Any:
+    def _request(
+        self, method: str, url: str, body: dict[str, Any] | None, *, idempotent: bool, timeout: float | None = None
+    ) -> Any:
         """Send, retrying (with doubling backoff) what is safe to retry: a connection never made, and for an
-        idempotent request a dropped connection or a status the server may not repeat. A timeout is final."""
+        idempotent request a dropped connection or a status the server may not repeat. A timeout is final.
+        Each try may take the configured ``timeout``; ``timeout`` here bounds every try together (a call's own
+        deadline), and no retry starts past it."""
         where = url[len(self._root) :] or "/"
         tries = self.config.retries + 1
+        overall = time.monotonic() + timeout if timeout is not None else math.inf
         for attempt in range(tries):
+            limit = max(min(self.config.timeout, overall - time.monotonic()), 0.001)
             try:
-                status, data = self._send(method, url, body)
+                status, data = self._send(method, url, body, limit)
             except httpx.ConnectError as exc:
                 failure: ServedError = ServedConnectionError(self.url, f"cannot connect ({_reason(exc)})")
                 retry = True  # nothing reached the server
@@ -412,7 +447,7 @@ class ServedTarget:
                 failure = ServedConnectionError(self.url, f"no connection within {self.config.connect_timeout:g}s")
                 retry = True
             except httpx.TimeoutException:
-                raise ServedTimeoutError(self.url, f"no answer to {where} within {self.config.timeout:g}s") from None
+                raise ServedTimeoutError(self.url, f"no answer to {where} within {limit:.3g}s") from None
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 failure = ServedConnectionError(
                     self.url, f"the connection closed during {where}, the server may have died ({_reason(exc)})"
@@ -423,19 +458,22 @@ class ServedTarget:
                     return _json(self.url, where, data)
                 failure = ServedHTTPError(self.url, f"{where} answered HTTP {status}: {_message(data)}", status)
                 retry = idempotent and status in _RETRY_STATUS
-            if not retry or attempt == tries - 1:
+            pause = self.config.backoff * 2**attempt
+            if not retry or attempt == tries - 1 or time.monotonic() + pause >= overall:
                 if attempt:
                     failure.args = (f"{failure.args[0]} (after {attempt + 1} tries)",)
                 raise failure
-            time.sleep(self.config.backoff * 2**attempt)
+            time.sleep(pause)
         raise AssertionError("unreachable")
 
-    def _send(self, method: str, url: str, body: dict[str, Any] | None) -> tuple[int, bytes]:
-        """One exchange, bounded by ``timeout`` in all: a server that answers slowly, byte by byte, is cut off too."""
-        deadline = time.monotonic() + self.config.timeout
+    def _send(self, method: str, url: str, body: dict[str, Any] | None, limit: float) -> tuple[int, bytes]:
+        """One exchange, bounded by ``limit`` seconds in all: a server that answers slowly, byte by byte, is cut off
+        too."""
+        deadline = time.monotonic() + limit
         with self._count:
             self.round_trips += 1
-        with self._client.stream(method, url, json=body) as response:
+        timeout = httpx.Timeout(limit, connect=min(limit, self.config.connect_timeout))
+        with self._client.stream(method, url, json=body, timeout=timeout) as response:
             chunks = []
             for chunk in response.iter_bytes():
                 chunks.append(chunk)
@@ -445,6 +483,11 @@ class ServedTarget:
 
 
 # --- parsing answers -----------------------------------------------------------------------------------------
+
+
+def _max_model_len(entry: Mapping[str, Any]) -> int | None:
+    length = entry.get("max_model_len")
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
 
 
 def _ids(tokens: Sequence[int], name: str) -> list[int]:

@@ -201,6 +201,7 @@ class OutputText:
         self.undecided = False  # nothing written yet that says whether the output opens a think block
         self.answer = ""  # the output past the think block (all of it when there is none)
         patterns = [*self.delimiters, *(calls.patterns if calls else ()), *(reasoning[1:] if reasoning else ())]
+        self.step_patterns = tuple(dict.fromkeys(patterns))  # texts that may end a step (where a server stops)
         self.may_end = may_end_table(tokenizer, patterns)
         self.checkpoints = {self.max_step, self.max_call} if calls else set()
 

@@ -56,27 +56,13 @@ class Verdict:
 def verify(runtime: Runtime, gens: list[Generation], proposals: dict[int, Proposal]) -> dict[int, Verdict]:
     """Each generation's verdict on its proposal, by slot."""
     draft = runtime.draft
-    verdicts: dict[int, Verdict] = {}
-    by_draft = [g for g in gens if g.params.signal_source == "draft"]
-    if by_draft:  # scored by the draft itself: its decode loop's log-probabilities, one host read
-        rows = torch.tensor([proposals[g.slot].row for g in by_draft], device=draft.device)
-        table = draft.out_logp.index_select(0, rows).double().cpu()
-        for i, gen in enumerate(by_draft):
-            proposal = proposals[gen.slot]
-            k = len(proposal.tokens)
-            scorer = gen.grounding
-            grounding = math.nan
-            if scorer is not None and proposal.record is not None:
-                grounding = scorer.score(proposal.record, proposal.row, k)
-            verdicts[gen.slot] = verdict = step_rule(gen, proposal, table[i, :k], None, grounding)
-            if verdict.accepted and gen.logprobs is not None:  # scored by the draft alone: the draft's
-                gen.logprobs.add_decoded(draft, proposal.row, 0, k)
-    by_target = [g for g in gens if g.params.signal_source == "target"]
-    judged = by_target + [g for g in by_draft if not verdicts[g.slot].accepted]
+    verdicts = scored_by_draft(runtime, gens, proposals)
+    judged = to_judge(gens, verdicts)
     if not judged:
         return verdicts
+    by_target = [g for g in gens if g.params.signal_source == "target"]
     scorer = by_target[0].grounding if by_target else None
-    record = scorer.record(runtime.target, _context_lens(gens)) if scorer is not None else None
+    record = scorer.record(runtime.local_target, _context_lens(gens)) if scorer is not None else None
     trials = [
         Trial(gen=g, proposed=proposals[g.slot].tokens, logq=draft.out_logq[proposals[g.slot].row]) for g in judged
     ]
@@ -89,19 +75,66 @@ def verify(runtime: Runtime, gens: list[Generation], proposals: dict[int, Propos
             verdicts[gen.slot].target_forwards += 1
             continue
         grounding = scorer.score(record, gen.slot, k) if scorer is not None and record is not None else math.nan
-        verdict = step_rule(gen, proposal, judgement.logp[i, :k], judgement.top[i, :k], grounding)
-        verdict.target_forwards = 1
-        agreed = accept(torch.tensor([proposal.tokens]), [k], [k], choices=judgement.choices[i : i + 1, :k])[
-            0
-        ].kept  # how many leading tokens are the target's own choices (greedy, whatever the sampling)
-        # a step made only of the target's own first choices is one it writes itself: its score is a sample of
-        # how the target's steps score, whatever this step's verdict (calibration.py)
-        verdict.calibration = verdict.score if agreed == k else None
-        if verdict.accepted and not gen.sampling:  # how often the draft agrees informs speculation
-            verdict.agreement_seen = (agreed, agreed < k)
-        verdicts[gen.slot] = verdict
+        verdicts[gen.slot] = judged_verdict(
+            gen, proposal, judgement.logp[i, :k], judgement.top[i, :k], judgement.choices[i, :k], grounding
+        )
     _keep(runtime, judgement, judged, proposals, verdicts)
     return verdicts
+
+
+def scored_by_draft(runtime: Runtime, gens: list[Generation], proposals: dict[int, Proposal]) -> dict[int, Verdict]:
+    """The verdicts of the generations whose draft scores its own steps (``signal_source="draft"``), by slot: its
+    decode loop's log-probabilities, one host read, and the target not asked."""
+    draft = runtime.draft
+    verdicts: dict[int, Verdict] = {}
+    by_draft = [g for g in gens if g.params.signal_source == "draft"]
+    if not by_draft:
+        return verdicts
+    rows = torch.tensor([proposals[g.slot].row for g in by_draft], device=draft.device)
+    table = draft.out_logp.index_select(0, rows).double().cpu()
+    for i, gen in enumerate(by_draft):
+        proposal = proposals[gen.slot]
+        k = len(proposal.tokens)
+        scorer = gen.grounding
+        grounding = math.nan
+        if scorer is not None and proposal.record is not None:
+            grounding = scorer.score(proposal.record, proposal.row, k)
+        verdicts[gen.slot] = verdict = step_rule(gen, proposal, table[i, :k], None, grounding)
+        if verdict.accepted and gen.logprobs is not None:  # scored by the draft alone: the draft's
+            gen.logprobs.add_decoded(draft, proposal.row, 0, k)
+    return verdicts
+
+
+def to_judge(gens: list[Generation], verdicts: dict[int, Verdict]) -> list[Generation]:
+    """The generations whose step the target judges: those it scores, then those the draft scored and rejected
+    (the target says how much of the step it keeps)."""
+    by_target = [g for g in gens if g.params.signal_source == "target"]
+    return by_target + [g for g in gens if g.slot in verdicts and not verdicts[g.slot].accepted]
+
+
+def judged_verdict(
+    gen: Generation,
+    proposal: Proposal,
+    logp: torch.Tensor,
+    top: torch.Tensor,
+    choices: torch.Tensor,
+    grounding: float,
+) -> Verdict:
+    """The verdict on a step the target scored: ``logp [k]`` each token's log-probability, ``top [k]`` that of the
+    target's first choice there, ``choices [k]`` those choices (from the local target's pass or a server's answer).
+    """
+    k = len(proposal.tokens)
+    verdict = step_rule(gen, proposal, logp, top, grounding)
+    verdict.target_forwards = 1
+    agreed = accept(torch.tensor([proposal.tokens]), [k], [k], choices=choices[None, :k].cpu())[
+        0
+    ].kept  # how many leading tokens are the target's own choices (greedy, whatever the sampling)
+    # a step made only of the target's own first choices is one it writes itself: its score is a sample of
+    # how the target's steps score, whatever this step's verdict (calibration.py)
+    verdict.calibration = verdict.score if agreed == k else None
+    if verdict.accepted and not gen.sampling:  # how often the draft agrees informs speculation
+        verdict.agreement_seen = (agreed, agreed < k)
+    return verdict
 
 
 def step_rule(
@@ -151,8 +184,9 @@ def _keep(
     if not rejected:
         return
     subset = judgement.subset(rejected)
-    passed = [_passed_by_rule(judged[i], proposals[judged[i].slot], verdicts[judged[i].slot], judgement, i)
-              for i in rejected]  # fmt: skip
+    assert judgement.logp is not None and judgement.top is not None
+    passed = [passed_by_rule(judged[i], proposals[judged[i].slot], verdicts[judged[i].slot], judgement.logp[i],
+                             judgement.top[i]) for i in rejected]  # fmt: skip
     for j, (i, kept) in enumerate(zip(rejected, decide(runtime, subset, passed), strict=True)):
         gen = judged[i]
         verdict, proposal = verdicts[gen.slot], proposals[gen.slot]
@@ -164,19 +198,19 @@ def _keep(
             gen.logprobs.add_logits(judgement.logits[i][: len(written)], written)
 
 
-def _passed_by_rule(
-    gen: Generation, proposal: Proposal, verdict: Verdict, judgement: Judgement, i: int
+def passed_by_rule(
+    gen: Generation, proposal: Proposal, verdict: Verdict, logp: torch.Tensor, top: torch.Tensor
 ) -> torch.Tensor | None:
-    """With a per-token rule, the tokens before the first that failed passed the same test the step did."""
+    """With a per-token rule, the tokens before the first that failed passed the same test the step did
+    (``logp``, ``top``: as :func:`judged_verdict` takes them, at least ``k`` long)."""
     params = gen.params
     if not (per_token(params.confidence_method) and params.decision == "confidence"):
         return None
     if params.signal_source != "target" or proposal.problem is not None:
         return None
-    assert judgement.logp is not None and judgement.top is not None
     k = len(proposal.tokens)
-    logp = judgement.logp[i, :k]
-    scores = logp - judgement.top[i, :k] if params.confidence_method == "ratio" else logp
+    logp = logp[:k]
+    scores = logp - top[:k] if params.confidence_method == "ratio" else logp
     threshold = verdict.threshold
     return (scores >= math.log(threshold)) if threshold > 0 else torch.ones(k, dtype=torch.bool)
 

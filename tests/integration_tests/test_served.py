@@ -18,8 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from langchain_core.messages import HumanMessage
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
+from langchain_specguard import ChatSpecGuard, SpecGuardCallbackHandler
 from langchain_specguard.engine.served import (
     ServedConnectionError,
     ServedProtocolError,
@@ -197,6 +200,40 @@ def test_a_server_killed_mid_request_gives_a_clear_error_within_the_timeout(
     message = str(err.value)
     assert message.startswith(f"served target {draft_server.url}: ")
     assert "closed during /v1/completions" in message or "cannot connect" in message
+
+
+def tiny_qwen_draft() -> Qwen2ForCausalLM:
+    """A one-layer random model over Qwen2.5's vocabulary: a local draft that costs nothing to load and whose steps
+    the served model never writes itself (so every step is rejected), or all of whose steps are taken."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32768, tie_word_embeddings=True, eos_token_id=[151645, 151643],
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).to(torch.float64).eval()
+
+
+def test_chat_spec_guard_with_the_served_target_end_to_end(
+    draft_server: VLLMServer, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """ChatSpecGuard's step loop against the real server: a local draft proposes, vLLM judges each step in one
+    request and writes the rejected ones. Every step rejected, the answer is the server's own greedy completion
+    token for token; every step accepted, the local draft's greedy output, one request a step."""
+    draft = tiny_qwen_draft()
+    llm = ChatSpecGuard(target_url=draft_server.url, model=draft_server.name, draft_model=draft, tokenizer=tokenizer,
+                        device="cpu", n_candidates=1, max_tokens=24, acceptance_threshold=0.5)  # fmt: skip
+    prompt = llm.render_prompt([HumanMessage(QUESTION)])
+    rejected, accepted = SpecGuardCallbackHandler(), SpecGuardCallbackHandler()
+    message = llm.invoke(QUESTION, config={"callbacks": [rejected]})
+    steps = rejected.to_records()
+    written = [t for s in steps for t in s["token_ids"]]
+    assert written == greedy_completion(draft_server, prompt, 24) and message.content == tokenizer.decode(written)
+    assert steps and all(s["source"] == "target" and not s["accepted"] for s in steps)
+    llm.model_copy(update={"acceptance_threshold": -1.0}).invoke(QUESTION, config={"callbacks": [accepted]})
+    steps = accepted.to_records()
+    drafted = draft.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert [t for s in steps for t in s["token_ids"]] == drafted[0, len(prompt) :].tolist()
+    assert all(s["accepted"] and s["target_forwards"] == 1 for s in steps)
 
 
 @pytest.mark.qwen

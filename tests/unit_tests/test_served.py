@@ -102,6 +102,15 @@ def test_a_server_that_never_answers_times_out_within_the_timeout_and_is_not_ret
     assert silent_listener in str(err.value)
 
 
+def test_a_calls_own_deadline_bounds_a_request_below_the_configured_timeout(silent_listener: str) -> None:
+    """The step loop passes each request what is left of its call's deadline (engine/served_steps.py)."""
+    target = ServedTarget(silent_listener, model="m", timeout=60.0, retries=3)
+    start = time.monotonic()
+    with pytest.raises(ServedTimeoutError, match=r"no answer to /v1/completions within 0\.5s"):
+        target.write([1, 2], 4, timeout=0.5)
+    assert time.monotonic() - start < 2.0
+
+
 def test_http_500_is_retried_when_idempotent_then_reported_with_the_servers_words(http_stub: Callable) -> None:
     url, seen = http_stub(500, {"error": {"message": "engine core died"}})
     target = ServedTarget(url, model="m", retries=2, backoff=0.01)
@@ -180,6 +189,9 @@ def test_a_judgement_feeds_the_engines_accept_and_confidence_rules(http_stub: Ca
     assert judged.accepted() == (1, 11)  # 7 is the target's choice, 8 is not: the target writes 11 there
     assert judged.accepted() == (1, 11)  # kept 7, the target writes 11 where the draft had 8
     assert judged.accepted(passed=torch.tensor([True, True, True])) == (3, 12)  # all passed: the next token
+    # a verification's step is followed by the next step, not by this token (as the local engine's pass)
+    assert judged.accepted(passed=torch.tensor([True, True, True]), bonus=False) == (3, None)
+    assert judged.accepted(bonus=False) == (1, 11)
     assert confidence_score(judged.ratio_scores(), "ratio") == pytest.approx(torch.tensor(-2.2).exp().item())
 
 
