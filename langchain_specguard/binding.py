@@ -22,6 +22,8 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, Runn
 from langchain_core.tools import StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ValidationError
+from pydantic.v1 import BaseModel as BaseModelV1
+from pydantic.v1 import ValidationError as ValidationErrorV1
 
 from .reasoning import ThoughtSpec
 from .tools import HERMES, ToolFormat, inert, lenient_call, load_json, tools_by_name, validate_tool_call
@@ -171,8 +173,11 @@ def tool_flag(name: str, value: Any) -> bool | None:
 
 
 def structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
-    """The parser of a structured answer: the named call's arguments, validated into ``schema``."""
-    model_class = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+    """The parser of a structured answer: the named call's arguments, validated into ``schema``.
+
+    A pydantic model gives an instance of itself, a ``pydantic.v1`` model too (as ChatOpenAI's parser does);
+    a JSON schema or a TypedDict gives the arguments as a dict."""
+    model_class = schema if isinstance(schema, type) and issubclass(schema, (BaseModel, BaseModelV1)) else None
 
     def parse(message: AIMessage) -> Any:
         calls = [c for c in message.tool_calls if c["name"] == name]
@@ -186,8 +191,10 @@ def structured_parser(schema: Any, name: str) -> Callable[[AIMessage], Any]:
         if model_class is None:
             return args
         try:
-            return model_class.model_validate(args)
-        except ValidationError as exc:
+            if issubclass(model_class, BaseModel):
+                return model_class.model_validate(args)
+            return model_class.parse_obj(args)
+        except (ValidationError, ValidationErrorV1) as exc:
             raise OutputParserException(f"the {name!r} call does not fit the schema: {exc}") from exc
 
     return parse

@@ -206,12 +206,13 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         return langsmith_params(params, self.model_name, self.draft_name, {**config, "trace_steps": self.trace_steps})
 
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` in the pair's own tokenizer (no download, no GPT-2 stand-in)."""
-        ids: list[int] = self.load().tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of ``text`` in the pair's own tokenizer (no GPT-2 stand-in; no weights load for it)."""
+        ids: list[int] = self.pair_tokenizer()(text, add_special_tokens=False)["input_ids"]
         return ids
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
-        """Prompt tokens of ``messages`` as this model would see them: chat template, tools and all."""
+        """Prompt tokens of ``messages`` as this model would see them: chat template, tools and all (the tokenizer
+        alone loads for it, not the weights)."""
         return len(self.render_prompt(messages, openai_tools(tools) if tools else None))
 
     # ------------------------------------------------------------------------------------------
@@ -247,9 +248,9 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
             score_layers(model, self.score_layers)
 
     def template_profile(self) -> TemplateProfile:
-        """What the chat template decides for this model (loads the pair for its tokenizer)."""
+        """What the chat template decides for this model (its tokenizer is read alone while the pair is not loaded)."""
         return TemplateProfile.of(
-            self.load().tokenizer,
+            self.pair_tokenizer(),
             self.model_name,
             chat_template=self.chat_template,
             tool_prompt=self.tool_prompt,

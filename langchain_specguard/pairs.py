@@ -10,6 +10,7 @@ its key.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -19,10 +20,11 @@ from typing import Any, Literal
 import torch
 from langchain_core.language_models.model_profile import ModelProfile
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
-from transformers import Pipeline, TextGenerationPipeline
+from transformers import Pipeline, PreTrainedModel, PreTrainedTokenizerBase, TextGenerationPipeline
 from typing_extensions import Self
 
 from .engine import (
+    GEMMA_CHAT_TEMPLATE,
     PACKAGED_PAIRS,
     UNKNOWN_WINDOW,
     ModelPair,
@@ -39,6 +41,8 @@ from .engine import (
     load_served_pair,
     resolve_dtype,
 )
+from .engine.loading import check_gguf_tokenizer, embedded_gguf_path, gguf_tokenizer, load_tokenizer
+from .engine.packaged import assemble, cache_dir, check_tokenizer, packaged_tokenizer
 from .engine.served import ServedConfig
 
 
@@ -162,6 +166,7 @@ class PairHandle:
         self.pair: ModelPair | None = None  # the loaded pair, once loaded
         self._key: tuple[Any, ...] | None = None  # the key ``pair`` was loaded for
         self._holding: Holding | None = None
+        self._tokenizer: tuple[tuple[Any, ...], PreTrainedTokenizerBase] | None = None  # loaded alone, for a key
 
     @staticmethod
     def for_owner(handle: PairHandle | None, owner: Any) -> PairHandle:
@@ -170,7 +175,7 @@ class PairHandle:
             return handle
         own = PairHandle(owner)
         if handle is not None:
-            own.pair, own._key = handle.pair, handle._key
+            own.pair, own._key, own._tokenizer = handle.pair, handle._key, handle._tokenizer
         return own
 
     def hold(self, key: tuple[Any, ...]) -> None:
@@ -196,6 +201,21 @@ class PairHandle:
                 return self.pair, False
             self.pair, self._key = shared_pair(key, load), key
             return self.pair, True
+
+    def tokenizer(self, key: tuple[Any, ...], load: Callable[[], PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
+        """The tokenizer of ``key``'s pair: the loaded pair's where it is loaded (by the owner, or by any instance
+        sharing it), else the one ``load`` reads alone, once per key for the owner, and no model with it."""
+        pair = self.pair if self._key == key else None
+        if pair is None:
+            with _PAIRS_LOCK:
+                entry = _PAIRS.get(key)
+            pair = entry.pair if entry is not None else None
+        if pair is not None:
+            return pair.tokenizer
+        with self._lock:
+            if self._tokenizer is None or self._tokenizer[0] != key:
+                self._tokenizer = (key, load())
+            return self._tokenizer[1]
 
 
 class PairSource(BaseModel):
@@ -473,6 +493,42 @@ class PairSource(BaseModel):
             max_memory=self.max_memory,
             model_kwargs=self.model_kwargs,
             draft_model_kwargs=self.draft_model_kwargs,
+        )
+
+    def pair_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The pair's tokenizer, with its chat template, without loading a model's weights while the pair is not
+        loaded: counting tokens and rendering a prompt need the tokenizer alone (ChatHuggingFace and ChatOpenAI
+        count with a tokenizer only). Once the pair is loaded, its own tokenizer."""
+        return self._pairs().tokenizer(self._loading_key(), self._load_tokenizer)
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer these options give the pair, read as :meth:`_load_pair`'s loader reads it, alone.
+
+        A GGUF holds its tokenizer: the embedded and the packaged models' GGUFs are assembled (and checked) if they
+        are not yet, and the tokenizer converted from them is kept, as loading the pair keeps it; no weights load.
+        """
+        if self.pair is not None:
+            spec = PACKAGED_PAIRS[self.pair]
+            if self.tokenizer is not None:  # the override load_packaged_pair checks against the pair's sample
+                given = load_tokenizer(self.tokenizer, None, trust_remote_code=self.trust_remote_code)
+                check_tokenizer(spec, given)
+                return given
+            folder = cache_dir(spec)
+            return packaged_tokenizer(spec, folder, assemble(spec.target, folder, spec.extra))
+        if self.target_model is None:  # the embedded default, as load_embedded_pair reads its tokenizer
+            path = embedded_gguf_path()
+            tokenizer = gguf_tokenizer(path, path.with_name(f"{path.stem}.tokenizer"), check_gguf_tokenizer)
+            if tokenizer.chat_template is None:
+                tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+            return tokenizer
+        target = self.target_model
+        by_name = isinstance(target, (str, os.PathLike))
+        return load_tokenizer(
+            self.tokenizer if self.tokenizer is not None else target if by_name else None,
+            target if isinstance(target, PreTrainedModel) else None,  # an object: its tokenizer is saved beside it
+            gguf_file=self.gguf_file,
+            trust_remote_code=self.trust_remote_code,
+            hub=hub_options(self.model_kwargs, same_repository=self.tokenizer is None or self.tokenizer == target),
         )
 
     # -- copies: the loaded pair and the objects given are shared, the hold on the pair is the copy's own --------

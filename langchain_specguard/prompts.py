@@ -21,7 +21,8 @@ from typing import Any, Literal
 import jinja2
 from jinja2 import nodes
 from jinja2.exceptions import TemplateError
-from langchain_core.messages import BaseMessage, convert_to_openai_messages
+from langchain_core.messages import AIMessage, BaseMessage, ToolCall, convert_to_openai_messages
+from langchain_core.messages.tool import tool_call
 
 from .reasoning import (
     DEFAULT_MARKERS,
@@ -30,7 +31,6 @@ from .reasoning import (
     opens_thought,
     reasoning_of,
     template_kwargs,
-    without_reasoning,
 )
 from .tools import FORMATS, HERMES, HERMES_MARKERS, OUTPUT_SYNTAX, RESPONSE_MARKERS, ToolCallStyle, ToolFormat
 
@@ -306,18 +306,93 @@ def _masked(value: Any, controls: Sequence[str], prompt: str) -> tuple[Any, dict
     return mask(value), originals
 
 
+CALL_BLOCKS = ("tool_call", "tool_call_chunk", "invalid_tool_call")
+"""The standard content blocks that hold an assistant's tool calls (``output_version="v1"`` writes them)."""
+
+
+def _role_name(message: BaseMessage) -> str:
+    return getattr(message, "role", None) or {"human": "user", "ai": "assistant"}.get(message.type, message.type)
+
+
+def read_blocks(message: BaseMessage) -> BaseMessage:
+    """``message`` with its content blocks read into what a chat template renders: text and tool calls.
+
+    A message's content may be a list of blocks in LangChain's standard form (what ``output_version="v1"``
+    writes: ``text``, ``reasoning``, ``tool_call``, ``tool_call_chunk``, ``invalid_tool_call``) or in a
+    provider's own form, which ``content_blocks`` translates to the standard one. Text blocks become the text;
+    an assistant's reasoning is left to :func:`~.reasoning.reasoning_of`; its tool calls join ``tool_calls``
+    (a block whose id is already there is the same call), so a v1 answer sent back renders as its v0 twin
+    does. A call that cannot be read (an ``invalid_tool_call``, a ``tool_call_chunk`` whose arguments are not
+    a JSON object) is left out, as v0 leaves ``invalid_tool_calls`` out: it was never run. Any other block
+    (image, audio, file, video, plain-text file, server tool blocks, a provider's own) is an error naming its
+    type, since the models read text alone.
+    """
+    if not isinstance(message.content, list):
+        return message
+    who = _role_name(message)
+    assistant = isinstance(message, AIMessage)
+    texts: list[str] = []
+    calls: list[ToolCall] = list(message.tool_calls) if isinstance(message, AIMessage) else []
+    known = {call.get("id") for call in calls}
+    for block in message.content_blocks:
+        kind = block["type"]
+        if block["type"] == "text":
+            texts.append(block["text"])
+        elif assistant and kind == "reasoning":
+            continue
+        elif assistant and kind in CALL_BLOCKS:
+            call = _readable_call(block)
+            if call is not None and (call["id"] is None or call["id"] not in known):
+                calls.append(call)
+                known.add(call["id"])
+        else:
+            raise ValueError(_unreadable(block, who))
+    update: dict[str, Any] = {"content": "\n".join(texts)}
+    if assistant:
+        update["tool_calls"] = calls
+    return message.model_copy(update=update)
+
+
+def _unreadable(block: Mapping[str, Any], who: str) -> str:
+    kind = block["type"]
+    if kind == "non_standard" and isinstance(block.get("value"), dict):  # a provider's own block: its own name
+        kind = str(block["value"].get("type", "?"))
+    if kind == "reasoning" or kind in CALL_BLOCKS:
+        return f"a {who} message has a {kind!r} content block: only an AIMessage carries reasoning and tool calls"
+    return (
+        f"a {who} message has a content block of type {kind!r}: this model reads text only "
+        "(the blocks it reads are text, reasoning, tool_call, tool_call_chunk and invalid_tool_call)"
+    )
+
+
+def _readable_call(block: Mapping[str, Any]) -> ToolCall | None:
+    """A tool-call block as a call, or None for one that holds no readable call."""
+    if block["type"] == "invalid_tool_call" or not isinstance(block.get("name"), str):
+        return None
+    args = block.get("args")
+    if block["type"] == "tool_call_chunk":
+        try:
+            args = json.loads(args) if isinstance(args, str) and args.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return tool_call(name=block["name"], args=args, id=block.get("id"))
+
+
 def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """OpenAI-style ``{"role", "content"}`` dicts for the chat template, text only, roles checked.
 
     Chat templates render whatever role they are given (or fold unknown ones into a user turn), so
     a typo such as ``ChatMessage(role="robot")`` would silently reach the model; it is an error
     here instead. ``developer`` (OpenAI's newer name for ``system``) becomes ``system``, which is
-    the role local chat templates know. An assistant message's reasoning (``reasoning_content``, or v1
-    ``reasoning`` blocks) becomes the ``reasoning_content`` key that templates such as Qwen3's read.
+    the role local chat templates know. Content blocks are read by :func:`read_blocks`. An assistant
+    message's reasoning (``reasoning_content``, or v1 ``reasoning`` blocks) becomes the
+    ``reasoning_content`` key that templates such as Qwen3's read.
     """
     for message in messages:
         parts = message.content if isinstance(message.content, list) else []
-        who = getattr(message, "role", None) or {"human": "user", "ai": "assistant"}.get(message.type, message.type)
+        who = _role_name(message)
         for part in parts:
             if isinstance(part, dict) and "type" not in part:
                 raise ValueError(
@@ -331,7 +406,7 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     converted: list[dict[str, Any]] = []
     for original in messages:
         thought = reasoning_of(original)
-        for openai_message in convert_to_openai_messages([without_reasoning(original)], text_format="string"):
+        for openai_message in convert_to_openai_messages([read_blocks(original)], text_format="string"):
             assert isinstance(openai_message, dict)
             if thought and openai_message.get("role") == "assistant":
                 openai_message["reasoning_content"] = thought
@@ -355,10 +430,7 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
         content = message.get("content")
         if content is None:
             message["content"] = ""
-        elif not isinstance(content, str):
-            kinds = sorted({str(part.get("type", "?")) for part in content if isinstance(part, dict)})
-            raise ValueError(f"a {role} message has content parts of type {kinds}: this model reads text only")
-        else:
+        else:  # a string: read_blocks made every list of blocks text
             try:
                 content.encode("utf-8")
             except UnicodeEncodeError as exc:

@@ -104,11 +104,3 @@ def reasoning_of(message: BaseMessage) -> str:
     return "".join(
         str(block.get("reasoning") or "") for block in message.content_blocks if block.get("type") == "reasoning"
     )
-
-
-def without_reasoning(message: BaseMessage) -> BaseMessage:
-    """``message`` with its ``reasoning`` content blocks removed (they reach a template as ``reasoning_content``)."""
-    if not isinstance(message, AIMessage) or not isinstance(message.content, list):
-        return message
-    parts = [p for p in message.content if not (isinstance(p, dict) and p.get("type") == "reasoning")]
-    return message.model_copy(update={"content": parts})

@@ -14,6 +14,9 @@ import pytest
 from langchain_core.exceptions import OutputParserException
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic.v1 import BaseModel as BaseModelV1
+from pydantic.v1 import Field as FieldV1
+from pydantic.v1 import validator
 
 from langchain_specguard import ChatSpecGuard
 from langchain_specguard.binding import ToolRequest
@@ -82,3 +85,35 @@ def test_json_mode_without_a_schema_returns_a_dict(include_raw: bool) -> None:
         prose.with_structured_output(None, method="json_mode").invoke("JSON please.")
     with pytest.raises(ValueError, match="needs a schema"):
         prose.with_structured_output(None)  # function calling needs the schema's tool
+
+
+class Joke(BaseModelV1):
+    """Joke to tell user (a pydantic.v1 model, as the standard suite's ``test_structured_output_pydantic_2_v1``)."""
+
+    setup: str = FieldV1(description="question to set up a joke")
+    punchline: str = FieldV1(description="answer to resolve the joke")
+
+    @validator("punchline")
+    def ends_a_sentence(cls, value: str) -> str:  # noqa: N805 (pydantic.v1 validators take the class)
+        if not value.endswith("."):
+            raise ValueError("a punchline ends with a full stop")
+        return value
+
+
+def test_structured_output_with_a_pydantic_v1_model_returns_an_instance_of_it() -> None:
+    """Origin: issue 29, item 3: ``with_structured_output(<pydantic.v1 model>)`` returned the arguments as a dict;
+    ChatOpenAI returns an instance of the model. ``invoke``, ``stream`` and ``include_raw`` give the instance,
+    the model's own validators run (a failure is a parsing error), and its JSON schema still gives a dict."""
+    joke = {"setup": "Why did the cat sit on the keyboard?", "punchline": "To keep an eye on the mouse."}
+    llm = scripted(call_block("Joke", joke))
+    structured = llm.with_structured_output(Joke)
+    answer = structured.invoke("Tell me a joke about cats.")
+    assert isinstance(answer, Joke) and answer == Joke(**joke)
+    streamed = list(structured.stream("Tell me a joke about cats."))
+    assert streamed and all(isinstance(chunk, Joke) for chunk in streamed)
+    raw = llm.with_structured_output(Joke, include_raw=True).invoke("Tell me a joke about cats.")
+    assert isinstance(raw["parsed"], Joke) and raw["parsing_error"] is None
+    assert llm.with_structured_output(Joke.schema()).invoke("Tell me a joke about cats.") == joke
+    unfinished = scripted(call_block("Joke", {**joke, "punchline": "To keep an eye on the mouse"}))
+    with pytest.raises(OutputParserException, match=r"(?s)'Joke' call does not fit the schema: .*full stop"):
+        unfinished.with_structured_output(Joke).invoke("Tell me a joke about cats.")

