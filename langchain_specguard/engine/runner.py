@@ -91,6 +91,7 @@ def model_pass(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     end: int | None,
+    *,
     keep: int = 0,
     rows: Rows | None = None,
 ) -> torch.Tensor:
@@ -158,6 +159,7 @@ def decode_iteration(
     state: DecodeState,
     controls: Controls,
     sampling: bool,
+    *,
     end: int | None,
     forward: Callable[..., torch.Tensor] = model_pass,
     top: int = 0,
@@ -426,8 +428,8 @@ class ModelRunner:
                         self.tokens_in[rows, :size],
                         positions,
                         end if self.cache.growable else None,
-                        keep,
-                        self.vocab_rows,
+                        keep=keep,
+                        rows=self.vocab_rows,
                     )
                 finally:
                     self.cache.rows = slice(0, self.batch)
@@ -483,8 +485,8 @@ class ModelRunner:
         positions = (start + torch.arange(len(tokens), device=self.device))[None]
         self.cache.rows = rows
         try:
-            model_pass(self.view, self.cache, self.windows, ids, positions, end if self.cache.growable else None, 1,
-                       self.vocab_rows)  # fmt: skip
+            model_pass(self.view, self.cache, self.windows, ids, positions, end if self.cache.growable else None,
+                       keep=1, rows=self.vocab_rows)  # fmt: skip
         finally:
             self.cache.rows = slice(0, self.batch)
         self.cache.valid[first] = end
@@ -609,10 +611,10 @@ class ModelRunner:
                         state,
                         controls,
                         sampling,
-                        end,
-                        forward,
-                        top,
-                        self.vocab_rows,
+                        end=end,
+                        forward=forward,
+                        top=top,
+                        vocab=self.vocab_rows,
                     )
             finally:
                 self.cache.rows = slice(0, self.batch)
