@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 from langchain_core.language_models.model_profile import ModelProfile
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from transformers import Pipeline, PreTrainedModel, PreTrainedTokenizerBase, TextGenerationPipeline
 from typing_extensions import Self
 
@@ -371,7 +371,11 @@ class PairSource(BaseModel):
         named = sorted({"url", "model"} & options.keys())
         if named:
             raise ValueError(f"target_server_options cannot set {named}: they are target_url and target_model")
-        ServedConfig(url=self.target_url, model=self.target_model, **options)  # a bad URL or option fails here
+        try:  # a bad URL or option fails here, named as the user gave it
+            ServedConfig(url=self.target_url, model=self.target_model, **options)
+        except ValidationError as exc:
+            problems = [f"{_served_option(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+            raise ValueError("; ".join(problems)) from None
 
     def _check_what_applies(self) -> None:
         """Refuse loading options that nothing would apply (they were once silently dropped)."""
@@ -617,6 +621,13 @@ class PairSource(BaseModel):
             return None
         window = PACKAGED_PAIRS[self.pair].context_window if self.pair is not None else None
         return window or context_window_of(self.target_model, hub_options(self.model_kwargs))
+
+
+def _served_option(loc: tuple[Any, ...]) -> str:
+    """Where a served target's setting was given (from a validation error's ``loc``): ``target_url``,
+    ``target_model`` or a key of ``target_server_options``."""
+    field = str(loc[0]) if loc else "url"
+    return {"url": "target_url", "model": "target_model"}.get(field, f"target_server_options[{field!r}]")
 
 
 def _pipeline_of(value: Any) -> Pipeline | None:

@@ -83,7 +83,8 @@ class Runtime:
 
     @property
     def runners(self) -> list[ModelRunner]:
-        return [self.draft] if self.target is None else [self.draft, self.target]
+        """The runners holding the slots' caches: the target's (when local), then the draft's."""
+        return [self.draft] if self.target is None else [self.target, self.draft]
 
     def take_slot(self) -> int:
         """The lowest free slot (doubling the runners' slots when all are taken)."""
@@ -192,8 +193,7 @@ def served_rows(draft: PreTrainedModel, tokens: int) -> Rows | None:
     """How the draft meets a served target's vocabulary, which is known only through the tokenizer (``tokens``
     ids, checked against the server's at loading): it proposes only those ids, and a token the server writes
     past its embedding is fed as its last row (as with a local target, :func:`vocab_rows`)."""
-    rows = Rows(output=tokens if output_vocab(draft) > tokens else None, embed=embedding_rows(draft))
-    return rows
+    return Rows(output=tokens if output_vocab(draft) > tokens else None, embed=embedding_rows(draft))
 
 
 def vocab_rows(draft: PreTrainedModel, target: PreTrainedModel) -> tuple[Rows | None, Rows | None]:

@@ -11,6 +11,9 @@
 3. **Keep.** For a rejected step the same logits say how much of it the target keeps (:func:`~.judge.decide`: its
    own choices, and with a per-token confidence rule the tokens that passed the threshold, up to the first that
    failed) and which token the target writes there; :mod:`.write` continues from there.
+
+What reads the scores (:func:`step_rule`, :func:`judged_verdict`, :func:`passed_by_rule`) takes tensors, so a
+served target's answers (:mod:`.served_steps`) are decided by the same code.
 """
 
 from __future__ import annotations
@@ -126,9 +129,8 @@ def judged_verdict(
     k = len(proposal.tokens)
     verdict = step_rule(gen, proposal, logp, top, grounding)
     verdict.target_forwards = 1
-    agreed = accept(torch.tensor([proposal.tokens]), [k], [k], choices=choices[None, :k].cpu())[
-        0
-    ].kept  # how many leading tokens are the target's own choices (greedy, whatever the sampling)
+    # how many leading tokens are the target's own choices (greedy, whatever the sampling)
+    agreed = accept(torch.tensor([proposal.tokens]), [k], [k], choices=choices[None, :k].cpu())[0].kept
     # a step made only of the target's own first choices is one it writes itself: its score is a sample of
     # how the target's steps score, whatever this step's verdict (calibration.py)
     verdict.calibration = verdict.score if agreed == k else None
