@@ -319,25 +319,29 @@ def read_blocks(message: BaseMessage) -> BaseMessage:
 
     A message's content may be a list of blocks in LangChain's standard form (what ``output_version="v1"``
     writes: ``text``, ``reasoning``, ``tool_call``, ``tool_call_chunk``, ``invalid_tool_call``) or in a
-    provider's own form, which ``content_blocks`` translates to the standard one. Text blocks become the text;
-    an assistant's reasoning is left to :func:`~.reasoning.reasoning_of`; its tool calls join ``tool_calls``
-    (a block whose id is already there is the same call), so a v1 answer sent back renders as its v0 twin
-    does. A call that cannot be read (an ``invalid_tool_call``, a ``tool_call_chunk`` whose arguments are not
-    a JSON object) is left out, as v0 leaves ``invalid_tool_calls`` out: it was never run. Any other block
-    (image, audio, file, video, plain-text file, server tool blocks, a provider's own) is an error naming its
-    type, since the models read text alone.
+    provider's own form, which ``content_blocks`` translates where it knows the provider. Text blocks become
+    the text; an assistant's reasoning is left to :func:`~.reasoning.reasoning_of`; its tool calls join
+    ``tool_calls`` (a block whose id is already there is the same call), so a v1 answer sent back renders as
+    its v0 twin does. A call that cannot be read (an ``invalid_tool_call``, a ``tool_call_chunk`` whose
+    arguments are not a JSON object) is left out, as v0 leaves ``invalid_tool_calls`` out: it was never run.
+    A provider's own block stays for LangChain's OpenAI conversion, which reads those it knows (Anthropic's
+    ``tool_use`` and ``tool_result``, ...); what is left that is not text is refused by :func:`template_messages`.
+    Any other standard block (image, audio, file, video, plain-text file, server tool blocks) is an error naming
+    its type, since the models read text alone.
     """
     if not isinstance(message.content, list):
         return message
     who = _role_name(message)
     assistant = isinstance(message, AIMessage)
-    texts: list[str] = []
+    content: list[Any] = []
     calls: list[ToolCall] = list(message.tool_calls) if isinstance(message, AIMessage) else []
     known = {call.get("id") for call in calls}
     for block in message.content_blocks:
         kind = block["type"]
         if block["type"] == "text":
-            texts.append(block["text"])
+            content.append({"type": "text", "text": block["text"]})
+        elif block["type"] == "non_standard":
+            content.append(block["value"])
         elif assistant and kind == "reasoning":
             continue
         elif assistant and kind in CALL_BLOCKS:
@@ -346,17 +350,14 @@ def read_blocks(message: BaseMessage) -> BaseMessage:
                 calls.append(call)
                 known.add(call["id"])
         else:
-            raise ValueError(_unreadable(block, who))
-    update: dict[str, Any] = {"content": "\n".join(texts)}
+            raise ValueError(_unreadable(kind, who))
+    update: dict[str, Any] = {"content": content}
     if assistant:
         update["tool_calls"] = calls
     return message.model_copy(update=update)
 
 
-def _unreadable(block: Mapping[str, Any], who: str) -> str:
-    kind = block["type"]
-    if kind == "non_standard" and isinstance(block.get("value"), dict):  # a provider's own block: its own name
-        kind = str(block["value"].get("type", "?"))
+def _unreadable(kind: str, who: str) -> str:
     if kind == "reasoning" or kind in CALL_BLOCKS:
         return f"a {who} message has a {kind!r} content block: only an AIMessage carries reasoning and tool calls"
     return (
@@ -430,7 +431,10 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
         content = message.get("content")
         if content is None:
             message["content"] = ""
-        else:  # a string: read_blocks made every list of blocks text
+        elif not isinstance(content, str):  # a provider's block that LangChain's conversion did not make text
+            kind = next(str(part.get("type", "?")) for part in content if part.get("type") != "text")
+            raise ValueError(_unreadable(kind, role))
+        else:
             try:
                 content.encode("utf-8")
             except UnicodeEncodeError as exc:

@@ -214,6 +214,7 @@ def test_template_that_loads_other_templates_is_a_value_error(statement: str) ->
 CALL = {"name": "lookup", "args": {"country": "France"}, "id": "call-1"}
 BAD_CALL = {"name": "lookup", "args": '{"country": ', "id": "call-2", "error": "unterminated JSON"}
 TEXT = {"type": "text", "text": "Checking."}
+ANTHROPIC_CALL = {"type": "tool_use", "id": "call-1", "name": "lookup", "input": {"country": "France"}}
 V1_ANSWERS = {
     "blocks and tool_calls (what output_version='v1' writes)": (
         AIMessage(content=[TEXT, {"type": "tool_call", **CALL}], tool_calls=[CALL]),
@@ -244,16 +245,26 @@ V1_ANSWERS = {
         AIMessage(content=[TEXT, {"type": "tool_call", **CALL}, {"type": "invalid_tool_call", **BAD_CALL}]),
         AIMessage("Checking.", tool_calls=[CALL]),
     ),
+    "a provider's own tool_use block, and tool_calls": (  # Anthropic's form, as the standard suite sends it
+        AIMessage(content=[TEXT, ANTHROPIC_CALL], tool_calls=[CALL]),
+        AIMessage("Checking.", tool_calls=[CALL]),
+    ),
+    "a provider's own tool_use block alone": (
+        AIMessage(content=[TEXT, ANTHROPIC_CALL]),
+        AIMessage("Checking.", tool_calls=[CALL]),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(V1_ANSWERS))
 @pytest.mark.parametrize("think", [False, True])
-def test_an_answer_in_standard_content_blocks_renders_as_its_v0_twin(case: str, think: bool) -> None:
+def test_an_answer_in_content_blocks_renders_as_its_v0_twin(case: str, think: bool) -> None:
     """Origin: issue 29, item 1: with ``output_version="v1"`` the model's own tool-call answer, sent back in the
     history (as ``create_agent`` does), failed with "content parts of type ['tool_call']: this model reads text
     only". Every standard block an answer holds is read: text, reasoning (through a template that renders it,
-    too), tool calls whole or as chunks; a call that was never valid is left out, as v0 leaves it out."""
+    too), tool calls whole or as chunks; a call that was never valid is left out, as v0 leaves it out. A provider's
+    own blocks that LangChain converts (Anthropic's ``tool_use``, as the standard suite's list-content tool
+    histories send it) are read as before."""
     target, draft = llama_pair()
     template = CHATML.replace(
         "{{ m['content'] }}", "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
