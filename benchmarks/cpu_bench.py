@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,9 @@ from typing import Any
 
 import torch
 
-from langchain_specguard.apps.bench import _git_commit, encode_prompts, load_problems
+from langchain_specguard.apps.bench import encode_prompts, load_problems
 from langchain_specguard.apps.fewshot import TERMINATOR
-from langchain_specguard.engine import SpecGuardParams, generate
+from langchain_specguard.engine import CallOptions, SpecGuardParams, generate
 from langchain_specguard.engine.loading import ModelPair, self_speculative_draft
 
 DATA = "/work/shared/data/gsm8k/test.jsonl"
@@ -86,6 +87,17 @@ def target_alone(pair: ModelPair, prompt: list[int], tokens: int) -> tuple[float
             pad_token_id=pair.tokenizer.pad_token_id or 0,
         )
     return time.perf_counter() - started, time.process_time() - cpu
+
+
+def commit() -> str | None:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it (git worktrees included)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode != 0
+    except OSError:
+        return None
+    return (head.stdout.strip() + ("+dirty" if dirty else "")) if head.returncode == 0 else None
 
 
 def rate(row: dict[str, Any], clock: str) -> float:
@@ -151,16 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         for c in configs
     ]
     stop = [TERMINATOR] if args.stop else None
+    options = CallOptions(stop=tuple(stop or ()))
     problems = load_problems(args.data, args.offset + args.limit)[args.offset :]
     prompts = encode_prompts(pair, [q for q, _ in problems], "chat")
     header = (
         f"{pair.name} on cpu ({pair.target.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"commit {_git_commit()}); loaded in {load_s:.1f} s; {len(prompts)} problems of {Path(args.data).name} from "
+        f"commit {commit()}); loaded in {load_s:.1f} s; {len(prompts)} problems of {Path(args.data).name} from "
         f"{args.offset}, max_tokens {args.max_tokens}, stop {stop}, greedy"
     )
     print(header, flush=True)
     for p, prm in zip(pairs, params, strict=True):  # warm-up: allocator, lazy initialisation; never timed
-        generate(p, prompts[0], prm.model_copy(update={"max_tokens": 4}), stop=stop)
+        generate(p, prompts[0], prm.model_copy(update={"max_tokens": 4}), options)
     if not args.no_target:
         target_alone(pair, prompts[0], 2)
 
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = None
         for config, p, prm in zip(configs, pairs, params, strict=True):
             started, cpu = time.perf_counter(), time.process_time()
-            result = generate(p, prompt, prm, stop=stop)
+            result = generate(p, prompt, prm, options)
             wall, cpu = time.perf_counter() - started, time.process_time() - cpu
             tokens = len(result.token_ids) if tokens is None else tokens
             steps = result.steps

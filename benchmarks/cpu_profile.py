@@ -38,7 +38,7 @@ import torch
 
 from langchain_specguard.apps.bench import encode_prompts, load_problems
 from langchain_specguard.apps.fewshot import TERMINATOR
-from langchain_specguard.engine import SpecGuardParams, generate
+from langchain_specguard.engine import CallOptions, SpecGuardParams, generate
 from langchain_specguard.engine.loading import ModelPair
 
 DATA = "/work/shared/data/gsm8k/test.jsonl"
@@ -109,11 +109,11 @@ def params_from(args: argparse.Namespace) -> SpecGuardParams:
     return SpecGuardParams(**given)
 
 
-def torch_profile(pair: ModelPair, prompt: list[int], params: SpecGuardParams, stop: list[str] | None) -> str:
+def torch_profile(pair: ModelPair, prompt: list[int], params: SpecGuardParams, options: CallOptions) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        generate(pair, prompt, params, stop=stop)
+        generate(pair, prompt, params, options)
     averages = prof.key_averages()
     by_op = averages.table(sort_by="self_cpu_time_total", row_limit=25)
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25)
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = params_from(args)
     stop = [TERMINATOR] if args.stop else None
+    options = CallOptions(stop=tuple(stop or ()))
     problems = load_problems(args.data, args.offset + args.limit)[args.offset :]
     prompts = encode_prompts(pair, [q for q, _ in problems], "chat")
     say(
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     started = time.perf_counter()
-    generate(pair, prompts[0], params.model_copy(update={"max_tokens": 8}), stop=stop)  # warm-up, never timed
+    generate(pair, prompts[0], params.model_copy(update={"max_tokens": 8}), options)  # warm-up, never timed
     if not args.no_target:
         target_alone(pair, prompts[0], 4)
     say(f"warm-up {time.perf_counter() - started:.1f} s")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.enable()
         t0, c0 = time.perf_counter(), time.process_time()
-        result = generate(pair, prompt, params, stop=stop)
+        result = generate(pair, prompt, params, options)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if profiler is not None:
             profiler.disable()
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             pstats.Stats(profiler, stream=buffer).strip_dirs().sort_stats(key).print_stats(30)
             say(f"\ncProfile of the SpecGuard calls, by {key}\n" + buffer.getvalue())
     if args.torch_profile:
-        say(torch_profile(pair, prompts[0], params, stop))
+        say(torch_profile(pair, prompts[0], params, options))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
     if args.json:
