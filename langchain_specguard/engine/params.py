@@ -78,6 +78,17 @@ class SpecGuardParams(BaseModel):
         "and more of the draft's text kept (README, accuracy).",
     )
     max_step_tokens: int = Field(default=48, ge=1, description="Hard cap on one step's length.")
+    draft_vocab: int | None = Field(
+        default=None,
+        ge=1,
+        description="The draft's LM head covers only this many most frequent multi-character tokens (by the "
+        "tokenizer's merge order), the most frequent single characters and the special and marker tokens "
+        "(engine/draft_vocab.py, the FR-Spec idea): a large vocabulary's head is most of a small draft's cost. The "
+        "target still scores every token with its whole vocabulary, so what it writes is unchanged; a token the "
+        "draft cannot propose is one the target writes. None (default): 32768 on a CPU when the vocabulary has "
+        "131,072 tokens or more, the whole head otherwise (GPUs). A value at or above the vocabulary's size keeps "
+        "the whole head. Needs signal_source='target' (a draft scoring its own steps keeps its whole distribution).",
+    )
     tool_call_markers: tuple[str, str] | None = Field(
         default=None,
         description="(opening, closing) markers of a tool call, e.g. ('<tool_call>', '</tool_call>'). A tool "
@@ -214,6 +225,15 @@ class SpecGuardParams(BaseModel):
             raise ValueError(
                 "acceptance_threshold='auto' calibrates scores whose scale varies by model ('mean', 'min'); "
                 "confidence_method='ratio' (the default) is already scale-free: give a number (default 0.5)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _draft_vocab_needs_target_scores(self) -> SpecGuardParams:
+        if self.draft_vocab is not None and self.signal_source != "target":
+            raise ValueError(
+                f"draft_vocab={self.draft_vocab} needs signal_source='target': with signal_source='draft' the draft's "
+                "own probabilities score its steps, and a subset head would change them; leave draft_vocab unset"
             )
         return self
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from .attention import StepAttention, recording
 from .cache import KVCache, causal_mask
 from .sampling import NO_CONTROLS, Controls, raw_logprobs, sample
-from .view import layer_windows
+from .view import SubsetHead, layer_windows
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per position the decode loop records (``top_logprobs``'s range, as OpenAI's)."""
@@ -42,8 +42,11 @@ MAX_BUCKET = BUCKETS[-1]
 
 
 def output_vocab(view: PreTrainedModel) -> int:
-    """Logit columns a pass produces (the LM head's outputs; may exceed the tokenizer's length)."""
+    """Token ids a pass gives logits for (the LM head's outputs; may exceed the tokenizer's length; a
+    :class:`~.view.SubsetHead`'s ids lie among those of the head it covers)."""
     head = view.get_output_embeddings()
+    if isinstance(head, SubsetHead):
+        return head.vocab_size
     size = getattr(head, "out_features", None)
     return int(size) if isinstance(size, int) else int(view.config.vocab_size)
 
@@ -162,6 +165,7 @@ def decode_iteration(
     forward: Callable[..., torch.Tensor] = model_pass,
     top: int = 0,
     vocab: Rows | None = None,
+    head_ids: torch.Tensor | None = None,
 ) -> None:
     """One decode step for every row of ``state``: forward the current tokens, sample, store, advance. No host reads.
 
@@ -170,22 +174,31 @@ def decode_iteration(
     masks are read and updated in place; ``top`` > 0 also records that many most probable tokens.
     Neither costs anything when off. A row past its ``limit`` still computes (the batch costs the same) but
     no longer advances: what it writes lands at a position past what it holds.
+
+    ``head_ids`` (a :class:`~.view.SubsetHead`'s): the logits cover these token ids only; the row samples among
+    them from its processed distribution renormalised over them (the distribution it really draws from, so the
+    log-probabilities stored are that distribution's), and what it samples is mapped back to token ids.
     """
     logits = forward(view, cache, windows, state.cur[:, None], state.pos[:, None], end, rows=vocab)[:, -1]
     column = state.it.view(1)
     seen = state.seen if controls.penalised else None
     uniform = state.uniform.index_select(1, column).squeeze(1) if sampling else None
-    tokens, logq = sample(logits, state.temps, controls, uniform, seen)
+    if seen is not None and head_ids is not None:
+        seen = seen.index_select(1, head_ids)  # (a copy: the update below goes to the whole mask)
+    columns, logq = sample(logits, state.temps, controls, uniform, seen)
     raw = raw_logprobs(logits).to(state.logp.dtype)
+    tokens = columns if head_ids is None else head_ids.index_select(0, columns)
     state.tokens.index_copy_(1, column, tokens[:, None])
-    state.logp.index_copy_(1, column, raw.gather(-1, tokens[:, None]))
+    state.logp.index_copy_(1, column, raw.gather(-1, columns[:, None]))
     state.logq.index_copy_(1, column, logq[:, None].to(state.logq.dtype))
     if top:
         values, ids = raw.topk(top, dim=-1)
+        if head_ids is not None:
+            ids = head_ids[ids]
         state.top_logp[:, :, :top].index_copy_(1, column, values[:, None])
         state.top_ids[:, :, :top].index_copy_(1, column, ids[:, None])
-    if seen is not None:
-        seen.scatter_(1, tokens[:, None], True)
+    if controls.penalised:
+        state.seen.scatter_(1, tokens[:, None], True)
     state.cur.copy_(tokens)
     state.pos.add_((state.it < state.limit).to(state.pos.dtype))
     state.it.add_(1)
@@ -253,6 +266,8 @@ class ModelRunner:
             return torch.zeros(shape, dtype=dtype, device=dev)
 
         self.vocab_rows = vocab
+        head = view.get_output_embeddings()
+        self.head_ids = head.ids if isinstance(head, SubsetHead) else None  # the logits' token ids (None: all)
         self.vocab = min(output_vocab(view), vocab.output or 1 << 62) if vocab is not None else output_vocab(view)
         rows, b = steps, self.batch
         self.state = DecodeState(
@@ -440,6 +455,9 @@ class ModelRunner:
                 self.cache.valid[rows.start + i * (rows.step or 1)] = firsts[i] + len(fed[slot])
         if not logits:
             return None
+        if self.head_ids is not None:  # a subset head: every other token has probability 0
+            full = out.new_full((*out.shape[:-1], self.vocab), float("-inf"))
+            return full.index_copy_(-1, self.head_ids, out)[:, :q]
         return out[:, :q]
 
     def _long_forward(
@@ -613,6 +631,7 @@ class ModelRunner:
                         forward,
                         top,
                         self.vocab_rows,
+                        self.head_ids,
                     )
             finally:
                 self.cache.rows = slice(0, self.batch)

@@ -15,10 +15,11 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel
 
+from .draft_vocab import draft_head_size, frequent_ids
 from .loading import ModelPair, embedding_rows, weight_bytes
 from .params import SpecGuardParams
 from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
-from .view import engine_view
+from .view import engine_view, subset_head_view
 
 MAX_IDLE_RUNTIMES = 2
 """Runtimes (caches + graphs) a pair keeps for reuse once their batches end; more are freed."""
@@ -36,13 +37,22 @@ class Shape(NamedTuple):
     growable: bool
     graphs: bool
     compiled: bool
+    head: int  # the draft's LM head covers this many frequent tokens (0: all of them; draft_vocab.py)
     capacity: int  # positions per row of a fixed cache (0: growable)
 
     @classmethod
-    def of(cls, params: SpecGuardParams, need: int, limit: int, device: torch.device, single_device: bool) -> Shape:
+    def of(
+        cls,
+        params: SpecGuardParams,
+        need: int,
+        limit: int,
+        device: torch.device,
+        single_device: bool,
+        draft_columns: int = 0,
+    ) -> Shape:
         """The shape a generation of ``need`` positions (prompt and budget) and steps of at most ``limit`` tokens
         needs. The step buffers are sized by what a step can produce (its cap, the budget, the context window),
-        never by the cap alone."""
+        never by the cap alone. ``draft_columns``: the draft's vocabulary (logit columns it may propose)."""
         impl = params.cache_implementation
         if impl == "auto":
             impl = "static" if device.type == "cuda" else "dynamic"
@@ -51,7 +61,8 @@ class Shape(NamedTuple):
         compiled = graphs and params.compile_decode is not False  # None: compile wherever graphs run
         # fixed caches need room for the sequence and a pass padded past its end; growable ones grow from empty
         capacity = 0 if growable else _tier(need + MAX_BUCKET, 1024)
-        return cls(params.n_candidates, _tier(limit + 1, 16), growable, graphs, compiled, capacity)
+        head = draft_head_size(params, device, draft_columns)
+        return cls(params.n_candidates, _tier(limit + 1, 16), growable, graphs, compiled, head, capacity)
 
 
 @dataclass
@@ -104,6 +115,9 @@ class RuntimePool:
         self.target_view = engine_view(pair.target)
         self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
         self.vocab = vocab_rows(self.draft_view, self.target_view)
+        self.draft_columns = min(output_vocab(self.draft_view), (self.vocab[0] or Rows()).output or 1 << 62)
+        self.subset_views: dict[int, PreTrainedModel] = {}  # the draft with a subset head, by size
+        self.tokenizer, self.eos_token_ids = pair.tokenizer, pair.eos_token_ids
         self.single_device = _single_device(self.target_view)
         self.idle: list[Runtime] = []
         self.lock = threading.Lock()
@@ -119,7 +133,18 @@ class RuntimePool:
         return pool
 
     def shape(self, params: SpecGuardParams, need: int, limit: int, device: torch.device) -> Shape:
-        return Shape.of(params, need, limit, device, self.single_device)
+        return Shape.of(params, need, limit, device, self.single_device, self.draft_columns)
+
+    def draft_view_for(self, head: int) -> PreTrainedModel:
+        """The draft's view whose LM head covers ``head`` frequent tokens (0: its whole head), made once."""
+        if head == 0:
+            return self.draft_view
+        with self.lock:
+            view = self.subset_views.get(head)
+            if view is None:
+                ids = frequent_ids(self.tokenizer, head, self.draft_columns, self.eos_token_ids)
+                view = self.subset_views[head] = subset_head_view(self.draft_view, ids)
+        return view
 
     def take(self, shape: Shape) -> Runtime:
         """A runtime of ``shape`` (an idle one with the room, else a new one of one slot)."""
@@ -129,6 +154,7 @@ class RuntimePool:
             if runtime is not None:
                 self.idle.remove(runtime)
         if runtime is None:
+            draft_view = self.draft_view_for(shape.head)
             runners = [
                 ModelRunner(
                     view,
@@ -142,7 +168,7 @@ class RuntimePool:
                     vocab=vocab,
                 )
                 for view, width, vocab in (
-                    (self.draft_view, shape.width, self.vocab[0]),
+                    (draft_view, shape.width, self.vocab[0]),
                     (self.target_view, 1, self.vocab[1]),
                 )
             ]

@@ -7,6 +7,10 @@ on the path to each attention module (the model, its decoder, the layer list, ea
 attention) new Python objects with a config copy naming :data:`~.attention.IMPL_NAME`. Parameters,
 buffers and every other module are the caller's own objects: nothing is copied and nothing the caller
 holds (the model, its config, its modules, their ``training`` flags) is changed.
+
+On a CPU the view also computes its linear layers as :class:`SkinnyLinear` (the caller's weights, another
+layout of the same product), and :func:`subset_head_view` gives a draft an LM head over a subset of the
+vocabulary (the only weights a view ever copies: those rows of the head).
 """
 
 from __future__ import annotations
@@ -42,6 +46,94 @@ def _shallow(module: torch.nn.Module) -> Any:
     return clone
 
 
+SKINNY_ROWS = 16
+"""Most rows :class:`SkinnyLinear` computes as ``weight @ x.T``; more go through ``F.linear``."""
+
+
+class SkinnyLinear(torch.nn.Linear):
+    """A linear layer over the caller's weight and bias, computed as ``(weight @ x.T).T`` for 2 to
+    :data:`SKINNY_ROWS` rows on a CPU.
+
+    ``F.linear`` computes ``x @ weight.T``. With a handful of rows (a draft's candidates, a verified step) MKL's
+    kernel for that layout repacks the whole weight on every call: on an AVX2 CPU two rows cost more than twice
+    one row, where ``weight @ x.T`` streams the weight once for all of them and costs little more than one row
+    (benchmarks/cpu_matmul.py). Same product, other summation order: float rounding differs, nothing else.
+    One row and long passes keep ``F.linear``.
+    """
+
+    @staticmethod
+    def of(linear: torch.nn.Linear) -> SkinnyLinear:
+        clone = _shallow(linear)
+        clone.__class__ = SkinnyLinear
+        return clone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x.shape[-1]
+        rows = x.numel() // max(1, features)
+        if not 1 < rows <= SKINNY_ROWS or x.device.type != "cpu":
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, features).T
+        out = torch.mm(self.weight, flat) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat)
+        return out.T.reshape(*x.shape[:-1], self.out_features)
+
+
+def _skinny(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every plain ``nn.Linear`` below it seen as a :class:`SkinnyLinear` (shallow clones on the way
+    down; the caller's modules are left as they are). Subclasses (quantised layers) keep their own forward."""
+    if type(module) is torch.nn.Linear:
+        return SkinnyLinear.of(module)
+    if not any(type(m) is torch.nn.Linear for m in module.modules()):
+        return module
+    clone = _shallow(module)
+    for name, child in module._modules.items():
+        if child is not None:
+            clone._modules[name] = _skinny(child)
+    return clone
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    """Whether every weight of ``model`` lies in CPU memory as a plain float tensor (no offload, no quantisation)."""
+    return all(p.device.type == "cpu" and p.dtype.is_floating_point for p in model.parameters())
+
+
+class SubsetHead(SkinnyLinear):
+    """An LM head over the rows ``ids`` of the caller's head (FR-Spec's frequency-ranked draft head), computed
+    like every CPU linear layer of a view.
+
+    Its logits are over ``ids`` alone (column ``j`` is token ``ids[j]``); :class:`~.runner.ModelRunner` maps what
+    it samples back to token ids, and gives the other tokens probability 0 wherever it needs a whole
+    distribution. ``vocab_size``: the caller's head's columns.
+    """
+
+    ids: torch.Tensor
+    vocab_size: int
+
+    @staticmethod
+    def over(head: torch.nn.Linear, ids: torch.Tensor) -> SubsetHead:
+        layer = SubsetHead(head.in_features, len(ids), bias=head.bias is not None, device="meta")
+        index = ids.to(head.weight.device)
+        layer.weight = torch.nn.Parameter(head.weight.detach().index_select(0, index), requires_grad=False)
+        if head.bias is not None:
+            layer.bias = torch.nn.Parameter(head.bias.detach().index_select(0, index), requires_grad=False)
+        layer.register_buffer("ids", index, persistent=False)
+        layer.vocab_size = head.out_features
+        layer.training = False
+        return layer
+
+
+def subset_head_view(view: PreTrainedModel, ids: torch.Tensor) -> PreTrainedModel:
+    """``view`` (an :func:`engine_view`) whose LM head computes the logits of ``ids`` only (sorted token ids)."""
+    head = view.get_output_embeddings()
+    if type(head) not in (torch.nn.Linear, SkinnyLinear):
+        raise TypeError(f"a subset head needs a plain linear LM head, {type(view).__name__} has {type(head).__name__}")
+    if ids.dim() != 1 or len(ids) == 0 or int(ids.max()) >= head.out_features or int(ids.min()) < 0:
+        raise ValueError(f"subset head ids must be a non-empty list of rows of the head's {head.out_features}")
+    clone = _shallow(view)
+    name = next(n for n, m in view.named_children() if m is head)
+    clone._modules[name] = SubsetHead.over(head, ids)
+    return clone
+
+
 def layer_windows(config: Any) -> list[int | None]:
     """Per decoder layer, the sliding-window size it attends within, or None for full attention."""
     n = int(config.num_hidden_layers)
@@ -58,12 +150,14 @@ def engine_view(model: PreTrainedModel, num_layers: int | None = None) -> PreTra
     """``model`` seen through the engine's attention; with ``num_layers=k``, only its first ``k`` layers.
 
     The result is a ``PreTrainedModel`` of the same class whose forward is the caller's own modeling
-    code: embeddings, rotary tables, norms and LM head are the caller's modules.
+    code: embeddings, rotary tables, norms and LM head are the caller's modules. On a CPU its linear layers
+    (the decoder layers' and the LM head) are :class:`SkinnyLinear` views of the caller's.
     """
     layers = decoder_layers(model)
     count = len(layers) if num_layers is None else num_layers
     if not 1 <= count <= len(layers):
         raise ValueError(f"a view needs between 1 and {len(layers)} layers, got {count}")
+    skinny = _on_cpu(model)
     config = copy.deepcopy(model.config)
     config._attn_implementation_internal = IMPL_NAME
     config.num_hidden_layers = count
@@ -82,9 +176,17 @@ def engine_view(model: PreTrainedModel, num_layers: int | None = None) -> PreTra
         new_attention = _shallow(attention)
         new_attention.config = config
         new_layer._modules["self_attn"] = new_attention
+        if skinny:
+            for name, child in list(new_layer._modules.items()):
+                if child is not None:
+                    new_layer._modules[name] = _skinny(child)
         own_layers.append(new_layer)
     decoder._modules["layers"] = own_layers
     decoder.config = config
     view._modules["model"] = decoder
     view.config = config
+    head = model.get_output_embeddings()
+    if skinny and type(head) is torch.nn.Linear:
+        name = next(n for n, m in model.named_children() if m is head)
+        view._modules[name] = SkinnyLinear.of(head)
     return view

@@ -1,0 +1,129 @@
+"""The draft's subset LM head (``engine/draft_vocab.py``, FR-Spec): which tokens it covers, when it is on, and
+that it never changes what the target writes.
+
+Added with the CPU work of issue 30: on a CPU a large vocabulary's head is most of a small draft's cost, so the
+draft proposes among the most frequent tokens while the target checks every token with its whole vocabulary.
+Float64 keeps near-ties in random logits from flipping greedy choices between batch shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from langchain_specguard.engine import SpecGuardParams, generate, load_pair
+from langchain_specguard.engine.draft_vocab import CPU_DRAFT_VOCAB, LARGE_VOCAB, draft_head_size, frequent_ids
+from langchain_specguard.engine.loading import ModelPair
+from langchain_specguard.engine.runtimes import RuntimePool
+from tests.tiny_models import bpe_pair, bpe_tokenizer
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+PROMPTS = ["<s>The sum of 3 and 5 is", "<s>Café crème, naïve façade, über"]
+
+
+@functools.cache
+def pair() -> ModelPair:
+    target, draft = bpe_pair()
+    return load_pair(target, draft, dtype="float64", device="cpu")
+
+
+def ids(p: ModelPair, text: str) -> list[int]:
+    return p.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_subset_is_the_lowest_merged_tokens_the_first_characters_and_the_specials() -> None:
+    tok = bpe_tokenizer()
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    chosen = frequent_ids(tok, 40, len(tok), always=[2]).tolist()
+    assert chosen == sorted(set(chosen))
+    multi = [i for i in chosen if len(pieces[i]) > 1]
+    merged = [i for i, p in enumerate(pieces) if len(p) > 1]
+    assert set(merged[:40]) <= set(chosen)  # the first 40 multi-character tokens by id...
+    assert set(tok.all_special_ids) <= set(chosen)  # ...the special tokens (some multi-character)...
+    assert len(multi) == len(set(merged[:40]) | {i for i in tok.all_special_ids if len(pieces[i]) > 1})
+    assert {i for i, p in enumerate(pieces) if len(p) == 1} <= set(chosen)  # ...and every byte (256 or fewer)
+    assert max(frequent_ids(tok, 40, 100).tolist()) < 100  # never a column the draft may not propose
+
+
+def test_cpu_default_covers_32768_tokens_of_a_large_vocabulary_and_gpus_keep_the_whole_head() -> None:
+    """The CPU default chosen in issue 30 (benchmarks/results/cpu_*): pinned here."""
+    params = SpecGuardParams()
+    assert params.draft_vocab is None
+    assert CPU_DRAFT_VOCAB == 32768 and LARGE_VOCAB == 131072
+    assert draft_head_size(params, CPU, 262144) == 32768  # Gemma 3
+    assert draft_head_size(params, CPU, 151665) == 32768  # Qwen2.5 (the columns both models of a pair embed)
+    assert draft_head_size(params, CPU, 32000) == 0  # a small vocabulary keeps its head
+    assert draft_head_size(params, CUDA, 262144) == 0  # nothing changes on a GPU
+    assert draft_head_size(params.model_copy(update={"draft_vocab": 1000}), CUDA, 262144) == 1000  # asked for
+    assert draft_head_size(params.model_copy(update={"draft_vocab": 10**6}), CPU, 262144) == 0  # all of it
+    scored_by_draft = SpecGuardParams(signal_source="draft", confidence_method="mean")
+    assert draft_head_size(scored_by_draft, CPU, 262144) == 0  # its own whole distribution scores its steps
+
+
+def test_draft_vocab_needs_target_scores() -> None:
+    with pytest.raises(ValueError, match="draft_vocab=64 needs signal_source='target'"):
+        SpecGuardParams(draft_vocab=64, signal_source="draft", confidence_method="mean")
+
+
+def test_subset_draft_with_every_step_rejected_equals_target_greedy() -> None:
+    p = pair()
+    params = SpecGuardParams(acceptance_threshold=1.5, n_candidates=3, max_tokens=40, max_step_tokens=6,
+                             draft_vocab=24, seed=0)  # fmt: skip
+    for text in PROMPTS:
+        prompt = ids(p, text)
+        result = generate(p, prompt, params)
+        out = p.target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=0)
+        assert result.token_ids == out[0, len(prompt) :].tolist()
+        assert all(not s.accepted for s in result.steps)
+
+
+def _subset_greedy(p: ModelPair, prompt: list[int], subset: torch.Tensor, n: int) -> list[int]:
+    """The draft's greedy decoding over ``subset`` only, from full forward passes of the draft model."""
+    seq, out = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = p.draft(torch.tensor([seq])).logits[0, -1]
+            token = int(subset[logits[subset].argmax()])
+            seq.append(token)
+            out.append(token)
+            if token in p.eos_token_ids:
+                break
+    return out
+
+
+def test_subset_draft_with_every_step_accepted_is_the_drafts_greedy_over_its_subset() -> None:
+    p = pair()
+    params = SpecGuardParams(acceptance_threshold=-1.0, n_candidates=1, max_tokens=40, max_step_tokens=6,
+                             draft_vocab=24)  # fmt: skip
+    pool = RuntimePool.for_pair(p)
+    subset = frequent_ids(p.tokenizer, 24, pool.draft_columns, p.eos_token_ids)
+    assert len(subset) < pool.draft_columns  # a real subset
+    differs = False
+    for text in PROMPTS:
+        prompt = ids(p, text)
+        result = generate(p, prompt, params)
+        assert result.token_ids == _subset_greedy(p, prompt, subset, 40)
+        assert set(result.token_ids) <= set(subset.tolist())
+        full = generate(p, prompt, params.model_copy(update={"draft_vocab": 10**6}))
+        differs |= full.token_ids != result.token_ids
+    assert differs  # the subset head was really in use
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.5])
+def test_subset_draft_sampling_is_reproducible_and_proposes_only_its_tokens(threshold: float) -> None:
+    """Sampling goes through speculative rejection sampling, whose residual needs the draft's distribution at
+    the rejected position: the subset's, with every other token at probability 0."""
+    p = pair()
+    params = SpecGuardParams(temperature=1.0, acceptance_threshold=threshold, n_candidates=2, max_tokens=40,
+                             max_step_tokens=6, draft_vocab=24, seed=11)  # fmt: skip
+    pool = RuntimePool.for_pair(p)
+    subset = set(frequent_ids(p.tokenizer, 24, pool.draft_columns, p.eos_token_ids).tolist())
+    for text in PROMPTS:
+        prompt = ids(p, text)
+        first, again = generate(p, prompt, params), generate(p, prompt, params)
+        assert first.token_ids == again.token_ids
+        for step in first.steps:
+            if step.accepted:
+                assert set(step.token_ids) <= subset
