@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -90,7 +91,10 @@ def target_alone(pair: ModelPair, prompt: list[int], tokens: int) -> tuple[float
 
 
 def commit() -> str | None:
-    """The checkout's commit, ``+dirty`` when tracked files differ from it (git worktrees included)."""
+    """``SPECGUARD_COMMIT`` (a snapshot made by ``git archive``), or the checkout's commit, ``+dirty`` when tracked
+    files differ from it (git worktrees included)."""
+    if os.environ.get("SPECGUARD_COMMIT"):
+        return os.environ["SPECGUARD_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
