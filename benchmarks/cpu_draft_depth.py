@@ -9,7 +9,7 @@ self-speculative draft computes it) is compared with the target at each answer p
 - ``ratio``: the target's probability of the draft's token is at least half of its own first choice's (the
   default step rule's per-token test, ``confidence_method="ratio"`` at 0.5);
 - the same two with the draft's head restricted to the ``--vocab`` most frequent tokens (engine/draft_vocab.py),
-  and the share of the target's tokens that subset covers.
+  and with that subset joined by the prompt's own tokens; the share of the target's tokens each covers.
 
     PYTHONPATH=. python benchmarks/cpu_draft_depth.py --limit 5 --max-tokens 128 --out benchmarks/results/x.txt
 """
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     subset = frequent_ids(pair.tokenizer, args.vocab, int(head.out_features), pair.eos_token_ids)
     problems = load_problems(args.data, args.limit)
     prompts = encode_prompts(pair, [q for q, _ in problems], "chat")
-    counts = {k: [0, 0, 0, 0] for k in range(1, layers)}  # argmax, ratio, subset argmax, subset ratio
-    covered = total = 0
+    counts = {k: [0] * 6 for k in range(1, layers)}  # argmax and ratio: full head, subset, subset + prompt
+    covered = with_prompt = total = 0
     with torch.inference_mode():
         for prompt in prompts:
             ids = torch.tensor([prompt])
@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             final = torch.log_softmax(model(out).logits[0, rows].float(), -1)
             best = final.max(-1).values
             chosen = final.argmax(-1)
+            joined = torch.unique(torch.cat([subset, ids[0]]))
             covered += int(torch.isin(chosen, subset).sum())
+            with_prompt += int(torch.isin(chosen, joined).sum())
             total += n
             for k in range(1, layers):
                 logits = head(norm(states[k][0, rows])).float()
-                for j, cols in enumerate((None, subset)):
+                for j, cols in enumerate((None, subset, joined)):
                     part = logits if cols is None else logits[:, cols]
                     pick = part.argmax(-1) if cols is None else cols[part.argmax(-1)]
                     counts[k][2 * j] += int((pick == chosen).sum())
@@ -72,11 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"command: {' '.join(sys.argv)}",
         f"{pair.name}: {layers} layers; {len(prompts)} GSM8K prompts, {total} target tokens (greedy); subset head "
-        f"{len(subset)} tokens covers {covered / total:.3f} of the target's tokens",
-        f"{'layers':>6} {'argmax':>7} {'ratio>=.5':>9} {'argmax@subset':>13} {'ratio@subset':>12}",
+        f"{len(subset)} tokens covers {covered / total:.3f} of the target's tokens, with the prompt's tokens "
+        f"{with_prompt / total:.3f}",
+        f"{'layers':>6} {'argmax':>7} {'ratio>=.5':>9} {'argmax@subset':>13} {'ratio@subset':>12} "
+        f"{'argmax@subset+prompt':>20} {'ratio@subset+prompt':>19}",
     ]
-    for k, (a, r, sa, sr) in counts.items():
-        lines.append(f"{k:>6} {a / total:7.3f} {r / total:9.3f} {sa / total:13.3f} {sr / total:12.3f}")
+    for k, (a, r, sa, sr, pa, pr) in counts.items():
+        lines.append(
+            f"{k:>6} {a / total:7.3f} {r / total:9.3f} {sa / total:13.3f} {sr / total:12.3f} {pa / total:20.3f} "
+            f"{pr / total:19.3f}"
+        )
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

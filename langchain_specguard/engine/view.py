@@ -15,9 +15,12 @@ vocabulary (the only weights a view ever copies: those rows of the head).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import types
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -96,17 +99,33 @@ def _on_cpu(model: torch.nn.Module) -> bool:
     return all(p.device.type == "cpu" and p.dtype.is_floating_point for p in model.parameters())
 
 
+_EXTRA_ROWS: ContextVar[tuple[torch.Tensor, torch.Tensor | None] | None] = ContextVar("extra_rows", default=None)
+
+
+@contextlib.contextmanager
+def extra_rows(weight: torch.Tensor, bias: torch.Tensor | None) -> Iterator[None]:
+    """Inside the block a :class:`SubsetHead` also gives, per batch row ``b``, the logits of head rows
+    ``weight[b] [E, d]`` (plus ``bias[b] [E]``), after its own columns: each sequence's own extra tokens."""
+    token = _EXTRA_ROWS.set((weight, bias))
+    try:
+        yield
+    finally:
+        _EXTRA_ROWS.reset(token)
+
+
 class SubsetHead(SkinnyLinear):
     """An LM head over the rows ``ids`` of the caller's head (FR-Spec's frequency-ranked draft head), computed
     like every CPU linear layer of a view.
 
-    Its logits are over ``ids`` alone (column ``j`` is token ``ids[j]``); :class:`~.runner.ModelRunner` maps what
-    it samples back to token ids, and gives the other tokens probability 0 wherever it needs a whole
-    distribution. ``vocab_size``: the caller's head's columns.
+    Its logits are over ``ids`` alone (column ``j`` is token ``ids[j]``), then, inside :func:`extra_rows`, over
+    each batch row's own extra rows; :class:`~.runner.ModelRunner` maps what it samples back to token ids, and
+    gives the other tokens probability 0 wherever it needs a whole distribution. ``vocab_size``: the caller's
+    head's columns; ``source``: its weight and bias (the extra rows are read from them).
     """
 
     ids: torch.Tensor
     vocab_size: int
+    source: tuple[torch.Tensor, torch.Tensor | None]
 
     @staticmethod
     def over(head: torch.nn.Linear, ids: torch.Tensor) -> SubsetHead:
@@ -117,8 +136,21 @@ class SubsetHead(SkinnyLinear):
             layer.bias = torch.nn.Parameter(head.bias.detach().index_select(0, index), requires_grad=False)
         layer.register_buffer("ids", index, persistent=False)
         layer.vocab_size = head.out_features
+        # (a plain attribute: the caller's tensors, not parameters of this module)
+        layer.__dict__["source"] = (head.weight.detach(), None if head.bias is None else head.bias.detach())
         layer.training = False
         return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        extra = _EXTRA_ROWS.get()
+        if extra is None:
+            return out
+        weight, bias = extra
+        own = torch.matmul(x.reshape(weight.shape[0], -1, x.shape[-1]), weight.transpose(1, 2))  # [b, q, E]
+        if bias is not None:
+            own = own + bias[:, None, :]
+        return torch.cat([out, own.reshape(*x.shape[:-1], -1)], dim=-1)
 
 
 def subset_head_view(view: PreTrainedModel, ids: torch.Tensor) -> PreTrainedModel:

@@ -16,6 +16,7 @@ import torch
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair
 from langchain_specguard.engine.draft_vocab import CPU_DRAFT_VOCAB, LARGE_VOCAB, draft_head_size, frequent_ids
 from langchain_specguard.engine.loading import ModelPair
+from langchain_specguard.engine.runner import Columns
 from langchain_specguard.engine.runtimes import RuntimePool
 from tests.tiny_models import bpe_pair, bpe_tokenizer
 
@@ -79,51 +80,64 @@ def test_subset_draft_with_every_step_rejected_equals_target_greedy() -> None:
         assert all(not s.accepted for s in result.steps)
 
 
-def _subset_greedy(p: ModelPair, prompt: list[int], subset: torch.Tensor, n: int) -> list[int]:
-    """The draft's greedy decoding over ``subset`` only, from full forward passes of the draft model."""
+def _expected_steps(p: ModelPair, prompt: list[int], base: torch.Tensor, steps: list[list[int]]) -> list[list[int]]:
+    """Each step as the draft's greedy decoding over its subset head writes it: the base tokens and the tokens of
+    the sequence when the step starts (prompt and steps before), from full forward passes of the draft model."""
     seq, out = list(prompt), []
     with torch.inference_mode():
-        for _ in range(n):
-            logits = p.draft(torch.tensor([seq])).logits[0, -1]
-            token = int(subset[logits[subset].argmax()])
-            seq.append(token)
-            out.append(token)
-            if token in p.eos_token_ids:
-                break
+        for step in steps:
+            allowed = torch.tensor(sorted(set(base.tolist()) | set(seq)))
+            written = []
+            for _ in step:
+                logits = p.draft(torch.tensor([seq + written])).logits[0, -1]
+                written.append(int(allowed[logits[allowed].argmax()]))
+            out.append(written)
+            seq += step
     return out
 
 
-def test_subset_draft_with_every_step_accepted_is_the_drafts_greedy_over_its_subset() -> None:
+def test_subset_draft_with_every_step_accepted_is_the_drafts_greedy_over_its_subset_and_sequence() -> None:
     p = pair()
     params = SpecGuardParams(acceptance_threshold=-1.0, n_candidates=1, max_tokens=40, max_step_tokens=6,
                              draft_vocab=24)  # fmt: skip
     pool = RuntimePool.for_pair(p)
-    subset = frequent_ids(p.tokenizer, 24, pool.draft_columns, p.eos_token_ids)
-    assert len(subset) < pool.draft_columns  # a real subset
-    differs = False
+    base = frequent_ids(p.tokenizer, 24, pool.draft_columns, p.eos_token_ids)
+    assert len(base) < pool.draft_columns  # a real subset
     for text in PROMPTS:
         prompt = ids(p, text)
+        assert set(prompt) - set(base.tolist())  # the prompt brings tokens of its own
         result = generate(p, prompt, params)
-        assert result.token_ids == _subset_greedy(p, prompt, subset, 40)
-        assert set(result.token_ids) <= set(subset.tolist())
-        full = generate(p, prompt, params.model_copy(update={"draft_vocab": 10**6}))
-        differs |= full.token_ids != result.token_ids
-    assert differs  # the subset head was really in use
+        steps = [s.token_ids for s in result.steps]
+        assert steps == _expected_steps(p, prompt, base, steps)
+        runner = pool.idle[-1].draft  # the subset head was in use, with the prompt's own tokens as extra columns
+        assert runner.subset is not None and runner.subset.ids.tolist() == base.tolist()
+        assert runner._columns is not None and runner._columns.ids.shape[1] > len(base)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 1.5])
 def test_subset_draft_sampling_is_reproducible_and_proposes_only_its_tokens(threshold: float) -> None:
     """Sampling goes through speculative rejection sampling, whose residual needs the draft's distribution at
-    the rejected position: the subset's, with every other token at probability 0."""
+    the rejected position: the subset's and the sequence's tokens, with every other token at probability 0."""
     p = pair()
     params = SpecGuardParams(temperature=1.0, acceptance_threshold=threshold, n_candidates=2, max_tokens=40,
                              max_step_tokens=6, draft_vocab=24, seed=11)  # fmt: skip
     pool = RuntimePool.for_pair(p)
-    subset = set(frequent_ids(p.tokenizer, 24, pool.draft_columns, p.eos_token_ids).tolist())
+    base = set(frequent_ids(p.tokenizer, 24, pool.draft_columns, p.eos_token_ids).tolist())
     for text in PROMPTS:
         prompt = ids(p, text)
         first, again = generate(p, prompt, params), generate(p, prompt, params)
         assert first.token_ids == again.token_ids
+        seq = list(prompt)
         for step in first.steps:
             if step.accepted:
-                assert set(step.token_ids) <= subset
+                assert set(step.token_ids) <= base | set(seq)
+            seq += step.token_ids
+
+
+def test_columns_spread_a_padded_subset_over_the_vocabulary() -> None:
+    """Row 1 has one extra token fewer than row 0: its padding repeats a real id and must not mask it."""
+    columns = Columns(torch.tensor([[1, 3, 5, 7], [1, 3, 6, 6]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool())
+    logits = torch.tensor([[[0.5, 1.0, 2.0, 3.0]], [[0.25, 1.5, 4.0, 9.0]]])
+    full = columns.spread(logits, 8)
+    inf = float("-inf")
+    assert full.tolist() == [[[inf, 0.5, inf, 1.0, inf, 2.0, inf, 3.0]], [[inf, 0.25, inf, 1.5, inf, inf, 4.0, inf]]]
