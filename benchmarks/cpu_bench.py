@@ -16,7 +16,9 @@ per SpecGuard configuration the steps, accepted steps and every step's verdict (
 
 ``--configs`` runs several SpecGuard configurations side by side, ``;``-separated, each ``field=value,...`` of
 ``SpecGuardParams`` plus ``draft_layers`` for the embedded pair (e.g. ``"n_candidates=4;n_candidates=1"`` or
-``"draft_layers=15;draft_layers=6"``); an empty configuration is the engine's defaults.
+``"draft_layers=15;draft_layers=6"``; ``draft_layers`` equal to the target's layer count drafts with the target
+itself, which on a CPU means its whole trunk under the subset head); an empty configuration is the engine's
+defaults.
 
 ``--threads`` sets ``torch.set_num_threads``. Process CPU time counts every thread's work, so with one thread it
 is the measure least moved by other processes on a shared machine; wall time is what a user waits.
@@ -70,6 +72,8 @@ def pair_for(pair: ModelPair, config: dict[str, Any]) -> ModelPair:
         return pair
     if pair.draft_layers is None:
         raise SystemExit("draft_layers applies to a self-speculative pair (the embedded Gemma)")
+    if int(layers) == int(pair.target.config.num_hidden_layers):  # every layer: the target drafts with its own
+        return dataclasses.replace(pair, draft=pair.target, draft_layers=int(layers), runtime_pools={})
     draft = self_speculative_draft(pair.target, int(layers))
     return dataclasses.replace(pair, draft=draft, draft_layers=int(layers), runtime_pools={})
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
+
+CUDA_CANDIDATES = 4
+"""Draft candidates per step on a GPU when ``n_candidates`` is None (a batch of rows costs about one row there)."""
+CPU_CANDIDATES = 1
+"""Draft candidates per step elsewhere (a CPU pays compute for every row; benchmarks/results/cpu_*)."""
 
 
 class SpecGuardParams(BaseModel):
@@ -14,11 +20,14 @@ class SpecGuardParams(BaseModel):
     ``ChatSpecGuard`` inherits these fields, so they validate the same way in both places.
     """
 
-    n_candidates: int = Field(
-        default=4,
+    n_candidates: int | None = Field(
+        default=None,
         ge=1,
         le=64,
-        description="Draft continuations sampled per step, in one batch; the most consistent is verified.",
+        description="Draft continuations sampled per step, in one batch; the most consistent is verified. None "
+        "(default): 4 on a GPU, where a batch of rows costs about what one row does; 1 on a CPU, where every "
+        "extra row costs compute the target's own decoding never pays (on two CPU cores four candidates made a "
+        "call 1.5 to 2 times slower than one: benchmarks/results/cpu_*).",
     )
     acceptance_threshold: float | Literal["auto"] = Field(
         default=0.5,
@@ -178,6 +187,19 @@ class SpecGuardParams(BaseModel):
         "graphs run; the first call of a process then spends about a minute per model compiling.",
     )
 
+    def on_device(self, device: torch.device) -> SpecGuardParams:
+        """These parameters with the defaults that depend on the device filled in (``n_candidates``)."""
+        if self.n_candidates is not None:
+            return self
+        return self.model_copy(update={"n_candidates": CUDA_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES})
+
+    @property
+    def candidates(self) -> int:
+        """``n_candidates``, once :meth:`on_device` has filled it in."""
+        if self.n_candidates is None:
+            raise ValueError("n_candidates=None is filled in by on_device(device) before decoding")
+        return self.n_candidates
+
     @property
     def uses_grounding(self) -> bool:
         """Whether the decision reads attention grounding (only then is step attention recorded)."""
@@ -193,7 +215,7 @@ class SpecGuardParams(BaseModel):
     def candidate_temperatures(self) -> list[float]:
         """Each draft candidate's sampling temperature: greedy calls keep one greedy candidate and sample the
         others at ``candidate_temperature`` for the consistency vote."""
-        n = self.n_candidates
+        n = self.candidates
         if self.temperature == 0:
             return [0.0] + [self.candidate_temperature] * (n - 1)
         return [self.temperature] * n

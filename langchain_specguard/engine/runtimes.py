@@ -62,7 +62,7 @@ class Shape(NamedTuple):
         # fixed caches need room for the sequence and a pass padded past its end; growable ones grow from empty
         capacity = 0 if growable else _tier(need + MAX_BUCKET, 1024)
         head = draft_head_size(params, device, draft_columns)
-        return cls(params.n_candidates, _tier(limit + 1, 16), growable, graphs, compiled, head, capacity)
+        return cls(params.candidates, _tier(limit + 1, 16), growable, graphs, compiled, head, capacity)
 
 
 @dataclass
@@ -135,6 +135,13 @@ class RuntimePool:
     def shape(self, params: SpecGuardParams, need: int, limit: int, device: torch.device) -> Shape:
         return Shape.of(params, need, limit, device, self.single_device, self.draft_columns)
 
+    def cost_of(self, shape: Shape) -> float:
+        """One draft iteration over one target pass, by weight bytes read, for the draft ``shape`` runs (a subset
+        head reads a fraction of the whole head)."""
+        if shape.head == 0:
+            return self.cost
+        return max(0.02, weight_bytes(self.draft_view_for(shape.head)) / max(1, weight_bytes(self.target_view)))
+
     def draft_view_for(self, head: int) -> PreTrainedModel:
         """The draft's view whose LM head covers ``head`` frequent tokens (0: its whole head), made once."""
         if head == 0:
@@ -173,7 +180,7 @@ class RuntimePool:
                 )
             ]
             draft, target = runners
-            runtime = Runtime(draft, target, shape, chunk=4 if shape.graphs else 1, cost=self.cost)
+            runtime = Runtime(draft, target, shape, chunk=4 if shape.graphs else 1, cost=self.cost_of(shape))
         for slot in range(runtime.slots):
             runtime.rewind(slot, 0)
         return runtime
