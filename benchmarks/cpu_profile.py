@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import ctypes
+import dataclasses
 import gc
 import io
 import json
@@ -39,7 +40,7 @@ import torch
 from langchain_specguard.apps.bench import encode_prompts, load_problems
 from langchain_specguard.apps.fewshot import TERMINATOR
 from langchain_specguard.engine import CallOptions, SpecGuardParams, generate
-from langchain_specguard.engine.loading import ModelPair
+from langchain_specguard.engine.loading import ModelPair, self_speculative_draft
 
 DATA = "/work/shared/data/gsm8k/test.jsonl"
 
@@ -64,7 +65,12 @@ def load(pair_name: str | None, draft_layers: int, dtype: str | None) -> Loaded:
         embedded_gguf_path()
         stages.append(("assemble GGUF", time.perf_counter() - started, rss_gb()))
         mark = time.perf_counter()
-        pair = load_embedded_pair(draft_layers=draft_layers, dtype=dtype)
+        pair = load_embedded_pair(dtype=dtype)
+        if draft_layers == int(pair.target.config.num_hidden_layers):  # every layer: the target drafts itself
+            pair = dataclasses.replace(pair, draft=pair.target, draft_layers=draft_layers, runtime_pools={})
+        elif draft_layers != pair.draft_layers:
+            draft = self_speculative_draft(pair.target, draft_layers)
+            pair = dataclasses.replace(pair, draft=draft, draft_layers=draft_layers, runtime_pools={})
         stages.append(("from_pretrained (GGUF dequantised) + tokenizer", time.perf_counter() - mark, rss_gb()))
     else:
         from langchain_specguard.engine import packaged
@@ -102,11 +108,67 @@ def target_alone(pair: ModelPair, prompt: list[int], tokens: int) -> tuple[float
 
 def params_from(args: argparse.Namespace) -> SpecGuardParams:
     given: dict[str, Any] = {"max_tokens": args.max_tokens}
+    if args.draft_vocab is not None:
+        given["draft_vocab"] = args.draft_vocab
     if args.n_candidates is not None:
         given["n_candidates"] = args.n_candidates
     if args.max_step_tokens is not None:
         given["max_step_tokens"] = args.max_step_tokens
     return SpecGuardParams(**given)
+
+
+class PassTimes:
+    """Process-CPU seconds of every model pass of the SpecGuard calls, by model and shape: each draft decode
+    iteration (rows), each forward pass (the model, rows and tokens fed). Installed around the engine's runner."""
+
+    def __init__(self, pair: ModelPair) -> None:
+        from langchain_specguard.engine import runner
+
+        self.table: dict[tuple[str, int, int], list[float]] = {}
+        self.on = False
+        table, pool_of = self.table, runner.ModelRunner
+
+        layers = pair.target.config.num_hidden_layers
+
+        def role(r: Any) -> str:
+            draft = r.subset is not None or r.width > 1 or r.view.config.num_hidden_layers != layers
+            return "draft" if draft else "target"
+
+        original_decode, original_forward = pool_of.decode, pool_of.forward
+        timer = self
+
+        def decode(r: Any, n: int, *args: Any, **kwargs: Any) -> None:
+            if not timer.on:
+                return original_decode(r, n, *args, **kwargs)
+            for _ in range(n):
+                started = time.process_time()
+                original_decode(r, 1, *args, **kwargs)
+                rows = len(range(*r.decoding.indices(r.batch)))
+                table.setdefault((f"{role(r)} decode", rows, 1), []).append(time.process_time() - started)
+            return None
+
+        def forward(r: Any, fed: Any, *args: Any, **kwargs: Any) -> Any:
+            if not timer.on:
+                return original_forward(r, fed, *args, **kwargs)
+            started = time.process_time()
+            out = original_forward(r, fed, *args, **kwargs)
+            q = max((len(f) for f in fed), default=0)
+            if q:
+                rows = sum(1 for f in fed if f)
+                table.setdefault((f"{role(r)} forward", rows, q), []).append(time.process_time() - started)
+            return out
+
+        pool_of.decode, pool_of.forward = decode, forward  # type: ignore[method-assign,assignment]
+
+    def report(self) -> str:
+        lines = [f"{'pass':<16} {'rows':>4} {'tokens':>6} {'count':>6} {'cpu s':>8} {'ms each':>8}"]
+        total = sum(sum(v) for v in self.table.values())
+        for (name, rows, q), times in sorted(self.table.items(), key=lambda kv: -sum(kv[1])):
+            lines.append(
+                f"{name:<16} {rows:>4} {q:>6} {len(times):>6} {sum(times):8.2f} {1e3 * sum(times) / len(times):8.1f}"
+            )
+        lines.append(f"all passes: {total:.2f} cpu s")
+        return "\n".join(lines)
 
 
 def torch_profile(pair: ModelPair, prompt: list[int], params: SpecGuardParams, options: CallOptions) -> str:
@@ -123,7 +185,9 @@ def torch_profile(pair: ModelPair, prompt: list[int], params: SpecGuardParams, o
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", default=None, choices=["qwen2.5-coder"], help="default: the embedded Gemma 3 270M")
-    parser.add_argument("--draft-layers", type=int, default=15, help="embedded pair: draft with the first k layers")
+    parser.add_argument(
+        "--draft-layers", type=int, default=15, help="embedded pair: draft with the first k layers (all: the target)"
+    )
     parser.add_argument("--dtype", default=None, help="default: the engine's (float32 on a CPU)")
     parser.add_argument("--data", default=DATA)
     parser.add_argument("--offset", type=int, default=0, help="skip this many problems of --data")
@@ -132,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="store_true", help=f"stop at {TERMINATOR!r} (default: write --max-tokens)")
     parser.add_argument("--n-candidates", type=int, default=None)
     parser.add_argument("--max-step-tokens", type=int, default=None)
+    parser.add_argument("--draft-vocab", type=int, default=None, help="the draft's subset head (default: engine's)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-target", action="store_true", help="skip the target-alone runs")
     parser.add_argument("--cprofile", action="store_true", help="profile the SpecGuard calls with cProfile")
+    parser.add_argument("--passes", action="store_true", help="time every model pass of the SpecGuard calls")
     parser.add_argument("--torch-profile", action="store_true", help="torch.profiler over one more SpecGuard call")
     parser.add_argument("--out", default=None, help="also write the report here")
     parser.add_argument("--json", default=None, help="write per-problem rows as JSON here")
@@ -169,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = encode_prompts(pair, [q for q, _ in problems], "chat")
     say(
         f"{len(prompts)} problems from {Path(args.data).name} (offset {args.offset}), prompt tokens "
-        f"{[len(p) for p in prompts]}; n_candidates {params.n_candidates}, max_step_tokens {params.max_step_tokens}, "
+        f"{[len(p) for p in prompts]}; n_candidates {params.n_candidates} (None: the device's), draft_vocab "
+        f"{params.draft_vocab} (None: the device's), max_step_tokens {params.max_step_tokens}, "
         f"max_tokens {params.max_tokens}, stop {stop}"
     )
 
@@ -180,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"warm-up {time.perf_counter() - started:.1f} s")
 
     profiler = cProfile.Profile() if args.cprofile else None
+    passes = PassTimes(pair) if args.passes else None
     rows: list[dict[str, Any]] = []
     say(
         "problem  tokens  specguard_s  target_s  ratio  sg_cpu_s  tgt_cpu_s  draft_s  verify_s  write_s  steps  "
@@ -188,11 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     for number, prompt in enumerate(prompts):
         if profiler is not None:
             profiler.enable()
+        if passes is not None:
+            passes.on = True
         t0, c0 = time.perf_counter(), time.process_time()
         result = generate(pair, prompt, params, options)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if profiler is not None:
             profiler.disable()
+        if passes is not None:
+            passes.on = False
         tokens = len(result.token_ids)
         alone, alone_cpu = target_alone(pair, prompt, tokens) if not args.no_target else (float("nan"),) * 2
         steps = result.steps
@@ -251,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     say(f"RSS now {rss_gb():.2f} GB, peak {peak_rss_gb():.2f} GB")
 
+    if passes is not None:
+        say("\nmodel passes of the SpecGuard calls (process CPU time; the rest of a call is Python and sampling)")
+        say(passes.report())
     if profiler is not None:
         for key in ("tottime", "cumulative"):
             buffer = io.StringIO()
