@@ -19,7 +19,7 @@ from .draft_vocab import draft_head_size, frequent_ids
 from .loading import ModelPair, embedding_rows, weight_bytes
 from .params import SpecGuardParams
 from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
-from .view import engine_view, subset_head_view
+from .view import engine_view, int8_view, read_bytes, subset_head_view, use_int8
 
 MAX_IDLE_RUNTIMES = 2
 """Runtimes (caches + graphs) a pair keeps for reuse once their batches end; more are freed."""
@@ -38,6 +38,7 @@ class Shape(NamedTuple):
     graphs: bool
     compiled: bool
     head: int  # the draft's LM head covers this many frequent tokens (0: all of them; draft_vocab.py)
+    int8: bool  # the draft's linear layers run in int8 (view.py)
     capacity: int  # positions per row of a fixed cache (0: growable)
 
     @classmethod
@@ -49,6 +50,7 @@ class Shape(NamedTuple):
         device: torch.device,
         single_device: bool,
         draft_columns: int = 0,
+        draft_dtype: torch.dtype = torch.float32,
     ) -> Shape:
         """The shape a generation of ``need`` positions (prompt and budget) and steps of at most ``limit`` tokens
         needs. The step buffers are sized by what a step can produce (its cap, the budget, the context window),
@@ -62,7 +64,8 @@ class Shape(NamedTuple):
         # fixed caches need room for the sequence and a pass padded past its end; growable ones grow from empty
         capacity = 0 if growable else _tier(need + MAX_BUCKET, 1024)
         head = draft_head_size(params, device, draft_columns)
-        return cls(params.candidates, _tier(limit + 1, 16), growable, graphs, compiled, head, capacity)
+        int8 = use_int8(params.draft_int8, device, draft_dtype)
+        return cls(params.candidates, _tier(limit + 1, 16), growable, graphs, compiled, head, int8, capacity)
 
 
 @dataclass
@@ -116,7 +119,7 @@ class RuntimePool:
         self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
         self.vocab = vocab_rows(self.draft_view, self.target_view)
         self.draft_columns = min(output_vocab(self.draft_view), (self.vocab[0] or Rows()).output or 1 << 62)
-        self.subset_views: dict[int, PreTrainedModel] = {}  # the draft with a subset head, by size
+        self.draft_views: dict[tuple[int, bool], PreTrainedModel] = {(0, False): self.draft_view}  # (head, int8)
         self.tokenizer, self.eos_token_ids = pair.tokenizer, pair.eos_token_ids
         self.single_device = _single_device(self.target_view)
         self.idle: list[Runtime] = []
@@ -133,24 +136,29 @@ class RuntimePool:
         return pool
 
     def shape(self, params: SpecGuardParams, need: int, limit: int, device: torch.device) -> Shape:
-        return Shape.of(params, need, limit, device, self.single_device, self.draft_columns)
+        return Shape.of(params, need, limit, device, self.single_device, self.draft_columns, self.draft_view.dtype)
 
     def cost_of(self, shape: Shape) -> float:
         """One draft iteration over one target pass, by weight bytes read, for the draft ``shape`` runs (a subset
-        head reads a fraction of the whole head)."""
-        if shape.head == 0:
+        head reads a fraction of the whole head, int8 layers a quarter of their float32 bytes)."""
+        if shape.head == 0 and not shape.int8:
             return self.cost
-        return max(0.02, weight_bytes(self.draft_view_for(shape.head)) / max(1, weight_bytes(self.target_view)))
+        draft = read_bytes(self.draft_view_for(shape.head, shape.int8))
+        return max(0.02, draft / max(1, read_bytes(self.target_view)))
 
-    def draft_view_for(self, head: int) -> PreTrainedModel:
-        """The draft's view whose LM head covers ``head`` frequent tokens (0: its whole head), made once."""
-        if head == 0:
-            return self.draft_view
+    def draft_view_for(self, head: int, int8: bool = False) -> PreTrainedModel:
+        """The draft's view whose LM head covers ``head`` frequent tokens (0: its whole head), in int8 or not; each
+        made once."""
         with self.lock:
-            view = self.subset_views.get(head)
+            view = self.draft_views.get((head, int8))
             if view is None:
-                ids = frequent_ids(self.tokenizer, head, self.draft_columns, self.eos_token_ids)
-                view = self.subset_views[head] = subset_head_view(self.draft_view, ids)
+                view = self.draft_view
+                if head:
+                    ids = frequent_ids(self.tokenizer, head, self.draft_columns, self.eos_token_ids)
+                    view = subset_head_view(view, ids)
+                if int8:
+                    view = int8_view(view)
+                self.draft_views[(head, int8)] = view
         return view
 
     def take(self, shape: Shape) -> Runtime:
@@ -161,7 +169,7 @@ class RuntimePool:
             if runtime is not None:
                 self.idle.remove(runtime)
         if runtime is None:
-            draft_view = self.draft_view_for(shape.head)
+            draft_view = self.draft_view_for(shape.head, shape.int8)
             runners = [
                 ModelRunner(
                     view,

@@ -18,6 +18,7 @@ from langchain_specguard.engine.draft_vocab import CPU_DRAFT_VOCAB, LARGE_VOCAB,
 from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.runner import Columns
 from langchain_specguard.engine.runtimes import RuntimePool
+from langchain_specguard.engine.view import int8_available
 from tests.tiny_models import bpe_pair, bpe_tokenizer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -141,3 +142,20 @@ def test_columns_spread_a_padded_subset_over_the_vocabulary() -> None:
     full = columns.spread(logits, 8)
     inf = float("-inf")
     assert full.tolist() == [[[inf, 0.5, inf, 1.0, inf, 2.0, inf, 3.0]], [[inf, 0.25, inf, 1.5, inf, inf, 4.0, inf]]]
+
+
+def test_cpu_draft_in_int8_with_a_subset_head_leaves_the_targets_text_unchanged() -> None:
+    """The CPU defaults together (float32 weights: an int8 draft; here a small subset head asked for): with every
+    step rejected the output is the target's own greedy decoding, token for token."""
+    target, draft = bpe_pair()
+    p = load_pair(target, draft, dtype="float32", device="cpu")
+    params = SpecGuardParams(acceptance_threshold=1.5, max_tokens=40, max_step_tokens=6, draft_vocab=24)
+    pool = RuntimePool.for_pair(p)
+    for text in PROMPTS:
+        prompt = ids(p, text)
+        result = generate(p, prompt, params)
+        out = p.target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=0)
+        assert result.token_ids == out[0, len(prompt) :].tolist()
+        assert all(not s.accepted for s in result.steps)
+    shape = pool.shape(params.on_device(p.device), 60, 6, p.device)
+    assert shape.head == 24 and shape.int8 == int8_available()

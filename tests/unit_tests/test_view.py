@@ -1,9 +1,9 @@
-"""Engine views (``engine/view.py``): the CPU's skinny linear layers and the draft's subset LM head.
+"""Engine views (``engine/view.py``): the CPU's skinny linear layers, the draft's subset LM head, the int8 draft.
 
-Both came with the CPU work of issue 30: ``SkinnyLinear`` computes ``weight @ x.T`` for a few rows (MKL's
+They came with the CPU work of issue 30: ``SkinnyLinear`` computes ``weight @ x.T`` for a few rows (MKL's
 ``x @ weight.T`` repacks the weight on every call), ``SubsetHead`` gives a draft an LM head over the most
-frequent tokens (FR-Spec). Each must compute what the caller's layers compute and change nothing the caller
-holds.
+frequent tokens (FR-Spec), ``int8_view`` runs a draft's linear layers in int8. Each must compute what the
+caller's layers compute (the int8 draft within int8 rounding) and change nothing the caller holds.
 """
 
 from __future__ import annotations
@@ -14,7 +14,18 @@ from transformers import AutoModelForCausalLM
 
 from langchain_specguard.engine.cache import KVCache
 from langchain_specguard.engine.runner import model_pass, output_vocab
-from langchain_specguard.engine.view import SKINNY_ROWS, SkinnyLinear, SubsetHead, engine_view, subset_head_view
+from langchain_specguard.engine.view import (
+    SKINNY_ROWS,
+    Int8Linear,
+    SkinnyLinear,
+    SubsetHead,
+    engine_view,
+    int8_available,
+    int8_view,
+    read_bytes,
+    subset_head_view,
+    use_int8,
+)
 from tests.tiny_models import bpe_pair
 
 
@@ -79,3 +90,43 @@ def test_subset_head_refuses_ids_outside_the_head() -> None:
         subset_head_view(view, torch.tensor([0, 10**6]))
     with pytest.raises(ValueError, match="non-empty"):
         subset_head_view(view, torch.tensor([], dtype=torch.long))
+
+
+@pytest.mark.skipif(not int8_available(), reason="this torch has no quantized kernels")
+@pytest.mark.parametrize("rows", [1, 4, 20])
+def test_int8_linear_is_the_float_layer_within_int8_rounding(rows: int) -> None:
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(64, 96)
+    layer = Int8Linear(linear)
+    x = torch.randn(2, rows, 64)
+    exact = linear(x)
+    out = layer(x)
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    assert (out - exact).abs().max() <= 0.05 * exact.abs().max()  # int8 weights and inputs: about 1% of the range
+    assert layer.nbytes == 64 * 96 + 4 * 96 and not list(layer.parameters())
+
+
+@pytest.mark.skipif(not int8_available(), reason="this torch has no quantized kernels")
+def test_int8_view_keeps_the_callers_model_and_agrees_with_it() -> None:
+    target, _ = bpe_pair()
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    before = {name: type(m) for name, m in model.named_modules()}
+    view = engine_view(model)
+    subset = subset_head_view(view, torch.arange(0, 300, 3))
+    for quantized, full in ((int8_view(view), view), (int8_view(subset), subset)):
+        assert {name: type(m) for name, m in model.named_modules()} == before
+        assert not [m for m in quantized.model.layers.modules() if type(m) in (torch.nn.Linear, SkinnyLinear)]
+        tokens = [1, 5, 9, 13, 40, 41]
+        exact, approx = logits_of(full, tokens), logits_of(quantized, tokens)
+        assert (approx - exact).abs().max() <= 0.1 * exact.abs().max()
+        assert read_bytes(quantized) < read_bytes(full) / 2  # its layers and head read a quarter of the bytes
+    assert isinstance(int8_view(subset).get_output_embeddings(), SubsetHead)  # still maps columns to ids
+
+
+def test_int8_is_a_cpu_float32_default_and_a_clear_error_elsewhere() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_int8(None, cpu, torch.float32) == int8_available()
+    assert not use_int8(None, cpu, torch.float64) and not use_int8(None, cuda, torch.float32)
+    assert not use_int8(False, cpu, torch.float32)
+    with pytest.raises(ValueError, match="draft_int8=True needs"):
+        use_int8(True, cuda, torch.bfloat16)
