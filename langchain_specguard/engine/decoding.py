@@ -126,7 +126,7 @@ def commit(
         source="draft" if verdict.accepted else "target",
         text=committed.text,
         num_tokens=len(committed.tokens),
-        n_candidates=gen.params.n_candidates,
+        n_candidates=gen.params.candidates,
         grounding=verdict.grounding,
         confidence=verdict.confidence,
         score=verdict.score,
@@ -197,6 +197,7 @@ def new_generation(
     """A call's generation, checked and ready to join a batch (every mistake in the call is raised here, in the
     caller's thread, before anything runs)."""
     check_prompt(pair, prompt_ids)
+    params = params.on_device(pair.device)  # the defaults that depend on the device (n_candidates)
     if params.max_tokens > pair.context_window:
         # a cap the model can never reach is a configuration mistake; a cap that only this prompt
         # leaves no room for is clipped below (finish_reason "length"), as Hugging Face generate does
@@ -212,6 +213,7 @@ def new_generation(
     described = GroundingScorer.of(pair, params)  # checks the requested layers even when unused
     grounding = options.grounding if options.grounding is not None else described
     pool = RuntimePool.for_pair(pair)
+    shape = pool.shape(params, len(prompt_ids) + budget, min(params.step_cap, budget), pair.device)
     gen = Generation(
         pair=pair,
         params=params,
@@ -221,11 +223,10 @@ def new_generation(
         budget=budget,
         rng=seeded_generator(pair.device, params),
         grounding=grounding,
-        agreement=AgreementRate(cost=pool.cost),
+        agreement=AgreementRate(cost=pool.cost_of(shape)),
         calibrator=options.calibrator if options.calibrator is not None else threshold_calibrator(params),
         deadline=time.monotonic() + options.timeout if options.timeout is not None else None,
     )
-    shape = pool.shape(params, len(prompt_ids) + budget, min(params.step_cap, budget), pair.device)
     return gen, Ticket(gen, batch_key(gen, shape), shape)
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
+
+CUDA_CANDIDATES = 4
+"""Draft candidates per step on a GPU when ``n_candidates`` is None (a batch of rows costs about one row there)."""
+CPU_CANDIDATES = 1
+"""Draft candidates per step elsewhere (a CPU pays compute for every row; benchmarks/results/cpu_*)."""
 
 
 class SpecGuardParams(BaseModel):
@@ -14,11 +20,14 @@ class SpecGuardParams(BaseModel):
     ``ChatSpecGuard`` inherits these fields, so they validate the same way in both places.
     """
 
-    n_candidates: int = Field(
-        default=4,
+    n_candidates: int | None = Field(
+        default=None,
         ge=1,
         le=64,
-        description="Draft continuations sampled per step, in one batch; the most consistent is verified.",
+        description="Draft continuations sampled per step, in one batch; the most consistent is verified. None "
+        "(default): 4 on a GPU, where a batch of rows costs about what one row does; 1 on a CPU, where every "
+        "extra row costs compute the target's own decoding never pays (on two CPU cores four candidates made a "
+        "call 1.5 to 2 times slower than one: benchmarks/results/cpu_*).",
     )
     acceptance_threshold: float | Literal["auto"] = Field(
         default=0.5,
@@ -78,6 +87,24 @@ class SpecGuardParams(BaseModel):
         "and more of the draft's text kept (README, accuracy).",
     )
     max_step_tokens: int = Field(default=48, ge=1, description="Hard cap on one step's length.")
+    draft_int8: bool | None = Field(
+        default=None,
+        description="The draft computes its linear layers in int8 (weights quantized per output row, inputs on the "
+        "fly: engine/view.py Int8Linear). Only what the draft proposes changes: the target checks every token in its "
+        "own precision, so what it writes is unchanged. On an AVX2 CPU an int8 layer is 3 to 8 times faster than a "
+        "float32 one and a few rows cost about one. None (default): on a CPU with float32 weights; never on a GPU.",
+    )
+    draft_vocab: int | None = Field(
+        default=None,
+        ge=1,
+        description="The draft's LM head covers only this many most frequent multi-character tokens (by the "
+        "tokenizer's merge order), the most frequent single characters and the special and marker tokens "
+        "(engine/draft_vocab.py, the FR-Spec idea): a large vocabulary's head is most of a small draft's cost. The "
+        "target still scores every token with its whole vocabulary, so what it writes is unchanged; a token the "
+        "draft cannot propose is one the target writes. None (default): 32768 on a CPU when the vocabulary has "
+        "131,072 tokens or more, the whole head otherwise (GPUs). A value at or above the vocabulary's size keeps "
+        "the whole head. Needs signal_source='target' (a draft scoring its own steps keeps its whole distribution).",
+    )
     tool_call_markers: tuple[str, str] | None = Field(
         default=None,
         description="(opening, closing) markers of a tool call, e.g. ('<tool_call>', '</tool_call>'). A tool "
@@ -167,6 +194,19 @@ class SpecGuardParams(BaseModel):
         "graphs run; the first call of a process then spends about a minute per model compiling.",
     )
 
+    def on_device(self, device: torch.device) -> SpecGuardParams:
+        """These parameters with the defaults that depend on the device filled in (``n_candidates``)."""
+        if self.n_candidates is not None:
+            return self
+        return self.model_copy(update={"n_candidates": CUDA_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES})
+
+    @property
+    def candidates(self) -> int:
+        """``n_candidates``, once :meth:`on_device` has filled it in."""
+        if self.n_candidates is None:
+            raise ValueError("n_candidates=None is filled in by on_device(device) before decoding")
+        return self.n_candidates
+
     @property
     def uses_grounding(self) -> bool:
         """Whether the decision reads attention grounding (only then is step attention recorded)."""
@@ -182,7 +222,7 @@ class SpecGuardParams(BaseModel):
     def candidate_temperatures(self) -> list[float]:
         """Each draft candidate's sampling temperature: greedy calls keep one greedy candidate and sample the
         others at ``candidate_temperature`` for the consistency vote."""
-        n = self.n_candidates
+        n = self.candidates
         if self.temperature == 0:
             return [0.0] + [self.candidate_temperature] * (n - 1)
         return [self.temperature] * n
@@ -214,6 +254,15 @@ class SpecGuardParams(BaseModel):
             raise ValueError(
                 "acceptance_threshold='auto' calibrates scores whose scale varies by model ('mean', 'min'); "
                 "confidence_method='ratio' (the default) is already scale-free: give a number (default 0.5)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _draft_vocab_needs_target_scores(self) -> SpecGuardParams:
+        if self.draft_vocab is not None and self.signal_source != "target":
+            raise ValueError(
+                f"draft_vocab={self.draft_vocab} needs signal_source='target': with signal_source='draft' the draft's "
+                "own probabilities score its steps, and a subset head would change them; leave draft_vocab unset"
             )
         return self
 

@@ -54,6 +54,7 @@ def propose(runtime: Runtime, gens: list[Generation]) -> dict[int, Proposal]:
     for gen in gens:
         valid = draft.cache.valid[gen.slot * draft.width]
         fed[gen.slot], starts[gen.slot] = gen.ids[valid : len(gen.ids) - 1], valid
+        draft.own_tokens(gen.slot, gen.ids)  # a subset head also proposes the sequence's own tokens
     draft.forward(fed, starts, leaders=True, logits=False)
     for gen in gens:
         draft.spread(gen.slot)

@@ -21,6 +21,8 @@ with nothing to feed ride along at positions past their valid part, where what t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from transformers import PreTrainedModel
 from .attention import StepAttention, recording
 from .cache import KVCache, causal_mask
 from .sampling import NO_CONTROLS, Controls, raw_logprobs, sample
-from .view import layer_windows
+from .view import SubsetHead, extra_rows, layer_windows
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per position the decode loop records (``top_logprobs``'s range, as OpenAI's)."""
@@ -42,8 +44,11 @@ MAX_BUCKET = BUCKETS[-1]
 
 
 def output_vocab(view: PreTrainedModel) -> int:
-    """Logit columns a pass produces (the LM head's outputs; may exceed the tokenizer's length)."""
+    """Token ids a pass gives logits for (the LM head's outputs; may exceed the tokenizer's length; a
+    :class:`~.view.SubsetHead`'s ids lie among those of the head it covers)."""
     head = view.get_output_embeddings()
+    if isinstance(head, SubsetHead):
+        return head.vocab_size
     size = getattr(head, "out_features", None)
     return int(size) if isinstance(size, int) else int(view.config.vocab_size)
 
@@ -131,6 +136,27 @@ def model_pass(
     return out.logits
 
 
+class Columns(NamedTuple):
+    """The token id of each logit column of a subset head's pass, per row, and which columns hold a token (a row's
+    extra tokens are padded to the longest row's count; the padding's logits are set to minus infinity)."""
+
+    ids: torch.Tensor  # [rows, C] int64
+    valid: torch.Tensor | None  # [rows, C] bool, None: every column
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [rows, ..., C]`` with the padding columns at minus infinity (probability 0)."""
+        if self.valid is None:
+            return logits
+        valid = self.valid.reshape(self.valid.shape[0], *([1] * (logits.dim() - 2)), self.valid.shape[1])
+        return logits.masked_fill(~valid, float("-inf"))
+
+    def spread(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
+        """``logits [rows, q, C]`` laid out over every token id ``[rows, q, vocab]``, the others at minus infinity."""
+        full = logits.new_full((*logits.shape[:-1], vocab), float("-inf"))
+        index = self.ids[:, None, :].expand(*logits.shape)
+        return full.scatter_reduce_(-1, index, self.mask(logits), "amax")  # (padding repeats a real id: max)
+
+
 class DecodeState(NamedTuple):
     """The decode loop's device state (shapes for ``B`` rows and room for ``T`` iterations)."""
 
@@ -164,6 +190,7 @@ def decode_iteration(
     forward: Callable[..., torch.Tensor] = model_pass,
     top: int = 0,
     vocab: Rows | None = None,
+    columns: Columns | None = None,
 ) -> None:
     """One decode step for every row of ``state``: forward the current tokens, sample, store, advance. No host reads.
 
@@ -172,22 +199,33 @@ def decode_iteration(
     masks are read and updated in place; ``top`` > 0 also records that many most probable tokens.
     Neither costs anything when off. A row past its ``limit`` still computes (the batch costs the same) but
     no longer advances: what it writes lands at a position past what it holds.
+
+    ``columns`` (a :class:`~.view.SubsetHead`'s, for these rows): the logits cover those token ids only; the row
+    samples among them from its processed distribution renormalised over them (the distribution it really draws
+    from, so the log-probabilities stored are that distribution's), and what it samples is mapped back to ids.
     """
     logits = forward(view, cache, windows, state.cur[:, None], state.pos[:, None], end, rows=vocab)[:, -1]
     column = state.it.view(1)
     seen = state.seen if controls.penalised else None
     uniform = state.uniform.index_select(1, column).squeeze(1) if sampling else None
-    tokens, logq = sample(logits, state.temps, controls, uniform, seen)
+    if columns is not None:
+        logits = columns.mask(logits)
+        if seen is not None:
+            seen = seen.gather(1, columns.ids)  # (a copy: the update below goes to the whole mask)
+    picked, logq = sample(logits, state.temps, controls, uniform, seen)
     raw = raw_logprobs(logits).to(state.logp.dtype)
+    tokens = picked if columns is None else columns.ids.gather(1, picked[:, None]).squeeze(1)
     state.tokens.index_copy_(1, column, tokens[:, None])
-    state.logp.index_copy_(1, column, raw.gather(-1, tokens[:, None]))
+    state.logp.index_copy_(1, column, raw.gather(-1, picked[:, None]))
     state.logq.index_copy_(1, column, logq[:, None].to(state.logq.dtype))
     if top:
         values, ids = raw.topk(top, dim=-1)
+        if columns is not None:
+            ids = columns.ids.gather(1, ids)
         state.top_logp[:, :, :top].index_copy_(1, column, values[:, None])
         state.top_ids[:, :, :top].index_copy_(1, column, ids[:, None])
-    if seen is not None:
-        seen.scatter_(1, tokens[:, None], True)
+    if controls.penalised:
+        state.seen.scatter_(1, tokens[:, None], True)
     state.cur.copy_(tokens)
     state.pos.add_((state.it < state.limit).to(state.pos.dtype))
     state.it.add_(1)
@@ -255,6 +293,12 @@ class ModelRunner:
             return torch.zeros(shape, dtype=dtype, device=dev)
 
         self.vocab_rows = vocab
+        head = view.get_output_embeddings()
+        self.subset = head if isinstance(head, SubsetHead) else None  # logits over these ids (and each row's own)
+        self._own: list[tuple[int, ...]] = [()] * slots  # per slot: its extra tokens (sorted ids)
+        self._own_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None  # their head rows [batch, E, d]
+        self._columns: Columns | None = None
+        self._own_columns(slots)
         self.vocab = min(output_vocab(view), vocab.output or 1 << 62) if vocab is not None else output_vocab(view)
         rows, b = steps, self.batch
         self.state = DecodeState(
@@ -302,6 +346,61 @@ class ModelRunner:
                 layers, self.batch, self.steps, MAX_BUCKET, self.device, torch.float32
             )
         return self._records[layers]
+
+    # -- a subset head's columns ------------------------------------------------------------------
+
+    def own_tokens(self, slot: int, tokens: Sequence[int]) -> None:
+        """With a subset head, ``slot``'s rows can also propose ``tokens`` (its sequence's own: the names and
+        numbers a prompt brings, which no frequency ranking holds). Eager passes only: a CUDA graph reads fixed
+        buffers, so there the subset head proposes its own tokens alone."""
+        if self.subset is None or self.use_graphs:
+            return
+        known = self._known
+        own = tuple(sorted({t for t in tokens if 0 <= t < self.vocab} - known))
+        if own != self._own[slot]:
+            self._own[slot] = own
+            self._own_columns(self.slots)
+
+    @functools.cached_property
+    def _known(self) -> frozenset[int]:
+        assert self.subset is not None
+        return frozenset(self.subset.ids.tolist())
+
+    def _own_columns(self, slots: int) -> None:
+        """Rebuild the columns and extra head rows of every row from the slots' extra tokens."""
+        if self.subset is None:
+            return
+        base = self.subset.ids.to(self.device)[None].expand(self.batch, -1)
+        extra = max((len(o) for o in self._own[:slots]), default=0)
+        if extra == 0:
+            self._columns, self._own_rows = Columns(base, None), None
+            return
+        ids = torch.zeros(self.batch, extra, dtype=torch.long)
+        valid = torch.zeros(self.batch, extra, dtype=torch.bool)
+        for slot, own in enumerate(self._own[:slots]):
+            rows = self.slot_rows(slot)
+            ids[rows.start : rows.stop] = torch.tensor([*own, *[own[0] if own else 0] * (extra - len(own))])
+            valid[rows.start : rows.stop, : len(own)] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        weight, bias = self.subset.source
+        self._own_rows = (
+            weight.index_select(0, ids.reshape(-1)).reshape(self.batch, extra, -1),
+            None if bias is None else bias.index_select(0, ids.reshape(-1)).reshape(self.batch, extra),
+        )
+        self._columns = Columns(torch.cat([base, ids], dim=1), torch.cat([torch.ones_like(base, dtype=torch.bool),
+                                                                          valid], dim=1))  # fmt: skip
+
+    def _columns_of(self, rows: slice) -> Columns | None:
+        if self._columns is None:
+            return None
+        return Columns(self._columns.ids[rows], None if self._columns.valid is None else self._columns.valid[rows])
+
+    def _extra_rows(self, rows: slice | None) -> contextlib.AbstractContextManager[None]:
+        """The extra head rows of ``rows`` for the pass (nothing without them, or without logits to give)."""
+        if rows is None or self._own_rows is None:
+            return contextlib.nullcontext()
+        weight, bias = self._own_rows
+        return extra_rows(weight[rows], None if bias is None else bias[rows])
 
     # -- which rows a pass runs ---------------------------------------------------------------------
 
@@ -414,7 +513,7 @@ class ModelRunner:
         forward = compiled_model_pass() if compiled else model_pass
 
         def body() -> torch.Tensor:
-            with recording(record):
+            with recording(record), self._extra_rows(rows if logits else None):
                 if record is not None:
                     record.rows = self.row_offset + self._arange[:size]
                     record.batch_rows = rows
@@ -442,6 +541,9 @@ class ModelRunner:
                 self.cache.valid[rows.start + i * (rows.step or 1)] = firsts[i] + len(fed[slot])
         if not logits:
             return None
+        columns = self._columns_of(rows)
+        if columns is not None:  # a subset head: every other token has probability 0
+            return columns.spread(out[:, :q], self.vocab)
         return out[:, :q]
 
     def _long_forward(
@@ -600,7 +702,7 @@ class ModelRunner:
             end = None if not self.cache.growable else self._decode_end() + 1
             self.cache.rows = rows
             try:
-                with recording(record):
+                with recording(record), self._extra_rows(rows):
                     if record is not None:
                         record.rows = state.it.view(1)
                         record.batch_rows = rows
@@ -615,6 +717,7 @@ class ModelRunner:
                         forward=forward,
                         top=top,
                         vocab=self.vocab_rows,
+                        columns=self._columns_of(rows),
                     )
             finally:
                 self.cache.rows = slice(0, self.batch)
@@ -672,4 +775,6 @@ class ModelRunner:
             vocab=self.vocab_rows,
         )
         grown.cache = self.cache.with_batch(slots * self.width)
+        grown._own = [*self._own, *[()] * (slots - self.slots)]
+        grown._own_columns(slots)
         return grown

@@ -15,11 +15,12 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel
 
+from .draft_vocab import draft_head_size, frequent_ids
 from .loading import ModelPair, embedding_rows, weight_bytes
 from .params import SpecGuardParams
 from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
 from .served import ServedTarget
-from .view import engine_view
+from .view import engine_view, int8_view, read_bytes, subset_head_view, use_int8
 
 MAX_IDLE_RUNTIMES = 2
 """Runtimes (caches + graphs) a pair keeps for reuse once their batches end; more are freed."""
@@ -37,13 +38,24 @@ class Shape(NamedTuple):
     growable: bool
     graphs: bool
     compiled: bool
+    head: int  # the draft's LM head covers this many frequent tokens (0: all of them; draft_vocab.py)
+    int8: bool  # the draft's linear layers run in int8 (view.py)
     capacity: int  # positions per row of a fixed cache (0: growable)
 
     @classmethod
-    def of(cls, params: SpecGuardParams, need: int, limit: int, device: torch.device, single_device: bool) -> Shape:
+    def of(
+        cls,
+        params: SpecGuardParams,
+        need: int,
+        limit: int,
+        device: torch.device,
+        single_device: bool,
+        draft_columns: int = 0,
+        draft_dtype: torch.dtype = torch.float32,
+    ) -> Shape:
         """The shape a generation of ``need`` positions (prompt and budget) and steps of at most ``limit`` tokens
         needs. The step buffers are sized by what a step can produce (its cap, the budget, the context window),
-        never by the cap alone."""
+        never by the cap alone. ``draft_columns``: the draft's vocabulary (logit columns it may propose)."""
         impl = params.cache_implementation
         if impl == "auto":
             impl = "static" if device.type == "cuda" else "dynamic"
@@ -52,7 +64,9 @@ class Shape(NamedTuple):
         compiled = graphs and params.compile_decode is not False  # None: compile wherever graphs run
         # fixed caches need room for the sequence and a pass padded past its end; growable ones grow from empty
         capacity = 0 if growable else _tier(need + MAX_BUCKET, 1024)
-        return cls(params.n_candidates, _tier(limit + 1, 16), growable, graphs, compiled, capacity)
+        head = draft_head_size(params, device, draft_columns)
+        int8 = use_int8(params.draft_int8, device, draft_dtype)
+        return cls(params.candidates, _tier(limit + 1, 16), growable, graphs, compiled, head, int8, capacity)
 
 
 @dataclass
@@ -130,6 +144,9 @@ class RuntimePool:
             self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
             self.vocab = vocab_rows(self.draft_view, self.target_view)
             self.single_device = _single_device(self.target_view)
+        self.draft_columns = min(output_vocab(self.draft_view), (self.vocab[0] or Rows()).output or 1 << 62)
+        self.draft_views: dict[tuple[int, bool], PreTrainedModel] = {(0, False): self.draft_view}  # (head, int8)
+        self.tokenizer, self.eos_token_ids = pair.tokenizer, pair.eos_token_ids
         self.idle: list[Runtime] = []
         self.lock = threading.Lock()
         self.scheduler: object | None = None  # the pair's batch scheduler (decoding.py), made on first use
@@ -144,7 +161,30 @@ class RuntimePool:
         return pool
 
     def shape(self, params: SpecGuardParams, need: int, limit: int, device: torch.device) -> Shape:
-        return Shape.of(params, need, limit, device, self.single_device)
+        return Shape.of(params, need, limit, device, self.single_device, self.draft_columns, self.draft_view.dtype)
+
+    def cost_of(self, shape: Shape) -> float:
+        """One draft iteration over one target pass, by weight bytes read, for the draft ``shape`` runs (a subset
+        head reads a fraction of the whole head, int8 layers a quarter of their float32 bytes)."""
+        if (shape.head == 0 and not shape.int8) or self.target_view is None:  # (served: no local writing to cost)
+            return self.cost
+        draft = read_bytes(self.draft_view_for(shape.head, shape.int8))
+        return max(0.02, draft / max(1, read_bytes(self.target_view)))
+
+    def draft_view_for(self, head: int, int8: bool = False) -> PreTrainedModel:
+        """The draft's view whose LM head covers ``head`` frequent tokens (0: its whole head), in int8 or not; each
+        made once."""
+        with self.lock:
+            view = self.draft_views.get((head, int8))
+            if view is None:
+                view = self.draft_view
+                if head:
+                    ids = frequent_ids(self.tokenizer, head, self.draft_columns, self.eos_token_ids)
+                    view = subset_head_view(view, ids)
+                if int8:
+                    view = int8_view(view)
+                self.draft_views[(head, int8)] = view
+        return view
 
     def take(self, shape: Shape) -> Runtime:
         """A runtime of ``shape`` (an idle one with the room, else a new one of one slot)."""
@@ -154,6 +194,7 @@ class RuntimePool:
             if runtime is not None:
                 self.idle.remove(runtime)
         if runtime is None:
+            draft_view = self.draft_view_for(shape.head, shape.int8)
             runners = [
                 ModelRunner(
                     view,
@@ -167,14 +208,14 @@ class RuntimePool:
                     vocab=vocab,
                 )
                 for view, width, vocab in (
-                    (self.draft_view, shape.width, self.vocab[0]),
+                    (draft_view, shape.width, self.vocab[0]),
                     (self.target_view, 1, self.vocab[1]),
                 )
                 if view is not None
             ]
             draft, target = runners[0], (runners[1] if len(runners) > 1 else None)
             chunk = 4 if shape.graphs else 1
-            runtime = Runtime(draft, target, shape, chunk=chunk, cost=self.cost, served=self.served)
+            runtime = Runtime(draft, target, shape, chunk=chunk, cost=self.cost_of(shape), served=self.served)
         for slot in range(runtime.slots):
             runtime.rewind(slot, 0)
         return runtime

@@ -189,6 +189,7 @@ def test_greedy_is_deterministic_with_several_candidates(threshold: float) -> No
         max_step_tokens=6,
         torch_dtype="float64",
         acceptance_threshold=threshold,
+        n_candidates=4,  # sampled candidates beside the greedy one (a CPU's default is the greedy one alone)
     )
     assert llm.n_candidates == 4 and llm.temperature == 0 and llm.seed is None
     outputs = {str(llm.invoke("Hello there").content) for _ in range(6)}
