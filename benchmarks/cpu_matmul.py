@@ -8,15 +8,21 @@ median milliseconds over repeats (the minimum is the least disturbed by other pr
 and the GB/s and GFLOP/s the minimum implies.
 
     PYTHONPATH=. python benchmarks/cpu_matmul.py --threads 1,2 --rows 1,2,4,8 --dtypes float32,bfloat16
+    PYTHONPATH=. python benchmarks/cpu_matmul.py --threads 1 --rows 1,2,4,8,12,16 --dtypes float32 \\
+        --shapes "qwen-1.5b gate+up" --kernels linear,skinny,onednn
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+
+from langchain_specguard.engine.view import SkinnyLinear
 
 SHAPES = {
     # name: (in_features, out_features)
@@ -30,14 +36,31 @@ SHAPES = {
 }
 
 
-def time_linear(weight: torch.Tensor, rows: int, repeats: int) -> list[float]:
+def kernel(name: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``linear``: ``F.linear`` (what a model's own forward runs); ``skinny``: the engine's CPU view of the layer
+    (:class:`~langchain_specguard.engine.view.SkinnyLinear`: ``weight @ x.T`` for 2 to 16 rows); ``onednn``: oneDNN
+    with the weight laid out for it once (a copy of the weight: what a faster verification pass would cost)."""
+    if name == "linear":
+        return lambda x: torch.nn.functional.linear(x, weight)
+    if name == "skinny":
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return SkinnyLinear.of(layer)
+    if name == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    raise SystemExit(f"unknown kernel {name!r}: linear, skinny or onednn")
+
+
+def time_linear(weight: torch.Tensor, rows: int, repeats: int, name: str = "linear") -> list[float]:
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    run = kernel(name, weight)
     out = []
     with torch.inference_mode():
-        torch.nn.functional.linear(x, weight)  # warm-up
+        run(x)  # warm-up
         for _ in range(repeats):
             started = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
+            run(x)
             out.append(time.perf_counter() - started)
     return out
 
@@ -49,9 +72,13 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--kernels", default="linear", help="linear,skinny,onednn (see kernel())")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'shape':<22} {'dtype':<9} {'thr':>3} {'rows':>4} {'min ms':>8} {'med ms':>8} {'GB/s':>6} {'GFLOP/s':>8}")
+    print(
+        f"{'shape':<22} {'kernel':<7} {'dtype':<9} {'thr':>3} {'rows':>4} {'min ms':>8} {'med ms':>8} {'GB/s':>6} "
+        f"{'GFLOP/s':>8}"
+    )
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for name in args.shapes.split(","):
@@ -59,13 +86,13 @@ def main() -> int:
             for dtype_name in args.dtypes.split(","):
                 dtype = getattr(torch, dtype_name)
                 weight = torch.randn(fan_out, fan_in, dtype=dtype)
-                for rows in (int(r) for r in args.rows.split(",")):
-                    times = time_linear(weight, rows, args.repeats)
+                for kernel_name, rows in itertools.product(args.kernels.split(","), map(int, args.rows.split(","))):
+                    times = time_linear(weight, rows, args.repeats, kernel_name)
                     best = min(times)
                     gbs = weight.numel() * weight.element_size() / best / 1e9
                     gflops = 2 * rows * weight.numel() / best / 1e9
                     print(
-                        f"{name:<22} {dtype_name:<9} {threads:>3} {rows:>4} {1e3 * best:8.2f} "
+                        f"{name:<22} {kernel_name:<7} {dtype_name:<9} {threads:>3} {rows:>4} {1e3 * best:8.2f} "
                         f"{1e3 * statistics.median(times):8.2f} {gbs:6.1f} {gflops:8.1f}",
                         flush=True,
                     )

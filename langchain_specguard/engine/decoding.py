@@ -223,7 +223,7 @@ def new_generation(
         budget=budget,
         rng=seeded_generator(pair.device, params),
         grounding=grounding,
-        agreement=AgreementRate(cost=pool.cost_of(shape)),
+        agreement=AgreementRate(cost=pool.cost_of(shape), token_cost=pool.token_cost),
         calibrator=options.calibrator if options.calibrator is not None else threshold_calibrator(params),
         deadline=time.monotonic() + options.timeout if options.timeout is not None else None,
     )

@@ -41,12 +41,15 @@ class AgreementRate:
 
     Each verification or speculation round shows ``a`` agreeing tokens and then, unless the whole run
     agreed, one disagreement: the Laplace-smoothed share of agreements is the per-token rate ``alpha``.
-    ``cost`` is one draft decode iteration over one target pass (from the models' sizes), so
-    :meth:`speculation_length` maximises expected tokens per round over its cost:
-    ``(1 - alpha^(g+1)) / (1 - alpha)`` tokens for ``1 + g * cost``.
+    ``cost`` is one draft decode iteration over one target pass (from the models' sizes) and ``token_cost``
+    what each token past the first adds to a target pass, over a one-token pass, so :meth:`speculation_length`
+    maximises expected tokens per round over its cost: ``(1 - alpha^(g+1)) / (1 - alpha)`` tokens for
+    ``1 + g * (cost + token_cost)``. On a GPU a pass of a few tokens costs what one does (``token_cost`` 0);
+    on a CPU each one adds compute (``RuntimePool.token_cost``), and a long round that a GPU would win loses.
     """
 
     cost: float
+    token_cost: float = 0.0
     agreed: int = 1
     disagreed: int = 1
 
@@ -62,7 +65,7 @@ class AgreementRate:
         """Draft tokens per round (0: the target decodes alone), for at most ``room`` of them."""
         alpha, best, best_value = self.rate, 0, 1.0
         for gamma in range(1, min(room, MAX_SPECULATION) + 1):
-            value = (1 - alpha ** (gamma + 1)) / (1 - alpha) / (1 + gamma * self.cost)
+            value = (1 - alpha ** (gamma + 1)) / (1 - alpha) / (1 + gamma * (self.cost + self.token_cost))
             if value > best_value:
                 best, best_value = gamma, value
         return best

@@ -22,6 +22,12 @@ from .runner import MAX_BUCKET, ModelRunner, Rows, output_vocab
 from .served import ServedTarget
 from .view import engine_view, int8_view, read_bytes, subset_head_view, use_int8
 
+CPU_FLOPS_PER_BYTE = 1.1
+"""What a CPU core computes in a float32 matmul of 2 to 16 rows per byte of weight it streams from memory in a one-row
+pass: about 20 GFLOP/s against 18 GB/s on this project's AVX2 machine (benchmarks/cpu_matmul.py). A target pass
+costs reading its weights once plus ``2 * params`` FLOPs per token, so each token past the first adds about
+``2 / (element_size * CPU_FLOPS_PER_BYTE)`` of a one-token pass (0.45 in float32)."""
+
 MAX_IDLE_RUNTIMES = 2
 """Runtimes (caches + graphs) a pair keeps for reuse once their batches end; more are freed."""
 
@@ -123,6 +129,15 @@ class Runtime:
                 runner.cache.valid[row] = min(runner.cache.valid[row], keep)
 
 
+def pass_token_cost(view: PreTrainedModel | None) -> float:
+    """What each token past the first adds to a pass of ``view``, over a one-token pass: 0 on a GPU (a few tokens
+    cost what one does: the pass is bound by reading the weights) and for a served target; on a CPU, the compute a
+    token adds to a pass bound by streaming the weights (:data:`CPU_FLOPS_PER_BYTE`)."""
+    if view is None or view.device.type != "cpu":
+        return 0.0
+    return 2 / (view.dtype.itemsize * CPU_FLOPS_PER_BYTE)
+
+
 def _single_device(model: torch.nn.Module) -> bool:
     devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
     return len(devices) <= 1
@@ -144,6 +159,7 @@ class RuntimePool:
             self.cost = max(0.02, weight_bytes(self.draft_view) / max(1, weight_bytes(self.target_view)))
             self.vocab = vocab_rows(self.draft_view, self.target_view)
             self.single_device = _single_device(self.target_view)
+        self.token_cost = pass_token_cost(self.target_view)
         self.draft_columns = min(output_vocab(self.draft_view), (self.vocab[0] or Rows()).output or 1 << 62)
         self.draft_views: dict[tuple[int, bool], PreTrainedModel] = {(0, False): self.draft_view}  # (head, int8)
         self.tokenizer, self.eos_token_ids = pair.tokenizer, pair.eos_token_ids

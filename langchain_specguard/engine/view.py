@@ -121,19 +121,41 @@ def use_int8(choice: bool | None, device: torch.device, dtype: torch.dtype) -> b
     return possible if choice is None else choice
 
 
-def _pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    """``weight`` in int8, one symmetric scale per output row, packed for ``quantized::linear_dynamic``."""
+def _pack_int8(weight: torch.Tensor) -> Any:
+    """``weight`` in int8, one symmetric scale per output row, packed for ``quantized::linear_dynamic`` (the bias
+    is added after the per-token rescaling of :func:`_linear_int8`)."""
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
     with warnings.catch_warnings():  # quantized tensors are the op's input format (deprecated as a user-facing dtype)
         warnings.simplefilter("ignore")
         q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+        return torch.ops.quantized.linear_prepack(q, None)
 
 
-def _linear_int8(x: torch.Tensor, packed: Any) -> torch.Tensor:
+@functools.cache
+def _grid_row(features: int) -> torch.Tensor:
+    """A row holding +1 and -1: beside inputs scaled into [-1, 1] it fixes the op's input range to [-1, 1]."""
+    row = torch.zeros(1, features)
+    row[0, 0], row[0, min(1, features - 1)] = 1.0, -1.0
+    return row
+
+
+def _linear_int8(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with ``weight`` int8 (``packed``) and each token's input quantized on its own scale.
+
+    ``quantized::linear_dynamic`` quantizes its whole input on one scale taken from the input's range, so one row's
+    numbers would depend on the others in the batch, and one call's draft on another call's traffic. Here each
+    token is divided by its own largest magnitude first and a row of +1 and -1 rides along: the op's range is then
+    always [-1, 1], every token is quantized on the same grid, and its output, scaled back, is its own alone.
+    """
+    flat = x.reshape(-1, x.shape[-1]).float()
+    scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     # reduce_range: 7-bit activations, so AVX2's 16-bit accumulation of pairs of products never saturates
-    return torch.ops.quantized.linear_dynamic(x, packed, True)
+    out = torch.ops.quantized.linear_dynamic(torch.cat([flat / scale, _grid_row(flat.shape[1])]), packed, True)
+    out = out[:-1] * scale
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class Int8Linear(torch.nn.Module):
@@ -146,11 +168,12 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._packed = _pack_int8(linear.weight, linear.bias)
+        self._packed = _pack_int8(linear.weight)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.nbytes = linear.weight.numel() + (0 if linear.bias is None else 4 * linear.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear_int8(x, self._packed)
+        return _linear_int8(x, self._packed, self.bias)
 
 
 _EXTRA_ROWS: ContextVar[tuple[torch.Tensor, torch.Tensor | None] | None] = ContextVar("extra_rows", default=None)
@@ -199,7 +222,7 @@ class SubsetHead(SkinnyLinear):
     def in_int8(self) -> SubsetHead:
         """The same head computing its own columns in int8 (the extra rows stay float: a handful per row)."""
         clone = _shallow(self)
-        clone.packed = _pack_int8(self.weight, self.bias)
+        clone.packed = _pack_int8(self.weight)
         return clone
 
     @property
@@ -208,7 +231,7 @@ class SubsetHead(SkinnyLinear):
         return self.weight.numel() * (1 if self.packed is not None else self.weight.element_size())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _linear_int8(x, self.packed) if self.packed is not None else super().forward(x)
+        out = _linear_int8(x, self.packed, self.bias) if self.packed is not None else super().forward(x)
         extra = _EXTRA_ROWS.get()
         if extra is None:
             return out

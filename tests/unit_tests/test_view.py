@@ -107,6 +107,21 @@ def test_int8_linear_is_the_float_layer_within_int8_rounding(rows: int) -> None:
 
 
 @pytest.mark.skipif(not int8_available(), reason="this torch has no quantized kernels")
+def test_an_int8_rows_output_is_its_own_whatever_rides_beside_it() -> None:
+    """Origin: issue 30's int8 draft quantized a whole pass's input on one scale, so a row's numbers moved with the
+    other rows of the batch: 32 concurrent calls with one seed gave two different texts
+    (test_runtimes.py::test_runtime_pool_stays_bounded_after_a_burst). Each token now has its own scale: a row alone,
+    beside rows a thousand times larger, or as one of several positions, gives the same bits."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(64, 96))
+    row = torch.randn(1, 64)
+    alone = layer(row)
+    for others in (1000 * torch.randn(5, 64), 1e-3 * torch.randn(3, 64), torch.zeros(2, 64)):
+        assert torch.equal(layer(torch.cat([others, row]))[-1:], alone)
+    assert torch.equal(layer(torch.cat([row, 50 * torch.randn(1, 64)])[None])[0, :1], alone)  # [1, q, d] passes
+
+
+@pytest.mark.skipif(not int8_available(), reason="this torch has no quantized kernels")
 def test_int8_view_keeps_the_callers_model_and_agrees_with_it() -> None:
     target, _ = bpe_pair()
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
