@@ -18,6 +18,8 @@ consistently. A script may also give one text per batch row, so the draft's cand
 
 from __future__ import annotations
 
+import json
+import re
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from langchain_specguard import ChatSpecGuard
+from langchain_specguard.tools import FALLBACK_TOOL_PROMPT, HERMES_MARKERS, RESPONSE_MARKERS
 
 ASSISTANT = "<|im_start|>assistant\n"
 BIAS = 1e4
@@ -125,3 +128,57 @@ def scripted_llm(pair_dirs: tuple[str, str], script: str, **options: Any) -> Cha
     force_script(pair.draft, pair.tokenizer, lambda prompt: script)
     force_script(pair.target, pair.tokenizer, lambda prompt: script)
     return llm
+
+
+PLAIN_ANSWER = "Hello! How can I help you today?"
+FINAL_ANSWER = "Thanks, the tool answered: that is the result."
+TOOLS_HEADING = FALLBACK_TOOL_PROMPT.split("{tools}")[0]  # "You can call these tools:\n"
+TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.DOTALL)
+
+
+def perfect_caller(prompt: str) -> str:
+    """What a model that follows the fallback tool prompt perfectly answers to ``prompt`` (ChatML text, up to the
+    answer's header): the standard suite's tests each ask for one thing, and this answers it as a capable model
+    would, so that what they check is the package's handling, not a random model's luck.
+
+    With tools listed and a user turn last, it calls the tool the question names (else the first listed), with
+    arguments filled from the question by the tool's JSON schema (integers in the order they appear, strings from
+    quoted text, else the parameter's name; optional parameters left out). After a tool result, or with no tools,
+    it answers in plain text.
+    """
+    turns = TURN.findall(prompt)
+    if not turns:
+        return PLAIN_ANSWER
+    tools = _listed_tools(turns[0][1]) if turns[0][0] == "system" else []
+    last = turns[-1][1]
+    if last.startswith(RESPONSE_MARKERS[0]):
+        return FINAL_ANSWER
+    if not tools:
+        return PLAIN_ANSWER
+    tool = next((t for t in tools if re.search(rf"\b{re.escape(t['name'])}\b", last)), tools[0])
+    call = {"name": tool["name"], "arguments": _arguments(tool.get("parameters", {}), last)}
+    return f"{HERMES_MARKERS[0]}\n{json.dumps(call, ensure_ascii=False)}\n{HERMES_MARKERS[1]}"
+
+
+def _listed_tools(system: str) -> list[dict[str, Any]]:
+    """The tools the fallback prompt lists in a system turn (one JSON object a line under its heading)."""
+    start = system.find(TOOLS_HEADING)
+    if start < 0:
+        return []
+    listing = system[start + len(TOOLS_HEADING) :].split("\n\n", 1)[0]
+    return [json.loads(line) for line in listing.splitlines() if line.startswith("{")]
+
+
+def _arguments(schema: dict[str, Any], question: str) -> dict[str, Any]:
+    numbers = iter(int(n) for n in re.findall(r"-?\d+", question))
+    quoted = iter(re.findall(r"'([^']+)'", question))
+    arguments: dict[str, Any] = {}
+    for name in schema.get("required", []):
+        kind = schema.get("properties", {}).get(name, {}).get("type")
+        if kind in ("integer", "number"):
+            arguments[name] = next(numbers, 1)
+        elif kind == "boolean":
+            arguments[name] = True
+        else:
+            arguments[name] = next(quoted, name.replace("_", " "))
+    return arguments
