@@ -200,9 +200,11 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        stops = [*(self.stop or []), *(stop or kwargs.get("stop") or [])]  # what the call stops at (_prepare)
-        if stops:
-            params["ls_stop"] = stops
+        asked = stop if stop is not None else kwargs.get("stop")
+        if asked is None or isinstance(asked, (list, tuple)):  # else _prepare refuses it, naming the problem
+            stops = [*(self.stop or []), *(asked or [])]  # what the call stops at (see _prepare)
+            if stops:
+                params["ls_stop"] = stops
         params["ls_provider"] = "specguard"
         params["ls_model_name"] = kwargs.get("model", self.model_name)
         config = self.engine_params(**{k: v for k, v in kwargs.items() if k in PARAM_FIELDS}).model_dump()
