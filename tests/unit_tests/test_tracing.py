@@ -315,14 +315,15 @@ def test_langsmith_stop_is_every_stop_sequence_the_call_stops_at() -> None:
     assert make_llm()._get_ls_params(stop=["END"])["ls_stop"] == ["END"]
 
     class Metadata(BaseCallbackHandler):
-        seen: list[dict[str, Any]] = []
+        def __init__(self) -> None:
+            self.seen: list[dict[str, Any]] = []
 
         def on_chat_model_start(self, *args: Any, metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
             self.seen.append(metadata or {})
 
-    model.bind(stop=["END"]).invoke("Hi", config={"callbacks": [Metadata()]})  # what a LangSmith run records
-    assert Metadata.seen[-1]["ls_stop"] == ["\n\n", "END"]
-
+    handler = Metadata()
+    model.bind(stop=["END"]).invoke("Hi", config={"callbacks": [handler]})  # what a LangSmith run records
+    assert handler.seen[-1]["ls_stop"] == ["\n\n", "END"]
 
 
 # --------------------------------------------------------------------------------------------------
