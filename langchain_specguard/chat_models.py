@@ -47,6 +47,9 @@ from .tools import ToolFormat
 
 __all__ = ["ChatSpecGuard"]
 
+LEARNT_AT_LOADING = ("max_input_tokens", "max_output_tokens", "reasoning_output")
+"""The profile's keys that loading can tell when construction could not (see ``ChatSpecGuard._loaded``)."""
+
 
 class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     """Chat model that decodes with SpecGuard step-level speculative decoding on local HF models.
@@ -173,7 +176,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         """A valid instance holds its pair from now on (see :class:`~.pairs.PairSource`); its profile says what is
         known before loading."""
         if self.profile is None:
-            self.profile = model_profile(self.known_context_window())
+            self.profile = model_profile(self.known_context_window(), self.reasoning)
         return self._hold()
 
     # ------------------------------------------------------------------------------------------
@@ -224,9 +227,17 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     # models, prompt, params
 
     def _loaded(self, pair: ModelPair) -> None:
-        window = self.known_context_window()
-        if self.profile is not None and self.profile.get("max_input_tokens") is None and window is not None:
-            self.profile = {**self.profile, "max_input_tokens": window}
+        """The profile gets what loading tells (the window of a model whose config did not say, whether the chat
+        template thinks), where it was not known."""
+        if self.profile is not None:
+            thinks = self.template_profile().thinks(self.reasoning, self.reasoning_markers)
+            learnt = model_profile(self.known_context_window(), thinks)
+            profile = self.profile.copy()
+            for key in LEARNT_AT_LOADING:
+                if profile.get(key) is None and learnt.get(key) is not None:
+                    profile[key] = learnt[key]  # type: ignore[literal-required]
+            if profile != self.profile:
+                self.profile = profile
         self._check_score_layers()
 
     def engine_params(self, **overrides: Any) -> SpecGuardParams:

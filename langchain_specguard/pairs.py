@@ -122,9 +122,15 @@ def context_window_of(spec: Any, hub: Mapping[str, Any] | None = None) -> int | 
         return None  # neither local nor reachable, or unreadable: filled in when the model loads
 
 
-def model_profile(max_input_tokens: int | None) -> ModelProfile:
-    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model."""
-    return ModelProfile(
+def model_profile(max_input_tokens: int | None, reasoning_output: bool | None = None) -> ModelProfile:
+    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model.
+
+    A call may write up to the whole context window (``max_tokens`` is capped by it, and by what the prompt leaves),
+    so ``max_output_tokens`` is the window too. ``reasoning_output``: whether answers come with their thinking
+    apart (a ``reasoning`` block), known from the ``reasoning`` option or, once loaded, the chat template; absent
+    while unknown, as is any value not known yet.
+    """
+    profile = ModelProfile(
         max_input_tokens=max_input_tokens,  # type: ignore[typeddict-item]
         open_weights=True,
         text_inputs=True,
@@ -138,6 +144,11 @@ def model_profile(max_input_tokens: int | None) -> ModelProfile:
         tool_call_streaming=True,
         structured_output=False,  # no native structured output: with_structured_output and agents use a tool call
     )
+    if max_input_tokens is not None:
+        profile["max_output_tokens"] = max_input_tokens
+    if reasoning_output is not None:
+        profile["reasoning_output"] = reasoning_output
+    return profile
 
 
 # --------------------------------------------------------------------------------------------------
