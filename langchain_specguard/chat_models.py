@@ -95,7 +95,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         'the fallback prompt) or \'json\' (the answer opens with {"name": ..., "parameters": ...} calls, Llama 3). '
         "'auto': 'json' for templates that take tools but never mention <tool_call>, else 'hermes'.",
     )
-    # what LangChain code passes to every chat model; a local model has no endpoint, key or retries
+    # what LangChain code passes to every chat model (max_retries is a loading option: PairSource)
     timeout: float | None = Field(
         default=None,
         gt=0,
@@ -108,9 +108,6 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         le=256,
         description="The most concurrent calls that share the model's passes (threads, batch/abatch, asyncio, "
         "LangGraph branches); more wait for a place. Each call's text is what it would be alone.",
-    )
-    max_retries: int = Field(
-        default=0, ge=0, description="Accepted for interface compatibility: local generation is never retried."
     )
     api_key: SecretStr | None = Field(default=None, description="Accepted for interface compatibility: unused.")
     streaming: bool = Field(
