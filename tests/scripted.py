@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from langchain_specguard import ChatSpecGuard
-from langchain_specguard.tools import FALLBACK_TOOL_PROMPT, HERMES_MARKERS, RESPONSE_MARKERS
+from langchain_specguard.tools import HERMES_MARKERS, RESPONSE_MARKERS
 
 ASSISTANT = "<|im_start|>assistant\n"
 BIAS = 1e4
@@ -132,8 +132,7 @@ def scripted_llm(pair_dirs: tuple[str, str], script: str, **options: Any) -> Cha
 
 PLAIN_ANSWER = "Hello! How can I help you today?"
 FINAL_ANSWER = "Thanks, the tool answered: that is the result."
-TOOLS_HEADING = FALLBACK_TOOL_PROMPT.split("{tools}")[0]  # "You can call these tools:\n"
-TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.DOTALL)
+TURN = re.compile(r"<\|im_start\|>(\w+)\n?(.*?)<\|im_end\|>", re.DOTALL)
 
 
 def perfect_caller(prompt: str) -> str:
@@ -161,12 +160,22 @@ def perfect_caller(prompt: str) -> str:
 
 
 def _listed_tools(system: str) -> list[dict[str, Any]]:
-    """The tools the fallback prompt lists in a system turn (one JSON object a line under its heading)."""
-    start = system.find(TOOLS_HEADING)
-    if start < 0:
-        return []
-    listing = system[start + len(TOOLS_HEADING) :].split("\n\n", 1)[0]
-    return [json.loads(line) for line in listing.splitlines() if line.startswith("{")]
+    """The tools a system turn lists as JSON objects, wherever they are: the fallback prompt's (``{"name",
+    "parameters"...}`` a line) or a template's (``{"type": "function", "function": {...}}``, in ``<tools>`` tags)."""
+    decoder = json.JSONDecoder()
+    tools: list[dict[str, Any]] = []
+    position = system.find("{")
+    while position >= 0:
+        try:
+            listed, end = decoder.raw_decode(system, position)
+        except ValueError:
+            position = system.find("{", position + 1)
+            continue
+        listed = listed.get("function", listed) if isinstance(listed, dict) else None
+        if isinstance(listed, dict) and isinstance(listed.get("name"), str) and "parameters" in listed:
+            tools.append(listed)
+        position = system.find("{", end)
+    return tools
 
 
 def _arguments(schema: dict[str, Any], question: str) -> dict[str, Any]:
