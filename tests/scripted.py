@@ -142,8 +142,8 @@ def perfect_caller(prompt: str) -> str:
 
     With tools listed and a user turn last, it calls the tool the question names (else the first listed), with
     arguments filled from the question by the tool's JSON schema (integers in the order they appear, strings from
-    quoted text, else the parameter's name; optional parameters left out). After a tool result, or with no tools,
-    it answers in plain text.
+    quoted text, else the parameter's name; optional parameters left out). After a tool result it answers in plain
+    text; with no tools, a JSON object when the question asks for JSON (its quoted words as keys), else plain text.
     """
     turns = TURN.findall(prompt)
     if not turns:
@@ -152,6 +152,8 @@ def perfect_caller(prompt: str) -> str:
     last = turns[-1][1]
     if last.startswith(RESPONSE_MARKERS[0]):
         return FINAL_ANSWER
+    if not tools and re.search(r"\bJSON\b", last):  # asked for a JSON object with the keys it names
+        return json.dumps({key: key for key in re.findall(r"'(\w+)'", last)})
     if not tools:
         return PLAIN_ANSWER
     tool = next((t for t in tools if re.search(rf"\b{re.escape(t['name'])}\b", last)), tools[0])
