@@ -47,6 +47,9 @@ from .tools import ToolFormat
 
 __all__ = ["ChatSpecGuard"]
 
+LEARNT_AT_LOADING = ("max_input_tokens", "max_output_tokens", "reasoning_output")
+"""The profile's keys that loading can tell when construction could not (see ``ChatSpecGuard._loaded``)."""
+
 
 class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     """Chat model that decodes with SpecGuard step-level speculative decoding on local HF models.
@@ -92,7 +95,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         'the fallback prompt) or \'json\' (the answer opens with {"name": ..., "parameters": ...} calls, Llama 3). '
         "'auto': 'json' for templates that take tools but never mention <tool_call>, else 'hermes'.",
     )
-    # what LangChain code passes to every chat model; a local model has no endpoint, key or retries
+    # what LangChain code passes to every chat model (max_retries is a loading option: PairSource)
     timeout: float | None = Field(
         default=None,
         gt=0,
@@ -105,9 +108,6 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         le=256,
         description="The most concurrent calls that share the model's passes (threads, batch/abatch, asyncio, "
         "LangGraph branches); more wait for a place. Each call's text is what it would be alone.",
-    )
-    max_retries: int = Field(
-        default=0, ge=0, description="Accepted for interface compatibility: local generation is never retried."
     )
     api_key: SecretStr | None = Field(default=None, description="Accepted for interface compatibility: unused.")
     streaming: bool = Field(
@@ -173,7 +173,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         """A valid instance holds its pair from now on (see :class:`~.pairs.PairSource`); its profile says what is
         known before loading."""
         if self.profile is None:
-            self.profile = model_profile(self.known_context_window())
+            self.profile = model_profile(self.known_context_window(), self.reasoning)
         return self._hold()
 
     # ------------------------------------------------------------------------------------------
@@ -200,6 +200,11 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
+        asked = stop if stop is not None else kwargs.get("stop")
+        if asked is None or isinstance(asked, (list, tuple)):  # else _prepare refuses it, naming the problem
+            stops = [*(self.stop or []), *(asked or [])]  # what the call stops at (see _prepare)
+            if stops:
+                params["ls_stop"] = stops
         params["ls_provider"] = "specguard"
         params["ls_model_name"] = kwargs.get("model", self.model_name)
         config = self.engine_params(**{k: v for k, v in kwargs.items() if k in PARAM_FIELDS}).model_dump()
@@ -219,9 +224,17 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
     # models, prompt, params
 
     def _loaded(self, pair: ModelPair) -> None:
-        window = self.known_context_window()
-        if self.profile is not None and self.profile.get("max_input_tokens") is None and window is not None:
-            self.profile = {**self.profile, "max_input_tokens": window}
+        """The profile gets what loading tells (the window of a model whose config did not say, whether the chat
+        template thinks), where it was not known."""
+        if self.profile is not None:
+            thinks = self.template_profile().thinks(self.reasoning, self.reasoning_markers)
+            learnt = model_profile(self.known_context_window(), thinks)
+            profile = self.profile.copy()
+            for key in LEARNT_AT_LOADING:
+                if profile.get(key) is None and learnt.get(key) is not None:
+                    profile[key] = learnt[key]  # type: ignore[literal-required]
+            if profile != self.profile:
+                self.profile = profile
         self._check_score_layers()
 
     def engine_params(self, **overrides: Any) -> SpecGuardParams:

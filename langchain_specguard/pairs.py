@@ -10,12 +10,16 @@ its key.
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from langchain_core.language_models.model_profile import ModelProfile
@@ -43,7 +47,10 @@ from .engine import (
 )
 from .engine.loading import check_gguf_tokenizer, embedded_gguf_path, gguf_tokenizer, load_tokenizer
 from .engine.packaged import assemble, cache_dir, check_tokenizer, packaged_tokenizer
-from .engine.served import ServedConfig
+from .engine.served import ServedConfig, ServedConnectionError, ServedTimeoutError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -93,6 +100,47 @@ def shared_pair(key: tuple[Any, ...], load: Callable[[], ModelPair]) -> ModelPai
         return entry.pair
 
 
+RETRY_DELAYS = (0.5, 8.0)
+"""Seconds before the first new try of a failed load, and the most between two: the wait doubles (as the OpenAI
+client's backoff does)."""
+
+NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+"""``OSError``s that trying again cannot mend: the path itself is wrong."""
+
+
+def may_pass(error: BaseException) -> bool:
+    """Whether a loading failure may pass when tried again: the network or a server (an ``OSError``: the Hub
+    unreachable, a download cut, a timeout; a served target's connection error or timeout), never what the options
+    or the files say (a missing path, damaged weights, a bad option: those raise the same error every time)."""
+    if isinstance(error, (ServedConnectionError, ServedTimeoutError)):
+        return True
+    return isinstance(error, OSError) and not isinstance(error, NOT_TRANSIENT)
+
+
+def with_retries(load: Callable[[], T], retries: int, what: str) -> T:
+    """``load()``, tried again up to ``retries`` times while it fails in a way that :func:`may_pass`, waiting
+    :data:`RETRY_DELAYS` between tries; the last failure is raised as it is."""
+    for attempt in range(retries + 1):
+        try:
+            return load()
+        except Exception as error:
+            if attempt == retries or not may_pass(error):
+                raise
+            delay = min(RETRY_DELAYS[0] * 2**attempt, RETRY_DELAYS[1])
+            logger.warning(
+                "%s failed (%s: %s); trying again in %.1f s (%d of max_retries=%d)",
+                what, type(error).__name__, error, delay, attempt + 1, retries,
+            )  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def own_copy(value: T) -> T:
+    """A copy of an option for the loaders, which may change what they are given (accelerate converts
+    ``max_memory``'s sizes in place): the instance's options, its loading key among them, stay as given."""
+    return copy.copy(value)
+
+
 EMBEDDED_CONTEXT_WINDOW = 32768
 """Gemma 3 270M's context window (the embedded default); checked against the loaded model in the tests."""
 
@@ -122,9 +170,15 @@ def context_window_of(spec: Any, hub: Mapping[str, Any] | None = None) -> int | 
         return None  # neither local nor reachable, or unreadable: filled in when the model loads
 
 
-def model_profile(max_input_tokens: int | None) -> ModelProfile:
-    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model."""
-    return ModelProfile(
+def model_profile(max_input_tokens: int | None, reasoning_output: bool | None = None) -> ModelProfile:
+    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model.
+
+    A call may write up to the whole context window (``max_tokens`` is capped by it, and by what the prompt leaves),
+    so ``max_output_tokens`` is the window too. ``reasoning_output``: whether answers come with their thinking
+    apart (a ``reasoning`` block), known from the ``reasoning`` option or, once loaded, the chat template; absent
+    while unknown, as is any value not known yet.
+    """
+    profile = ModelProfile(
         max_input_tokens=max_input_tokens,  # type: ignore[typeddict-item]
         open_weights=True,
         text_inputs=True,
@@ -138,6 +192,11 @@ def model_profile(max_input_tokens: int | None) -> ModelProfile:
         tool_call_streaming=True,
         structured_output=False,  # no native structured output: with_structured_output and agents use a tool call
     )
+    if max_input_tokens is not None:
+        profile["max_output_tokens"] = max_input_tokens
+    if reasoning_output is not None:
+        profile["reasoning_output"] = reasoning_output
+    return profile
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,6 +344,14 @@ class PairSource(BaseModel):
         default=None, description="Passed to accelerate for a target sharded over devices, e.g. 'auto'."
     )
     trust_remote_code: bool = False
+    max_retries: int = Field(
+        default=0,
+        ge=0,
+        description="Further tries of loading the models (or the tokenizer alone) after a failure that may pass: "
+        "the Hub or a served target's server unreachable, a download cut, a timeout; waiting 0.5 s, 1 s, 2 s... (at "
+        "most 8 s) between tries. A missing path, damaged weights or a bad option fail at once. Generation is local "
+        "and never retried (a served target's requests: target_server_options' retries).",
+    )
 
     _handle: PairHandle | None = PrivateAttr(default=None)  # this instance's hold on its pair
 
@@ -410,7 +477,8 @@ class PairSource(BaseModel):
         ``bind``, ``with_config`` and ``configurable_fields`` make do; decoding options stay per instance.
         The pair is freed when no instance holds it any more.
         """
-        pair, fresh = self._pairs().get(self._loading_key(), self._load_pair)
+        load = functools.partial(with_retries, self._load_pair, self.max_retries, "loading the models")
+        pair, fresh = self._pairs().get(self._loading_key(), load)
         if fresh:
             self._loaded(pair)
         return pair
@@ -445,7 +513,8 @@ class PairSource(BaseModel):
         )
 
     def _load_pair(self) -> ModelPair:
-        """Load the pair these options describe (the registry calls this once per key: :func:`shared_pair`)."""
+        """Load the pair these options describe (the registry calls this once per key: :func:`shared_pair`), giving the
+        loaders copies of the options they could change (:func:`own_copy`)."""
         if self.target_url is not None:
             return load_served_pair(
                 self.target_url,
@@ -457,8 +526,8 @@ class PairSource(BaseModel):
                 dtype=self.torch_dtype,
                 draft_gguf_file=self.draft_gguf_file,
                 trust_remote_code=self.trust_remote_code,
-                draft_model_kwargs=self.draft_model_kwargs,
-                server_options=self.target_server_options,
+                draft_model_kwargs=own_copy(self.draft_model_kwargs),
+                server_options=own_copy(self.target_server_options),
             )
         if self.pair is not None:
             return load_packaged_pair(
@@ -467,10 +536,10 @@ class PairSource(BaseModel):
                 dtype=self.torch_dtype,
                 tokenizer=self.tokenizer,
                 trust_remote_code=self.trust_remote_code,
-                device_map=self.device_map,
-                max_memory=self.max_memory,
-                model_kwargs=self.model_kwargs,
-                draft_model_kwargs=self.draft_model_kwargs,
+                device_map=own_copy(self.device_map),
+                max_memory=own_copy(self.max_memory),
+                model_kwargs=own_copy(self.model_kwargs),
+                draft_model_kwargs=own_copy(self.draft_model_kwargs),
             )
         if self.target_model is None:
             return load_embedded_pair(
@@ -478,9 +547,9 @@ class PairSource(BaseModel):
                 device=self.device,
                 dtype=self.torch_dtype,
                 trust_remote_code=self.trust_remote_code,
-                device_map=self.device_map,
-                max_memory=self.max_memory,
-                model_kwargs=self.model_kwargs,
+                device_map=own_copy(self.device_map),
+                max_memory=own_copy(self.max_memory),
+                model_kwargs=own_copy(self.model_kwargs),
             )
         return load_pair(
             self.target_model,
@@ -489,21 +558,22 @@ class PairSource(BaseModel):
             tokenizer=self.tokenizer,
             device=self.device,
             dtype=self.torch_dtype,
-            device_map=self.device_map,
+            device_map=own_copy(self.device_map),
             gguf_file=self.gguf_file,
             trust_remote_code=self.trust_remote_code,
             draft_tokenizer=self.draft_tokenizer,
             draft_gguf_file=self.draft_gguf_file,
-            max_memory=self.max_memory,
-            model_kwargs=self.model_kwargs,
-            draft_model_kwargs=self.draft_model_kwargs,
+            max_memory=own_copy(self.max_memory),
+            model_kwargs=own_copy(self.model_kwargs),
+            draft_model_kwargs=own_copy(self.draft_model_kwargs),
         )
 
     def pair_tokenizer(self) -> PreTrainedTokenizerBase:
         """The pair's tokenizer, with its chat template, without loading a model's weights while the pair is not
         loaded: counting tokens and rendering a prompt need the tokenizer alone (ChatHuggingFace and ChatOpenAI
         count with a tokenizer only). Once the pair is loaded, its own tokenizer."""
-        return self._pairs().tokenizer(self._loading_key(), self._load_tokenizer)
+        load = functools.partial(with_retries, self._load_tokenizer, self.max_retries, "loading the tokenizer")
+        return self._pairs().tokenizer(self._loading_key(), load)
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer these options give the pair, read as :meth:`_load_pair`'s loader reads it, alone.

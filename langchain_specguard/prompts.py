@@ -21,7 +21,7 @@ from typing import Any, Literal
 import jinja2
 from jinja2 import nodes
 from jinja2.exceptions import TemplateError
-from langchain_core.messages import AIMessage, BaseMessage, ToolCall, convert_to_openai_messages
+from langchain_core.messages import AIMessage, BaseMessage, ToolCall, ToolMessage, convert_to_openai_messages
 from langchain_core.messages.tool import tool_call
 
 from .reasoning import (
@@ -389,7 +389,9 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     here instead. ``developer`` (OpenAI's newer name for ``system``) becomes ``system``, which is
     the role local chat templates know. Content blocks are read by :func:`read_blocks`. An assistant
     message's reasoning (``reasoning_content``, or v1 ``reasoning`` blocks) becomes the
-    ``reasoning_content`` key that templates such as Qwen3's read.
+    ``reasoning_content`` key that templates such as Qwen3's read. A ``ToolMessage`` must answer a call of the
+    latest ``AIMessage`` before it (:func:`_check_answers_a_call`), and a failed one (``status="error"``) reads as
+    an error (:func:`failed_tool_result`).
     """
     for message in messages:
         parts = message.content if isinstance(message.content, list) else []
@@ -405,12 +407,20 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
                     f"a {who} message has a text part whose 'text' is {type(part.get('text')).__name__}, not str"
                 )
     converted: list[dict[str, Any]] = []
+    open_calls: list[str | None] | None = None  # the ids of the latest AIMessage's calls (None: no AIMessage yet)
     for original in messages:
         thought = reasoning_of(original)
-        for openai_message in convert_to_openai_messages([read_blocks(original)], text_format="string"):
+        openai_messages = convert_to_openai_messages([read_blocks(original)], text_format="string")
+        if isinstance(original, AIMessage):
+            open_calls = _call_ids(original, openai_messages)
+        elif isinstance(original, ToolMessage):
+            _check_answers_a_call(original, open_calls)
+        for openai_message in openai_messages:
             assert isinstance(openai_message, dict)
             if thought and openai_message.get("role") == "assistant":
                 openai_message["reasoning_content"] = thought
+            if isinstance(original, ToolMessage) and original.status == "error":
+                openai_message["content"] = failed_tool_result(openai_message.get("content"))
             converted.append(openai_message)
     rendered: list[dict[str, Any]] = []
     for message in converted:  # type: ignore[assignment]
@@ -444,6 +454,46 @@ def template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
                 ) from None
         rendered.append(message)
     return rendered
+
+
+TOOL_ERROR_PREFIX = "Error: "
+"""What a failed tool's result (``ToolMessage(status="error")``) starts with in the prompt, unless it says so already:
+chat templates have no field for a tool's status, and LangChain's own tool errors read ``Error: ...``."""
+
+
+def failed_tool_result(content: Any) -> Any:
+    """A failed tool's result as the model reads it: marked as an error, once (text that already opens with
+    "error", as LangChain's ``ToolNode`` writes its errors, is left as it is)."""
+    if not isinstance(content, str) or content.lstrip().lower().startswith("error"):
+        return content
+    return f"{TOOL_ERROR_PREFIX}{content}"
+
+
+def _call_ids(message: AIMessage, rendered: Sequence[Any]) -> list[str | None]:
+    """The ids of the calls an assistant message made: those the template gets (``rendered``: its OpenAI form, with
+    the calls of its content blocks, v1 or a provider's ``tool_use``), and its invalid ones, which the template
+    never shows (a result may tell the model why such a call failed)."""
+    shown = [call.get("id") for m in rendered if isinstance(m, dict) for call in m.get("tool_calls") or []]
+    invalid = [call.get("id") for call in message.invalid_tool_calls]
+    invalid += [b.get("id") for b in message.content_blocks if b["type"] == "invalid_tool_call"]
+    return list(dict.fromkeys([*shown, *invalid]))
+
+
+def _check_answers_a_call(message: ToolMessage, open_calls: list[str | None] | None) -> None:
+    """Refuse a tool result that answers no call of the latest assistant message, as OpenAI's API does: the model
+    would read the result of a call it never made."""
+    if open_calls is not None and message.tool_call_id in open_calls:
+        return
+    if open_calls is None:
+        where = "no AIMessage comes before it"
+    elif not any(open_calls):
+        where = "the latest AIMessage before it made no tool calls"
+    else:
+        where = f"the latest AIMessage before it called {[i for i in open_calls if i]}"
+    raise ValueError(
+        f"a ToolMessage answers tool_call_id {message.tool_call_id!r}, but {where}: each ToolMessage must answer a "
+        "tool call of the latest AIMessage before it (as OpenAI's API requires)"
+    )
 
 
 def control_tokens(tokenizer: Any) -> list[str]:

@@ -18,6 +18,8 @@ consistently. A script may also give one text per batch row, so the draft's cand
 
 from __future__ import annotations
 
+import json
+import re
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from langchain_specguard import ChatSpecGuard
+from langchain_specguard.tools import HERMES_MARKERS, RESPONSE_MARKERS
 
 ASSISTANT = "<|im_start|>assistant\n"
 BIAS = 1e4
@@ -125,3 +128,68 @@ def scripted_llm(pair_dirs: tuple[str, str], script: str, **options: Any) -> Cha
     force_script(pair.draft, pair.tokenizer, lambda prompt: script)
     force_script(pair.target, pair.tokenizer, lambda prompt: script)
     return llm
+
+
+PLAIN_ANSWER = "Hello! How can I help you today?"
+FINAL_ANSWER = "Thanks, the tool answered: that is the result."
+TURN = re.compile(r"<\|im_start\|>(\w+)\n?(.*?)<\|im_end\|>", re.DOTALL)
+
+
+def perfect_caller(prompt: str) -> str:
+    """What a model that follows the fallback tool prompt perfectly answers to ``prompt`` (ChatML text, up to the
+    answer's header): the standard suite's tests each ask for one thing, and this answers it as a capable model
+    would, so that what they check is the package's handling, not a random model's luck.
+
+    With tools listed and a user turn last, it calls the tool the question names (else the first listed), with
+    arguments filled from the question by the tool's JSON schema (integers in the order they appear, strings from
+    quoted text, else the parameter's name; optional parameters left out). After a tool result it answers in plain
+    text; with no tools, a JSON object when the question asks for JSON (its quoted words as keys), else plain text.
+    """
+    turns = TURN.findall(prompt)
+    if not turns:
+        return PLAIN_ANSWER
+    tools = _listed_tools(turns[0][1]) if turns[0][0] == "system" else []
+    last = turns[-1][1]
+    if last.startswith(RESPONSE_MARKERS[0]):
+        return FINAL_ANSWER
+    if not tools and re.search(r"\bJSON\b", last):  # asked for a JSON object with the keys it names
+        return json.dumps({key: key for key in re.findall(r"'(\w+)'", last)})
+    if not tools:
+        return PLAIN_ANSWER
+    tool = next((t for t in tools if re.search(rf"\b{re.escape(t['name'])}\b", last)), tools[0])
+    call = {"name": tool["name"], "arguments": _arguments(tool.get("parameters", {}), last)}
+    return f"{HERMES_MARKERS[0]}\n{json.dumps(call, ensure_ascii=False)}\n{HERMES_MARKERS[1]}"
+
+
+def _listed_tools(system: str) -> list[dict[str, Any]]:
+    """The tools a system turn lists as JSON objects, wherever they are: the fallback prompt's (``{"name",
+    "parameters"...}`` a line) or a template's (``{"type": "function", "function": {...}}``, in ``<tools>`` tags)."""
+    decoder = json.JSONDecoder()
+    tools: list[dict[str, Any]] = []
+    position = system.find("{")
+    while position >= 0:
+        try:
+            listed, end = decoder.raw_decode(system, position)
+        except ValueError:
+            position = system.find("{", position + 1)
+            continue
+        listed = listed.get("function", listed) if isinstance(listed, dict) else None
+        if isinstance(listed, dict) and isinstance(listed.get("name"), str) and "parameters" in listed:
+            tools.append(listed)
+        position = system.find("{", end)
+    return tools
+
+
+def _arguments(schema: dict[str, Any], question: str) -> dict[str, Any]:
+    numbers = iter(int(n) for n in re.findall(r"-?\d+", question))
+    quoted = iter(re.findall(r"'([^']+)'", question))
+    arguments: dict[str, Any] = {}
+    for name in schema.get("required", []):
+        kind = schema.get("properties", {}).get(name, {}).get("type")
+        if kind in ("integer", "number"):
+            arguments[name] = next(numbers, 1)
+        elif kind == "boolean":
+            arguments[name] = True
+        else:
+            arguments[name] = next(quoted, name.replace("_", " "))
+    return arguments

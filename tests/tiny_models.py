@@ -190,6 +190,23 @@ def long_llama_pair() -> tuple[str, str]:
     )
 
 
+SCRIPTED_EXTRA = "你好啊集团こんにちは株式会社"
+"""Characters the standard suite's Unicode tool-call test asks for: a scripted answer can write them."""
+
+
+@functools.cache
+def scripted_pair() -> tuple[str, str]:
+    """The smallest pair the standard suite runs on with scripted answers (``tests/scripted.py``): a 2-layer and a
+    1-layer Llama, 32 wide, with a 4096-token window (tool prompts are long in characters) and the character-level
+    tokenizer extended by :data:`SCRIPTED_EXTRA`."""
+    tok = make_tokenizer(extra=SCRIPTED_EXTRA)
+    root = tiny_dir()
+    return (
+        _save(_llama(len(tok), 2, seed=12, hidden=32, positions=4096), tok, root / "scripted-target"),
+        _save(_llama(len(tok), 1, seed=13, hidden=32, positions=4096), tok, root / "scripted-draft"),
+    )
+
+
 @functools.cache
 def llama3_pair() -> tuple[str, str]:
     """A Llama pair speaking a Llama-3-style tokenizer and chat template (bare JSON tool calls)."""

@@ -158,7 +158,7 @@ def test_lcel_chain_and_message_roles(llm: ChatSpecGuard) -> None:
     history = [
         SystemMessage("sys"),
         HumanMessage("hi"),
-        AIMessage("hello"),
+        AIMessage("hello", tool_calls=[{"name": "echo", "args": {"text": "42"}, "id": "call-1"}]),
         ToolMessage("42", tool_call_id="call-1"),
         HumanMessage("and?"),
     ]

@@ -182,7 +182,7 @@ def message(draw: Any) -> tuple[BaseMessage, bool]:
 @given(messages=st.lists(message(), max_size=5))
 def test_render_prompt_accepts_valid_and_rejects_invalid_messages(messages: list[tuple[BaseMessage, bool]]) -> None:
     model = chat()
-    valid = bool(messages) and all(ok for _, ok in messages)
+    valid = bool(messages) and all(ok for _, ok in messages) and _tool_results_answer_calls([m for m, _ in messages])
     try:
         ids = model.render_prompt([m for m, _ in messages])
     except (ValueError, TypeError):
@@ -193,6 +193,17 @@ def test_render_prompt_accepts_valid_and_rejects_invalid_messages(messages: list
     for m, _ in messages:
         if isinstance(m.content, str) and set(m.content) <= set(CHARS):
             assert m.content in rendered  # text arrives verbatim: never evaluated, never dropped
+
+
+def _tool_results_answer_calls(messages: list[BaseMessage]) -> bool:
+    """The documented rule for tool results: each answers a call of the latest AIMessage before it."""
+    latest: AIMessage | None = None
+    for m in messages:
+        if isinstance(m, AIMessage):
+            latest = m
+        elif isinstance(m, ToolMessage) and (latest is None or not latest.tool_calls):
+            return False  # every call here has the id "call-1", as every result answers
+    return True
 
 
 # --------------------------------------------------------------------------------------------

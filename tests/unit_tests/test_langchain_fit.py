@@ -14,7 +14,7 @@ from langchain_core.tools import tool
 from transformers import AutoModelForCausalLM
 
 from langchain_specguard import ChatSpecGuard, pairs
-from tests.tiny_models import CHATML, llama_pair
+from tests.tiny_models import CHATML, llama_pair, thinking_pair
 
 
 @tool
@@ -124,6 +124,29 @@ def test_profile_is_filled_and_drives_summarization() -> None:
     assert llm.profile["tool_calling"] and not llm.profile["image_inputs"]
     SummarizationMiddleware(model=llm, trigger=("fraction", 0.8), keep=("fraction", 0.3))
     assert ChatSpecGuard().profile["max_input_tokens"] == 32768  # the embedded default, known without loading
+
+
+def test_profile_says_how_much_a_call_can_write_and_whether_it_reasons() -> None:
+    """Origin: issue 29, item 9: the profile lacked ``max_output_tokens`` and ``reasoning_output`` (langchain-core's
+    ``ModelProfile`` fields). A call may write up to the context window, which is the cap ``max_tokens`` meets;
+    whether answers come with their thinking apart is the ``reasoning`` option's, else the chat template's, known
+    once it is read (absent before)."""
+    llm = make_llm()
+    assert llm.profile is not None and llm.profile["max_output_tokens"] == 512  # the window, before loading
+    assert "reasoning_output" not in llm.profile
+    llm.load()
+    assert llm.profile["reasoning_output"] is False  # ChatML opens no think block
+    with pytest.raises(ValueError, match="context window is 512 tokens"):
+        llm.invoke("Hi", max_tokens=llm.profile["max_output_tokens"] + 1)
+    assert make_llm(reasoning=True).profile["reasoning_output"] is True
+    assert make_llm(reasoning=False).profile["reasoning_output"] is False
+    target, draft = thinking_pair()
+    thinking = ChatSpecGuard(model=target, draft_model=draft, max_tokens=8)
+    assert thinking.profile is not None and "reasoning_output" not in thinking.profile
+    thinking.load()
+    assert thinking.profile["reasoning_output"] is True  # its template opens <think>
+    assert thinking.profile["max_output_tokens"] == thinking.profile["max_input_tokens"] == 4096
+    assert ChatSpecGuard().profile["max_output_tokens"] == 32768  # the embedded default, known without loading
 
 
 def test_cache_key_tells_differently_configured_models_apart() -> None:

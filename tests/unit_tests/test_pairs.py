@@ -122,6 +122,111 @@ def test_a_packaged_pair_refuses_a_draft_tokenizer_and_takes_the_rest() -> None:
     assert captured["trust_remote_code"] is False
 
 
+def test_the_embedded_default_takes_device_map_and_model_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29 item 9 (an outside probe saw them dropped): with the embedded default, ``device_map``, ``max_memory``
+    and ``model_kwargs`` reach its loader, which gives them to ``from_pretrained`` for the target (the draft is the
+    target's first layers). What is passed is a copy: the instance's options stay as given."""
+    options = {
+        "device_map": {"": "cpu"},
+        "max_memory": {"cpu": "8GiB"},
+        "model_kwargs": {"attn_implementation": "eager"},
+    }
+    llm = ChatSpecGuard(**options, trust_remote_code=False)
+    captured: dict[str, Any] = {}
+
+    def load_embedded_pair(**kwargs: Any) -> Any:
+        captured.update(kwargs)
+        kwargs["max_memory"]["cpu"] = 8 * 2**30  # as accelerate converts it in place
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(pairs, "load_embedded_pair", load_embedded_pair)
+    with pytest.raises(RuntimeError, match="captured"):
+        llm.load()
+    assert {k: captured[k] for k in options} == {**options, "max_memory": {"cpu": 8 * 2**30}}
+    assert captured["draft_layers"] == pairs.EMBEDDED_DRAFT_LAYERS and captured["trust_remote_code"] is False
+    assert llm.max_memory == {"cpu": "8GiB"}
+
+
+def test_loading_changes_no_option_and_loads_once() -> None:
+    """Origin: issue 29 item 9. accelerate converts ``max_memory``'s sizes in place (``"1GiB"`` becomes
+    1073741824): given the instance's own dict, loading changed the option, hence the loading key, and the next call
+    loaded the whole pair again (seen with the embedded default: its GGUF converted twice). The loaders get copies."""
+    target, _ = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_layers=2, device_map="auto", max_memory={"cpu": "1GiB"}, max_tokens=3)
+    first = llm.load()
+    assert llm.max_memory == {"cpu": "1GiB"} and llm.device_map == "auto"
+    assert llm.invoke("Hi").content is not None
+    assert llm.load() is first  # the same pair: nothing loaded twice
+
+
+@pytest.fixture
+def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pairs, "RETRY_DELAYS", (0.0, 0.0), raising=False)  # a name of the fix
+
+
+def failing(times: int, error: Exception, then: Any) -> tuple[Any, list[int]]:
+    """A loader that raises ``error`` ``times`` times, then does what ``then`` does; and its count of calls."""
+    calls: list[int] = []
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= times:
+            raise error
+        return then(*args, **kwargs)
+
+    return load, calls
+
+
+@pytest.mark.usefixtures("no_waiting")
+def test_max_retries_tries_a_load_that_failed_on_the_network_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Origin: issue 29 item 9: ``max_retries`` was accepted and unused. LangChain users set it for failures that may
+    pass (ChatOpenAI retries a request that could not connect); here that is loading: the Hub or a served target
+    unreachable, a download cut. Such a failure is tried again up to ``max_retries`` times, the models and the
+    tokenizer alone alike; the last failure is raised as it was."""
+    target, draft = llama_pair()
+    cut = ConnectionResetError("the download was cut")
+    load, calls = failing(2, cut, pairs.load_pair)
+    monkeypatch.setattr(pairs, "load_pair", load)
+    llm = ChatSpecGuard(model=target, draft_model=draft, tokenizer=AutoTokenizer.from_pretrained(target), max_retries=2)
+    assert llm.invoke("Hi", max_tokens=3).content is not None and len(calls) == 3
+    assert "loading the models failed (ConnectionResetError: the download was cut); trying again" in caplog.text
+
+    load, calls = failing(2, cut, pairs.load_pair)
+    monkeypatch.setattr(pairs, "load_pair", load)
+    fewer = ChatSpecGuard(
+        model=target, draft_model=draft, tokenizer=AutoTokenizer.from_pretrained(target), max_retries=1
+    )
+    with pytest.raises(ConnectionResetError, match="the download was cut"):
+        fewer.load()
+    assert len(calls) == 2
+    assert fewer.load() is not None and len(calls) == 3  # a later call tries again, and it works
+
+    tokenizer_load, calls = failing(1, TimeoutError("the Hub did not answer"), pairs.load_tokenizer)
+    monkeypatch.setattr(pairs, "load_tokenizer", tokenizer_load)
+    AutoTokenizer.from_pretrained(target).save_pretrained(tmp_path)  # a tokenizer no other instance loads
+    counting = ChatSpecGuard(model=target, draft_model=draft, tokenizer=str(tmp_path), max_retries=1)
+    assert counting.get_num_tokens("Hello") == 5 and len(calls) == 2
+
+
+@pytest.mark.usefixtures("no_waiting")
+@pytest.mark.parametrize(
+    "error",
+    [FileNotFoundError("target_model path '/x' does not exist"), PermissionError("denied"), ValueError("damaged")],
+)
+def test_max_retries_leaves_failures_that_would_come_again(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Issue 29 item 9: a missing or forbidden path, damaged weights or a bad option fail the same way every time:
+    raised at once, whatever ``max_retries`` says."""
+    target, draft = llama_pair()
+    load, calls = failing(1, error, pairs.load_pair)
+    monkeypatch.setattr(pairs, "load_pair", load)
+    llm = ChatSpecGuard(model=target, draft_model=draft, tokenizer=AutoTokenizer.from_pretrained(target), max_retries=3)
+    with pytest.raises(type(error)):
+        llm.load()
+    assert len(calls) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # wrong types name the option
 

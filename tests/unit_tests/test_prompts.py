@@ -306,3 +306,83 @@ def test_a_block_that_is_not_text_is_refused_by_name(block: dict[str, Any], name
     with pytest.raises(ValueError, match=r"a user message has a 'tool_call' content block: only an AIMessage carries"):
         llm.invoke([HumanMessage(content=[{"type": "tool_call", **CALL}])])
     assert llm.invoke("hi").content is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# tool results: each answers a call, a failure reads as one
+
+
+def _ask(call_id: str = "call-1") -> AIMessage:
+    return AIMessage("", tool_calls=[{"name": "lookup", "args": {"country": "France"}, "id": call_id}])
+
+
+@pytest.mark.parametrize(
+    ("history", "why"),
+    [
+        ([HumanMessage("Capital?"), ToolMessage("Paris", tool_call_id="call-1")], "no AIMessage comes before it"),
+        (
+            [HumanMessage("Capital?"), AIMessage("Let me see."), ToolMessage("Paris", tool_call_id="call-1")],
+            "the latest AIMessage before it made no tool calls",
+        ),
+        (
+            [HumanMessage("Capital?"), _ask("call-1"), ToolMessage("Paris", tool_call_id="call-2")],
+            r"the latest AIMessage before it called \['call-1'\]",
+        ),
+        (  # answered once already: the latest AIMessage is a later one, which made no call
+            [HumanMessage("Capital?"), _ask(), ToolMessage("Paris", tool_call_id="call-1"), AIMessage("Paris."),
+             ToolMessage("Paris", tool_call_id="call-1")],
+            "the latest AIMessage before it made no tool calls",
+        ),
+    ],
+)  # fmt: skip
+def test_a_tool_result_that_answers_no_call_is_refused(history: list[BaseMessage], why: str) -> None:
+    """Origin: issue 29, item 9: a ToolMessage without a matching tool call was rendered as if the model had made the
+    call (ChatOpenAI's server refuses it). It is an error that names the id and the calls there are, before anything
+    loads a model, and the instance stays usable."""
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_model=draft, max_tokens=4, seed=0)
+    with pytest.raises(ValueError, match=rf"a ToolMessage answers tool_call_id 'call-\d', but {why}: each ToolMessage"):
+        llm.invoke(history)
+    with pytest.raises(ValueError, match="each ToolMessage must answer a tool call of the latest AIMessage"):
+        llm.get_num_tokens_from_messages(history)
+    assert llm.invoke("hi").content is not None
+
+
+def test_tool_results_answer_any_call_of_the_latest_ai_message() -> None:
+    """Issue 29, item 9: what the check accepts: parallel calls answered in any order, a call written as a v1 content
+    block or a provider's ``tool_use`` block, and an invalid call (a result may tell the model why it failed)."""
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(model=target, draft_model=draft, max_tokens=4, seed=0)
+    parallel = AIMessage("", tool_calls=[{**CALL, "id": "a"}, {**CALL, "id": "b"}])
+    invalid = AIMessage("", invalid_tool_calls=[{"type": "invalid_tool_call", **BAD_CALL}])
+    for answer, ids in [
+        (parallel, ["b", "a"]),
+        (AIMessage(content=[TEXT, {"type": "tool_call", **CALL}]), ["call-1"]),
+        (AIMessage(content=[TEXT, ANTHROPIC_CALL]), [ANTHROPIC_CALL["id"]]),
+        (invalid, [BAD_CALL["id"]]),
+    ]:
+        results = [ToolMessage("Paris", tool_call_id=i) for i in ids]
+        assert llm.render_prompt([HumanMessage("Capital?"), answer, *results])
+
+
+@pytest.mark.parametrize("template", ["fallback prompt", "qwen-style template"])
+def test_a_failed_tool_result_reads_as_an_error(template: str) -> None:
+    """Origin: issue 29, item 9: ``ToolMessage(status="error")`` was rendered as plain content, so the model could not
+    tell a tool's failure from its result. Chat templates have no field for a status; the result now opens with
+    "Error: " (once: LangChain's ToolNode writes its errors as "Error: ..." already), whichever way tool results reach
+    the prompt; a successful result is rendered as before."""
+    target, draft = llama_pair()
+    llm = ChatSpecGuard(
+        model=target, draft_model=draft, chat_template=QWEN_TOOLS if template != "fallback prompt" else None
+    )
+    tools = [convert_to_openai_tool(lookup)]
+
+    def rendered(result: ToolMessage) -> str:
+        ids = llm.render_prompt([HumanMessage("Capital of Atlantis?"), _ask(), result], tools)
+        return str(llm.load().tokenizer.decode(ids))
+
+    assert "Error: no such country" in rendered(ToolMessage("no such country", tool_call_id="call-1", status="error"))
+    plain = rendered(ToolMessage("no such country", tool_call_id="call-1"))
+    assert "no such country" in plain and "Error:" not in plain
+    once = rendered(ToolMessage("Error: KeyError('Atlantis')", tool_call_id="call-1", status="error"))
+    assert once.count("Error:") == 1

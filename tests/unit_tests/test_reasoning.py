@@ -218,21 +218,23 @@ def test_past_reasoning_reaches_only_templates_that_read_it() -> None:
     thinking = make_llm()
     plain = make_llm(chat_template=CHATML)
     tokenizer = thinking.load().tokenizer
-    v0 = AIMessage("Let me count.", additional_kwargs={"reasoning_content": "Count them."})
+    call = {"name": "count", "args": {"what": "apples"}, "id": "call-1"}
+    v0 = AIMessage("Let me count.", tool_calls=[call], additional_kwargs={"reasoning_content": "Count them."})
     v1 = AIMessage(
         [{"type": "reasoning", "reasoning": "Count them."}, {"type": "text", "text": "Let me count."}],
+        tool_calls=[call],
         response_metadata={"output_version": "v1"},
     )
     for past in (v0, v1):
         loop = [HumanMessage("How many apples?"), past, ToolMessage("4", tool_call_id="call-1")]
         rendered = tokenizer.decode(thinking.render_prompt(loop))
-        assert "<think>\nCount them.\n</think>\n\nLet me count.<|im_end|>\n<|im_start|>user\n<tool_" in rendered
+        assert "<think>\nCount them.\n</think>\n\nLet me count.<tool_call>\n" in rendered
         rendered = tokenizer.decode(plain.render_prompt(loop))
-        assert "Count them." not in rendered and "assistant\nLet me count.<|im_end|>" in rendered
+        assert "Count them." not in rendered and "assistant\nLet me count.\n<tool_call>\n" in rendered
         # an earlier turn's thinking: the template drops it itself
         turns = [HumanMessage("How many apples?"), past, HumanMessage("And pears?")]
         rendered = tokenizer.decode(thinking.render_prompt(turns))
-        assert "Count them." not in rendered and "assistant\nLet me count.<|im_end|>" in rendered
+        assert "Count them." not in rendered and "assistant\nLet me count.<tool_call>\n" in rendered
 
 
 def test_reasoning_false_leaves_thinking_in_the_content() -> None:

@@ -159,3 +159,48 @@ def test_a_server_that_is_not_there_is_named_at_the_first_call() -> None:
     llm = chat(url, target_server_options={"retries": 0})  # built without asking the server
     with pytest.raises(ServedConnectionError, match=f"served target {url}: cannot connect"):
         llm.invoke("Hello")
+
+
+def test_max_retries_waits_for_a_served_target_that_is_still_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Origin: issue 29 item 9 (``max_retries`` was accepted and unused). A served target that is not up yet when the
+    first call loads (a server started beside the app, still loading its weights) refuses the connection; with
+    ``max_retries`` the load is tried again, and the call goes through once the server answers. The server here
+    starts right after the first refusal."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from langchain_specguard import pairs
+    from langchain_specguard.engine.served import ServedConnectionError
+    from tests.served_server import free_port
+
+    monkeypatch.setattr(pairs, "RETRY_DELAYS", (0.0, 0.0), raising=False)
+    port = free_port()
+    stand_in = served_model()
+    servers: list[ThreadingHTTPServer] = []
+    real = pairs.load_served_pair
+
+    def load_served_pair(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(*args, **kwargs)
+        except ServedConnectionError:
+            if not servers:  # the server comes up after the first refusal
+                servers.append(ThreadingHTTPServer(("127.0.0.1", port), stand_in.handler()))
+                threading.Thread(target=servers[0].serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+            raise
+
+    monkeypatch.setattr(pairs, "load_served_pair", load_served_pair)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        with pytest.raises(ServedConnectionError, match="cannot connect"):
+            chat(url, target_server_options={"retries": 0}).invoke("Hello")  # max_retries=0: the refusal is raised
+        assert servers  # and the server is up now, for a fresh model that asks again
+        servers[0].shutdown()
+        servers[0].server_close()
+        servers.clear()
+        llm = chat(url, target_server_options={"retries": 0}, max_retries=2)
+        assert llm.invoke("Hello").content is not None
+        assert len(servers) == 1 and stand_in.completion_requests
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -305,6 +305,27 @@ def test_langsmith_params_follow_per_call_overrides() -> None:
     assert self_spec._get_ls_params()["specguard_draft"] == f"{target} (first 1 layers)"
 
 
+def test_langsmith_stop_is_every_stop_sequence_the_call_stops_at() -> None:
+    """Issue 29 item 9: a constructor ``stop`` never reached ``ls_stop`` (only a per-call one did), although the call
+    stops at both, as ChatOllama reports its own ``stop``."""
+    assert "ls_stop" not in make_llm()._get_ls_params()
+    model = make_llm(stop=["\n\n"])
+    assert model._get_ls_params()["ls_stop"] == ["\n\n"]
+    assert model._get_ls_params(stop=["END"])["ls_stop"] == ["\n\n", "END"]
+    assert make_llm()._get_ls_params(stop=["END"])["ls_stop"] == ["END"]
+
+    class Metadata(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.seen: list[dict[str, Any]] = []
+
+        def on_chat_model_start(self, *args: Any, metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            self.seen.append(metadata or {})
+
+    handler = Metadata()
+    model.bind(stop=["END"]).invoke("Hi", config={"callbacks": [handler]})  # what a LangSmith run records
+    assert handler.seen[-1]["ls_stop"] == ["\n\n", "END"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the stats handler
 
