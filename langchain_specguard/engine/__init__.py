@@ -5,7 +5,7 @@ layer needs from the engine is named here.
 """
 
 from .calibration import ThresholdCalibrator
-from .decoding import generate, generate_steps, threshold_calibrator, warm_up
+from .decoding import generate, generate_steps, prepare, threshold_calibrator, warm_up
 from .events import EVENT_VERSION, GenerationResult, StepEvent, step_totals, summarize
 from .loading import (
     GEMMA_CHAT_TEMPLATE,
@@ -70,6 +70,7 @@ __all__ = [
     "load_served_pair",
     "marker_calls",
     "may_open_thought",
+    "prepare",
     "resolve_dtype",
     "score_layers",
     "select_consistent",

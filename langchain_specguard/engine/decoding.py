@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from .calibration import ThresholdCalibrator
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .generation import AgreementRate, Generation, seeded_generator
-from .loading import ModelPair, decode
+from .loading import ModelPair, decode, progress
 from .options import CallOptions
 from .params import SpecGuardParams
 from .propose import Proposal, propose
@@ -260,6 +260,17 @@ def generate_steps(
                 return
     finally:
         ticket.cancel()
+
+
+def prepare(pair: ModelPair, params: SpecGuardParams) -> None:
+    """Build now what a first call with ``params`` would otherwise build before its first token: the pair's runtime
+    pool and the draft's view for the call's shape (on a CPU, its int8 layers and frequent-token head: about a
+    second for the embedded Gemma, more for larger drafts). Nothing is decoded; later calls find them built."""
+    params = params.on_device(pair.device)
+    pool = RuntimePool.for_pair(pair)
+    shape = pool.shape(params, 1, min(params.step_cap, params.max_tokens), pair.device)
+    with progress("preparing the draft for this device"):
+        pool.draft_view_for(shape.head, shape.int8)
 
 
 def warm_up(
