@@ -36,7 +36,6 @@ from .engine import (
     ThresholdCalibrator,
     check_served_params,
     generate_steps,
-    prepare,
     score_layers,
     threshold_calibrator,
 )
@@ -237,7 +236,6 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
             if profile != self.profile:
                 self.profile = profile
         self._check_score_layers()
-        prepare(pair, self.engine_params())  # the draft's device views now, not in the first call's time
 
     def engine_params(self, **overrides: Any) -> SpecGuardParams:
         """This model's decoding parameters with per-call overrides, validated."""

@@ -21,6 +21,7 @@ from langchain_core.runnables import RunnableLambda
 
 from ..callbacks import SpecGuardCallbackHandler
 from ..chat_models import ChatSpecGuard
+from ..engine import prepare
 from .fewshot import DEFAULT_QUESTION, TERMINATOR, chat_messages, trim_to_answer
 
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         pair=args.pair, decision=args.decision, max_tokens=args.max_tokens, stop_sequences=[TERMINATOR], **options
     )
     pair = llm.load()
+    prepare(pair, llm.engine_params())  # the draft's device views (int8 on a CPU): loading, not the call's time
     draft = f"its first {pair.draft_layers} layers" if pair.draft_layers else llm.draft_name
     print(f"loaded {llm.model_name} (draft: {draft}) in {time.perf_counter() - started:.1f} s")
 

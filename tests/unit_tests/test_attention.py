@@ -86,7 +86,9 @@ def test_sliding_window_layers_match_transformers() -> None:
             runner = _runner(model, growable)
             runner.prefill(0, tokens[:-5], 0)
             logits = runner.forward([tokens[-5:]], [len(tokens) - 5])[0]
-            assert torch.allclose(logits, reference[-5:], atol=1e-10)
+            # Gemma 3's RMSNorm computes in float32 even in a float64 model, so the view's CPU linear layers (another
+            # summation order, 1e-16 apart) reach the logits about 1e-7 apart; a wrong window moves them by 1e-2
+            assert torch.allclose(logits, reference[-5:], atol=1e-6)
 
 
 def test_views_leave_the_callers_model_alone() -> None:

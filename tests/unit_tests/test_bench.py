@@ -80,7 +80,8 @@ def test_a_planted_pair_writes_its_map_and_set_agreement_moves_only_the_draft(mo
     for _ in range(6):
         token = int(pair.target_map[token])
         expected.append(token)
-    params = SpecGuardParams(max_tokens=6, max_step_tokens=3, seed=0)
+    # the planted draft as planted: no int8 layers or frequent-token head (a CPU's defaults), which would re-point it
+    params = SpecGuardParams(max_tokens=6, max_step_tokens=3, seed=0, draft_int8=False, draft_vocab=1 << 20)
     agreeing = generate(pair, prompt, params)
     assert agreeing.token_ids == expected and all(s.accepted for s in agreeing.steps)
 
