@@ -10,6 +10,7 @@ its key.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import weakref
@@ -122,8 +123,13 @@ def context_window_of(spec: Any, hub: Mapping[str, Any] | None = None) -> int | 
         return None  # neither local nor reachable, or unreadable: filled in when the model loads
 
 
-def model_profile(max_input_tokens: int | None) -> ModelProfile:
-    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model."""
+def model_profile(max_input_tokens: int | None, served: bool = False) -> ModelProfile:
+    """What profile-driven LangChain code (e.g. SummarizationMiddleware, create_agent's choice of a structured-output
+    strategy) needs to know about this model.
+
+    ``structured_output``: native schema-constrained decoding (``response_format``, ``method="json_schema"``), when
+    the grammar library (the ``structured`` extra) is installed and the target is local (a served target chooses
+    its tokens without the mask); otherwise ``create_agent`` answers through a tool call, which works everywhere."""
     return ModelProfile(
         max_input_tokens=max_input_tokens,  # type: ignore[typeddict-item]
         open_weights=True,
@@ -136,7 +142,7 @@ def model_profile(max_input_tokens: int | None) -> ModelProfile:
         tool_calling=True,
         tool_choice=True,
         tool_call_streaming=True,
-        structured_output=False,  # no native structured output: with_structured_output and agents use a tool call
+        structured_output=not served and importlib.util.find_spec("llguidance") is not None,
     )
 
 

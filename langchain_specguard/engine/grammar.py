@@ -92,12 +92,24 @@ class Grammar:
         return cls.json_schema({"type": "object"}, name="any JSON object")
 
     @classmethod
+    def lark(cls, text: str, name: str) -> Grammar:
+        """A grammar in llguidance's Lark syntax (JSON values inside it: :func:`json_rule`), e.g. an answer that is
+        either a JSON object or tool calls."""
+        return cls._checked(library().LLMatcher.grammar_from_lark(text), name)
+
+    @classmethod
     def _checked(cls, text: str, label: str) -> Grammar:
         lib = library()
         failed, messages = lib.LLMatcher.validate_grammar_with_warnings(text, None)
         if failed:
             raise ValueError(f"{label} cannot be used for constrained decoding: {messages[0]}")
         return cls(text=text, name=label)
+
+
+def json_rule(schema: Mapping[str, Any]) -> str:
+    """A Lark item (llguidance's ``%json``) for JSON values that validate against ``schema``, closed and written as
+    :data:`JSON_FORMAT` says (a schema's own ``x-guidance`` wins)."""
+    return "%json " + json.dumps({"x-guidance": JSON_FORMAT, **closed(schema)})
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
@@ -172,7 +184,8 @@ class _TokenTable:
 
     def __call__(self, text: str) -> list[int]:
         ids: list[int] = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        faithful = all(0 <= t < len(self.tokens) for t in ids) and b"".join(self.tokens[t] for t in ids) == text.encode()
+        known = all(0 <= t < len(self.tokens) for t in ids)
+        faithful = known and b"".join(self.tokens[t] for t in ids) == text.encode()
         return ids if faithful or self.fallback is None else self.fallback(text)
 
 
