@@ -167,13 +167,14 @@ def response_schema(response_format: Any) -> tuple[dict[str, Any] | None, str] |
             f"{{'type': 'json_object'}}, {{'type': 'text'}}, a pydantic model or a TypedDict; got {response_format!r}"
         )
     given, name = found
-    compiled_schema(json.dumps(given if given is not None else {"type": "object"}, sort_keys=True), name)
+    compiled_schema(json.dumps(given if given is not None else {"type": "object"}), name)
     return found
 
 
 @functools.lru_cache(maxsize=64)
 def compiled_schema(schema: str, name: str) -> Grammar:
-    """The grammar of a JSON schema (given as its JSON text: hashable), compiled once per schema."""
+    """The grammar of a JSON schema (given as its JSON text: hashable), compiled once per schema. The text keeps the
+    schema's key order: the grammar writes an object's properties in the order the schema names them."""
     return Grammar.json_schema(json.loads(schema), name=name)
 
 
@@ -186,7 +187,7 @@ def response_grammar(response_format: Any, tools: Sequence[dict[str, Any]] | Non
     schema, name = found
     answer = schema if schema is not None else {"type": "object"}
     if not tools:
-        return compiled_schema(json.dumps(answer, sort_keys=True), name)
+        return compiled_schema(json.dumps(answer), name)
     names = ", ".join(tool["function"]["name"] for tool in tools)
     rules = ["start: answer | calls", f"answer: {json_rule(answer)}", fmt.calls_rule(tools)]
     return Grammar.lark("\n".join(rules), f"{name} or a call of {names}")

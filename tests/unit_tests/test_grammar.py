@@ -153,7 +153,9 @@ def test_pairs_whose_rows_differ_stay_exact(more: str) -> None:
 @pytest.mark.parametrize("kind", ["llama", "bpe"])
 @pytest.mark.parametrize("threshold", [1.5, 0.5, -1.0])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_every_output_validates_whatever_the_steps_and_sampling(kind: str, threshold: float, temperature: float) -> None:
+def test_every_output_validates_whatever_the_steps_and_sampling(
+    kind: str, threshold: float, temperature: float
+) -> None:
     """Accepted draft steps, the target's fallback tokens and speculation rounds, greedy or sampled (with top-k and
     a repetition penalty too): every output is a complete ``Person``."""
     p = pair(kind)
@@ -245,7 +247,7 @@ def test_a_served_target_or_an_open_think_block_is_refused_before_anything_runs(
     p = pair("llama")
     with ServedTarget("http://127.0.0.1:9/v1", model="m") as served:  # (never contacted)
         remote = dataclasses.replace(p, target=None, served=served)
-        with pytest.raises(ValueError, match="needs a local target: the target served at http://127.0.0.1:9/v1"):
+        with pytest.raises(ValueError, match=r"needs a local target: the target served at http://127\.0\.0\.1:9/v1"):
             constrained(remote, params(), CallOptions(grammar=GRAMMAR))
     thinking = params(reasoning_markers=("<think>", "</think>"))
     with pytest.raises(ValueError, match="opened a think block"):
