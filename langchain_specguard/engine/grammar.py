@@ -25,6 +25,7 @@ The library is an optional dependency (the ``structured`` extra) imported here o
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -262,22 +263,40 @@ def masks(cursors: Sequence[Cursor]) -> torch.Tensor:
 
 def unpack(bitmask: torch.Tensor, width: int) -> torch.Tensor:
     """Bool masks ``[..., width]`` of ``int32`` bitmasks ``[..., words]`` (on their device, no host read): token ``t``
-    is allowed when bit ``t % 32`` of word ``t // 32`` is set; tokens past the bitmask's words are not allowed."""
-    shifts = torch.arange(BITS, dtype=torch.int32, device=bitmask.device)
-    bits = ((bitmask[..., None] >> shifts) & 1).bool().flatten(-2)
+    is allowed when bit ``t % 32`` of word ``t // 32`` is set; tokens past the bitmask's words are not allowed.
+
+    Read a byte at a time (bit ``t % 8`` of byte ``t // 8`` on a little-endian machine), which moves a quarter of the
+    memory that shifting whole words does: at Gemma 3's 262,144 tokens this runs once per masked logits row."""
+    if sys.byteorder == "little":
+        units = bitmask.contiguous().view(torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    else:
+        units, shifts = bitmask, torch.arange(BITS, dtype=torch.int32, device=bitmask.device)
+    bits = ((units[..., None] >> shifts) & 1).bool().flatten(-2)
     if bits.shape[-1] >= width:
         return bits[..., :width]
     return torch.nn.functional.pad(bits, (0, width - bits.shape[-1]))
 
 
-def constrain(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """``logits [..., V]`` with the tokens ``bitmask [..., words]`` does not allow at ``-inf``.
+def fit(bitmask: torch.Tensor, width: int) -> torch.Tensor:
+    """``bitmask [..., words]`` for logits of ``width`` columns: cut or zero-padded to ``ceil(width / 32)`` words, the
+    bits past ``width`` cleared, and a row left with no allowed token allowing every one (everything the grammar
+    allows there lies past this model's rows, e.g. a draft with fewer output rows than the tokenizer has tokens: the
+    target judges whatever it proposes). Cheap: it reads words, not tokens."""
+    words = (width + BITS - 1) // BITS
+    if bitmask.shape[-1] >= words:
+        out = bitmask[..., :words].clone()
+    else:
+        out = torch.nn.functional.pad(bitmask, (0, words - bitmask.shape[-1]))
+    if width % BITS:
+        out[..., -1] &= (1 << (width % BITS)) - 1
+    empty = (out == 0).all(dim=-1, keepdim=True)
+    return torch.where(empty, torch.full_like(out, -1), out)
 
-    A row that would be left with no token (everything the grammar allows there lies past this model's rows, e.g. a
-    draft with fewer output rows than the tokenizer has tokens) is left as it is: the target judges what it proposes.
-    """
-    allowed = unpack(bitmask.to(logits.device), logits.shape[-1])
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+
+def constrain(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits [..., V]`` with the tokens ``bitmask [..., words]`` does not allow at ``-inf`` (see :func:`fit`)."""
+    allowed = unpack(fit(bitmask.to(logits.device), logits.shape[-1]), logits.shape[-1])
     return logits.masked_fill(~allowed, float("-inf"))
 
 

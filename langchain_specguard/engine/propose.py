@@ -85,7 +85,7 @@ def propose(runtime: Runtime, gens: list[Generation]) -> dict[int, Proposal]:
         constrained = {g.slot: cursors[g.slot] for g in going if g.slot in cursors}
         n = min(runtime.chunk, max(g.limit - before for g in going))
         decode(draft, constrained, n, record=record)
-        fresh = draft.read_decoded([g.slot for g in going], before)  # the only host read of the chunk
+        fresh = draft.read_decoded([g.slot for g in going], before)  # one host read a chunk (a grammar: one a token)
         stopped = []
         for gen in going:
             usable = max(0, gen.limit - before)  # never past its own limit, however long the batch decodes

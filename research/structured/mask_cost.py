@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from langchain_core.messages import HumanMessage
 from pydantic import BaseModel, Field
 
 from langchain_specguard import ChatSpecGuard
@@ -104,6 +105,11 @@ def run(llm: ChatSpecGuard, prompt: list[int], threshold: float, constrained: bo
         "steps": len(result.steps),
         "seconds": result.seconds,
         "ms_per_token": 1000 * result.seconds / max(tokens, 1),
+        "phase_ms_per_token": {
+            phase: 1000 * sum(getattr(step, f"{phase}_seconds") for step in result.steps) / max(tokens, 1)
+            for phase in ("draft", "verify", "target")
+        },
+        "accepted_share": result.summary["accepted_share"],
         "grammar_ms_per_token": {k: 1000 * v / max(tokens, 1) for k, v in timer.seconds.items()},
         "text": result.text,
     }
@@ -120,7 +126,7 @@ def main() -> None:
     started = time.perf_counter()
     pair = llm.load()
     print(f"loaded the embedded pair in {time.perf_counter() - started:.1f} s")
-    prompt = llm.render_prompt([("human", PROMPT)])  # type: ignore[list-item]
+    prompt = llm.render_prompt([HumanMessage(PROMPT)])
     started = time.perf_counter()
     grammar_tokenizer(pair.tokenizer, pair.eos_token_ids)
     print(f"grammar tokenizer (once per process): {time.perf_counter() - started:.2f} s")
