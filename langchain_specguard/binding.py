@@ -167,8 +167,16 @@ def response_schema(response_format: Any) -> tuple[dict[str, Any] | None, str] |
             f"{{'type': 'json_object'}}, {{'type': 'text'}}, a pydantic model or a TypedDict; got {response_format!r}"
         )
     given, name = found
-    compiled_schema(json.dumps(given if given is not None else {"type": "object"}), name)
+    compiled_schema(schema_text(given if given is not None else {"type": "object"}), name)
     return found
+
+
+def schema_text(schema: dict[str, Any]) -> str:
+    """A JSON schema as JSON text (the compiled grammars' cache key), or a ValueError saying it is not JSON."""
+    try:
+        return json.dumps(schema)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the response_format schema is not JSON: {error}") from error
 
 
 @functools.lru_cache(maxsize=64)
@@ -187,10 +195,25 @@ def response_grammar(response_format: Any, tools: Sequence[dict[str, Any]] | Non
     schema, name = found
     answer = schema if schema is not None else {"type": "object"}
     if not tools:
-        return compiled_schema(json.dumps(answer), name)
+        return compiled_schema(schema_text(answer), name)
     names = ", ".join(tool["function"]["name"] for tool in tools)
-    rules = ["start: answer | calls", f"answer: {json_rule(answer)}", fmt.calls_rule(tools)]
+    rules = ["start: answer | calls", f"answer: {json_rule(answer)}", fmt.calls_rule(constrainable(tools))]
     return Grammar.lark("\n".join(rules), f"{name} or a call of {names}")
+
+
+def constrainable(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``tools`` with any arguments schema the grammar library cannot compile (a keyword it does not implement, such
+    as ``not``) loosened to any JSON object: such a tool can still be called, and its calls are checked against its
+    schema as every call is (a broken draft call rejected, a broken final call an ``invalid_tool_call``)."""
+    out = []
+    for tool in tools:
+        parameters = tool["function"].get("parameters") or {"type": "object", "properties": {}}
+        try:
+            compiled_schema(schema_text(parameters), tool["function"]["name"])
+        except ValueError:
+            tool = {**tool, "function": {**tool["function"], "parameters": {"type": "object"}}}
+        out.append(tool)
+    return out
 
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -213,7 +213,9 @@ def test_response_format_per_call_in_every_shape_and_bad_ones_named() -> None:
 def test_a_schema_the_grammar_library_cannot_compile_fails_at_bind_time_and_the_model_stays_usable() -> None:
     llm = scripted("Oslo.", max_tokens=60)
     bad = {"title": "Broken", "type": "object", "properties": {"when": {"type": "string", "pattern": "(unclosed"}}}
-    with pytest.raises(ValueError, match=r"(?s)JSON schema 'Broken' cannot be used for constrained decoding: .*unclosed"):
+    with pytest.raises(
+        ValueError, match=r"(?s)JSON schema 'Broken' cannot be used for constrained decoding: .*unclosed"
+    ):
         llm.with_structured_output(bad, method="json_schema")
     with pytest.raises(ValueError, match="cannot be used for constrained decoding"):
         llm.bind_tools([echo], response_format={"type": "json_schema", "json_schema": {"name": "B", "schema": bad}})
@@ -278,3 +280,43 @@ def test_create_agent_takes_the_provider_strategy_natively_with_and_without_tool
         assert isinstance(messages[2], ToolMessage) and messages[2].content == "Paris"
         assert state["structured_response"] == Capital(number=1, city="Paris")
         assert messages[-1].tool_calls == []
+
+
+def test_the_answer_or_calls_grammar_reads_both_in_each_call_format() -> None:
+    """With tools bound, ``response_format``'s grammar is the JSON answer or calls of the tools as the model's format
+    writes them (several hermes blocks; JSON calls after ``"; "``), arguments held to each tool's schema; a tool
+    whose schema the library cannot compile (``not``) is loosened to any object there (its calls are still checked
+    against the schema, as every call is)."""
+    from langchain_specguard.binding import response_grammar
+    from langchain_specguard.engine.grammar import GrammarState
+    from langchain_specguard.tools import HERMES, JSON_CALLS
+    from tests.tiny_models import make_tokenizer
+
+    odd = {
+        "type": "function",
+        "function": {
+            "name": "odd",
+            "description": "d",
+            "parameters": {"type": "object", "properties": {"x": {"not": {}}}},
+        },
+    }
+    tools = [convert_to_openai_tool(echo), odd]
+    tokenizer = make_tokenizer()
+
+    def reads(grammar: Any, text: str) -> bool:
+        cursor = GrammarState(grammar, tokenizer, frozenset({tokenizer.eos_token_id})).cursor()
+        cursor.push(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return not cursor.ended and cursor.matcher.is_accepting()
+
+    hermes = response_grammar(Pick, tools, HERMES)
+    assert hermes is not None and hermes.name == "Pick or a call of echo, odd"
+    assert reads(hermes, '{"number": 7, "city": "Oslo"}')
+    assert reads(hermes, call_block("echo", {"text": "hi"}) + "\n" + call_block("odd", {"x": [1]}))
+    assert not reads(hermes, call_block("echo", {"text": 3}))  # against echo's schema
+    assert not reads(hermes, '{"number": 7, "city": "Rome"}')
+    assert not reads(hermes, "Oslo.")
+    as_json = response_grammar(Pick, tools, JSON_CALLS)
+    assert as_json is not None
+    assert reads(as_json, '{"name": "echo", "parameters": {"text": "hi"}}; {"name": "odd", "parameters": {}}')
+    assert reads(as_json, '{"number": 7, "city": "Paris"}')
+    assert not reads(as_json, call_block("echo", {"text": "hi"}))  # hermes blocks are not this format's calls
