@@ -82,9 +82,9 @@ class SchemaProcessor(LogitsProcessor):
         assert self.matcher.consume_tokens(generated[self.consumed :])
         self.consumed = len(generated)
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool)
+        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
         width = min(len(bits), scores.shape[-1])
-        allowed[:width] = torch.from_numpy(bits[:width].astype(bool))
+        allowed[:width] = torch.from_numpy(bits[:width].astype(bool)).to(scores.device)
         return scores.masked_fill(~allowed, float("-inf"))  # type: ignore[return-value]
 
 
