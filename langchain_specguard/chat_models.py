@@ -25,7 +25,7 @@ from pydantic import AliasChoices, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from transformers import PreTrainedModel
 
-from .binding import ToolRequest, openai_tools, structured_output, tool_binding
+from .binding import JSON_STEP_DELIMITERS, ToolRequest, openai_tools, structured_output, tool_binding
 from .callbacks import TracedChatModel, langsmith_params
 from .engine import (
     PARAM_FIELDS,
@@ -173,7 +173,9 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         """A valid instance holds its pair from now on (see :class:`~.pairs.PairSource`); its profile says what is
         known before loading."""
         if self.profile is None:
-            self.profile = model_profile(self.known_context_window(), self.reasoning)
+            self.profile = model_profile(
+                self.known_context_window(), self.reasoning, served=self.target_url is not None
+            )
         return self._hold()
 
     # ------------------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         template thinks), where it was not known."""
         if self.profile is not None:
             thinks = self.template_profile().thinks(self.reasoning, self.reasoning_markers)
-            learnt = model_profile(self.known_context_window(), thinks)
+            learnt = model_profile(self.known_context_window(), thinks, served=self.target_url is not None)
             profile = self.profile.copy()
             for key in LEARNT_AT_LOADING:
                 if profile.get(key) is None and learnt.get(key) is not None:
@@ -317,6 +319,8 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
             raise ValueError(f"stop sequences must be non-empty strings, got {stops!r}")
         pair, profile = self.load(), self.template_profile()
         setup = asked.setup(profile.tool_format, self.tool_call_markers, kwargs)
+        if setup.grammar is not None:  # a JSON answer's steps end at its items too (see JSON_STEP_DELIMITERS)
+            kwargs.setdefault("step_delimiters", [*self.step_delimiters, *JSON_STEP_DELIMITERS])
         params = self.engine_params(**kwargs)
         markers = params.reasoning_markers
         request = PromptRequest(setup.tools, setup.prefix, variables, markers, profile.thinks(reasoning, markers))
@@ -342,6 +346,7 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
             calibrator=calibrator,  # "auto" learns within the call, unless calibrate() passes one across prompts
             timeout=self.timeout,
             max_batch_size=self.max_batch_size,
+            grammar=setup.grammar,
         )
         steps = generate_steps(call.pair, call.prompt, call.params, options)
         try:
@@ -433,14 +438,19 @@ class ChatSpecGuard(TracedChatModel, PairSource, SpecGuardParams):
         method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
-        """Structured output through a forced call of the schema's own tool (pydantic, TypedDict or JSON schema).
+        """Structured output (a pydantic model, ``pydantic.v1`` model, TypedDict or JSON schema).
 
-        Every ``method`` answers the same way: the schema is bound as the only tool and the answer starts
-        inside a call that names it, so the model writes the arguments, which are checked against the
-        schema step by step. The parsed object is validated once more; when the model wrote no usable
-        call, the error says why (``parsing_error`` with ``include_raw=True``, else an
-        ``OutputParserException``), never a silent ``None``. ``json_mode`` without a schema returns the
-        JSON object the answer is, as a dict (the prompt should ask for JSON, as with other chat models).
+        ``method="json_schema"``: native, as ChatOpenAI's and ChatOllama's: decoding is constrained to the schema (every
+        token the draft proposes and every token the target writes is masked by its grammar; needs the
+        ``structured`` extra), so the answer always parses; a stream yields the object growing field by field.
+        ``"json_mode"``: the same, to the schema when one is given, else to any JSON object (returned as a dict).
+        Objects that do not say ``additionalProperties`` are closed to the keys they name. A schema the grammar
+        library cannot compile is refused here, naming the problem.
+        ``"function_calling"`` (the default): the schema is bound as the only tool and the answer starts inside a
+        call that names it, so the model writes the arguments, which are checked against the schema step by step.
+        Either way a pydantic model gives an instance of itself, anything else a dict; when the model wrote no usable
+        answer (a budget that ran out mid-object, no call), the error says why (``parsing_error`` with
+        ``include_raw=True``, else an ``OutputParserException``), never a silent ``None``.
         """
         strict = kwargs.pop("strict", None)
         if kwargs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import logging
 import os
 import threading
@@ -170,13 +171,19 @@ def context_window_of(spec: Any, hub: Mapping[str, Any] | None = None) -> int | 
         return None  # neither local nor reachable, or unreadable: filled in when the model loads
 
 
-def model_profile(max_input_tokens: int | None, reasoning_output: bool | None = None) -> ModelProfile:
-    """What profile-driven LangChain code (e.g. SummarizationMiddleware) needs to know about this model.
+def model_profile(
+    max_input_tokens: int | None, reasoning_output: bool | None = None, *, served: bool = False
+) -> ModelProfile:
+    """What profile-driven LangChain code (e.g. SummarizationMiddleware, create_agent's choice of a structured-output
+    strategy) needs to know about this model.
 
     A call may write up to the whole context window (``max_tokens`` is capped by it, and by what the prompt leaves),
     so ``max_output_tokens`` is the window too. ``reasoning_output``: whether answers come with their thinking
     apart (a ``reasoning`` block), known from the ``reasoning`` option or, once loaded, the chat template; absent
-    while unknown, as is any value not known yet.
+    while unknown, as is any value not known yet. ``structured_output``: native schema-constrained decoding
+    (``response_format``, ``method="json_schema"``), when the grammar library (the ``structured`` extra) is
+    installed and the target is local (a served target chooses its tokens without the mask); otherwise
+    ``create_agent`` answers through a tool call, which works everywhere.
     """
     profile = ModelProfile(
         max_input_tokens=max_input_tokens,  # type: ignore[typeddict-item]
@@ -190,7 +197,7 @@ def model_profile(max_input_tokens: int | None, reasoning_output: bool | None = 
         tool_calling=True,
         tool_choice=True,
         tool_call_streaming=True,
-        structured_output=False,  # no native structured output: with_structured_output and agents use a tool call
+        structured_output=not served and importlib.util.find_spec("llguidance") is not None,
     )
     if max_input_tokens is not None:
         profile["max_output_tokens"] = max_input_tokens

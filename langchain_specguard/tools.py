@@ -37,6 +37,7 @@ from langchain_core.messages import InvalidToolCall, ToolCall
 from langchain_core.messages.tool import invalid_tool_call, tool_call
 
 from .engine import json_region, marker_calls
+from .engine.grammar import json_rule
 
 ToolCallStyle = Literal["hermes", "json"]
 HERMES_MARKERS: tuple[str, str] = ("<tool_call>", "</tool_call>")
@@ -385,6 +386,12 @@ class ToolFormat(ABC):
         """The start of an answer that must be a call: of tool ``name``, or of any tool (``any_call``)."""
 
     @abstractmethod
+    def calls_rule(self, tools: Sequence[Mapping[str, Any]]) -> str:
+        """Lark rules (llguidance's syntax) that define ``calls``: one or more calls of ``tools`` (OpenAI format) as
+        this format writes them, each one's arguments held to its tool's schema. Schema-constrained decoding with
+        tools bound (``response_format``) allows an answer that is the JSON response or these calls."""
+
+    @abstractmethod
     def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
         """An assistant turn's ``content`` and its ``calls`` (``{"name", "arguments"}``) as the model writes them."""
 
@@ -449,6 +456,10 @@ class MarkerFormat(ToolFormat):
         # the answer starts inside a block (and names the tool)
         return self.markers[0] + "\n" + (f'{{"name": {json.dumps(name)}, "arguments": ' if name else "")
 
+    def calls_rule(self, tools: Sequence[Mapping[str, Any]]) -> str:
+        opening, closing = (json.dumps(marker) for marker in (self.markers[0] + "\n", "\n" + self.markers[1]))
+        return f'calls: call ("\\n" call)*\ncall: {opening} {json_rule(call_schema(tools, "arguments"))} {closing}'
+
     def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
         opening, closing = self.markers
         blocks = [f"{opening}\n{json.dumps(dict(call), ensure_ascii=False)}\n{closing}" for call in calls]
@@ -494,6 +505,9 @@ class JsonFormat(ToolFormat):
             return f'{{"name": {json.dumps(name)}, "parameters": '
         return '{"name": "' if any_call else ""  # the answer is a call; the model names the tool
 
+    def calls_rule(self, tools: Sequence[Mapping[str, Any]]) -> str:
+        return f'calls: call ("; " call)*\ncall: {json_rule(call_schema(tools, "parameters"))}'
+
     def render_calls(self, content: str, calls: Sequence[Mapping[str, Any]]) -> str:
         written = "; ".join(
             json.dumps({"name": call.get("name"), "parameters": call.get("arguments")}, ensure_ascii=False)
@@ -511,6 +525,22 @@ class JsonFormat(ToolFormat):
 
     def step_calls(self, text: str) -> list[ToolCall | InvalidToolCall]:
         return json_value_calls(text.strip())  # the engine hands over exactly one balanced JSON value
+
+
+def call_schema(tools: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """The JSON schema of one call of any of ``tools`` (OpenAI format): ``{"name": <its name>, key: <arguments>}``."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": tool["function"]["name"]},
+                key: tool["function"].get("parameters") or {"type": "object", "properties": {}},
+            },
+            "required": ["name", key],
+        }
+        for tool in tools
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
 HERMES = MarkerFormat()

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from .calibration import ThresholdCalibrator
 from .events import EVENT_VERSION, GenerationResult, StepEvent, summarize
 from .generation import AgreementRate, Generation, seeded_generator
+from .grammar import GrammarState
 from .loading import ModelPair, decode, progress
 from .options import CallOptions
 from .params import SpecGuardParams
@@ -120,6 +121,8 @@ def commit(
     committed = gen.out.commit(tokens, gen.budget)
     logprobs = gen.logprobs.read(len(committed.tokens)) if gen.logprobs is not None else None
     gen.ids.extend(committed.tokens)
+    if gen.grammar is not None:
+        gen.grammar.commit(committed.tokens)
     runtime.rewind(gen.slot, len(gen.ids) - 1)  # the next pass feeds the last committed token again
     event = StepEvent(
         index=gen.index,
@@ -210,10 +213,13 @@ def new_generation(
         check_served_params(params, pair.served.url)
         if options.grounding is not None and options.grounding.source == "target":
             raise ValueError(f"a grounding scorer of the target's attention needs a local target, not {pair.served}")
+    grammar = constrained(pair, params, options)
     described = GroundingScorer.of(pair, params)  # checks the requested layers even when unused
     grounding = options.grounding if options.grounding is not None else described
     pool = RuntimePool.for_pair(pair)
-    shape = pool.shape(params, len(prompt_ids) + budget, min(params.step_cap, budget), pair.device)
+    # a grammar masks the draft's logits by token id: its draft keeps the whole head (draft_vocab's subset is columns)
+    drafting = params if grammar is None else params.model_copy(update={"draft_vocab": None})
+    shape = pool.shape(drafting, len(prompt_ids) + budget, min(params.step_cap, budget), pair.device)
     gen = Generation(
         pair=pair,
         params=params,
@@ -226,8 +232,26 @@ def new_generation(
         agreement=AgreementRate(cost=pool.cost_of(shape), token_cost=pool.token_cost),
         calibrator=options.calibrator if options.calibrator is not None else threshold_calibrator(params),
         deadline=time.monotonic() + options.timeout if options.timeout is not None else None,
+        grammar=grammar,
     )
     return gen, Ticket(gen, batch_key(gen, shape), shape)
+
+
+def constrained(pair: ModelPair, params: SpecGuardParams, options: CallOptions) -> GrammarState | None:
+    """The generation's grammar state, when its call has a grammar; the mistakes of such a call raised here."""
+    if options.grammar is None:
+        return None
+    if pair.served is not None:
+        raise ValueError(
+            f"{options.grammar.name} needs a local target: the target served at {pair.served.url} chooses its tokens "
+            "without the grammar's mask"
+        )
+    if options.thinking and params.reasoning_markers is not None:
+        raise ValueError(
+            f"{options.grammar.name} constrains the whole output, but the prompt opened a think block "
+            f"({params.reasoning_markers[0]}): turn thinking off for this call (reasoning=False)"
+        )
+    return GrammarState(options.grammar, pair.tokenizer, pair.eos_token_ids)
 
 
 def generate_steps(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .calibration import ThresholdCalibrator
+from .grammar import GrammarState
 from .loading import ModelPair
 from .logprobs import StepLogprobs
 from .options import CallOptions
@@ -104,6 +105,7 @@ class Generation:
     halted: bool = False  # past its deadline (or failed) mid-step: the phases leave it alone, the loop reports why
     error: BaseException | None = None  # why it halted, when not its deadline
     logprobs: StepLogprobs | None = None  # the current step's, when the call reports log-probabilities
+    grammar: GrammarState | None = None  # what the output must match (CallOptions.grammar), at the committed output
     controls: Controls = field(init=False)
     _seen: dict[tuple[torch.device, int], tuple[torch.Tensor, int]] = field(default_factory=dict)
 

@@ -19,6 +19,7 @@ import torch
 
 from .accept import Accepted, accept
 from .attention import StepAttention
+from .grammar import constrain
 from .runner import ModelRunner
 from .sampling import greedy, processed_logprobs, raw_logprobs
 
@@ -68,6 +69,8 @@ class Judgement:
     device_choices: torch.Tensor  # the same, on the device
     logp: torch.Tensor | None  # [n, k] float64: each proposal's raw log-probability (host; with scores)
     top: torch.Tensor | None  # [n, k] float64: the raw log-probability of the target's first choice there
+    # per trial with a grammar, the masks [rows, words] its logits rows were constrained by (.grammar; host)
+    bitmasks: list[torch.Tensor | None] = field(default_factory=list)
 
     def subset(self, indices: Sequence[int]) -> Judgement:
         """The judgement of the trials ``indices`` alone."""
@@ -80,6 +83,7 @@ class Judgement:
             device_choices=self.device_choices.index_select(0, on_device),
             logp=self.logp[pick] if self.logp is not None else None,
             top=self.top[pick] if self.top is not None else None,
+            bitmasks=[self.bitmasks[i] for i in pick],
         )
 
 
@@ -103,6 +107,8 @@ def judge(
     assert out is not None
     width = max(t.rows for t in trials)
     logits = [out[t.gen.slot, offset : offset + t.rows] for t, offset in zip(trials, offsets, strict=True)]
+    bitmasks = [_bitmask(t) for t in trials]
+    logits = [x if mask is None else constrain(x, mask) for x, mask in zip(logits, bitmasks, strict=True)]
     window = torch.stack([torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[0])) for x in logits])  # [n, r, V]
     controls = trials[0].gen.controls  # (one set per batch: part of its key)
     seen = _seen_rows(target, trials, width) if controls.penalised else None
@@ -122,7 +128,14 @@ def judge(
         device_choices=choices,
         logp=table[1, :, :k] if scores else None,
         top=table[2, :, :k] if scores else None,
+        bitmasks=bitmasks,
     )
+
+
+def _bitmask(trial: Trial) -> torch.Tensor | None:
+    """The grammar's masks of the trial's logits rows (None without a grammar): what the target may choose at each."""
+    grammar = trial.gen.grammar
+    return None if grammar is None else grammar.bitmask_along(trial.before, trial.proposed, trial.rows)
 
 
 def decide(
@@ -198,6 +211,9 @@ def _sample(
         for b, first in zip(which, firsts, strict=True):
             trial = trials[b]
             draft_logits = out[trial.gen.slot, 0]
+            mask = judgement.bitmasks[chosen[b]]
+            if mask is not None:  # the distribution the draft drew from was the constrained one
+                draft_logits = constrain(draft_logits, mask[first])
             draft_seen = trial.gen.seen(draft, [*trial.before, *trial.fed[1 : first + 1]])
             t = temperatures[b, 0].to(draft_logits.device)
             found.append(processed_logprobs(draft_logits, t, controls, draft_seen))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .calibration import ThresholdCalibrator
+    from .grammar import Grammar
     from .scoring import GroundingScorer
 
 
@@ -38,6 +39,9 @@ class CallOptions:
       one target pass (the checks sit between them, where they cost nothing).
     - ``max_batch_size``: the most generations this call shares its passes with (itself included); calls beyond
       it wait for a place.
+    - ``grammar``: what the output must match (a JSON schema, :class:`~.grammar.Grammar`): every token the draft
+      proposes and every token the target chooses is masked by it, so the output stays inside it (it ends when the
+      grammar is complete, or at ``max_tokens`` or a stop sequence). Needs a local target and no open think block.
     """
 
     stop: tuple[str, ...] = ()
@@ -49,6 +53,7 @@ class CallOptions:
     grounding: GroundingScorer | None = None
     timeout: float | None = None
     max_batch_size: int = 16
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

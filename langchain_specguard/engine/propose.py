@@ -9,6 +9,8 @@ rows keep computing until the chunk is over (the batch costs the same) and their
 Each generation's sampling draws are made up front, one block per step, so how long the others decode never
 moves them.
 
+With a grammar (:mod:`.grammar`), each candidate row samples only what the grammar allows after its own tokens.
+
 With tools bound, every candidate that finishes a tool call is schema-checked before the vote: a
 candidate whose call breaks the schema never wins over one that fits. The vote runs among the
 candidates without a problem (valid calls, text, calls still open); only when every candidate is a
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .attention import StepAttention
+from .grammar import decode
 from .signals import select_consistent
 
 if TYPE_CHECKING:
@@ -70,16 +73,20 @@ def propose(runtime: Runtime, gens: list[Generation]) -> dict[int, Proposal]:
         seen=[by_slot[s].seen(draft) if s in by_slot else None for s in range(slots)],
         uniforms=[_draws(by_slot[s], draft.width) if s in by_slot else None for s in range(slots)],
         top_logprobs=top,
+        masked=any(g.grammar is not None for g in gens),
     )
     record = grounding.record(draft, [len(g.ids) for g in _padded(by_slot, slots)]) if scored and grounding else None
     rows: dict[int, list[list[int]]] = {g.slot: [[] for _ in range(draft.width)] for g in gens}
     ends: dict[int, list[int | None]] = {g.slot: [None] * draft.width for g in gens}
     ran: dict[int, int] = {}  # iterations each generation decoded
     going = list(gens)
+    cursors = {g.slot: [g.grammar.cursor() for _ in range(draft.width)] for g in gens if g.grammar is not None}
     while going:
         before = draft.decoded
-        draft.decode(min(runtime.chunk, max(g.limit - before for g in going)), record=record)
-        fresh = draft.read_decoded([g.slot for g in going], before)  # the only host read of the chunk
+        constrained = {g.slot: cursors[g.slot] for g in going if g.slot in cursors}
+        n = min(runtime.chunk, max(g.limit - before for g in going))
+        decode(draft, constrained, n, record=record)
+        fresh = draft.read_decoded([g.slot for g in going], before)  # one host read a chunk (a grammar: one a token)
         stopped = []
         for gen in going:
             usable = max(0, gen.limit - before)  # never past its own limit, however long the batch decodes

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 
 from .attention import StepAttention, recording
 from .cache import KVCache, causal_mask
+from .grammar import BITS, constrain
 from .sampling import NO_CONTROLS, Controls, raw_logprobs, sample
 from .view import SubsetHead, extra_rows, layer_windows
 
@@ -172,6 +173,7 @@ class DecodeState(NamedTuple):
     logq: torch.Tensor  # [B, T] their log-probabilities under the distribution sampled from
     top_logp: torch.Tensor  # [B, T, MAX_TOP_LOGPROBS] the most probable tokens' raw log-probabilities...
     top_ids: torch.Tensor  # [B, T, MAX_TOP_LOGPROBS] ...and ids (filled only when asked for)
+    bitmask: torch.Tensor  # [B, ceil(V / 32)] int32: the tokens each row may sample next (read when masked, .grammar)
 
     def rows(self, rows: slice) -> DecodeState:
         """The state of the rows a pass runs (views: writes reach the buffers)."""
@@ -191,13 +193,16 @@ def decode_iteration(
     top: int = 0,
     vocab: Rows | None = None,
     columns: Columns | None = None,
+    masked: bool = False,
 ) -> None:
     """One decode step for every row of ``state``: forward the current tokens, sample, store, advance. No host reads.
 
     ``forward`` is :func:`model_pass` or its compiled form; sampling and bookkeeping stay eager (they are
     a few small kernels, captured in the same CUDA graph). With a repetition penalty the rows' seen-token
     masks are read and updated in place; ``top`` > 0 also records that many most probable tokens.
-    Neither costs anything when off. A row past its ``limit`` still computes (the batch costs the same) but
+    ``masked``: each row samples only the tokens its ``bitmask`` allows (a grammar's, :mod:`.grammar`), and its
+    log-probabilities are those of the constrained distribution. None of these costs anything when off. A row past
+    its ``limit`` still computes (the batch costs the same) but
     no longer advances: what it writes lands at a position past what it holds.
 
     ``columns`` (a :class:`~.view.SubsetHead`'s, for these rows): the logits cover those token ids only; the row
@@ -205,6 +210,8 @@ def decode_iteration(
     from, so the log-probabilities stored are that distribution's), and what it samples is mapped back to ids.
     """
     logits = forward(view, cache, windows, state.cur[:, None], state.pos[:, None], end, rows=vocab)[:, -1]
+    if masked:  # (a grammar's call drafts with the whole head: never beside ``columns``)
+        logits = constrain(logits, state.bitmask)
     column = state.it.view(1)
     seen = state.seen if controls.penalised else None
     uniform = state.uniform.index_select(1, column).squeeze(1) if sampling else None
@@ -314,11 +321,13 @@ class ModelRunner:
             logq=zeros(b, rows),
             top_logp=zeros(b, rows, MAX_TOP_LOGPROBS),
             top_ids=zeros(b, rows, MAX_TOP_LOGPROBS, dtype=torch.long),
+            bitmask=torch.full((b, (self.vocab + BITS - 1) // BITS), -1, dtype=torch.int32, device=dev),
         )
         # the running decode loop, as the host knows it (no device reads)
         self.controls = NO_CONTROLS
         self.top = 0  # most probable tokens recorded per iteration
         self.sampling = False  # some row samples (host mirror of ``temps > 0``)
+        self.masked = False  # rows sample what their bitmask allows (a grammar fills it between iterations)
         self.decoding = slice(0, 0)  # the rows it runs
         self.decoded = 0  # iterations run (host mirror of ``state.it``)
         self._decode_starts: list[int] = []  # per row of ``decoding``: its first position...
@@ -622,6 +631,7 @@ class ModelRunner:
         seen: Sequence[torch.Tensor | None] | None = None,
         uniforms: Sequence[torch.Tensor | None] | None = None,
         top_logprobs: int = 0,
+        masked: bool = False,
     ) -> None:
         """Slot ``s`` (of ``0..len(tokens)-1``; ``None``: it rides along) feeds ``tokens[s]`` at ``positions[s]`` next
         on each of its rows (or its leader), which sample at ``temperatures[s][r]`` and decode ``limits[s]`` tokens.
@@ -629,6 +639,8 @@ class ModelRunner:
         ``seen[s]`` (``[V]`` bool, needed with a repetition penalty): the tokens of the slot's sequence up to the
         one fed. ``uniforms[s]``: ``[rows, n]`` U(0, 1) draws (``n`` >= its limit) for the slot's sampling rows.
         ``top_logprobs``: how many most probable tokens each iteration records (see :attr:`DecodeState.top_ids`).
+        ``masked``: rows sample what :attr:`DecodeState.bitmask` allows, every token until the caller writes a
+        row's mask (:func:`~.grammar.decode`).
         """
         if controls.penalised and seen is None:
             raise ValueError("a repetition penalty needs the seen-token mask of each sequence")
@@ -667,6 +679,9 @@ class ModelRunner:
                 assert draws is not None
                 state.uniform[slot_rows, : draws.shape[-1]].copy_(draws.to(self.device, state.uniform.dtype))
         self.sampling = any(t > 0 for t in temps)
+        self.masked = masked
+        if masked:
+            state.bitmask.fill_(-1)
         self.controls = controls
         self.top = top_logprobs
         self.decoding = rows
@@ -695,7 +710,7 @@ class ModelRunner:
         del generator  # the draws were made at start_decode (one block per slot, so batching never moves them)
         compiled = self.compile_decode and record is None  # (compiled passes cannot record attention)
         forward = compiled_model_pass() if compiled else model_pass
-        rows, controls, top, sampling = self.decoding, self.controls, self.top, self.sampling
+        rows, controls, top, sampling, masked = self.decoding, self.controls, self.top, self.sampling, self.masked
         state = self.state.rows(rows)
 
         def body() -> None:
@@ -718,11 +733,12 @@ class ModelRunner:
                         top=top,
                         vocab=self.vocab_rows,
                         columns=self._columns_of(rows),
+                        masked=masked,
                     )
             finally:
                 self.cache.rows = slice(0, self.batch)
 
-        key = ("decode", rows.stop, rows.step, compiled, sampling, controls, top,
+        key = ("decode", rows.stop, rows.step, compiled, sampling, controls, top, masked,
                record.layers if record is not None else None)  # fmt: skip
         for _ in range(n):
             self.cache.ensure(self._decode_end() + 1)

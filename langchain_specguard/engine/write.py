@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .grammar import decode
 from .judge import Trial, decide, judge
 
 if TYPE_CHECKING:
@@ -131,7 +132,9 @@ def _draft_round(runtime: Runtime, writing: list[_Writing]) -> dict[int, tuple[l
         controls=writing[0].gen.controls,
         seen=[o.gen.seen(draft, o.written.tokens) if o else None for o in order],
         uniforms=[o.gen.uniform(1, o.gamma) if o and o.gen.sampling else None for o in order],
+        masked=any(w.gen.grammar is not None for w in writing),
     )
-    draft.decode(max(w.gamma for w in writing))
+    cursors = {s: [w.gen.grammar.cursor(w.written.tokens)] for s, w in by_slot.items() if w.gen.grammar is not None}
+    decode(draft, cursors, max(w.gamma for w in writing))
     tokens = draft.read_decoded(list(by_slot), 0)
     return {s: (tokens[s][0][: w.gamma], draft.out_logq[draft.decoded_row(s)][: w.gamma]) for s, w in by_slot.items()}

@@ -260,6 +260,17 @@ def test_forced_tool_call_closes_the_think_block_first() -> None:
     assert "reasoning_content" not in out["raw"].additional_kwargs
 
 
+def test_a_json_schema_answer_needs_the_think_block_closed() -> None:
+    """Native structured output constrains the whole output to the schema, so a prompt whose generation prompt opened
+    a think block is refused before anything runs, naming the way out (``reasoning=False``), which works."""
+    # (scripted after the assistant header: reasoning=False renders the closed block there, then the answer)
+    llm = make_llm(script='<think>\n\n</think>\n\n{"apples": 4}', max_tokens=40)
+    with pytest.raises(ValueError, match=r"opened a think block \(<think>\): turn thinking off .*reasoning=False"):
+        llm.with_structured_output(Count, method="json_schema").invoke("How many apples?")
+    closed = llm.model_copy(update={"reasoning": False})
+    assert closed.with_structured_output(Count, method="json_schema").invoke("How many apples?") == Count(apples=4)
+
+
 def test_split_shows_only_what_later_text_cannot_change() -> None:
     """Every prefix of an output, split while streaming, is a prefix of the final split, part by part."""
     cases = [

@@ -275,7 +275,7 @@ def test_structured_output_through_a_forced_tool_call() -> None:
     out = structured.invoke("Give me a number and a city.")
     assert out["parsed"] == Answer(number=51, city="Paris") and out["parsing_error"] is None
     assert out["raw"].tool_calls[0]["name"] == "Answer"
-    as_json = llm.with_structured_output(convert_to_openai_tool(Answer), method="json_schema").invoke("Go.")
+    as_json = llm.with_structured_output(convert_to_openai_tool(Answer)).invoke("Go.")
     assert as_json == {"number": 51, "city": "Paris"}
 
 
@@ -322,14 +322,14 @@ def test_agent_loop_with_two_real_tools(output_version: str) -> None:
     assert all(s["reason"] in ("accepted", "score") for s in collector.steps)  # scripted calls fit the schemas
 
 
-@pytest.mark.parametrize("method", ["function_calling", "json_schema", "json_mode"])
-def test_structured_output_forces_the_schemas_own_tool(method: str) -> None:
+def test_structured_output_forces_the_schemas_own_tool() -> None:
+    """``method="function_calling"``; ``json_schema`` and ``json_mode`` constrain decoding instead (test_binding.py)."""
     llm = make_llm()
     pair = llm.load()
     script = lambda prompt: call_block("Answer", {"number": 7, "city": "Oslo"})  # noqa: E731
     force_script(pair.draft, pair.tokenizer, script)
     force_script(pair.target, pair.tokenizer, script)
-    out = llm.with_structured_output(Answer, method=method, include_raw=True).invoke("A number and a city?")
+    out = llm.with_structured_output(Answer, method="function_calling", include_raw=True).invoke("A number and a city?")
     assert out["parsed"] == Answer(number=7, city="Oslo") and out["parsing_error"] is None
     setup = ToolRequest([convert_to_openai_tool(Answer)], "Answer").setup(llm.tool_format(), None, {})
     # the answer starts naming the tool
@@ -390,14 +390,16 @@ def test_create_agent_retries_a_broken_structured_call(broken: str) -> None:
     and no error, when the forced structured call was broken (against the schema, NaN): ChatSpecGuard filed it
     under ``invalid_tool_calls``, which the agent does not read. A call of a tool nothing can run (the agent's
     response-format tool) is now handed to the agent as LangChain's own providers hand it any call that reads
-    as JSON: its ``ToolStrategy`` validates it and, by default, asks the model again with the error."""
+    as JSON: its ``ToolStrategy`` validates it and, by default, asks the model again with the error. (A plain
+    ``response_format=Answer`` now picks the native ``ProviderStrategy``, whose decoding cannot break the schema.)"""
     from langchain.agents import create_agent
+    from langchain.agents.structured_output import ToolStrategy
 
     llm = make_llm()
     pair = llm.load()
     force_script(pair.draft, pair.tokenizer, broken_then_fixed(broken))
     force_script(pair.target, pair.tokenizer, broken_then_fixed(broken))
-    agent = create_agent(llm, tools=[lookup], response_format=Answer)
+    agent = create_agent(llm, tools=[lookup], response_format=ToolStrategy(Answer))
     state = agent.invoke({"messages": [HumanMessage("A number and a city?")]})
     assert state["structured_response"] == Answer(number=7, city="Oslo")
     first, feedback = state["messages"][1], state["messages"][2]
@@ -484,18 +486,15 @@ def test_an_infinite_number_written_by_the_model_is_an_invalid_call() -> None:
     assert message.tool_calls == [] and "too large for a number" in str(message.invalid_tool_calls[0]["error"])
 
 
-def test_create_agent_with_response_format_runs_end_to_end() -> None:
-    """Origin: issue 20, item 1: ``create_agent(llm, tools, response_format=Schema)`` picks its strategy from the
-    profile; the profile claimed native structured output, so the agent passed ``response_format`` to
-    ``bind_tools``, which has none (TypeError). The profile now says structured output goes through tool
-    calling, and the agent answers with the schema's own tool, validated into ``structured_response``."""
+def test_create_agent_with_a_tool_strategy_runs_end_to_end() -> None:
+    """Origin: issue 20, item 1: ``create_agent(llm, tools, response_format=...)`` with the tool strategy answers with
+    the schema's own tool, validated into ``structured_response``. (A plain ``Schema`` picks the native
+    ``ProviderStrategy`` now that the profile says ``structured_output``: test_binding.py.)"""
     from langchain.agents import create_agent
+    from langchain.agents.structured_output import ToolStrategy
 
     llm = scripted(call_block("Answer", {"number": 51, "city": "Paris"}))
-    assert llm.profile is not None and not llm.profile["structured_output"] and llm.profile["tool_calling"]
-    agent = create_agent(llm, tools=[lookup], response_format=Answer)
+    agent = create_agent(llm, tools=[lookup], response_format=ToolStrategy(Answer))
     state = agent.invoke({"messages": [HumanMessage("A number and a city?")]})
     assert state["structured_response"] == Answer(number=51, city="Paris")
     assert isinstance(state["messages"][1], AIMessage) and state["messages"][1].tool_calls[0]["name"] == "Answer"
-    with pytest.raises(TypeError, match=r"response_format.*ToolStrategy"):  # what a ProviderStrategy would pass
-        llm.bind_tools([lookup], response_format={"type": "json_schema", "json_schema": {"name": "Answer"}})
