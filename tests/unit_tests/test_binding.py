@@ -320,3 +320,15 @@ def test_the_answer_or_calls_grammar_reads_both_in_each_call_format() -> None:
     assert reads(as_json, '{"name": "echo", "parameters": {"text": "hi"}}; {"name": "odd", "parameters": {}}')
     assert reads(as_json, '{"number": 7, "city": "Paris"}')
     assert not reads(as_json, call_block("echo", {"text": "hi"}))  # hermes blocks are not this format's calls
+
+
+def test_native_structured_output_with_a_pydantic_v1_model_returns_an_instance_of_it() -> None:
+    """Item 3's rule holds for the native methods too: langchain-core's pydantic parser reads ``pydantic.v1``
+    models, whose own validators run."""
+    joke = {"setup": "Why?", "punchline": "Because."}
+    llm = scripted(json.dumps(joke), max_tokens=80)
+    answer = llm.with_structured_output(Joke, method="json_schema").invoke("Tell me a joke about cats.")
+    assert isinstance(answer, Joke) and answer == Joke(**joke)
+    unfinished = scripted(json.dumps({**joke, "punchline": "Because"}), max_tokens=80)
+    with pytest.raises(OutputParserException, match="full stop"):
+        unfinished.with_structured_output(Joke, method="json_schema").invoke("Tell me a joke about cats.")
