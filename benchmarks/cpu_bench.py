@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from langchain_specguard.apps.bench import encode_prompts, load_problems
+from langchain_specguard.apps.bench import encode_prompts, load_problems, target_alone
 from langchain_specguard.apps.fewshot import TERMINATOR
 from langchain_specguard.engine import CallOptions, SpecGuardParams, generate
 from langchain_specguard.engine.loading import ModelPair, self_speculative_draft
@@ -76,22 +76,6 @@ def pair_for(pair: ModelPair, config: dict[str, Any]) -> ModelPair:
         return dataclasses.replace(pair, draft=pair.target, draft_layers=int(layers), runtime_pools={})
     draft = self_speculative_draft(pair.target, int(layers))
     return dataclasses.replace(pair, draft=draft, draft_layers=int(layers), runtime_pools={})
-
-
-def target_alone(pair: ModelPair, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """Wall and process-CPU seconds of the target's greedy ``generate()`` writing exactly ``tokens`` tokens."""
-    ids = torch.tensor([prompt], device=pair.device)
-    started, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
-        pair.target.generate(  # type: ignore[operator]
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max(1, tokens),
-            min_new_tokens=max(1, tokens),
-            do_sample=False,
-            pad_token_id=pair.tokenizer.pad_token_id or 0,
-        )
-    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def commit() -> str | None:

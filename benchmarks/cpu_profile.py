@@ -37,7 +37,7 @@ from typing import Any
 import psutil
 import torch
 
-from langchain_specguard.apps.bench import encode_prompts, load_problems
+from langchain_specguard.apps.bench import encode_prompts, load_problems, target_alone
 from langchain_specguard.apps.fewshot import TERMINATOR
 from langchain_specguard.engine import CallOptions, SpecGuardParams, generate
 from langchain_specguard.engine.loading import ModelPair, self_speculative_draft
@@ -88,22 +88,6 @@ def load(pair_name: str | None, draft_layers: int, dtype: str | None) -> Loaded:
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the conversion's freed buffers still hold, given back
     stages.append(("after gc + malloc_trim (measured, not what ChatSpecGuard does)", 0.0, rss_gb()))
     return Loaded(pair, stages)
-
-
-def target_alone(pair: ModelPair, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """Wall and process-CPU seconds of the target's greedy ``generate()`` writing exactly ``tokens`` tokens."""
-    ids = torch.tensor([prompt], device=pair.device)
-    started, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
-        pair.target.generate(  # type: ignore[operator]
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max(1, tokens),
-            min_new_tokens=max(1, tokens),
-            do_sample=False,
-            pad_token_id=pair.tokenizer.pad_token_id or 0,
-        )
-    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def params_from(args: argparse.Namespace) -> SpecGuardParams:

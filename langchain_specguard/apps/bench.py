@@ -36,6 +36,23 @@ from ..engine.loading import ModelPair, decode, weight_bytes
 from .fewshot import DEFAULT_QUESTION, chat_messages, extract_answer, raw_prompt_ids
 
 
+def target_alone(pair: ModelPair, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """Wall and process-CPU seconds of the target's greedy ``generate()`` writing exactly ``tokens`` tokens (what
+    SpecGuard's speed is compared with, same prompt and token count)."""
+    ids = torch.tensor([prompt], device=pair.device)
+    started, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        pair.local_target.generate(  # type: ignore[operator]
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max(1, tokens),
+            min_new_tokens=max(1, tokens),
+            do_sample=False,
+            pad_token_id=pair.tokenizer.pad_token_id or 0,
+        )
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
 @dataclass
 class Run:
     tokens: list[int]

@@ -14,7 +14,6 @@ import argparse
 import time
 from typing import Any
 
-import torch
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
@@ -22,6 +21,7 @@ from langchain_core.runnables import RunnableLambda
 from ..callbacks import SpecGuardCallbackHandler
 from ..chat_models import ChatSpecGuard
 from ..engine import prepare
+from .bench import target_alone
 from .fewshot import DEFAULT_QUESTION, TERMINATOR, chat_messages, trim_to_answer
 
 
@@ -89,28 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{len(table.steps)} steps, {accepted} accepted from the draft, {tokens} tokens in {seconds:.1f} s "
         f"(threshold {llm.acceptance_threshold})"
     )
-    print(f"the target alone, same prompt and token count: {target_alone(llm, args.question, tokens):.1f} s")
+    print(f"the target alone, same prompt and token count: {target_alone_seconds(llm, args.question, tokens):.1f} s")
     return 0
 
 
-def target_alone(llm: ChatSpecGuard, question: str, tokens: int) -> float:
+def target_alone_seconds(llm: ChatSpecGuard, question: str, tokens: int) -> float:
     """Seconds the target takes to write ``tokens`` tokens by itself (transformers' greedy ``generate``)."""
     from langchain_core.messages import convert_to_messages
 
-    pair = llm.load()
     prompt = llm.render_prompt(convert_to_messages([(m["role"], m["content"]) for m in chat_messages(question)]))
-    ids = torch.tensor([prompt], device=pair.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        pair.local_target.generate(  # type: ignore[operator]
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max(1, tokens),
-            min_new_tokens=max(1, tokens),
-            do_sample=False,
-            pad_token_id=pair.tokenizer.pad_token_id or 0,
-        )
-    return time.perf_counter() - started
+    return target_alone(llm.load(), prompt, tokens)[0]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import copy
 import functools
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -83,18 +83,26 @@ class SkinnyLinear(torch.nn.Linear):
         return out.T.reshape(*x.shape[:-1], self.out_features)
 
 
-def _skinny(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with every plain ``nn.Linear`` below it seen as a :class:`SkinnyLinear` (shallow clones on the way
-    down; the caller's modules are left as they are). Subclasses (quantised layers) keep their own forward."""
-    if type(module) is torch.nn.Linear:
-        return SkinnyLinear.of(module)
-    if not any(type(m) is torch.nn.Linear for m in module.modules()):
+def _replaced(module: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Module | None]) -> torch.nn.Module:
+    """``module`` with every module below it for which ``make`` gives a replacement replaced (shallow clones on the
+    way down, and only where something below changes; the caller's modules are left as they are)."""
+    made = make(module)
+    if made is not None:
+        return made
+    children = {name: _replaced(child, make) for name, child in module._modules.items() if child is not None}
+    if all(children[name] is module._modules[name] for name in children):
         return module
     clone = _shallow(module)
-    for name, child in module._modules.items():
-        if child is not None:
-            clone._modules[name] = _skinny(child)
+    clone._modules.update(children)
     return clone
+
+
+def _skinny(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every plain ``nn.Linear`` below it seen as a :class:`SkinnyLinear`. Subclasses (quantised
+    layers) keep their own forward."""
+    return _replaced(
+        module, lambda m: SkinnyLinear.of(m) if isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear else None
+    )
 
 
 def _on_cpu(model: torch.nn.Module) -> bool:
@@ -256,19 +264,17 @@ def subset_head_view(view: PreTrainedModel, ids: torch.Tensor) -> PreTrainedMode
 
 
 def _int8(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with every float linear layer below it in int8 (shallow clones on the way down)."""
-    if isinstance(module, SubsetHead):
-        return module.in_int8()
-    if type(module) in (torch.nn.Linear, SkinnyLinear):
-        assert isinstance(module, torch.nn.Linear)
-        return Int8Linear(module)
-    if not any(type(m) in (torch.nn.Linear, SkinnyLinear, SubsetHead) for m in module.modules()):
-        return module
-    clone = _shallow(module)
-    for name, child in module._modules.items():
-        if child is not None:
-            clone._modules[name] = _int8(child)
-    return clone
+    """``module`` with every float linear layer below it in int8."""
+
+    def make(m: torch.nn.Module) -> torch.nn.Module | None:
+        if isinstance(m, SubsetHead):
+            return m.in_int8()
+        if type(m) in (torch.nn.Linear, SkinnyLinear):
+            assert isinstance(m, torch.nn.Linear)
+            return Int8Linear(m)
+        return None
+
+    return _replaced(module, make)
 
 
 def int8_view(view: PreTrainedModel) -> PreTrainedModel:
