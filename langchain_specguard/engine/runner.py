@@ -242,13 +242,35 @@ _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def compiled_model_pass() -> Callable[..., torch.Tensor]:
-    """:func:`model_pass` through ``torch.compile``, made once per process (shared by every runner)."""
+    """:func:`model_pass` through ``torch.compile``, made once per process (shared by every runner).
+
+    One compilation per model serves every batch: the passes of a batch differ in rows (slot buckets, leaders or
+    every candidate) and come from views of different buffers, and a compilation that specialised on either would
+    compile again for each (a minute per model on a GPU, several per concurrency level). So sizes are symbolic
+    from the start (``dynamic=True``), equal sizes are not assumed equal (no duck sizing: a pass whose rows happen
+    to equal the cache's would otherwise compile apart), and the inputs are handed over in standard strides whatever
+    view they come from. A pass of one row still compiles apart (torch specialises sizes of 1). Compiled passes run
+    inside CUDA graph captures, so this wrapper's own cost is paid at capture only.
+    """
     if "pass" not in _COMPILED:
-        # each model view, and each batch shape until the batch dimension turns dynamic, compiles once: room for
-        # them all, where the default limit would quietly fall back to eager passes
+        # each model view compiles once (and a size-specialised fallback may): room for them all, where the
+        # default limit would quietly fall back to eager passes
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED["pass"] = torch.compile(model_pass)
+        compiled = torch.compile(model_pass, dynamic=True)
+        sizes = torch.fx.experimental._config
+
+        def run(view: PreTrainedModel, cache: KVCache, windows: tuple[int | None, ...], tokens: torch.Tensor,
+                positions: torch.Tensor, end: int | None, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+            with sizes.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+                return compiled(view, cache, windows, _standard(tokens), _standard(positions), end, **kwargs)
+
+        _COMPILED["pass"] = run
     return _COMPILED["pass"]
+
+
+def _standard(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in standard contiguous strides (a copy of a strided view: a few bytes, inside the graph)."""
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 @dataclass
