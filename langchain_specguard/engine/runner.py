@@ -257,7 +257,7 @@ def compiled_model_pass() -> Callable[..., torch.Tensor]:
         # default limit would quietly fall back to eager passes
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         compiled = torch.compile(model_pass, dynamic=True)
-        sizes = torch.fx.experimental._config
+        from torch.fx.experimental import _config as sizes  # (the symbolic-shape options: private, no public home)
 
         def run(view: PreTrainedModel, cache: KVCache, windows: tuple[int | None, ...], tokens: torch.Tensor,
                 positions: torch.Tensor, end: int | None, **kwargs: Any) -> torch.Tensor:  # fmt: skip
