@@ -1,13 +1,13 @@
-"""The compiled decode pass (``compile_decode``) equals the eager one, and compiles once per model for every batch.
+"""The compiled decode pass (``compile_decode``) equals the eager one, and its compilations stay bounded per model.
 
 On a GPU the compiled pass runs inside CUDA graphs; here the same compiled function runs on the CPU without graphs,
 on a fixed cache, in float64, so its outputs can be compared with the eager path's exactly and its compilations
 counted. The backend is ``aot_eager``: the same capture, guards and recompilations as inductor (which decides how
 often a batch compiles), without a C++ build per frame (minutes here); inductor's kernels are checked against the
 eager path on the GPU (benchmarks/check_batched_gpu.py). One call alone, then four at once (more slots, leaders-only
-and full-row passes, the draft's and the target's runners): the compiled frames must not grow with the batch shapes
-(the batched engine's old behaviour, a compilation per slot bucket and per buffer view, took minutes per concurrency
-level on a GPU).
+and full-row passes, the draft's and the target's runners): the compiled frames stay within one per model and row
+class, however many slots the batches take (a compilation per slot bucket and per buffer view took minutes per
+concurrency level on a GPU).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def test_compiled_passes_equal_eager_and_compile_once_per_model(monkeypatch: pyt
     for batch, expected in zip(batches, eager, strict=True):
         assert together([functools.partial(run, p, t) for t in batch]) == expected
         frames.append(counters["stats"]["unique_graphs"])
-    # each model compiles once for passes of several rows and once for a single row (torch specialises size 1);
-    # a larger batch compiles nothing new
-    assert 1 <= frames[0] <= frames[1] == frames[2] <= 4, frames
+    # each model compiles once for passes of several rows, and at most twice more for a pass of one row (torch
+    # specialises sizes of 1: one row over a one-slot cache, one row over a larger one); which of those a run meets
+    # depends on how the threads' calls meet, so the bound is on the total, whatever the batches
+    assert 1 <= frames[0] <= frames[1] <= frames[2] <= 6, frames
