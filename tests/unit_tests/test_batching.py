@@ -24,6 +24,7 @@ from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.runner import ModelRunner
 from langchain_specguard.tools import HERMES_MARKERS, step_validator
 from tests.scripted import force_script
+from tests.threads import together
 from tests.tiny_models import llama_pair, qwen_pair
 
 TEXTS = [
@@ -60,29 +61,6 @@ MIXED = [
     {"temperature": 1.2, "seed": 11, "candidate_temperature": 0.5},
 ]
 """Per-row options that share a pass."""
-
-
-def together(calls: list[Callable[[], Any]]) -> list[Any]:
-    """Run every call in a thread of its own, all at once; their results in order."""
-    results: list[Any] = [None] * len(calls)
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(calls))
-
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            results[i] = calls[i]()
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 @pytest.fixture

@@ -21,8 +21,9 @@ from torch._dynamo.utils import counters
 from langchain_specguard.engine import SpecGuardParams, generate, load_pair, runner, view
 from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.runner import ModelRunner
+from tests.threads import together
 from tests.tiny_models import llama_pair
-from tests.unit_tests.test_batching import TEXTS, together
+from tests.unit_tests.test_batching import TEXTS
 
 PARAMS = SpecGuardParams(acceptance_threshold=0.5, n_candidates=3, max_tokens=16, max_step_tokens=4,
                          cache_implementation="static", draft_int8=False, seed=0)  # fmt: skip

@@ -14,7 +14,6 @@ import functools
 import json
 import subprocess
 import sys
-import threading
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +25,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from langchain_specguard.engine import CallOptions, SpecGuardParams, generate, generate_steps, load_pair
 from langchain_specguard.engine.grammar import JSON_FORMAT, Grammar, closed, grammar_tokenizer, library
 from langchain_specguard.engine.loading import ModelPair
+from tests.threads import together
 from tests.tiny_models import _llama, _save, bpe_pair, gemma_pair, llama_pair, make_tokenizer, qwen_pair, tiny_dir
 
 llguidance = pytest.importorskip("llguidance", reason="the structured extra (llguidance) is not installed")
@@ -189,18 +189,11 @@ def test_constrained_and_free_calls_share_a_batch_and_each_is_what_it_is_alone()
         (ids(p, PROMPTS[1]), params(acceptance_threshold=0.5, temperature=0.8, seed=3), CallOptions(grammar=GRAMMAR)),
     ]
     alone = [generate(p, *run).token_ids for run in runs]
-    results: list[list[int]] = [[] for _ in runs]
-    start = threading.Barrier(len(runs))
 
-    def run(i: int) -> None:
-        start.wait()
-        results[i] = [t for step in generate_steps(p, *runs[i]) for t in step.token_ids]
+    def streamed(run: tuple[list[int], SpecGuardParams, CallOptions]) -> list[int]:
+        return [t for step in generate_steps(p, *run) for t in step.token_ids]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(runs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = together([functools.partial(streamed, run) for run in runs])
     assert results == alone
     Person.model_validate_json(p.tokenizer.decode(results[0], skip_special_tokens=True))
 

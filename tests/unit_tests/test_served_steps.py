@@ -10,7 +10,7 @@ keeps near-ties in random logits from flipping a choice between the two sides' a
 
 from __future__ import annotations
 
-import threading
+import functools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +23,7 @@ from langchain_specguard.engine import CallOptions, SpecGuardParams, generate, l
 from langchain_specguard.engine.loading import ModelPair
 from langchain_specguard.engine.served import ServedHTTPError, ServedProtocolError, ServedTokenizerError
 from tests.served_server import ModelServer, peer
+from tests.threads import together
 from tests.tiny_models import llama_pair, mismatched_draft
 
 NAME = "tiny-target"
@@ -154,17 +155,8 @@ def test_concurrent_calls_send_their_requests_together_and_decode_as_alone(
     prompts = [ids(pair, text) for text in [*PROMPTS, "<s>Why is the sky blue?"]]
     alone = [generate(pair, prompt, run).token_ids for prompt in prompts]
     stand_in.delay = 0.2  # every request takes a while: calls in one batch overlap theirs
-    together: list[list[int]] = [[] for _ in prompts]
-
-    def call(i: int) -> None:
-        together[i] = generate(pair, prompts[i], run).token_ids
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert together == alone
+    at_once = together([functools.partial(generate, pair, prompt, run) for prompt in prompts])
+    assert [result.token_ids for result in at_once] == alone
     assert stand_in.most_at_once >= 2
 
 
