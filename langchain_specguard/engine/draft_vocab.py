@@ -44,16 +44,15 @@ def frequent_ids(
     return torch.tensor(sorted(i for i in chosen if 0 <= i < columns), dtype=torch.long)
 
 
-def draft_head_size(params: SpecGuardParams, device: torch.device, columns: int) -> int:
+def draft_head_size(params: SpecGuardParams, columns: int) -> int:
     """Multi-character tokens the draft's head covers for ``params`` (0: the whole head).
 
     Off unless asked for (``draft_vocab``): on the CPU profile of issue 30 it made an all-layer int8 self-draft
     of the embedded Gemma about 6% faster (benchmarks/results/cpu/), while logits over a subset of columns are
     what anything that reads or shapes a draft's logits by token id (a grammar's mask, a scripted or patched
     forward) does not expect. A draft that scores its own steps (``signal_source="draft"``) keeps its whole
-    distribution.
+    distribution. The same choice on every device.
     """
-    del device  # (the same choice on every device)
     if params.signal_source != "target" or params.draft_vocab is None:
         return 0
     return params.draft_vocab if params.draft_vocab < columns else 0

@@ -70,7 +70,7 @@ class Shape(NamedTuple):
         compiled = graphs and params.compile_decode is not False  # None: compile wherever graphs run
         # fixed caches need room for the sequence and a pass padded past its end; growable ones grow from empty
         capacity = 0 if growable else _tier(need + MAX_BUCKET, 1024)
-        head = draft_head_size(params, device, draft_columns)
+        head = draft_head_size(params, draft_columns)
         int8 = use_int8(params.draft_int8, device, draft_dtype)
         return cls(params.candidates, _tier(limit + 1, 16), growable, graphs, compiled, head, int8, capacity)
 
